@@ -1,0 +1,3 @@
+from omnitok.cli import main
+
+raise SystemExit(main())

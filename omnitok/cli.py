@@ -1,0 +1,105 @@
+"""The ``omnitok`` command: one thin function per subcommand, each parsing its arguments and calling one library
+function. Library imports happen inside the functions so that ``omnitok --help`` starts fast.
+
+Wrong usage and bad input (``OmnitokError``) print one line and exit with status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omnitok.errors import OmnitokError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that points at ``--help``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cmd_text_tokenizer_train(args: argparse.Namespace) -> None:
+    from omnitok.train.text_tokenizer import TextTokenizerTrainConfig, format_report, train_text_tokenizer
+
+    config = TextTokenizerTrainConfig(vocab_size=args.vocab_size, character_coverage=args.character_coverage,
+                                      max_sentences=args.max_sentences)
+    _, report = train_text_tokenizer(args.input, args.out, config)
+    print(format_report(report, args.out))
+
+
+def cmd_tokenizer_assemble(args: argparse.Namespace) -> None:
+    from omnitok.tokenizers.multimodal import assemble
+
+    tok = assemble(args.text, args.out, image=args.image, audio=args.audio, text_vocab_size=args.text_vocab_size,
+                   bos_token=args.bos_token, eos_token=args.eos_token)
+    print(f"tokenizer written to {args.out}\n{tok.layout.describe()}")
+
+
+def cmd_tokenizer_info(args: argparse.Namespace) -> None:
+    from omnitok.tokenizers.layout import TokenLayout
+
+    print(TokenLayout.load(args.dir).describe())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
+                     "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    text = commands.add_parser("text-tokenizer", help="train a text tokenizer")
+    text_cmds = text.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+    train = text_cmds.add_parser("train", help="train SentencePiece BPE with byte fallback on text or JSONL files",
+                                 description="Train SentencePiece BPE (byte fallback, digits split, no text "
+                                 "normalisation) on plain text files (a line each) or JSONL files (a 'text' field "
+                                 "each); print vocabulary and coverage statistics.")
+    train.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE", help="text or .jsonl files")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", type=Path, required=True, help="new directory for the tokenizer")
+    train.add_argument("--character-coverage", type=float, default=0.9995,
+                       help="fraction of characters that get their own piece (default 0.9995)")
+    train.add_argument("--max-sentences", type=int, default=2_000_000,
+                       help="lines sampled for training (default 2000000)")
+    train.set_defaults(func=cmd_text_tokenizer_train)
+
+    tok = commands.add_parser("tokenizer", help="assemble and inspect multimodal tokenizer directories")
+    tok_cmds = tok.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+    asm = tok_cmds.add_parser("assemble", help="combine text, image and audio tokenizers under one token layout",
+                              description="Write a tokenizer directory: layout.json plus the text, image and audio "
+                              "tokenizers, each fingerprinted in the layout.")
+    asm.add_argument("--text", required=True, type=Path, help="omnitok text tokenizer dir, SentencePiece .model, "
+                     "tokenizer.json, or a Hugging Face model dir")
+    asm.add_argument("--image", type=Path, help="image tokenizer directory")
+    asm.add_argument("--audio", type=Path, help="audio tokenizer directory")
+    asm.add_argument("--out", required=True, type=Path)
+    asm.add_argument("--text-vocab-size", type=int, help="size of the text range when the LLM's embedding table is "
+                     "larger than its tokenizer (default: the tokenizer's size)")
+    asm.add_argument("--bos-token", help="bos token of a bare tokenizer.json")
+    asm.add_argument("--eos-token", help="eos token of a bare tokenizer.json")
+    asm.set_defaults(func=cmd_tokenizer_assemble)
+    info = tok_cmds.add_parser("info", help="print a tokenizer's token layout: id ranges and fingerprints")
+    info.add_argument("dir", type=Path, help="tokenizer directory (or a layout.json)")
+    info.set_defaults(func=cmd_tokenizer_info)
+    return parser
+
+
+def _version() -> str:
+    from omnitok import __version__
+
+    return f"omnitok {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except OmnitokError as e:
+        print(f"omnitok: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omnitok: interrupted", file=sys.stderr)
+        return 130
+    return 0

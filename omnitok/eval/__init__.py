@@ -1,0 +1,1 @@
+"""Evaluation: tokenizer reconstruction, per-modality perplexity, benchmarks."""

@@ -1,0 +1,30 @@
+"""Reading and writing the small JSON files omnitok keeps beside its data (layouts, manifests, part notes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omnitok.errors import OmnitokError
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``missing`` is the message when the file is absent."""
+    if not path.is_file():
+        raise OmnitokError(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmnitokError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise OmnitokError(f"{path} must hold a JSON object")
+    return data
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary name, then rename: a reader never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

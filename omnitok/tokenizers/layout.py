@@ -1,0 +1,468 @@
+"""The token layout: the one place that decides which global id means what.
+
+Every other module asks the layout for ids; none does offset arithmetic of its own (STYLE.md rule 8, as
+Chameleon's ``inference/vocab.py``). The vocabulary is laid out in this order::
+
+    [0, T)                text ids, exactly the text tokenizer's ids (bos/eos included)
+    [T, S)                specials: <|pad|>, then <|boi|> <|eoi|> <|rows_1..G|> <|cols_1..G|> when there is an
+                          image modality, then <|boa|> <|eoa|> when there is an audio modality
+    [I, I + K)            image codes
+    [A + q*C, A + (q+1)*C) audio codes of codebook q, for q in [0, n_q)
+    [A + n_q*C, V)        reserved: padding of the vocabulary to a multiple of 64 (for the model's matmuls);
+                          no id here belongs to any modality
+
+All code <-> id maps are vectorised and accept numpy arrays or torch tensors, returning the same kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from omnitok.errors import LayoutMismatch, MalformedSequence, OmnitokError
+from omnitok.jsonfile import read_json_object, write_json_atomic
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+LAYOUT_FILE = "layout.json"
+FORMAT = "omnitok.layout"
+VERSION = 1
+MODALITY_NAMES = ("text", "image", "audio")
+
+
+class Modality(IntEnum):
+    """What an id is. The order is the order of the ranges in the vocabulary."""
+
+    TEXT = 0
+    SPECIAL = 1
+    IMAGE = 2
+    AUDIO = 3
+    RESERVED = 4
+
+
+def _bounds(x: np.ndarray | torch.Tensor) -> tuple[int, int] | None:
+    """(min, max) of a numpy array or tensor as Python ints, or None when it is empty."""
+    empty = x.size == 0 if isinstance(x, np.ndarray) else x.numel() == 0
+    if empty:
+        return None
+    return int(x.min()), int(x.max())
+
+
+def _check_in(x: np.ndarray | torch.Tensor, lo: int, hi: int, what: str) -> None:
+    b = _bounds(x)
+    if b is not None and (b[0] < lo or b[1] >= hi):
+        bad = b[0] if b[0] < lo else b[1]
+        raise OmnitokError(f"{what}: value {bad} is outside [{lo}, {hi})")
+
+
+def _as_index_array(x: Any) -> np.ndarray | torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() or x.is_complex():
+            raise OmnitokError(f"expected integer codes or ids, got a {x.dtype} tensor")
+        return x
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise OmnitokError(f"expected integer codes or ids, got an array of {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Id ranges of one vocabulary, built from the sizes of its tokenizers.
+
+    ``image_codebook_size=0`` (and ``audio_codebook_size=0``) means the layout has no such modality and none of
+    its special tokens. ``fingerprints`` maps a modality name to the sha256 of the tokenizer the ids came from.
+    """
+
+    text_vocab_size: int
+    image_codebook_size: int = 0
+    max_grid_side: int = 0
+    audio_codebook_size: int = 0
+    audio_num_codebooks: int = 0
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+    pad_to_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("text_vocab_size", "image_codebook_size", "max_grid_side", "audio_codebook_size",
+                     "audio_num_codebooks", "pad_to_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise OmnitokError(f"token layout: {name} must be a non-negative integer, got {value!r}")
+        if self.text_vocab_size < 1:
+            raise OmnitokError("token layout: text_vocab_size must be at least 1")
+        if self.pad_to_multiple < 1:
+            raise OmnitokError("token layout: pad_to_multiple must be at least 1")
+        if (self.image_codebook_size == 0) != (self.max_grid_side == 0):
+            raise OmnitokError("token layout: image_codebook_size and max_grid_side must both be set or both be 0 "
+                               f"(got {self.image_codebook_size} and {self.max_grid_side})")
+        if (self.audio_codebook_size == 0) != (self.audio_num_codebooks == 0):
+            raise OmnitokError("token layout: audio_codebook_size and audio_num_codebooks must both be set or both "
+                               f"be 0 (got {self.audio_codebook_size} and {self.audio_num_codebooks})")
+        unknown = set(self.fingerprints) - set(MODALITY_NAMES)
+        if unknown:
+            raise OmnitokError(f"token layout: fingerprints for unknown modalities {sorted(unknown)}; "
+                               f"known: {list(MODALITY_NAMES)}")
+        object.__setattr__(self, "fingerprints", dict(self.fingerprints))
+
+        names = ["<|pad|>"]
+        if self.has_image:
+            names += ["<|boi|>", "<|eoi|>"]
+            names += [f"<|rows_{r}|>" for r in range(1, self.max_grid_side + 1)]
+            names += [f"<|cols_{c}|>" for c in range(1, self.max_grid_side + 1)]
+        if self.has_audio:
+            names += ["<|boa|>", "<|eoa|>"]
+        specials = {name: self.text_vocab_size + i for i, name in enumerate(names)}
+        image_offset = self.text_vocab_size + len(names)
+        audio_offset = image_offset + self.image_codebook_size
+        used = audio_offset + self.audio_codebook_size * self.audio_num_codebooks
+        vocab = -(-used // self.pad_to_multiple) * self.pad_to_multiple
+        object.__setattr__(self, "_specials", specials)
+        object.__setattr__(self, "_special_names", {i: n for n, i in specials.items()})
+        object.__setattr__(self, "_image_offset", image_offset)
+        object.__setattr__(self, "_audio_offset", audio_offset)
+        object.__setattr__(self, "_used", used)
+        object.__setattr__(self, "_vocab", vocab)
+        # Upper ends of the ranges in Modality order; searchsorted(side="right") maps an id to its Modality.
+        object.__setattr__(self, "_ends", np.array([self.text_vocab_size, image_offset, audio_offset, used],
+                                                   dtype=np.int64))
+
+    # ---------------------------------------------------------------- sizes and ranges
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_codebook_size > 0
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio_codebook_size > 0
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the model's embedding table: every range, padded up to a multiple of ``pad_to_multiple``."""
+        return self._vocab
+
+    @property
+    def used_vocab_size(self) -> int:
+        """Ids below this belong to a modality; ids from here to ``vocab_size`` are reserved padding."""
+        return self._used
+
+    @property
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Half-open ``[start, stop)`` of every range, in vocabulary order; they are disjoint and cover the vocab."""
+        return {
+            "text": (0, self.text_vocab_size),
+            "special": (self.text_vocab_size, self._image_offset),
+            "image": (self._image_offset, self._audio_offset),
+            "audio": (self._audio_offset, self._used),
+            "reserved": (self._used, self._vocab),
+        }
+
+    def audio_range(self, q: int) -> tuple[int, int]:
+        """``[start, stop)`` of codebook ``q``'s ids."""
+        self._need_audio()
+        if not 0 <= q < self.audio_num_codebooks:
+            raise OmnitokError(f"audio codebook {q} does not exist; the layout has {self.audio_num_codebooks}")
+        start = self._audio_offset + q * self.audio_codebook_size
+        return start, start + self.audio_codebook_size
+
+    # ---------------------------------------------------------------- special tokens
+
+    @property
+    def specials(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    def special_id(self, name: str) -> int:
+        try:
+            return self._specials[name]
+        except KeyError:
+            known = ", ".join(n for n in self._specials if "_" not in n.strip("<|>")) or "none"
+            raise OmnitokError(f"unknown special token {name!r}; this layout has {known}"
+                               + (f", and <|rows_R|>/<|cols_C|> for R, C in 1..{self.max_grid_side}"
+                                  if self.has_image else "")) from None
+
+    def special_name(self, token_id: int) -> str:
+        try:
+            return self._special_names[int(token_id)]
+        except KeyError:
+            raise OmnitokError(f"id {token_id} is not a special token") from None
+
+    @property
+    def pad_id(self) -> int:
+        return self._specials["<|pad|>"]
+
+    @property
+    def boi_id(self) -> int:
+        self._need_image()
+        return self._specials["<|boi|>"]
+
+    @property
+    def eoi_id(self) -> int:
+        self._need_image()
+        return self._specials["<|eoi|>"]
+
+    @property
+    def boa_id(self) -> int:
+        self._need_audio()
+        return self._specials["<|boa|>"]
+
+    @property
+    def eoa_id(self) -> int:
+        self._need_audio()
+        return self._specials["<|eoa|>"]
+
+    def rows_id(self, rows: int) -> int:
+        self._need_image()
+        if not 1 <= rows <= self.max_grid_side:
+            raise OmnitokError(f"image grid of {rows} rows is outside 1..{self.max_grid_side} (max_grid_side)")
+        return self._specials[f"<|rows_{rows}|>"]
+
+    def cols_id(self, cols: int) -> int:
+        self._need_image()
+        if not 1 <= cols <= self.max_grid_side:
+            raise OmnitokError(f"image grid of {cols} columns is outside 1..{self.max_grid_side} (max_grid_side)")
+        return self._specials[f"<|cols_{cols}|>"]
+
+    def rows_of(self, token_id: int) -> int:
+        """Inverse of ``rows_id``: the grid height a ``<|rows_R|>`` id stands for."""
+        first = self.rows_id(1)
+        if not first <= token_id < first + self.max_grid_side:
+            raise MalformedSequence(f"expected a <|rows_R|> token, got {self.describe_id(token_id)}")
+        return int(token_id) - first + 1
+
+    def cols_of(self, token_id: int) -> int:
+        first = self.cols_id(1)
+        if not first <= token_id < first + self.max_grid_side:
+            raise MalformedSequence(f"expected a <|cols_C|> token, got {self.describe_id(token_id)}")
+        return int(token_id) - first + 1
+
+    # ---------------------------------------------------------------- modality of ids
+
+    def modality_of(self, ids: Array) -> Array:
+        """Modality code (``Modality`` values) of every id; ids outside ``[0, vocab_size)`` are refused."""
+        ids = _as_index_array(ids)
+        _check_in(ids, 0, self._vocab, f"token ids (vocab_size {self._vocab})")
+        if isinstance(ids, torch.Tensor):
+            ends = torch.as_tensor(self._ends, device=ids.device)
+            return torch.bucketize(ids, ends, right=True)
+        return np.searchsorted(self._ends, ids, side="right")
+
+    def check_text(self, ids: Array) -> Array:
+        """Return ``ids`` after checking that every one is a text id."""
+        ids = _as_index_array(ids)
+        _check_in(ids, 0, self.text_vocab_size, "text ids")
+        return ids
+
+    # ---------------------------------------------------------------- image codes
+
+    def image_ids(self, codes: Array) -> Array:
+        """Image codebook indices -> global ids (any shape)."""
+        self._need_image()
+        codes = _as_index_array(codes)
+        _check_in(codes, 0, self.image_codebook_size, "image codes")
+        return codes + self._image_offset
+
+    def image_codes(self, ids: Array) -> Array:
+        """Global ids -> image codebook indices; refuses ids that are not image codes."""
+        self._need_image()
+        ids = _as_index_array(ids)
+        _check_in(ids, self._image_offset, self._audio_offset, "image code ids")
+        return ids - self._image_offset
+
+    # ---------------------------------------------------------------- audio codes
+
+    def _audio_offsets(self, like: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        q = np.arange(self.audio_num_codebooks, dtype=np.int64)
+        offsets = self._audio_offset + q * self.audio_codebook_size
+        return torch.as_tensor(offsets, device=like.device) if isinstance(like, torch.Tensor) else offsets
+
+    def audio_ids(self, codes: Array) -> Array:
+        """Codes ``(n_q, frames)`` -> 1-D global ids, frame-major: ``f0q0 f0q1 .. f0q(n-1) f1q0 ..``."""
+        self._need_audio()
+        codes = _as_index_array(codes)
+        if codes.ndim != 2 or codes.shape[0] != self.audio_num_codebooks:
+            raise OmnitokError(f"audio codes must have shape (n_q={self.audio_num_codebooks}, frames), "
+                               f"got {tuple(codes.shape)}")
+        _check_in(codes, 0, self.audio_codebook_size, "audio codes")
+        ids = codes + self._audio_offsets(codes)[:, None]  # (n_q, F)
+        return ids.T.reshape(-1)  # (F * n_q,) frame-major
+
+    def audio_codes(self, ids: Array) -> Array:
+        """Inverse of ``audio_ids``: 1-D frame-major ids -> codes ``(n_q, frames)``.
+
+        Refuses a length that is not a multiple of ``n_q`` and any id whose codebook is not the one its position
+        in the frame calls for.
+        """
+        self._need_audio()
+        ids = _as_index_array(ids)
+        n_q, size = self.audio_num_codebooks, self.audio_codebook_size
+        if ids.ndim != 1:
+            raise OmnitokError(f"audio ids must be 1-D, got shape {tuple(ids.shape)}")
+        if ids.shape[0] % n_q:
+            raise MalformedSequence(f"audio span of {ids.shape[0]} ids is not a whole number of frames "
+                                    f"({n_q} codebooks per frame)")
+        _check_in(ids, self._audio_offset, self._used, "audio code ids")
+        position = torch.arange(ids.shape[0], device=ids.device) if isinstance(ids, torch.Tensor) \
+            else np.arange(ids.shape[0])
+        wrong = (ids - self._audio_offset) // size != position % n_q
+        if bool(wrong.any()):
+            first = int(wrong.nonzero()[0][0]) if isinstance(wrong, np.ndarray) else int(wrong.nonzero()[0, 0])
+            got = (int(ids[first]) - self._audio_offset) // size
+            raise MalformedSequence(f"audio id at position {first} (frame {first // n_q}) belongs to codebook {got}, "
+                                    f"but that position holds codebook {first % n_q}")
+        frames = ids.reshape(-1, n_q).T  # (n_q, F)
+        return frames - self._audio_offsets(ids)[:, None]
+
+    # ---------------------------------------------------------------- fingerprints and comparison
+
+    def with_fingerprints(self, **fingerprints: str) -> TokenLayout:
+        return dataclasses.replace(self, fingerprints={**self.fingerprints, **fingerprints})
+
+    def check_fingerprint(self, modality: str, fingerprint: str, source: str) -> None:
+        """Refuse a tokenizer whose fingerprint is not the one this layout was made with."""
+        expected = self.fingerprints.get(modality)
+        if expected is None:
+            raise LayoutMismatch(f"layout.json records no {modality} tokenizer, but {source} provides one")
+        if expected != fingerprint:
+            raise LayoutMismatch(f"{modality} tokenizer at {source} has fingerprint {fingerprint}, but layout.json was "
+                                 f"made with {expected}; ids made with one are wrong for the other")
+
+    def check_same(self, other: TokenLayout, mine: str, theirs: str) -> None:
+        """Refuse ``other`` unless it is the same layout (sizes and fingerprints); the message names the difference."""
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a != b:
+                raise LayoutMismatch(f"the token layout of {theirs} differs from that of {mine}: {f.name} is {b!r} "
+                                     f"there and {a!r} here")
+
+    # ---------------------------------------------------------------- file form
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``layout.json`` contents: parameters, then the derived tables for readers in other languages."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "text_vocab_size": self.text_vocab_size,
+            "image_codebook_size": self.image_codebook_size,
+            "max_grid_side": self.max_grid_side,
+            "audio_codebook_size": self.audio_codebook_size,
+            "audio_num_codebooks": self.audio_num_codebooks,
+            "pad_to_multiple": self.pad_to_multiple,
+            "fingerprints": dict(sorted(self.fingerprints.items())),
+            "vocab_size": self.vocab_size,
+            "ranges": {name: list(r) for name, r in self.ranges.items()},
+            "specials": self.specials,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "layout") -> TokenLayout:
+        """Rebuild a layout, refusing unknown keys and derived tables that disagree with the parameters."""
+        if data.get("format") != FORMAT:
+            raise OmnitokError(f"{source} is not an omnitok token layout (format is {data.get('format')!r})")
+        if data.get("version") != VERSION:
+            raise OmnitokError(f"{source} has layout version {data.get('version')!r}; this omnitok reads {VERSION}")
+        params = {f.name for f in dataclasses.fields(cls)}
+        derived = {"format", "version", "vocab_size", "ranges", "specials"}
+        unknown = set(data) - params - derived
+        if unknown:
+            raise OmnitokError(f"{source}: unknown key {sorted(unknown)[0]!r}")
+        _check_ranges(data.get("ranges", {}), data.get("vocab_size"), source)
+        _check_specials(data.get("specials", {}), data.get("ranges", {}), source)
+        layout = cls(**{k: v for k, v in data.items() if k in params})
+        rebuilt = layout.to_json()
+        for key in sorted(derived):
+            if key in data and data[key] != rebuilt[key]:
+                raise OmnitokError(f"{source}: stored {key!r} does not follow from its sizes "
+                                   f"(stored {data[key]!r}, sizes give {rebuilt[key]!r})")
+        return layout
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``layout.json`` (``path`` may be the file or its directory)."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = path / LAYOUT_FILE
+        write_json_atomic(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenLayout:
+        """Read ``layout.json`` (``path`` may be the file or its directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / LAYOUT_FILE
+        data = read_json_object(path, f"no token layout at {path}")
+        return cls.from_json(data, source=str(path))
+
+    def describe(self) -> str:
+        """A few human-readable lines: ranges and fingerprints."""
+        lines = [f"vocab_size {self.vocab_size} ({self.used_vocab_size} used)"]
+        for name, (start, stop) in self.ranges.items():
+            extra = ""
+            if name == "audio" and self.has_audio:
+                extra = f"  ({self.audio_num_codebooks} codebooks x {self.audio_codebook_size})"
+            if name == "special":
+                extra = f"  ({stop - start} tokens)"
+            lines.append(f"  {name:<8} [{start}, {stop}){extra}")
+        for modality, fp in sorted(self.fingerprints.items()):
+            lines.append(f"  {modality} tokenizer {fp}")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _need_image(self) -> None:
+        if not self.has_image:
+            raise OmnitokError("this token layout has no image modality")
+
+    def _need_audio(self) -> None:
+        if not self.has_audio:
+            raise OmnitokError("this token layout has no audio modality")
+
+    def describe_id(self, token_id: int) -> str:
+        if 0 <= token_id < self._vocab:
+            kind = Modality(int(np.searchsorted(self._ends, token_id, side="right"))).name.lower()
+            if kind == "special":
+                return f"{self._special_names[int(token_id)]} (id {token_id})"
+            return f"a {kind} id ({token_id})"
+        return f"id {token_id}, outside the vocabulary"
+
+
+def _check_ranges(ranges: Any, vocab_size: Any, source: str) -> None:
+    """Stored ranges must tile ``[0, vocab_size)``: no gap, no overlap."""
+    if not ranges:
+        return
+    if not isinstance(ranges, dict) or not all(isinstance(r, list) and len(r) == 2 for r in ranges.values()):
+        raise OmnitokError(f"{source}: 'ranges' must map names to [start, stop]")
+    ordered = sorted(ranges.items(), key=lambda kv: (kv[1][0], kv[1][1]))
+    position, previous = 0, None
+    for name, (start, stop) in ordered:
+        if stop < start:
+            raise OmnitokError(f"{source}: range {name!r} [{start}, {stop}) ends before it starts")
+        if start < position:
+            raise OmnitokError(f"{source}: ranges {previous!r} and {name!r} overlap at id {start}")
+        if start > position:
+            raise OmnitokError(f"{source}: ids [{position}, {start}) belong to no range (after {previous!r})")
+        position, previous = stop, name
+    if vocab_size is not None and position != vocab_size:
+        raise OmnitokError(f"{source}: ranges end at {position}, but vocab_size is {vocab_size}")
+
+
+def _check_specials(specials: Any, ranges: Any, source: str) -> None:
+    if not specials:
+        return
+    ids = list(specials.values())
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        names = [n for n, i in specials.items() if i == dup]
+        raise OmnitokError(f"{source}: special tokens {names} share id {dup}")
+    if isinstance(ranges, dict) and "special" in ranges:
+        start, stop = ranges["special"]
+        for name, i in specials.items():
+            if not start <= i < stop:
+                raise OmnitokError(f"{source}: special token {name!r} has id {i}, outside the special range "
+                                   f"[{start}, {stop})")

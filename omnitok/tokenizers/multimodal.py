@@ -1,0 +1,299 @@
+"""Documents <-> one id sequence, following the templates of DESIGN.md (Sequences):
+
+    document  = bos segment... eos
+    text      = the text tokenizer's ids
+    image     = <|boi|> <|rows_R|> <|cols_C|> code * (R*C, row-major) <|eoi|>
+    audio     = <|boa|> frame * F <|eoa|>,  frame = n_q codes in codebook order
+
+A tokenizer directory holds ``layout.json``, ``text/`` and, when present, ``image/`` and ``audio/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.errors import MalformedSequence, OmnitokError
+from omnitok.tokenizers.layout import LAYOUT_FILE, Modality, TokenLayout
+from omnitok.tokenizers.protocol import AudioCodec, ImageCodec, load_media_part
+from omnitok.tokenizers.text import TextTokenizer
+
+ID_DTYPE = np.int32  # every layout fits (checked in MultimodalTokenizer); half the bytes of int64 in shards
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where one segment lies in an id sequence: ``ids[start:stop]``, media markers included."""
+
+    modality: str
+    start: int
+    stop: int
+
+
+@dataclass
+class EncodedDocument:
+    ids: np.ndarray  # (L,) int32 global ids, bos ... eos
+    spans: list[Span]
+
+
+@dataclass
+class ParsedSegment:
+    """One segment of an id sequence, before media decoding: text ids, an image grid or audio codes."""
+
+    modality: str
+    span: Span
+    ids: np.ndarray  # text: text ids; image: (rows, cols) codes; audio: (n_q, frames) codes
+
+
+class MultimodalTokenizer:
+    """Text, image and audio tokenizers under one token layout.
+
+    ``encode(doc)`` gives the id sequence of a ``Document``; ``decode(ids)`` gives the document back (text as
+    ``str``, images as uint8 ``(H, W, 3)`` arrays, audio as ``(float32 (channels, samples), sample_rate)``).
+    """
+
+    def __init__(self, layout: TokenLayout, text: TextTokenizer, image: ImageCodec | None = None,
+                 audio: AudioCodec | None = None):
+        if layout.vocab_size > np.iinfo(ID_DTYPE).max:
+            raise OmnitokError(f"vocabulary of {layout.vocab_size} does not fit {np.dtype(ID_DTYPE).name} ids")
+        if text.vocab_size > layout.text_vocab_size:
+            raise OmnitokError(f"text tokenizer has {text.vocab_size} ids but the layout's text range holds "
+                               f"{layout.text_vocab_size}")
+        layout.check_fingerprint("text", text.fingerprint, "the text tokenizer")
+        if image is not None:
+            if (image.codebook_size, image.max_grid_side) != (layout.image_codebook_size, layout.max_grid_side):
+                raise OmnitokError(f"image tokenizer has {image.codebook_size} codes and grids up to "
+                                   f"{image.max_grid_side}; the layout has {layout.image_codebook_size} and "
+                                   f"{layout.max_grid_side}")
+            layout.check_fingerprint("image", image.fingerprint, "the image tokenizer")
+        if audio is not None:
+            if (audio.codebook_size, audio.num_codebooks) != (layout.audio_codebook_size, layout.audio_num_codebooks):
+                raise OmnitokError(f"audio tokenizer has {audio.num_codebooks} codebooks of {audio.codebook_size}; "
+                                   f"the layout has {layout.audio_num_codebooks} of {layout.audio_codebook_size}")
+            layout.check_fingerprint("audio", audio.fingerprint, "the audio tokenizer")
+        self.layout, self.text, self.image, self.audio = layout, text, image, audio
+
+    @classmethod
+    def build(cls, text: TextTokenizer, image: ImageCodec | None = None, audio: AudioCodec | None = None,
+              text_vocab_size: int | None = None) -> MultimodalTokenizer:
+        """Make the layout from the parts. ``text_vocab_size`` may exceed the text tokenizer's (an LLM whose
+        embedding table is padded beyond its tokenizer keeps its rows where they are)."""
+        if text_vocab_size is not None and text_vocab_size < text.vocab_size:
+            raise OmnitokError(f"text_vocab_size {text_vocab_size} is smaller than the text tokenizer's "
+                               f"{text.vocab_size} ids")
+        fingerprints = {"text": text.fingerprint}
+        if image is not None:
+            fingerprints["image"] = image.fingerprint
+        if audio is not None:
+            fingerprints["audio"] = audio.fingerprint
+        layout = TokenLayout(
+            text_vocab_size=text_vocab_size or text.vocab_size,
+            image_codebook_size=image.codebook_size if image is not None else 0,
+            max_grid_side=image.max_grid_side if image is not None else 0,
+            audio_codebook_size=audio.codebook_size if audio is not None else 0,
+            audio_num_codebooks=audio.num_codebooks if audio is not None else 0,
+            fingerprints=fingerprints,
+        )
+        return cls(layout, text, image, audio)
+
+    # ---------------------------------------------------------------- directory form
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        if (directory / LAYOUT_FILE).exists():
+            raise OmnitokError(f"{directory} already holds a tokenizer; choose another directory or remove it "
+                               "(shards and checkpoints made with it would no longer match)")
+        self.text.save(directory / "text")
+        if self.image is not None:
+            self.image.save(directory / "image")
+        if self.audio is not None:
+            self.audio.save(directory / "audio")
+        self.layout.save(directory / LAYOUT_FILE)  # last: a directory with layout.json is complete
+        return directory
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> MultimodalTokenizer:
+        """Load a tokenizer directory; every part's fingerprint must match ``layout.json``."""
+        directory = Path(directory)
+        if not (directory / LAYOUT_FILE).is_file():
+            raise OmnitokError(f"{directory} is not a tokenizer directory (no {LAYOUT_FILE}); make one with "
+                               "`omnitok tokenizer assemble`")
+        layout = TokenLayout.load(directory / LAYOUT_FILE)
+        text = TextTokenizer.from_dir(directory / "text")
+        image = load_media_part(directory / "image", "image") if (directory / "image").is_dir() else None
+        audio = load_media_part(directory / "audio", "audio") if (directory / "audio").is_dir() else None
+        for name, part in (("image", image), ("audio", audio)):
+            if part is None and name in layout.fingerprints:
+                raise OmnitokError(f"{directory}/layout.json records an {name} tokenizer, but {directory}/{name} "
+                                   "is missing")
+        return cls(layout, text, image, audio)
+
+    # ---------------------------------------------------------------- encoding
+
+    def encode(self, doc: Document) -> np.ndarray:
+        """Document -> 1-D int32 array of global ids: ``bos segment... eos``."""
+        return self.encode_batch([doc])[0].ids
+
+    def encode_batch(self, docs: list[Document]) -> list[EncodedDocument]:
+        """Encode many documents, batching all their text, images and audio through each tokenizer once.
+
+        Adjacent text segments are joined before encoding (``Document.merged``), so the ids do not depend on where
+        a text was split: tokenizers with a dummy prefix (SentencePiece, Llama) would otherwise add a space.
+        """
+        docs = [doc.merged() for doc in docs]
+        texts, images, sounds = [], [], []
+        for d, doc in enumerate(docs):
+            if not doc.segments:
+                raise OmnitokError(f"document {doc.id or d} is empty")
+            for seg in doc.segments:
+                if isinstance(seg, Text):
+                    texts.append(seg.text)
+                elif isinstance(seg, Image):
+                    images.append(seg.source)
+                elif isinstance(seg, Audio):
+                    sounds.append(seg.source)
+                else:
+                    raise OmnitokError(f"document {doc.id or d}: unknown segment {seg!r:.60}")
+        text_ids = iter(self.text.encode(texts))
+        image_codes = iter(self._image().encode(images) if images else [])
+        audio_codes = iter(self._audio().encode(sounds) if sounds else [])
+
+        encoded = []
+        for doc in docs:
+            pieces: list[np.ndarray] = [np.array([self.text.bos_id])]
+            spans: list[Span] = []
+            position = 1
+            for seg in doc.segments:
+                if isinstance(seg, Text):
+                    piece = self.layout.check_text(np.asarray(next(text_ids), dtype=np.int64))
+                    modality = "text"
+                elif isinstance(seg, Image):
+                    piece, modality = self._image_piece(next(image_codes)), "image"
+                else:
+                    piece, modality = self._audio_piece(next(audio_codes)), "audio"
+                if len(piece) == 0:
+                    continue
+                pieces.append(piece)
+                spans.append(Span(modality, position, position + len(piece)))
+                position += len(piece)
+            pieces.append(np.array([self.text.eos_id]))
+            encoded.append(EncodedDocument(np.concatenate(pieces).astype(ID_DTYPE), spans))
+        return encoded
+
+    def _image_piece(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.ndim != 2:
+            raise OmnitokError(f"image tokenizer returned codes of shape {codes.shape}; expected (rows, cols)")
+        rows, cols = codes.shape
+        head = [self.layout.boi_id, self.layout.rows_id(rows), self.layout.cols_id(cols)]
+        return np.concatenate([head, self.layout.image_ids(codes.reshape(-1)), [self.layout.eoi_id]])
+
+    def _audio_piece(self, codes: np.ndarray) -> np.ndarray:
+        codes = np.asarray(codes)
+        if codes.ndim == 2 and codes.shape[1] == 0:
+            raise OmnitokError("audio clip is too short: it gives no frame of codes")
+        return np.concatenate([[self.layout.boa_id], self.layout.audio_ids(codes), [self.layout.eoa_id]])
+
+    # ---------------------------------------------------------------- decoding
+
+    def parse(self, ids: np.ndarray) -> list[ParsedSegment]:
+        """Split an id sequence into segments, checking the grammar; no media is decoded.
+
+        A leading bos and a trailing eos are dropped. Raises ``MalformedSequence`` naming the position of the
+        first id that breaks the grammar.
+        """
+        ids = np.asarray(ids).astype(np.int64, copy=False)
+        if ids.ndim != 1:
+            raise MalformedSequence(f"expected a 1-D id sequence, got shape {ids.shape}")
+        layout = self.layout
+        modality = layout.modality_of(ids)
+        start, stop = 0, len(ids)
+        if stop and ids[0] == self.text.bos_id:
+            start = 1
+        if stop > start and ids[-1] == self.text.eos_id:
+            stop -= 1
+        out: list[ParsedSegment] = []
+        pos = start
+        while pos < stop:
+            token = int(ids[pos])
+            if modality[pos] == Modality.TEXT:
+                others = np.flatnonzero(modality[pos:stop] != Modality.TEXT)
+                end = pos + (int(others[0]) if len(others) else stop - pos)
+                out.append(ParsedSegment("text", Span("text", pos, end), ids[pos:end]))
+                pos = end
+            elif layout.has_image and token == layout.boi_id:
+                if pos + 3 > stop:
+                    raise MalformedSequence(f"image at position {pos} ends before its grid size")
+                rows, cols = layout.rows_of(int(ids[pos + 1])), layout.cols_of(int(ids[pos + 2]))
+                end = pos + 3 + rows * cols
+                if end >= stop or ids[end] != layout.eoi_id:
+                    got = "the end of the sequence" if end >= stop else layout.describe_id(int(ids[end]))
+                    raise MalformedSequence(f"image at position {pos} is {rows}x{cols}, so <|eoi|> must be at "
+                                            f"position {end}; found {got}")
+                body = ids[pos + 3:end]
+                if not np.all(modality[pos + 3:end] == Modality.IMAGE):
+                    bad = pos + 3 + int(np.flatnonzero(modality[pos + 3:end] != Modality.IMAGE)[0])
+                    raise MalformedSequence(f"image at position {pos}: position {bad} holds "
+                                            f"{layout.describe_id(int(ids[bad]))}, not an image code")
+                codes = layout.image_codes(body).reshape(rows, cols)
+                out.append(ParsedSegment("image", Span("image", pos, end + 1), codes))
+                pos = end + 1
+            elif layout.has_audio and token == layout.boa_id:
+                closes = np.flatnonzero(ids[pos + 1:stop] == layout.eoa_id)
+                if not len(closes):
+                    raise MalformedSequence(f"audio at position {pos} has no <|eoa|>")
+                end = pos + 1 + int(closes[0])
+                body = ids[pos + 1:end]
+                if not np.all(modality[pos + 1:end] == Modality.AUDIO):
+                    bad = pos + 1 + int(np.flatnonzero(modality[pos + 1:end] != Modality.AUDIO)[0])
+                    raise MalformedSequence(f"audio at position {pos}: position {bad} holds "
+                                            f"{layout.describe_id(int(ids[bad]))}, not an audio code")
+                if len(body) == 0:
+                    raise MalformedSequence(f"audio at position {pos} holds no frame")
+                out.append(ParsedSegment("audio", Span("audio", pos, end + 1), layout.audio_codes(body)))
+                pos = end + 1
+            else:
+                raise MalformedSequence(f"unexpected {layout.describe_id(token)} at position {pos}")
+        return out
+
+    def decode(self, ids: np.ndarray) -> Document:
+        """Id sequence -> Document, decoding all its images and all its audio in one batch each."""
+        parsed = self.parse(ids)
+        grids = [p.ids for p in parsed if p.modality == "image"]
+        clips = [p.ids for p in parsed if p.modality == "audio"]
+        pixels = iter(self._image().decode(grids) if grids else [])
+        waves = iter(self._audio().decode(clips) if clips else [])
+        segments = []
+        for p in parsed:
+            if p.modality == "text":
+                segments.append(Text(self.text.decode(p.ids)))
+            elif p.modality == "image":
+                segments.append(Image(next(pixels)))
+            else:
+                segments.append(Audio((next(waves), self._audio().sample_rate)))
+        return Document(segments)
+
+    def _image(self) -> ImageCodec:
+        if self.image is None:
+            raise OmnitokError("this tokenizer has no image tokenizer")
+        return self.image
+
+    def _audio(self) -> AudioCodec:
+        if self.audio is None:
+            raise OmnitokError("this tokenizer has no audio tokenizer")
+        return self.audio
+
+
+def assemble(text: str | Path, out: str | Path, image: str | Path | None = None, audio: str | Path | None = None,
+             text_vocab_size: int | None = None, bos_token: str | None = None,
+             eos_token: str | None = None) -> MultimodalTokenizer:
+    """``omnitok tokenizer assemble``: gather the parts into one tokenizer directory with its layout."""
+    text_tok = TextTokenizer.from_path(text, bos_token=bos_token, eos_token=eos_token)
+    image_tok = load_media_part(image, "image") if image is not None else None
+    audio_tok = load_media_part(audio, "audio") if audio is not None else None
+    tok = MultimodalTokenizer.build(text_tok, image_tok, audio_tok, text_vocab_size=text_vocab_size)
+    tok.save(out)
+    return MultimodalTokenizer.from_dir(out)  # proves the directory reloads with matching fingerprints

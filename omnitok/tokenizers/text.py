@@ -1,0 +1,200 @@
+"""The text tokenizer: one class over a SentencePiece model or a Hugging Face tokenizer.
+
+Ids from here are the layout's text range ``[0, vocab_size)`` unchanged. ``encode`` never adds bos/eos: the
+multimodal tokenizer places them around whole documents (DESIGN.md, Sequences).
+
+Accepted sources (``TextTokenizer.from_path``):
+- an omnitok text tokenizer directory (what ``save`` and ``omnitok text-tokenizer train`` write),
+- a SentencePiece ``.model`` file,
+- a Hugging Face ``tokenizer.json`` file (bos/eos tokens named by the caller, or found among common names),
+- a pretrained LLM's directory (``tokenizer.json`` or ``tokenizer.model`` with ``tokenizer_config.json``), so a
+  model can start from an existing LLM's vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+import tokenizers
+
+from omnitok.errors import OmnitokError
+from omnitok.tokenizers.protocol import PART_FILE, fingerprint, read_part_info, write_part_info
+
+SP_FILE = "tokenizer.model"
+HF_FILE = "tokenizer.json"
+# Tried in order when a bare tokenizer.json does not say which tokens are bos and eos.
+_COMMON_BOS_EOS = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"), ("<bos>", "<eos>"),
+                   ("<|endoftext|>", "<|endoftext|>"), ("<|im_start|>", "<|im_end|>")]
+
+
+class _SentencePiece:
+    name = "sentencepiece"
+
+    def __init__(self, model_proto: bytes, source: str):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError as e:
+            raise OmnitokError(f"{source} is not a SentencePiece model: {e}") from None
+        self.proto = model_proto
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise OmnitokError(f"SentencePiece model {source} has no bos or eos piece; documents need both")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+    def fingerprint(self) -> str:
+        return fingerprint({"backend": self.name}, blobs=[self.proto])
+
+    def save(self, directory: Path) -> None:
+        (directory / SP_FILE).write_bytes(self.proto)
+        write_part_info(directory, "text", self.name)
+
+
+class _HuggingFace:
+    name = "hf"
+
+    def __init__(self, tok: tokenizers.Tokenizer, bos: str | None, eos: str | None, source: str):
+        # A tokenizer.json may carry truncation/padding settings; ids must never be cut or padded here.
+        tok.no_truncation()
+        tok.no_padding()
+        self.tok = tok
+        if bos is None and eos is None:
+            vocab = tok.get_vocab(with_added_tokens=True)
+            found = next(((b, e) for b, e in _COMMON_BOS_EOS if b in vocab and e in vocab), None)
+            if found is None:
+                tried = ", ".join(f"{b}/{e}" for b, e in _COMMON_BOS_EOS)
+                raise OmnitokError(f"{source}: cannot tell which tokens are bos and eos (tried {tried}); name them")
+            bos, eos = found
+        # Models without a bos token (Qwen, GPT-2 style) mark document starts with eos, as they were trained.
+        bos = bos if bos is not None else eos
+        if eos is None:
+            raise OmnitokError(f"{source} has no eos token; documents need one")
+        self.bos, self.eos = bos, eos
+        self.bos_id, self.eos_id = tok.token_to_id(bos), tok.token_to_id(eos)
+        for token, token_id in ((bos, self.bos_id), (eos, self.eos_id)):
+            if token_id is None:
+                raise OmnitokError(f"{source}: token {token!r} is not in the vocabulary")
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        return fingerprint({"backend": self.name, "bos": self.bos, "eos": self.eos}, blobs=[self.tok.to_str().encode()])
+
+    def save(self, directory: Path) -> None:
+        self.tok.save(str(directory / HF_FILE))
+        write_part_info(directory, "text", self.name, bos_token=self.bos, eos_token=self.eos)
+
+
+class TextTokenizer:
+    """Strings <-> text ids. ``encode(list[str]) -> list[list[int]]``; ``decode(ids) -> str``."""
+
+    def __init__(self, backend: _SentencePiece | _HuggingFace):
+        self._backend = backend
+        self.fingerprint = backend.fingerprint()
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size
+
+    @property
+    def bos_id(self) -> int:
+        return self._backend.bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._backend.eos_id
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Batch of strings -> lists of text ids, without bos/eos."""
+        if isinstance(texts, str):
+            raise OmnitokError("TextTokenizer.encode takes a list of strings, got one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise OmnitokError(f"text {i} is a {type(text).__name__}, not a str")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise OmnitokError(f"text {i} is not valid Unicode (lone surrogate at {e.start})") from None
+        return self._backend.encode(list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise OmnitokError(f"id {bad} is not a text id (text vocabulary has {self.vocab_size})")
+        return self._backend.decode(ids)
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._backend.save(directory)
+        return directory
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> TextTokenizer:
+        """Load an omnitok text tokenizer directory (written by ``save``)."""
+        directory = Path(directory)
+        info = read_part_info(directory, "text")
+        if info.get("type") == _SentencePiece.name:
+            return cls(_SentencePiece((directory / SP_FILE).read_bytes(), str(directory)))
+        if info.get("type") == _HuggingFace.name:
+            tok = tokenizers.Tokenizer.from_file(str(directory / HF_FILE))
+            return cls(_HuggingFace(tok, info.get("bos_token"), info.get("eos_token"), str(directory)))
+        raise OmnitokError(f"{directory}: unknown text tokenizer type {info.get('type')!r}")
+
+    @classmethod
+    def from_path(cls, path: str | Path, bos_token: str | None = None, eos_token: str | None = None) -> TextTokenizer:
+        """Load any accepted source (see the module docstring)."""
+        path = Path(path)
+        if not path.exists():
+            raise OmnitokError(f"text tokenizer {path} does not exist")
+        if path.is_dir() and (path / PART_FILE).is_file():
+            return cls.from_dir(path)
+        if path.is_file() and path.suffix == ".model":
+            return cls(_SentencePiece(path.read_bytes(), str(path)))
+        if path.is_file() and path.suffix == ".json":
+            try:
+                tok = tokenizers.Tokenizer.from_file(str(path))
+            except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+                raise OmnitokError(f"{path} is not a Hugging Face tokenizer.json: {e}") from None
+            return cls(_HuggingFace(tok, bos_token, eos_token, str(path)))
+        if path.is_dir() and ((path / HF_FILE).is_file() or (path / "tokenizer_config.json").is_file()):
+            return cls._from_pretrained_dir(path, bos_token, eos_token)
+        raise OmnitokError(f"{path} is not a text tokenizer: expected an omnitok text tokenizer directory, a "
+                           "SentencePiece .model file, a tokenizer.json, or a Hugging Face model directory")
+
+    @classmethod
+    def _from_pretrained_dir(cls, path: Path, bos_token: str | None, eos_token: str | None) -> TextTokenizer:
+        from transformers import AutoTokenizer  # slow import; only this path needs it
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # transformers raises many types for unreadable directories
+            raise OmnitokError(f"cannot load the tokenizer in {path}: {e}") from None
+        if not getattr(hf, "is_fast", False):
+            raise OmnitokError(f"{path} gives a slow (Python) tokenizer; omnitok needs a fast one (tokenizer.json)")
+        bos = bos_token if bos_token is not None else hf.bos_token
+        eos = eos_token if eos_token is not None else hf.eos_token
+        return cls(_HuggingFace(hf.backend_tokenizer, bos, eos, str(path)))
+
+    def __repr__(self) -> str:
+        return (f"TextTokenizer({self.backend}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"fingerprint={self.fingerprint[:12]})")
+

@@ -1,0 +1,1 @@
+"""Training: text tokenizer training, (as they land) VQ-GAN and codec training, and DeepSpeed pretraining."""
