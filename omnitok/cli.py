@@ -44,6 +44,17 @@ def cmd_tokenizer_info(args: argparse.Namespace) -> None:
     print(TokenLayout.load(args.dir).describe())
 
 
+def cmd_image_tokenizer_import(args: argparse.Namespace) -> None:
+    from omnitok.tokenizers.image_import import import_image_tokenizer
+
+    tok = import_image_tokenizer(args.format, args.src, args.out, image_size=args.image_size, resize=args.resize)
+    cfg = tok.config
+    print(f"image tokenizer written to {args.out}: {cfg.codebook_size} codes x {cfg.codebook_dim} dims "
+          f"({'l2-normalised' if cfg.l2_normalized_codes else 'Euclidean'} lookup), downsampling {cfg.downsample}, "
+          f"{tok.preprocess_config.image_size}px -> grids up to {tok.max_grid_side}x{tok.max_grid_side}"
+          + ("" if cfg.has_decoder else "; encoder only (no decoder in this checkpoint)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -64,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-sentences", type=int, default=2_000_000,
                        help="lines sampled for training (default 2000000)")
     train.set_defaults(func=cmd_text_tokenizer_train)
+
+    image = commands.add_parser("image-tokenizer", help="import or train a VQ-GAN image tokenizer")
+    image_cmds = image.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+    imp = image_cmds.add_parser("import", help="import a LlamaGen, Janus or Chameleon VQ-GAN checkpoint",
+                                description="Import a published VQ-GAN: llamagen (vq_ds16_c2i.pt-style state dict), "
+                                "janus (Hugging Face JanusVQVAE directory), chameleon (vqgan.ckpt with vqgan.yaml "
+                                "beside it, or a Hugging Face ChameleonVQVAE directory, encoder only).")
+    imp.add_argument("--format", required=True, choices=["llamagen", "janus", "chameleon"])
+    imp.add_argument("--src", required=True, type=Path, help="checkpoint file or model directory")
+    imp.add_argument("--out", required=True, type=Path, help="new image tokenizer directory")
+    imp.add_argument("--image-size", type=int, help="input resolution (default: the checkpoint's own)")
+    imp.add_argument("--resize", choices=["crop", "fit"], default="crop",
+                     help="crop: centre square (default); fit: keep the aspect ratio, grid of any shape")
+    imp.set_defaults(func=cmd_image_tokenizer_import)
 
     tok = commands.add_parser("tokenizer", help="assemble and inspect multimodal tokenizer directories")
     tok_cmds = tok.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -105,9 +105,14 @@ def read_part_info(directory: str | Path, modality: str) -> dict[str, Any]:
     return info
 
 
+def _load_vqgan(directory: Path) -> ImageCodec:
+    from omnitok.tokenizers.image import ImageTokenizer  # torch model code; imported only when needed
+
+    return ImageTokenizer.from_dir(directory)
+
+
 # Media tokenizer types by modality: the type named in a directory's omnitok.json -> the function that loads it.
-# The image (VQ-GAN) and audio (EnCodec) tokenizers add their loaders here.
-MEDIA_LOADERS: dict[str, dict[str, Callable[[Path], Any]]] = {"image": {}, "audio": {}}
+MEDIA_LOADERS: dict[str, dict[str, Callable[[Path], Any]]] = {"image": {"vqgan": _load_vqgan}, "audio": {}}
 
 
 def load_media_part(directory: str | Path, modality: str) -> ImageCodec | AudioCodec:
