@@ -55,6 +55,16 @@ def cmd_image_tokenizer_import(args: argparse.Namespace) -> None:
           + ("" if cfg.has_decoder else "; encoder only (no decoder in this checkpoint)"))
 
 
+def cmd_image_tokenizer_train(args: argparse.Namespace) -> None:
+    from omnitok.train.vqgan import load_train_config, train_vqgan
+
+    cfg = load_train_config(args.config, args.overrides)
+    metrics = train_vqgan(args.images, args.out, cfg, resume=args.resume, device=args.device)
+    print(f"image tokenizer written to {args.out}; held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
+          f"codebook usage {metrics['codebook_usage']:.1%}, perplexity {metrics['perplexity']:.1f}; samples in "
+          f"{args.out}/samples, TensorBoard logs in {args.out}/tb")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -89,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--resize", choices=["crop", "fit"], default="crop",
                      help="crop: centre square (default); fit: keep the aspect ratio, grid of any shape")
     imp.set_defaults(func=cmd_image_tokenizer_import)
+
+    tr = image_cmds.add_parser("train", help="train a VQ-GAN on a folder of images or .tar shards",
+                               description="Train a VQ-GAN (L1+L2, LPIPS when weights are given, EMA codebook with "
+                               "dead-code replacement, PatchGAN with adaptive weight). The output directory is the "
+                               "image tokenizer, with checkpoints/, samples/ and tb/ beside it.")
+    tr.add_argument("--images", nargs="+", required=True, type=Path, metavar="DIR_OR_TAR")
+    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--config", type=Path, help="YAML config (see configs/); defaults otherwise")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    tr.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: GPU when present)")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=2000 "
+                    "model.codebook_size=4096 perceptual.vgg16=vgg16.pth")
+    tr.set_defaults(func=cmd_image_tokenizer_train)
 
     tok = commands.add_parser("tokenizer", help="assemble and inspect multimodal tokenizer directories")
     tok_cmds = tok.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -229,6 +229,23 @@ def test_real_world_files_load_upright_rgb_on_white(tmp_path):
     assert load_image(path).size == (600, 400) and load_image(str(path)).size == (600, 400)
 
 
+def test_good_real_world_files_encode_and_a_bad_one_is_named(janus_tok):
+    photo = Image.fromarray(PHOTOS["coffee"])
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    pal = Image.new("P", (40, 30), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    good = [encoded(photo.convert("CMYK"), "JPEG"), png_rgb16(np.stack([ramp] * 3, -1)),
+            encoded(Image.fromarray(ramp), "PNG"), encoded(pal, "PNG", transparency=0),
+            encoded(photo, "JPEG", exif=exif.tobytes()), encoded(photo.convert("L"), "PNG")]
+    codes = janus_tok.encode(good)
+    assert [c.shape for c in codes] == [(16, 16)] * len(good)
+    truncated = good[0][: len(good[0]) // 3]
+    with pytest.raises(ImageError, match="<bytes>: corrupt or truncated image"):
+        janus_tok.encode([good[1], truncated])
+
+
 def test_bad_files_raise_one_clear_error_naming_the_file(tmp_path):
     good = encoded(Image.fromarray(PHOTOS["chelsea"]), "JPEG")
     (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])

@@ -11,7 +11,6 @@ file. Then either
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import warnings
 from collections import defaultdict
@@ -24,6 +23,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
+from omnitok.config import build, to_dict
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
@@ -230,16 +230,10 @@ class ImageTokenizer:
     # ---------------------------------------------------------------- directory form
 
     def _config_dict(self) -> dict:
-        return {"model": self.config.to_dict(), "preprocess": dataclasses.asdict(self.preprocess_config)}
+        return _config_dict(self.config, self.preprocess_config)
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE))
-        write_json_atomic(directory / CONFIG_FILE, self._config_dict())
-        write_part_info(directory, "image", "vqgan")
-        return directory
+        return save_tokenizer_dir(self.model, self.preprocess_config, directory)
 
     @classmethod
     def from_dir(cls, directory: str | Path, device: torch.device | str | None = None) -> ImageTokenizer:
@@ -251,9 +245,24 @@ class ImageTokenizer:
         unknown = set(cfg) - {"model", "preprocess"}
         if unknown:
             raise OmnitokError(f"{directory / CONFIG_FILE}: unknown key {sorted(unknown)[0]!r}")
-        model = VQGAN(VQGANConfig.from_dict(cfg.get("model", {})))
+        model = VQGAN(build(VQGANConfig, cfg.get("model", {}), "model."))
         load_weights(model, load_file(str(directory / WEIGHTS_FILE)), str(directory / WEIGHTS_FILE))
-        return cls(model, ImagePreprocessConfig(**cfg.get("preprocess", {})), device=device)
+        return cls(model, build(ImagePreprocessConfig, cfg.get("preprocess", {}), "preprocess."), device=device)
+
+
+def _config_dict(model: VQGANConfig, preprocess: ImagePreprocessConfig) -> dict:
+    return {"model": to_dict(model), "preprocess": to_dict(preprocess)}
+
+
+def save_tokenizer_dir(model: VQGAN, preprocess: ImagePreprocessConfig, directory: str | Path) -> Path:
+    """Write an image tokenizer directory (weights, config, omnitok.json) from a model, training or not."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    write_json_atomic(directory / CONFIG_FILE, _config_dict(model.config, preprocess))
+    write_part_info(directory, "image", "vqgan")
+    return directory
 
 
 def _group_by_shape(arrays: list[np.ndarray]) -> dict[tuple, list[int]]:

@@ -17,7 +17,6 @@ dead-code replacement while training). Inference looks codes up with the referen
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,22 +62,15 @@ class VQGANConfig:
     def downsample(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)
 
-    @classmethod
-    def from_dict(cls, data: dict) -> VQGANConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise OmnitokError(f"VQGAN config: unknown key {sorted(unknown)[0]!r}")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["channel_multipliers"] = list(self.channel_multipliers)
-        return d
-
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    """silu, in place when no gradient is needed: at 256 px a full-width activation is ~0.5 GB per batch of 16, and
+    the allocation it saves is a measurable part of CPU decoding time."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 class ResnetBlock(nn.Module):
@@ -92,8 +84,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(_swish(self.norm1(x)))
+        h = self.conv2(self.dropout(_swish(self.norm2(h))))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -192,7 +184,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -214,7 +206,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in self.up:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 class Quantizer(nn.Module):

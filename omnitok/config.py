@@ -1,0 +1,95 @@
+"""Config files (YAML or JSON) onto nested dataclasses, with ``key.sub=value`` overrides from the command line.
+
+Unknown keys are refused with their full dotted name; values are checked by each dataclass's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from omnitok.errors import OmnitokError
+
+T = TypeVar("T")
+
+
+def load_config_file(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise OmnitokError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise OmnitokError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise OmnitokError(f"{path} must hold a mapping of settings")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["model.base_channels=64", "steps=500"]`` -> a copy of ``data`` with those values (parsed as YAML)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise OmnitokError(f"override {item!r} must look like key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise OmnitokError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return out
+
+
+def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Instantiate dataclass ``cls`` from ``data``, recursing into dataclass-typed fields."""
+    if not isinstance(data, dict):
+        raise OmnitokError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise OmnitokError(f"unknown setting {where + name!r}; known here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = _dataclass_in(hints[name])
+        kwargs[name] = build(kind, value, f"{where}{name}.") if kind is not None and isinstance(value, dict) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise OmnitokError(f"{where or 'config'}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as plain JSON-able data (tuples become lists)."""
+    return _plain(dataclasses.asdict(obj))
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _deep_copy(x: Any) -> Any:
+    return {k: _deep_copy(v) for k, v in x.items()} if isinstance(x, dict) else x

@@ -1,0 +1,111 @@
+"""Benchmarks, each against its peer measured in the same run: ``python -m omnitok.eval.bench image ...``.
+
+``image``: encode and decode images/s of omnitok's ImageTokenizer against calling transformers' ``JanusVQVAE``
+directly with the same weights, on the same already-preprocessed batch of real photos (uint8 -> codes and codes
+-> uint8 for both, so both pay the same conversions). Prints images/s and the ratio ours / peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from omnitok.device import autocast
+
+
+def _timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall time of ``repeats`` runs after one warm-up (best-of suppresses noise from other processes)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _photos(n: int, size: int) -> list[np.ndarray]:
+    import skimage.data
+    from PIL import Image
+
+    sources = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    return [np.asarray(Image.fromarray(sources[i % len(sources)]).convert("RGB").resize((size, size)))
+            for i in range(n)]
+
+
+def bench_image(args: argparse.Namespace) -> dict:
+    from transformers import JanusVQVAE, JanusVQVAEConfig
+
+    from omnitok.tokenizers.image_import import import_image_tokenizer
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    widths = {"janus": dict(base_channels=128, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2,
+                            latent_channels=256),
+              "tiny": dict(base_channels=32, channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=1,
+                           latent_channels=64)}[args.arch]
+    cfg = JanusVQVAEConfig(**widths, embed_dim=8, num_embeddings=16384, num_patches=args.size // 16)
+    peer = JanusVQVAE(cfg).eval()
+    peer.quantize.embedding.weight.data = F.normalize(peer.quantize.embedding.weight.data, dim=-1)
+    with tempfile.TemporaryDirectory() as tmp:
+        peer.save_pretrained(tmp)
+        ours = import_image_tokenizer("janus", tmp, image_size=args.size)
+    ours.model.to(device)
+    ours.device, ours.batch_size = device, args.batch
+    peer.to(device)
+    arrays = _photos(args.batch, args.size)
+    codes = ours.encode_preprocessed(arrays)
+
+    def peer_encode():
+        with torch.inference_mode(), autocast(device):
+            x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            return peer.encode(x).image_tokens.cpu()
+
+    def peer_decode():
+        with torch.inference_mode(), autocast(device):
+            tokens = torch.from_numpy(np.stack(codes)).to(device).reshape(len(codes), -1)
+            x = peer.decode(tokens)
+            return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    n = args.batch
+    t = {"ours_encode": _timed(lambda: ours.encode_preprocessed(arrays), args.repeats, device),
+         "peer_encode": _timed(peer_encode, args.repeats, device),
+         "ours_decode": _timed(lambda: ours.decode(codes), args.repeats, device),
+         "peer_decode": _timed(peer_decode, args.repeats, device)}
+    rates = {k: n / v for k, v in t.items()}
+    where = f"{device.type}{' bf16' if device.type == 'cuda' else ' fp32'}, {torch.get_num_threads()} threads"
+    print(f"image tokenizer, {args.arch} VQ-16 architecture, {args.size}x{args.size}, batch {n} ({where})")
+    for op in ("encode", "decode"):
+        ratio = rates[f"ours_{op}"] / rates[f"peer_{op}"]
+        print(f"  {op}: omnitok {rates[f'ours_{op}']:.2f} img/s, transformers JanusVQVAE {rates[f'peer_{op}']:.2f} "
+              f"img/s, ratio {ratio:.3f}")
+    return rates
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m omnitok.eval.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(required=True, metavar="BENCHMARK")
+    image = sub.add_parser("image", help="image tokenizer encode/decode vs transformers JanusVQVAE")
+    image.add_argument("--arch", choices=["janus", "tiny"], default="janus",
+                       help="janus: the real VQ-16 widths (default); tiny: narrow, for a quick look")
+    image.add_argument("--size", type=int, default=256)
+    image.add_argument("--batch", type=int, default=16)
+    image.add_argument("--repeats", type=int, default=3)
+    image.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    image.set_defaults(func=bench_image)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
