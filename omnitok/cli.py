@@ -65,6 +65,15 @@ def cmd_image_tokenizer_train(args: argparse.Namespace) -> None:
           f"{args.out}/samples, TensorBoard logs in {args.out}/tb")
 
 
+def cmd_audio_tokenizer_import(args: argparse.Namespace) -> None:
+    from omnitok.tokenizers.audio_import import import_audio_tokenizer
+
+    tok = import_audio_tokenizer(args.format, args.src, args.out, bandwidth=args.bandwidth, preset=args.preset)
+    print(f"audio tokenizer written to {args.out}: {tok.sample_rate} Hz, {tok.channels} channel(s), "
+          f"{tok.frame_rate:g} frames/s, {tok.num_codebooks} codebooks of {tok.codebook_size} at "
+          f"{tok.config.bandwidth:g} kbps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -112,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=2000 "
                     "model.codebook_size=4096 perceptual.vgg16=vgg16.pth")
     tr.set_defaults(func=cmd_image_tokenizer_train)
+
+    audio = commands.add_parser("audio-tokenizer", help="import or train an EnCodec audio tokenizer")
+    audio_cmds = audio.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+    aimp = audio_cmds.add_parser("import", help="import an EnCodec checkpoint (Hugging Face directory or Meta .th)",
+                                 description="Import EnCodec: hf (a facebook/encodec_24khz-style directory) or "
+                                 "encodec (Meta's encodec_24khz-d7cc33bc.th-style state dict, with --preset).")
+    aimp.add_argument("--format", required=True, choices=["hf", "encodec"])
+    aimp.add_argument("--src", required=True, type=Path)
+    aimp.add_argument("--out", required=True, type=Path)
+    aimp.add_argument("--preset", choices=["24khz", "32khz", "48khz"], help="architecture of a Meta .th checkpoint")
+    aimp.add_argument("--bandwidth", type=float, help="kbps; fixes the number of codebooks (default: 6 for 24 kHz = "
+                      "8 codebooks, 2.2 for 32 kHz = 4, 6 for 48 kHz = 4)")
+    aimp.set_defaults(func=cmd_audio_tokenizer_import)
 
     tok = commands.add_parser("tokenizer", help="assemble and inspect multimodal tokenizer directories")
     tok_cmds = tok.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -29,6 +29,7 @@ from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.tokenizers.protocol import fingerprint, read_part_info, write_part_info
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
+from omnitok.weights import load_weights
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 PILLOW_PIXEL_LIMIT = 89_478_485
@@ -238,9 +239,7 @@ class ImageTokenizer:
     @classmethod
     def from_dir(cls, directory: str | Path, device: torch.device | str | None = None) -> ImageTokenizer:
         directory = Path(directory)
-        info = read_part_info(directory, "image")
-        if info.get("type") != "vqgan":
-            raise OmnitokError(f"{directory} holds an image tokenizer of type {info.get('type')!r}, not 'vqgan'")
+        read_part_info(directory, "image", "vqgan")
         cfg = read_json_object(directory / CONFIG_FILE, f"{directory} has no {CONFIG_FILE}")
         unknown = set(cfg) - {"model", "preprocess"}
         if unknown:
@@ -271,19 +270,3 @@ def _group_by_shape(arrays: list[np.ndarray]) -> dict[tuple, list[int]]:
         groups[a.shape].append(i)
     return groups
 
-
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` exactly: any missing, unexpected or mis-shaped key is an error listing the first
-    few of each."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} (model has {tuple(expected[k].shape)})"
-              for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-        if items:
-            problems.append(f"{len(items)} {what}: " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
-    if problems:
-        raise OmnitokError(f"{source} does not match the model: " + "; ".join(problems))
-    model.load_state_dict(state, strict=True)

@@ -31,20 +31,11 @@ import yaml
 from safetensors.torch import load_file
 
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer, load_weights
+from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
+from omnitok.weights import load_weights, torch_load_state
 
 FORMATS = ("llamagen", "janus", "chameleon")
-
-
-def _torch_load(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, wrong file type, objects outside the weights-only allow-list
-        raise OmnitokError(f"{path} cannot be read as a weights-only torch checkpoint: {e}") from None
-    if not isinstance(obj, dict):
-        raise OmnitokError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj
 
 
 def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -54,7 +45,7 @@ def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if shards:
         return {k: v for shard in shards for k, v in load_file(str(shard)).items()}
     if (directory / "pytorch_model.bin").is_file():
-        return _torch_load(directory / "pytorch_model.bin")
+        return torch_load_state(directory / "pytorch_model.bin")
     raise OmnitokError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
@@ -118,7 +109,7 @@ _LLAMAGEN_NAMES = [
 
 
 def from_llamagen(src: Path, image_size: int | None) -> tuple[VQGAN, dict, ImagePreprocessConfig]:
-    ckpt = _torch_load(src)
+    ckpt = torch_load_state(src)
     state = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt
     if "encoder.conv_in.weight" not in state:
         raise OmnitokError(f"{src} is not a LlamaGen VQ checkpoint (no encoder.conv_in.weight)")
@@ -183,7 +174,7 @@ def from_chameleon(src: Path, image_size: int | None) -> tuple[VQGAN, dict, Imag
         latent_channels=dd["z_channels"], codebook_size=params["n_embed"], codebook_dim=params["embed_dim"],
         l2_normalized_codes=False, in_channels=dd.get("in_channels", 3), out_channels=dd.get("out_ch", 3),
         dropout=dd.get("dropout", 0.0))
-    ckpt = _torch_load(src)
+    ckpt = torch_load_state(src)
     state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
     n = len(mults)
     # taming-transformers numbers decoder levels from the highest resolution; ours from the lowest.

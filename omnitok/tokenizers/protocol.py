@@ -96,12 +96,14 @@ def write_part_info(directory: str | Path, modality: str, kind: str, **extra: An
     (directory / PART_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def read_part_info(directory: str | Path, modality: str) -> dict[str, Any]:
-    """Read ``omnitok.json`` and check it describes a tokenizer of ``modality``."""
+def read_part_info(directory: str | Path, modality: str, kind: str | None = None) -> dict[str, Any]:
+    """Read ``omnitok.json`` and check it describes a tokenizer of ``modality`` (and type ``kind`` when given)."""
     info = read_json_object(Path(directory) / PART_FILE,
                             f"{directory} is not an omnitok {modality} tokenizer directory (no {PART_FILE})")
     if info.get("modality") != modality:
         raise OmnitokError(f"{directory} holds a tokenizer for {info.get('modality')!r}, not for {modality!r}")
+    if kind is not None and info.get("type") != kind:
+        raise OmnitokError(f"{directory} holds a {modality} tokenizer of type {info.get('type')!r}, not {kind!r}")
     return info
 
 
@@ -111,8 +113,15 @@ def _load_vqgan(directory: Path) -> ImageCodec:
     return ImageTokenizer.from_dir(directory)
 
 
+def _load_encodec(directory: Path) -> AudioCodec:
+    from omnitok.tokenizers.audio import AudioTokenizer
+
+    return AudioTokenizer.from_dir(directory)
+
+
 # Media tokenizer types by modality: the type named in a directory's omnitok.json -> the function that loads it.
-MEDIA_LOADERS: dict[str, dict[str, Callable[[Path], Any]]] = {"image": {"vqgan": _load_vqgan}, "audio": {}}
+MEDIA_LOADERS: dict[str, dict[str, Callable[[Path], Any]]] = {"image": {"vqgan": _load_vqgan},
+                                                              "audio": {"encodec": _load_encodec}}
 
 
 def load_media_part(directory: str | Path, modality: str) -> ImageCodec | AudioCodec:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from omnitok.errors import OmnitokError
+from omnitok.weights import torch_load_state
 
 # torchvision vgg16 "features" (configuration D): conv widths, "M" = max-pool.
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -50,13 +51,13 @@ class LPIPS(nn.Module):
     @classmethod
     def from_files(cls, vgg16: str | Path, lpips_heads: str | Path) -> LPIPS:
         model = cls()
-        vgg = _load(vgg16)
+        vgg = torch_load_state(vgg16)
         feats = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
         missing = [k for k in model.features.state_dict() if k not in feats]
         if missing:
             raise OmnitokError(f"{vgg16} is not torchvision VGG16 weights (missing features.{missing[0]})")
         model.features.load_state_dict({k: feats[k] for k in model.features.state_dict()})
-        heads = _load(lpips_heads)
+        heads = torch_load_state(lpips_heads)
         for i, lin in enumerate(model.lins):
             key = f"lin{i}.model.1.weight"
             if key not in heads or heads[key].shape != lin.weight.shape:
@@ -84,15 +85,3 @@ class LPIPS(nn.Module):
                     break
         return total
 
-
-def _load(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise OmnitokError(f"perceptual-loss weights {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or objects outside the weights-only allow-list
-        raise OmnitokError(f"{path} cannot be read as weights-only torch weights: {e}") from None
-    if not isinstance(state, dict):
-        raise OmnitokError(f"{path} does not hold a state dict")
-    return state

@@ -1,0 +1,386 @@
+"""The audio tokenizer: EnCodec (through ``transformers.EncodecModel``) with the bandwidth fixed at creation.
+
+``encode`` takes ``(waveform, sample_rate)`` pairs, paths or file bytes (anything libsndfile reads: wav, flac, ogg,
+mp3 where the build has it), mixes channels to what the model takes, resamples with soxr, and returns one
+``(n_q, frames)`` int64 array per item. ``decode`` returns float32 ``(channels, samples)`` at ``sample_rate``.
+
+Windows. Audio is streamed at the model rate and encoded in windows, so a one-hour file never sits in memory:
+- 24 / 32 kHz (one encoder pass over the whole signal): window ``i`` covers ``[i*C - K, (i+1)*C + K)`` samples
+  (``C = chunk_s``, ``K = context_s``) and only the frames of ``[i*C, (i+1)*C)`` are kept, so every kept frame sees
+  ``K`` of context on both sides. Clips up to ``C + 2K`` are one window: exactly the whole-clip encoding.
+- 48 kHz (the model encodes independent 1 s chunks with 1 % overlap): a window is a run of whole model chunks,
+  which is exact. The model normalises each chunk and needs that chunk's scale (a float) to decode; a token
+  sequence has no place for it, so omnitok normalises each clip to unit RMS instead and decodes at unit RMS.
+Each window is zero-padded to a whole ``bucket_s`` so windows batch together whatever the batch holds: for the
+causal 24 kHz model padding changes nothing; for non-causal models the last frames of a clip can differ from
+encoding it unpadded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+from omnitok.device import default_device
+from omnitok.errors import OmnitokError
+from omnitok.tokenizers.protocol import fingerprint, read_part_info, write_part_info
+
+# Published EnCodec configurations, as transformers' EncodecConfig arguments.
+PRESETS: dict[str, dict[str, Any]] = {
+    # facebook/encodec_24khz: mono, causal, 75 Hz frames, 1024 codes; 1.5/3/6/12/24 kbps -> 2/4/8/16/32 codebooks
+    "24khz": dict(sampling_rate=24_000, target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0]),
+    # facebook/encodec_32khz (MusicGen, AnyGPT music): mono, non-causal, 50 Hz frames, 4 codebooks of 2048
+    "32khz": dict(sampling_rate=32_000, upsampling_ratios=[8, 5, 4, 4], codebook_size=2048, codebook_dim=128,
+                  target_bandwidths=[2.2], num_filters=64, use_causal_conv=False, use_conv_shortcut=False),
+    # facebook/encodec_48khz: stereo, non-causal, 150 Hz frames in 1 s chunks with 1 % overlap
+    "48khz": dict(sampling_rate=48_000, audio_channels=2, target_bandwidths=[3.0, 6.0, 12.0, 24.0],
+                  use_causal_conv=False, norm_type="time_group_norm", normalize=True, chunk_length_s=1.0,
+                  overlap=0.01),
+}
+DEFAULT_BANDWIDTH = {24_000: 6.0, 32_000: 2.2, 48_000: 6.0}  # by sample rate: 8, 4 and 4 codebooks
+# The EncodecConfig fields that define the codec (what a fingerprint covers; saving adds bookkeeping keys).
+ARCHITECTURE_KEYS = ("sampling_rate", "audio_channels", "normalize", "chunk_length_s", "overlap", "hidden_size",
+                     "num_filters", "num_residual_layers", "upsampling_ratios", "norm_type", "kernel_size",
+                     "last_kernel_size", "residual_kernel_size", "dilation_growth_rate", "use_causal_conv", "pad_mode",
+                     "compress", "num_lstm_layers", "trim_right_ratio", "codebook_size", "codebook_dim",
+                     "use_conv_shortcut", "target_bandwidths")
+READ_BLOCK_S = 10.0  # seconds read from a file at a time
+
+
+class AudioError(OmnitokError):
+    """One sound could not be used; the message names it and says why."""
+
+
+def _name(source: Any) -> str:
+    if isinstance(source, str | Path):
+        return str(source)
+    return f"<{type(source).__name__}>"
+
+
+@dataclass
+class AudioTokenizerConfig:
+    bandwidth: float
+    chunk_s: float = 30.0  # window length for long audio, seconds; memory holds batch_size windows
+    context_s: float = 2.0  # context on each side of a window, seconds
+    bucket_s: float = 1.0  # windows are zero-padded to a multiple of this, so they batch together
+
+    def __post_init__(self) -> None:
+        if self.chunk_s <= 0 or self.context_s < 0 or self.bucket_s <= 0:
+            raise OmnitokError("chunk_s and bucket_s must be positive and context_s non-negative")
+
+
+@dataclass
+class _Window:
+    item: int
+    audio: np.ndarray  # (channels, samples) at the model rate, unpadded
+    keep_from: int  # first frame of this window's codes that is kept
+    keep: int  # number of frames kept
+    last: bool  # the item's last window
+
+
+class AudioTokenizer:
+    """Waveforms <-> EnCodec codes ``(n_q, frames)``; see the module docstring for windows and padding."""
+
+    def __init__(self, model: Any, config: AudioTokenizerConfig, device: torch.device | str | None = None,
+                 batch_size: int = 8):
+        self.model_config = model.config
+        bandwidths = list(self.model_config.target_bandwidths)
+        if config.bandwidth not in bandwidths:
+            raise OmnitokError(f"bandwidth {config.bandwidth} kbps is not one this codec was trained for: "
+                               f"{bandwidths}")
+        if not 1 <= self.model_config.audio_channels <= 2:
+            raise OmnitokError("EnCodec models take 1 or 2 channels")
+        self.config = config
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.eval().to(self.device)
+        self.batch_size = batch_size
+        self.clip_normalize = bool(self.model_config.normalize)  # see the module docstring (48 kHz)
+        self._fingerprint: str | None = None
+
+    # ---------------------------------------------------------------- sizes
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.model_config.sampling_rate)
+
+    @property
+    def channels(self) -> int:
+        return int(self.model_config.audio_channels)
+
+    @property
+    def hop(self) -> int:
+        return int(self.model_config.hop_length)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model_config.codebook_size)
+
+    @property
+    def num_codebooks(self) -> int:
+        return int(self.model.quantizer.get_num_quantizers_for_bandwidth(self.config.bandwidth))
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            arch = {k: getattr(self.model_config, k) for k in ARCHITECTURE_KEYS}
+            arch["upsampling_ratios"], arch["target_bandwidths"] = (list(arch["upsampling_ratios"]),
+                                                                    list(arch["target_bandwidths"]))
+            self._fingerprint = fingerprint({"encodec": arch, "bandwidth": self.config.bandwidth},
+                                            self.model.state_dict())
+        return self._fingerprint
+
+    # ---------------------------------------------------------------- reading
+
+    def _model_rate_blocks(self, source: Any) -> Iterator[np.ndarray]:
+        """Stream ``source`` as float32 ``(channels, n)`` blocks at the model rate with the model's channels."""
+        name = _name(source)
+        if isinstance(source, tuple):
+            if len(source) != 2:
+                raise AudioError(f"{name}: audio must be (waveform, sample_rate)")
+            wave, rate = source
+            wave = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+            if wave.ndim == 1:
+                wave = wave[None]
+            if wave.ndim != 2 or wave.dtype.kind not in "fiu":
+                raise AudioError(f"{name}: waveform must be (samples,) or (channels, samples) numbers, got "
+                                 f"{wave.shape} {wave.dtype}")
+            if not isinstance(rate, int | np.integer) or rate <= 0:
+                raise AudioError(f"{name}: sample rate must be a positive integer, got {rate!r}")
+            if wave.dtype.kind in "iu":
+                wave = wave / float(np.iinfo(wave.dtype).max)
+            blocks: Iterator[np.ndarray] = iter([wave.astype(np.float32).T])  # (n, channels)
+        else:
+            rate, blocks = self._file_blocks(source)
+        stream = soxr.ResampleStream(rate, self.sample_rate, self.channels, dtype="float32", quality="HQ") \
+            if rate != self.sample_rate else None
+        any_samples = False
+        pending = next(blocks, None)
+        while pending is not None:
+            block, pending = pending, next(blocks, None)
+            if not np.isfinite(block).all():
+                raise AudioError(f"{name}: holds NaN or infinite samples")
+            mixed = self._mix(block)  # (n, model channels)
+            out = stream.resample_chunk(mixed, last=pending is None) if stream is not None else mixed
+            if len(out):
+                any_samples = True
+                yield np.ascontiguousarray(out.T)
+        if not any_samples:
+            raise AudioError(f"{name}: holds no samples")
+
+    def _file_blocks(self, source: Any) -> tuple[int, Iterator[np.ndarray]]:
+        name = _name(source)
+        try:
+            if isinstance(source, bytes | bytearray):
+                if not source:
+                    raise AudioError(f"{name}: empty file")
+                f = sf.SoundFile(io.BytesIO(source))
+            else:
+                if Path(source).is_file() and Path(source).stat().st_size == 0:
+                    raise AudioError(f"{name}: empty file (0 bytes)")
+                f = sf.SoundFile(str(source))
+        except AudioError:
+            raise
+        except (sf.LibsndfileError, RuntimeError, OSError) as e:
+            raise AudioError(f"{name}: not a sound file libsndfile can read ({e})") from None
+        rate = f.samplerate
+
+        def blocks() -> Iterator[np.ndarray]:
+            with f:
+                try:
+                    size = max(1, int(READ_BLOCK_S * rate))
+                    yield from f.blocks(blocksize=size, dtype="float32", always_2d=True)
+                except (sf.LibsndfileError, RuntimeError) as e:
+                    raise AudioError(f"{name}: unreadable audio data ({e})") from None
+
+        return rate, blocks()
+
+    def _mix(self, block: np.ndarray) -> np.ndarray:
+        """(n, channels) -> (n, model channels): mono models take the mean; stereo models duplicate mono and take
+        the mean of more than two channels as both sides."""
+        if block.shape[1] == self.channels:
+            return block
+        mono = block.mean(axis=1, keepdims=True)
+        return np.repeat(mono, self.channels, axis=1) if self.channels == 2 else mono
+
+    def _windows(self, item: int, source: Any) -> Iterator[_Window]:
+        """Cut the model-rate stream of one item into windows (see the module docstring)."""
+        if self.model_config.chunk_length is not None:
+            yield from self._chunk_windows(item, source)
+            return
+        hop = self.hop
+        chunk = max(hop, round(self.config.chunk_s * self.sample_rate / hop) * hop)
+        context = round(self.config.context_s * self.sample_rate / hop) * hop
+        buffer, buffer_start, done, i = np.zeros((self.channels, 0), np.float32), 0, False, 0
+        blocks = self._model_rate_blocks(source)
+        while True:
+            start = i * chunk
+            need_end = start + chunk + context if i else chunk + 2 * context  # first window: whole clip if short
+            while not done and buffer_start + buffer.shape[1] < need_end + 1:
+                block = next(blocks, None)
+                if block is None:
+                    done = True
+                else:
+                    buffer = np.concatenate([buffer, block], axis=1)
+            total = buffer_start + buffer.shape[1]  # samples seen so far (all of them once done)
+            if i == 0 and done and total <= chunk + 2 * context:
+                yield _Window(item, buffer, 0, math.ceil(total / hop), True)
+                return
+            w0 = max(0, start - context)
+            w1 = min(total, start + chunk + context)
+            last = done and start + chunk >= total
+            keep = math.ceil((min(start + chunk, total) - start) / hop)
+            yield _Window(item, buffer[:, w0 - buffer_start:w1 - buffer_start], (start - w0) // hop, keep, last)
+            if last:
+                return
+            i += 1
+            drop = max(0, (i * chunk - context) - buffer_start)  # keep only what later windows need
+            buffer, buffer_start = buffer[:, drop:], buffer_start + drop
+
+    def _chunk_windows(self, item: int, source: Any) -> Iterator[_Window]:
+        """48 kHz: windows of whole model chunks; the clip is normalised to unit RMS first (a second read)."""
+        length, stride = self.model_config.chunk_length, self.model_config.chunk_stride
+        per_window = max(1, round(self.config.chunk_s * self.sample_rate / stride))
+        squares, count = 0.0, 0
+        for block in self._model_rate_blocks(source):
+            mono = block.mean(axis=0)
+            squares, count = squares + float((mono.astype(np.float64) ** 2).sum()), count + mono.size
+        scale = math.sqrt(squares / count) + 1e-8
+        frames_per_chunk = math.ceil(length / self.hop)
+        buffer, buffer_start, i = np.zeros((self.channels, 0), np.float32), 0, 0
+        blocks = self._model_rate_blocks(source)
+        done = False
+        while True:
+            w0 = i * per_window * stride
+            w1 = w0 + (per_window - 1) * stride + length
+            while not done and buffer_start + buffer.shape[1] < w1 + 1:
+                block = next(blocks, None)
+                if block is None:
+                    done = True
+                else:
+                    buffer = np.concatenate([buffer, block / scale], axis=1)
+            total = buffer_start + buffer.shape[1]
+            audio = buffer[:, w0 - buffer_start:min(w1, total) - buffer_start]
+            chunks = max(1, math.ceil((audio.shape[1] - length) / stride) + 1) if audio.shape[1] > length else 1
+            last = done and w1 >= total
+            tail = (audio.shape[1] - (chunks - 1) * stride) if last else length
+            keep = (chunks - 1) * frames_per_chunk + math.ceil(tail / self.hop) if last \
+                else per_window * frames_per_chunk
+            yield _Window(item, audio, 0, keep, last)
+            if last:
+                return
+            i += 1
+            drop = i * per_window * stride - buffer_start
+            buffer, buffer_start = buffer[:, drop:], buffer_start + drop
+
+    # ---------------------------------------------------------------- encoding
+
+    @torch.inference_mode()
+    def encode(self, audio: list[Any]) -> list[np.ndarray]:
+        """Batch of sounds -> list of int64 ``(n_q, frames)`` codes."""
+        pieces: dict[int, list[np.ndarray]] = defaultdict(list)
+        pending: list[_Window] = []
+        bucket = max(self.hop, round(self.config.bucket_s * self.sample_rate / self.hop) * self.hop)
+        for item, source in enumerate(audio):
+            for window in self._windows(item, source):
+                pending.append(window)
+                if len(pending) >= self.batch_size:
+                    self._run(pending, pieces, bucket)
+                    pending = []
+        if pending:
+            self._run(pending, pieces, bucket)
+        out = []
+        for item in range(len(audio)):
+            codes = np.concatenate(pieces[item], axis=1)
+            if codes.shape[1] == 0:
+                raise AudioError(f"{_name(audio[item])}: too short to give one frame of codes")
+            out.append(codes)
+        return out
+
+    def _run(self, windows: list[_Window], pieces: dict[int, list[np.ndarray]], bucket: int) -> None:
+        """Encode windows, batching those of the same padded length; append each window's kept frames."""
+        groups: dict[int, list[_Window]] = defaultdict(list)
+        for w in windows:
+            groups[max(bucket, math.ceil(w.audio.shape[1] / bucket) * bucket)].append(w)
+        results: dict[int, np.ndarray] = {}
+        for padded, group in groups.items():
+            batch = np.zeros((len(group), self.channels, padded), np.float32)
+            for b, w in enumerate(group):
+                batch[b, :, :w.audio.shape[1]] = w.audio
+            x = torch.from_numpy(batch).to(self.device)
+            codes = self.model.encode(x, bandwidth=self.config.bandwidth).audio_codes  # (chunks, B, n_q, F)
+            codes = codes.permute(1, 2, 0, 3).reshape(len(group), codes.shape[2], -1).cpu().numpy()  # (B, n_q, T)
+            for b, w in enumerate(group):
+                results[id(w)] = codes[b, :, w.keep_from:w.keep_from + w.keep]
+        for w in windows:  # in stream order, so an item's pieces concatenate in time order
+            pieces[w.item].append(results[id(w)].astype(np.int64))
+
+    # ---------------------------------------------------------------- decoding
+
+    @torch.inference_mode()
+    def decode(self, codes: list[np.ndarray]) -> list[np.ndarray]:
+        """Codes ``(n_q, frames)`` -> float32 ``(channels, frames * hop)`` waveforms at ``sample_rate``."""
+        grids = [np.asarray(c) for c in codes]
+        for g in grids:
+            if g.ndim != 2 or g.shape[0] != self.num_codebooks or g.shape[1] == 0:
+                raise OmnitokError(f"audio codes must have shape ({self.num_codebooks}, frames>0), got {g.shape}")
+            if g.min() < 0 or g.max() >= self.codebook_size:
+                raise OmnitokError(f"audio codes must lie in [0, {self.codebook_size})")
+        out: list[np.ndarray | None] = [None] * len(grids)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, g in enumerate(grids):
+            groups[g.shape[1]].append(i)
+        for frames, idx in groups.items():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                batch = torch.from_numpy(np.stack([grids[i] for i in chunk]).astype(np.int64)).to(self.device)
+                for i, wave in zip(chunk, self._decode_batch(batch)):
+                    out[i] = wave
+        return out
+
+    def _decode_batch(self, codes: torch.Tensor) -> np.ndarray:
+        """(B, n_q, F) -> (B, channels, samples)."""
+        b, n_q, frames = codes.shape
+        if self.model_config.chunk_length is None:
+            audio = self.model.decode(codes[None], [None]).audio_values  # codes as one model "frame"
+            return audio[..., :frames * self.hop].float().cpu().numpy()
+        per_chunk = math.ceil(self.model_config.chunk_length / self.hop)
+        chunks = math.ceil(frames / per_chunk)
+        pad = chunks * per_chunk - frames
+        padded = torch.nn.functional.pad(codes, (0, pad))
+        chunked = padded.reshape(b, n_q, chunks, per_chunk).permute(2, 0, 1, 3)  # (chunks, B, n_q, per_chunk)
+        audio = self.model.decode(chunked, [None] * chunks, last_frame_pad_length=pad).audio_values
+        return audio.float().cpu().numpy()
+
+    # ---------------------------------------------------------------- directory form
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(directory))
+        write_part_info(directory, "audio", "encodec", bandwidth=self.config.bandwidth, chunk_s=self.config.chunk_s,
+                        context_s=self.config.context_s, bucket_s=self.config.bucket_s)
+        return directory
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, device: torch.device | str | None = None) -> AudioTokenizer:
+        from transformers import EncodecModel
+
+        directory = Path(directory)
+        info = read_part_info(directory, "audio", "encodec")
+        settings = {k: info[k] for k in ("bandwidth", "chunk_s", "context_s", "bucket_s") if k in info}
+        model = EncodecModel.from_pretrained(str(directory), local_files_only=True)
+        return cls(model, AudioTokenizerConfig(**settings), device=device)
