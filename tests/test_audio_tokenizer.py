@@ -183,6 +183,11 @@ def test_48khz_stereo_chunks_are_exact_in_any_window_size():
     small = AudioTokenizer(model, AudioTokenizerConfig(bandwidth=6.0, chunk_s=1.0), device="cpu")
     np.testing.assert_array_equal(small.encode([(stereo, 48_000)])[0], whole)
     assert whole.shape == (4, 2 * 150 + 93)  # chunks at 0, 47520, 95040: the last holds 29760 samples
+    with torch.no_grad():
+        out = model.encode(torch.from_numpy(stereo)[None], bandwidth=6.0)  # (chunks, 1, n_q, 150), last padded
+    reference = out.audio_codes[:, 0].permute(1, 0, 2).reshape(4, -1)[:, : whole.shape[1]].numpy()
+    assert out.last_frame_pad_length == 150 - 93
+    np.testing.assert_array_equal(whole, reference)
     wave = small.decode([whole])[0]
     assert wave.shape[0] == 2 and abs(wave.shape[1] - stereo.shape[1]) < 48_000 * 0.02
 

@@ -9,11 +9,12 @@ Windows. Audio is streamed at the model rate and encoded in windows, so a one-ho
   (``C = chunk_s``, ``K = context_s``) and only the frames of ``[i*C, (i+1)*C)`` are kept, so every kept frame sees
   ``K`` of context on both sides. Clips up to ``C + 2K`` are one window: exactly the whole-clip encoding.
 - 48 kHz (the model encodes independent 1 s chunks with 1 % overlap): a window is a run of whole model chunks,
-  which is exact. The model normalises each chunk and needs that chunk's scale (a float) to decode; a token
-  sequence has no place for it, so omnitok normalises each clip to unit RMS instead and decodes at unit RMS.
-Each window is zero-padded to a whole ``bucket_s`` so windows batch together whatever the batch holds: for the
-causal 24 kHz model padding changes nothing; for non-causal models the last frames of a clip can differ from
-encoding it unpadded.
+  which is exact. The model normalises each chunk to unit RMS, as trained, so codes equal ``EncodecModel.encode``;
+  it would need each chunk's scale (a float) to restore the loudness, and a token sequence has no place for one,
+  so decoded 48 kHz audio has every second at unit RMS (loudness across seconds is lost).
+Each 24 / 32 kHz window is zero-padded to a whole ``bucket_s`` so windows batch together whatever the batch holds:
+for the causal 24 kHz model this changes nothing but a partial last frame (EnCodec reflect-pads it inside its
+strided layers); for the non-causal 32 kHz model the last frames of a clip can differ from encoding it unpadded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from omnitok.device import default_device
+from omnitok.device import default_device, media_batch_size
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.protocol import fingerprint, read_part_info, write_part_info
 
@@ -92,7 +93,7 @@ class AudioTokenizer:
     """Waveforms <-> EnCodec codes ``(n_q, frames)``; see the module docstring for windows and padding."""
 
     def __init__(self, model: Any, config: AudioTokenizerConfig, device: torch.device | str | None = None,
-                 batch_size: int = 8):
+                 batch_size: int | None = None):
         self.model_config = model.config
         bandwidths = list(self.model_config.target_bandwidths)
         if config.bandwidth not in bandwidths:
@@ -103,8 +104,7 @@ class AudioTokenizer:
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.eval().to(self.device)
-        self.batch_size = batch_size
-        self.clip_normalize = bool(self.model_config.normalize)  # see the module docstring (48 kHz)
+        self.batch_size = batch_size or media_batch_size(self.device, gpu=8)
         self._fingerprint: str | None = None
 
     # ---------------------------------------------------------------- sizes
@@ -251,14 +251,9 @@ class AudioTokenizer:
             buffer, buffer_start = buffer[:, drop:], buffer_start + drop
 
     def _chunk_windows(self, item: int, source: Any) -> Iterator[_Window]:
-        """48 kHz: windows of whole model chunks; the clip is normalised to unit RMS first (a second read)."""
+        """48 kHz: windows of whole model chunks (the model's chunks are independent, so this is exact)."""
         length, stride = self.model_config.chunk_length, self.model_config.chunk_stride
         per_window = max(1, round(self.config.chunk_s * self.sample_rate / stride))
-        squares, count = 0.0, 0
-        for block in self._model_rate_blocks(source):
-            mono = block.mean(axis=0)
-            squares, count = squares + float((mono.astype(np.float64) ** 2).sum()), count + mono.size
-        scale = math.sqrt(squares / count) + 1e-8
         frames_per_chunk = math.ceil(length / self.hop)
         buffer, buffer_start, i = np.zeros((self.channels, 0), np.float32), 0, 0
         blocks = self._model_rate_blocks(source)
@@ -271,7 +266,7 @@ class AudioTokenizer:
                 if block is None:
                     done = True
                 else:
-                    buffer = np.concatenate([buffer, block / scale], axis=1)
+                    buffer = np.concatenate([buffer, block], axis=1)
             total = buffer_start + buffer.shape[1]
             audio = buffer[:, w0 - buffer_start:min(w1, total) - buffer_start]
             chunks = max(1, math.ceil((audio.shape[1] - length) / stride) + 1) if audio.shape[1] > length else 1
@@ -313,8 +308,10 @@ class AudioTokenizer:
     def _run(self, windows: list[_Window], pieces: dict[int, list[np.ndarray]], bucket: int) -> None:
         """Encode windows, batching those of the same padded length; append each window's kept frames."""
         groups: dict[int, list[_Window]] = defaultdict(list)
-        for w in windows:
-            groups[max(bucket, math.ceil(w.audio.shape[1] / bucket) * bucket)].append(w)
+        chunked = self.model_config.chunk_length is not None  # whole-chunk windows share lengths unpadded; padding
+        for w in windows:  # would change the per-chunk normalisation of a last partial chunk
+            n = w.audio.shape[1]
+            groups[n if chunked else max(bucket, math.ceil(n / bucket) * bucket)].append(w)
         results: dict[int, np.ndarray] = {}
         for padded, group in groups.items():
             batch = np.zeros((len(group), self.channels, padded), np.float32)
