@@ -74,6 +74,15 @@ def cmd_audio_tokenizer_import(args: argparse.Namespace) -> None:
           f"{tok.config.bandwidth:g} kbps")
 
 
+def cmd_audio_tokenizer_train(args: argparse.Namespace) -> None:
+    from omnitok.train.codec import load_codec_config, train_codec
+
+    cfg = load_codec_config(args.config, [f"model.preset={args.preset}", *args.overrides])
+    metrics = train_codec(args.audio, args.out, cfg, resume=args.resume, device=args.device)
+    print(f"audio tokenizer written to {args.out}; held-out SI-SDR {metrics['si_sdr']:.2f} dB, mel distance "
+          f"{metrics['mel_distance']:.3f}; WAV samples in {args.out}/samples, TensorBoard logs in {args.out}/tb")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -134,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     aimp.add_argument("--bandwidth", type=float, help="kbps; fixes the number of codebooks (default: 6 for 24 kHz = "
                       "8 codebooks, 2.2 for 32 kHz = 4, 6 for 48 kHz = 4)")
     aimp.set_defaults(func=cmd_audio_tokenizer_import)
+    atr = audio_cmds.add_parser("train", help="train or fine-tune an EnCodec codec on a folder of audio",
+                                description="Train the EnCodec architecture: waveform L1 + multi-scale mel L1/L2, "
+                                "residual VQ with EMA, k-means init and quantizer dropout, optional MS-STFT "
+                                "discriminator (gan.enabled=true). The output directory is the audio tokenizer.")
+    atr.add_argument("--audio", nargs="+", required=True, type=Path, metavar="DIR_OR_FILE")
+    atr.add_argument("--preset", choices=["24khz", "32khz"], default="24khz")
+    atr.add_argument("--out", required=True, type=Path)
+    atr.add_argument("--config", type=Path, help="YAML config (see configs/)")
+    atr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    atr.add_argument("--device", help="cpu, cuda, ... (default: GPU when present)")
+    atr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="config overrides, e.g. steps=2000 model.sizes.num_filters=16 gan.enabled=true")
+    atr.set_defaults(func=cmd_audio_tokenizer_train)
 
     tok = commands.add_parser("tokenizer", help="assemble and inspect multimodal tokenizer directories")
     tok_cmds = tok.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -365,12 +365,7 @@ class AudioTokenizer:
     # ---------------------------------------------------------------- directory form
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(directory))
-        write_part_info(directory, "audio", "encodec", bandwidth=self.config.bandwidth, chunk_s=self.config.chunk_s,
-                        context_s=self.config.context_s, bucket_s=self.config.bucket_s)
-        return directory
+        return save_tokenizer_dir(self.model, self.config, directory)
 
     @classmethod
     def from_dir(cls, directory: str | Path, device: torch.device | str | None = None) -> AudioTokenizer:
@@ -381,3 +376,13 @@ class AudioTokenizer:
         settings = {k: info[k] for k in ("bandwidth", "chunk_s", "context_s", "bucket_s") if k in info}
         model = EncodecModel.from_pretrained(str(directory), local_files_only=True)
         return cls(model, AudioTokenizerConfig(**settings), device=device)
+
+
+def save_tokenizer_dir(model: Any, config: AudioTokenizerConfig, directory: str | Path) -> Path:
+    """Write an audio tokenizer directory (transformers' EnCodec files and omnitok.json), training or not."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))
+    write_part_info(directory, "audio", "encodec", bandwidth=config.bandwidth, chunk_s=config.chunk_s,
+                    context_s=config.context_s, bucket_s=config.bucket_s)
+    return directory

@@ -16,8 +16,6 @@ would have, and with the restored RNG state reproduces its losses.
 
 from __future__ import annotations
 
-import json
-import math
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from omnitok.config import build, to_dict
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.tokenizers.image import ImageError, ImagePreprocessConfig, load_image, resize, save_tokenizer_dir
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
-from omnitok.train.checkpoint import latest_checkpoint, save_checkpoint
+from omnitok.train.loop import run
 from omnitok.train.lpips import LPIPS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -239,159 +235,104 @@ def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, colu
 # ---------------------------------------------------------------- training
 
 
-def _lr(cfg: VQGANTrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+class VQGANTask:
+    """The VQ-GAN as a task of the shared training loop (``omnitok.train.loop``)."""
+
+    def __init__(self, sources: list[str | Path], cfg: VQGANTrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        items = list_images(sources)
+        if len(items) <= cfg.holdout:
+            raise OmnitokError(f"{len(items)} images are too few: {cfg.holdout} are held out for evaluation")
+        order = np.random.default_rng([cfg.seed, 0]).permutation(len(items))
+        self.holdout_idx, self.train_idx = order[:cfg.holdout], order[cfg.holdout:]
+        self.dataset = ImageFiles(items, cfg.preprocess, cfg.model.downsample)
+        held = [self.dataset[(int(i), False)][1] for i in self.holdout_idx]
+        self.held = _collate([(0, a) for a in held])[0]
+        if self.held is None:
+            raise OmnitokError("none of the held-out images could be read")
+        self.model = VQGAN(cfg.model).to(device).train()
+        self.disc = PatchDiscriminator(cfg.gan.layers, cfg.gan.channels).to(device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.gan.lr, betas=cfg.betas, weight_decay=0.0)
+        self.lpips = None
+        if cfg.perceptual.vgg16 and cfg.perceptual.lpips:
+            self.lpips = LPIPS.from_files(cfg.perceptual.vgg16, cfg.perceptual.lpips).to(device)
+        elif cfg.perceptual.weight > 0:
+            tqdm.write("no perceptual.vgg16 / perceptual.lpips weights given: training without the perceptual loss")
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "discriminator": self.disc}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self.opt, "discriminator": self.disc_opt}
+
+    def batches(self, start: int, steps: int):
+        cfg = self.cfg
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=StepBatches(self.train_idx, cfg.batch_size, cfg.seed, start, steps, cfg.flip),
+            collate_fn=_collate, num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed)))  # its own generator: the global RNG stays resumable
+
+    def train_step(self, step: int, pixels: torch.Tensor) -> dict[str, float] | None:
+        cfg, device, model, disc = self.cfg, self.device, self.model, self.disc
+        lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x = pixels.to(device)
+        gan_on = step > cfg.gan.start and cfg.gan.weight > 0
+        zero = torch.zeros((), device=device)
+        with autocast(device):
+            rec, codes, vq_loss = model(x)
+            l1 = (x - rec).abs().mean()
+            l2 = ((x - rec) ** 2).mean()
+            perceptual = self.lpips(x, rec).mean() if self.lpips is not None else zero
+            nll = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.perceptual.weight * perceptual
+            if gan_on:
+                g_loss = -disc(rec).mean()
+                g_weight = adaptive_gan_weight(nll, g_loss, model.last_layer) * cfg.gan.weight
+            else:
+                g_loss, g_weight = zero, zero
+            loss = nll + g_weight * g_loss + vq_loss
+        if not torch.isfinite(loss):
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        d_loss = zero
+        if gan_on:
+            with autocast(device):
+                d_loss = (F.relu(1.0 - disc(x)).mean() + F.relu(1.0 + disc(rec.detach())).mean()) / 2
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+        return {"loss": loss.item(), "l1": l1.item(), "l2": l2.item(), "perceptual": perceptual.item(),
+                "vq": vq_loss.item(), "g": g_loss.item(), "g_weight": float(g_weight), "d": d_loss.item(),
+                "grad_norm": grad_norm.item(), "codes_in_batch": int(codes.unique().numel())}
+
+    def evaluate(self, step: int, out: Path, writer) -> dict[str, float]:
+        from PIL import Image
+
+        metrics, rec = evaluate(self.model, self.held, self.device)
+        grid = comparison_grid(self.held, rec)
+        (out / "samples").mkdir(exist_ok=True)
+        Image.fromarray(grid).save(out / "samples" / f"step_{step:08d}.png")
+        writer.add_image("eval/originals_over_reconstructions", grid, step, dataformats="HWC")
+        return metrics
+
+    def export(self, out: Path) -> None:
+        save_tokenizer_dir(self.model, self.cfg.preprocess, out)
 
 
 def train_vqgan(sources: list[str | Path], out: str | Path, cfg: VQGANTrainConfig, resume: bool = False,
                 device: torch.device | str | None = None) -> dict:
     """Train (or resume) and return the last evaluation metrics."""
-    out = Path(out)
     device = torch.device(device) if device is not None else default_device()
-    start, state = 0, None
-    if resume:
-        ckpt = latest_checkpoint(out / "checkpoints")
-        if ckpt is None:
-            raise OmnitokError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
-        saved = build(VQGANTrainConfig, read_json_object(ckpt / "state.json", f"{ckpt} has no state.json")["config"])
-        if to_dict(saved) | {"steps": 0} != to_dict(cfg) | {"steps": 0}:
-            raise OmnitokError(f"--resume: the config differs from the one {ckpt} was trained with (only 'steps' "
-                               "may change)")
-        state = torch.load(ckpt / "training.pt", map_location="cpu", weights_only=True)
-        start = state["step"]
-    elif (out / "checkpoints").exists():
-        raise OmnitokError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
-
-    torch.manual_seed(cfg.seed)
-    items = list_images(sources)
-    if len(items) <= cfg.holdout:
-        raise OmnitokError(f"{len(items)} images are too few: {cfg.holdout} are held out for evaluation")
-    order = np.random.default_rng([cfg.seed, 0]).permutation(len(items))
-    holdout_idx, train_idx = order[:cfg.holdout], order[cfg.holdout:]
-    dataset = ImageFiles(items, cfg.preprocess, cfg.model.downsample)
-    held = [dataset[(int(i), False)][1] for i in holdout_idx]
-    held_pixels = _collate([(0, a) for a in held])[0]
-    if held_pixels is None:
-        raise OmnitokError("none of the held-out images could be read")
-
-    model = VQGAN(cfg.model).to(device).train()
-    disc = PatchDiscriminator(cfg.gan.layers, cfg.gan.channels).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=cfg.betas, weight_decay=0.0)
-    lpips = None
-    if cfg.perceptual.vgg16 and cfg.perceptual.lpips:
-        lpips = LPIPS.from_files(cfg.perceptual.vgg16, cfg.perceptual.lpips).to(device)
-    elif cfg.perceptual.weight > 0:
-        tqdm.write("no perceptual.vgg16 / perceptual.lpips weights given: training without the perceptual loss")
-    if state is not None:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        disc.load_state_dict(load_file(str(ckpt / "discriminator.safetensors")))
-        opt.load_state_dict(state["opt"])
-        disc_opt.load_state_dict(state["disc_opt"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"])
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(train_idx, cfg.batch_size, cfg.seed, start, cfg.steps, cfg.flip),
-        collate_fn=_collate, num_workers=cfg.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed))  # its own generator: the global RNG stream stays resumable
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tb"))
-    out.mkdir(parents=True, exist_ok=True)
-    losses_file = open(out / "losses.jsonl", "a")  # noqa: SIM115 (closed in finally)
-    errors_file = open(out / "errors.jsonl", "a")  # noqa: SIM115
-    skipped = state["skipped"] if state else 0
-    metrics: dict = {}
-
-    def checkpoint(step: int) -> None:
-        def write(d: Path) -> None:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-            save_file({k: v.contiguous() for k, v in disc.state_dict().items()}, str(d / "discriminator.safetensors"))
-            rng = {"rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda_rng"] = torch.cuda.get_rng_state()
-            torch.save({"step": step, "skipped": skipped, "opt": opt.state_dict(), "disc_opt": disc_opt.state_dict(),
-                        **rng}, d / "training.pt")
-            write_json_atomic(d / "state.json", {"step": step, "config": to_dict(cfg)})
-
-        save_checkpoint(out / "checkpoints", step, write, cfg.keep_checkpoints)
-        save_tokenizer_dir(model, cfg.preprocess, out)
-
-    def run_eval(step: int) -> dict:
-        m, rec = evaluate(model, held_pixels, device)
-        grid = comparison_grid(held_pixels, rec)
-        (out / "samples").mkdir(exist_ok=True)
-        from PIL import Image
-
-        Image.fromarray(grid).save(out / "samples" / f"step_{step:08d}.png")
-        writer.add_image("eval/originals_over_reconstructions", grid, step, dataformats="HWC")
-        for k, v in m.items():
-            writer.add_scalar(f"eval/{k}", v, step)
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **m}) + "\n")
-        return m
-
-    try:
-        if start == 0:
-            metrics = run_eval(0)
-        progress = tqdm(loader, total=cfg.steps - start, initial=0, desc="vqgan", unit="step")
-        for step, (pixels, errors) in enumerate(progress, start=start + 1):
-            for e in errors:
-                errors_file.write(json.dumps({"step": step, "error": e}) + "\n")
-            if pixels is None:
-                skipped += 1
-                continue
-            for group in opt.param_groups:
-                group["lr"] = _lr(cfg, step)
-            x = pixels.to(device)
-            gan_on = step > cfg.gan.start and cfg.gan.weight > 0
-            with autocast(device):
-                rec, codes, vq_loss = model(x)
-                l1 = (x - rec).abs().mean()
-                l2 = ((x - rec) ** 2).mean()
-                nll = cfg.l1_weight * l1 + cfg.l2_weight * l2
-                perceptual = lpips(x, rec).mean() if lpips is not None else torch.zeros((), device=device)
-                nll = nll + cfg.perceptual.weight * perceptual
-                if gan_on:
-                    g_loss = -disc(rec).mean()
-                    g_weight = adaptive_gan_weight(nll, g_loss, model.last_layer) * cfg.gan.weight
-                else:
-                    g_loss, g_weight = torch.zeros((), device=device), torch.zeros((), device=device)
-                loss = nll + g_weight * g_loss + vq_loss
-            if not torch.isfinite(loss):
-                skipped += 1
-                tqdm.write(f"step {step}: non-finite loss, step skipped ({skipped} so far)")
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            d_loss = torch.zeros(())
-            if gan_on:
-                with autocast(device):
-                    d_loss = (F.relu(1.0 - disc(x)).mean() + F.relu(1.0 + disc(rec.detach())).mean()) / 2
-                disc_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                disc_opt.step()
-            record = {"step": step, "loss": loss.item(), "l1": l1.item(), "l2": l2.item(),
-                      "perceptual": perceptual.item(), "vq": vq_loss.item(), "g": g_loss.item(),
-                      "g_weight": float(g_weight), "d": d_loss.item(), "grad_norm": grad_norm.item(),
-                      "codes_in_batch": int(codes.unique().numel())}
-            losses_file.write(json.dumps(record) + "\n")
-            for k in ("loss", "l1", "l2", "perceptual", "vq", "g", "d", "grad_norm", "codes_in_batch"):
-                writer.add_scalar(f"train/{k}", record[k], step)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{metrics.get('psnr', math.nan):.2f}")
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics = run_eval(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                checkpoint(step)
-    finally:
-        losses_file.close()
-        errors_file.close()
-        writer.close()
-    return metrics
+    task = VQGANTask(sources, cfg, device)
+    return run(task, to_dict(cfg), Path(out), steps=cfg.steps, eval_every=cfg.eval_every,
+               checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, resume=resume, device=device,
+               desc="vqgan")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> VQGANTrainConfig:

@@ -1,0 +1,289 @@
+"""``omnitok audio-tokenizer train``: train or fine-tune the EnCodec architecture (no training recipe ships with the
+``encodec`` package).
+
+The encoder and decoder are transformers' ``EncodecModel`` modules of a preset (sizes may be overridden); the
+residual quantizer is vector-quantize-pytorch's ``ResidualVQ`` with EMA codebooks, k-means initialisation, dead-code
+replacement and quantizer dropout (each batch uses the first k codebooks, k random, so one codec serves every
+bandwidth). Losses follow EnCodec: L1 on the waveform, L1 + L2 on mel spectrograms at six scales, the commitment
+loss, and optionally the multi-scale STFT discriminator (hinge loss plus feature matching).
+
+The trained codebooks are copied into the ``EncodecModel``'s own quantizer, so the output directory is an ordinary
+audio tokenizer (``AudioTokenizer.from_dir``); evaluation goes through that inference path. Beside it: held-out WAV
+samples (original and reconstruction) in ``samples/``, SI-SDR and mel distance in ``eval.jsonl`` and TensorBoard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from vector_quantize_pytorch import ResidualVQ
+
+from omnitok.config import apply_overrides, build, load_config_file, to_dict
+from omnitok.device import autocast, default_device
+from omnitok.errors import OmnitokError
+from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig, save_tokenizer_dir
+from omnitok.tokenizers.audio_import import encodec_model
+from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, multi_scale_mel_loss
+from omnitok.train.loop import run
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
+@dataclass
+class CodecModelConfig:
+    preset: str = "24khz"
+    sizes: dict[str, Any] = field(default_factory=dict)  # EncodecConfig overrides: num_filters, hidden_size, ...
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise OmnitokError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if PRESETS[self.preset].get("chunk_length_s"):
+            raise OmnitokError("training the chunked 48 kHz codec is not supported; use 24khz or 32khz")
+
+
+@dataclass
+class CodecGANConfig:
+    enabled: bool = False
+    start: int = 0  # adversarial losses join after this step
+    weight: float = 3.0  # EnCodec's lambda_g
+    feature_weight: float = 3.0  # lambda_feat
+    channels: int = 32
+    lr: float = 3e-4
+
+
+@dataclass
+class CodecTrainConfig:
+    model: CodecModelConfig = field(default_factory=CodecModelConfig)
+    gan: CodecGANConfig = field(default_factory=CodecGANConfig)
+    bandwidth: float | None = None  # the saved tokenizer's bandwidth (default: the largest the codec has)
+    steps: int = 20000
+    batch_size: int = 8
+    segment_s: float = 1.0
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    grad_clip: float = 1.0
+    time_weight: float = 0.1  # EnCodec's lambda_t
+    mel_weight: float = 1.0
+    quantizer_dropout: bool = True
+    ema_decay: float = 0.99
+    commitment_weight: float = 1.0
+    dead_code_threshold: float = 2.0
+    holdout: int = 2  # files kept out of training for evaluation
+    eval_seconds: float = 2.0
+    eval_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.steps < 1 or self.batch_size < 1 or self.holdout < 1 or self.segment_s <= 0:
+            raise OmnitokError("steps, batch_size, holdout and segment_s must be positive")
+
+
+def load_codec_config(path: str | Path | None, overrides: list[str]) -> CodecTrainConfig:
+    return build(CodecTrainConfig, apply_overrides(load_config_file(path), overrides))
+
+
+def list_audio(sources: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise OmnitokError(f"{source} is neither an audio file nor a directory")
+    if not files:
+        raise OmnitokError(f"no audio files found in {', '.join(map(str, sources))}")
+    return sorted(files)
+
+
+class CodecTask:
+    """EnCodec training as a task of the shared training loop (``omnitok.train.loop``)."""
+
+    def __init__(self, sources: list[str | Path], cfg: CodecTrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        self.codec = encodec_model(cfg.model.preset, **cfg.model.sizes).to(device).train()
+        c = self.codec.config
+        if c.codebook_dim != c.hidden_size:
+            raise OmnitokError("codebook_dim must equal hidden_size (EnCodec has no projection before its quantizer)")
+        self.rate, self.channels, self.hop = c.sampling_rate, c.audio_channels, c.hop_length
+        self.bandwidth = cfg.bandwidth if cfg.bandwidth is not None else float(max(c.target_bandwidths))
+        if self.bandwidth not in c.target_bandwidths:
+            raise OmnitokError(f"bandwidth {self.bandwidth} is not among the codec's {list(c.target_bandwidths)}")
+        self.rvq = ResidualVQ(dim=c.hidden_size, num_quantizers=c.num_quantizers, codebook_size=c.codebook_size,
+                              decay=cfg.ema_decay, kmeans_init=True, kmeans_iters=10,
+                              threshold_ema_dead_code=cfg.dead_code_threshold, commitment_weight=cfg.commitment_weight,
+                              quantize_dropout=cfg.quantizer_dropout and c.num_quantizers > 1,
+                              rotation_trick=False).to(device)
+        self.disc = MultiScaleSTFTDiscriminator(cfg.gan.channels, self.channels).to(device)
+        params = list(self.codec.encoder.parameters()) + list(self.codec.decoder.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
+        self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.gan.lr, betas=cfg.betas, weight_decay=0.0)
+
+        self.startup_errors: list[str] = []
+        files = []
+        for path in list_audio(sources):
+            try:
+                info = sf.info(str(path))
+                if info.frames == 0:
+                    raise ValueError("holds no samples")
+                files.append((path, info.samplerate, info.frames))
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                self.startup_errors.append(f"{path}: unreadable ({e})")
+        if len(files) <= cfg.holdout:
+            raise OmnitokError(f"{len(files)} readable audio files are too few: {cfg.holdout} are held out")
+        order = np.random.default_rng([cfg.seed, 0]).permutation(len(files))
+        self.train_files = [files[i] for i in order[cfg.holdout:]]
+        seconds = int(cfg.eval_seconds * self.rate)
+        self.held = torch.stack([self._read(files[i], 0, seconds) for i in order[:cfg.holdout]])  # (H, C, T)
+
+    # ---------------------------------------------------------------- data
+
+    def _read(self, file: tuple[Path, int, int], start_s: float, samples: int) -> torch.Tensor:
+        """``samples`` at the model rate and channels from ``start_s`` seconds into a file, zero-padded at the end."""
+        path, rate, frames = file
+        first = int(start_s * rate)
+        count = min(frames - first, int(np.ceil(samples * rate / self.rate)) + 64)
+        wave, _ = sf.read(str(path), start=first, frames=count, dtype="float32", always_2d=True)  # (n, ch)
+        if wave.shape[1] != self.channels:
+            mono = wave.mean(axis=1, keepdims=True)
+            wave = np.repeat(mono, self.channels, axis=1) if self.channels == 2 else mono
+        if rate != self.rate:
+            wave = soxr.resample(wave, rate, self.rate, quality="HQ")
+        out = np.zeros((self.channels, samples), np.float32)
+        n = min(samples, len(wave))
+        out[:, :n] = wave[:n].T
+        return torch.from_numpy(out)
+
+    def batches(self, start: int, steps: int):
+        cfg = self.cfg
+        samples = int(cfg.segment_s * self.rate) // self.hop * self.hop
+        durations = np.array([frames / rate for _, rate, frames in self.train_files])
+        for step in range(start + 1, steps + 1):
+            rng = np.random.default_rng([cfg.seed, 3, step])
+            picks = rng.choice(len(self.train_files), size=cfg.batch_size, p=durations / durations.sum())
+            clips, errors = [], list(self.startup_errors) if step == start + 1 else []
+            for i in picks:
+                offset = rng.random() * max(0.0, durations[i] - cfg.segment_s)
+                try:
+                    clips.append(self._read(self.train_files[i], offset, samples))
+                except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                    errors.append(f"{self.train_files[i][0]}: unreadable at {offset:.2f} s ({e})")
+            yield (torch.stack(clips) if clips else None), errors
+
+    # ---------------------------------------------------------------- training
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"codec": self.codec, "rvq": self.rvq, "discriminator": self.disc}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"codec": self.opt, "discriminator": self.disc_opt}
+
+    def train_step(self, step: int, batch: torch.Tensor) -> dict[str, float] | None:
+        cfg, device = self.cfg, self.device
+        x = batch.to(device)  # (B, C, T)
+        gan_on = cfg.gan.enabled and step > cfg.gan.start
+        zero = torch.zeros((), device=device)
+        with autocast(device):
+            emb = self.codec.encoder(x)  # (B, D, frames)
+            with torch.autocast(device_type=device.type, enabled=False):
+                quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
+            rec = self.codec.decoder(quantized.transpose(1, 2))[..., : x.shape[-1]]  # (B, C, T)
+            time_loss = (x - rec).abs().mean()
+            mel_loss = multi_scale_mel_loss(x, rec, self.rate)
+            loss = cfg.time_weight * time_loss + cfg.mel_weight * mel_loss + commit.sum()
+            g_adv, feat = zero, zero
+            if gan_on:
+                real, fake = self.disc(x), self.disc(rec)
+                g_adv = torch.stack([F.relu(1 - logits).mean() for logits, _ in fake]).mean()
+                feat = torch.stack([(fr - ff).abs().mean() / (fr.abs().mean() + 1e-8)
+                                    for (_, fs_r), (_, fs_f) in zip(real, fake)
+                                    for fr, ff in zip(fs_r, fs_f)]).mean()
+                loss = loss + cfg.gan.weight * g_adv + cfg.gan.feature_weight * feat
+        if not torch.isfinite(loss):
+            return None
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.codec.parameters(), cfg.grad_clip)
+        self.opt.step()
+        d_loss = zero
+        if gan_on:
+            with autocast(device):
+                real, fake = self.disc(x), self.disc(rec.detach())
+                d_loss = torch.stack([F.relu(1 - r).mean() + F.relu(1 + f).mean()
+                                      for (r, _), (f, _) in zip(real, fake)]).mean()
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.disc_opt.step()
+        return {"loss": loss.item(), "time_l1": time_loss.item(), "mel": mel_loss.item(), "commit": commit.sum().item(),
+                "g_adv": g_adv.item(), "feature": feat.item(), "d": d_loss.item(), "grad_norm": grad_norm.item(),
+                "quantizers_active": int((codes >= 0).any(dim=0).any(dim=0).sum())}  # dropout marks unused with -1
+
+    # ---------------------------------------------------------------- evaluation and export
+
+    def _copy_codebooks(self) -> None:
+        """The trained ResidualVQ codebooks -> the EncodecModel's own quantizer (its inference path)."""
+        with torch.no_grad():
+            for q, layer in enumerate(self.codec.quantizer.layers):
+                src = self.rvq.layers[q]._codebook
+                layer.codebook.embed.copy_(src.embed[0])
+                layer.codebook.embed_avg.copy_(src.embed_avg[0])
+                layer.codebook.cluster_size.copy_(src.cluster_size[0])
+                layer.codebook.inited.fill_(1.0)
+
+    def evaluate(self, step: int, out: Path, writer: Any) -> dict[str, float]:
+        from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
+        self._copy_codebooks()
+        was_training = self.codec.training
+        self.codec.eval()
+        with torch.inference_mode():
+            x = self.held.to(self.device)
+            codes = self.codec.encode(x, bandwidth=self.bandwidth).audio_codes  # (1, H, n_q, frames)
+            rec = self.codec.decode(codes, [None]).audio_values[..., : x.shape[-1]].float()
+        self.codec.train(was_training)
+        counts = torch.bincount(codes[0, :, 0].reshape(-1).cpu(), minlength=self.codec.config.codebook_size).float()
+        p = counts[counts > 0] / counts.sum()
+        metrics = {
+            "si_sdr": float(scale_invariant_signal_distortion_ratio(rec.cpu(), x.cpu()).mean()),
+            "mel_distance": float(mel_distance(x.cpu(), rec.cpu(), self.rate)),
+            "codebook0_usage": float((counts > 0).float().mean()),
+            "codebook0_perplexity": float(torch.exp(-(p * p.log()).sum())),
+        }
+        folder = out / "samples" / f"step_{step:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (orig, recon) in enumerate(zip(x.cpu(), rec.cpu())):
+            sf.write(folder / f"clip{i}_original.wav", orig.T.numpy(), self.rate)
+            sf.write(folder / f"clip{i}_reconstruction.wav", recon.clamp(-1, 1).T.numpy(), self.rate)
+            writer.add_audio(f"eval/clip{i}", recon.clamp(-1, 1).mean(0), step, sample_rate=self.rate)
+        return metrics
+
+    def export(self, out: Path) -> None:
+        self._copy_codebooks()
+        save_tokenizer_dir(self.codec, AudioTokenizerConfig(bandwidth=self.bandwidth), out)
+
+
+def train_codec(sources: list[str | Path], out: str | Path, cfg: CodecTrainConfig, resume: bool = False,
+                device: torch.device | str | None = None) -> dict[str, float]:
+    """Train (or resume) a codec; returns the last evaluation metrics."""
+    device = torch.device(device) if device is not None else default_device()
+    task = CodecTask(sources, cfg, device)
+    if not cfg.gan.enabled:
+        tqdm.write("training without the MS-STFT discriminator (gan.enabled=false)")
+    metrics = run(task, to_dict(cfg), Path(out), steps=cfg.steps, eval_every=cfg.eval_every,
+                  checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, resume=resume, device=device,
+                  desc="codec")
+    AudioTokenizer.from_dir(out)  # the result loads as an ordinary audio tokenizer
+    return metrics

@@ -1,0 +1,80 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from omnitok.cli import main
+from omnitok.errors import OmnitokError
+from omnitok.tokenizers.audio import AudioTokenizer
+from omnitok.train.codec import load_codec_config, train_codec
+
+ASSETS = Path(__file__).parent / "assets"
+SMALL = ["model.sizes={num_filters: 8, hidden_size: 32, codebook_dim: 32, codebook_size: 256, "
+         "target_bandwidths: [1.2, 2.4], num_lstm_layers: 1}", "batch_size=8", "segment_s=0.5", "lr=0.001",
+         "holdout=2", "time_weight=1.0", "betas=[0.9, 0.99]"]
+
+
+@pytest.fixture(scope="module")
+def sounds(tmp_path_factory):
+    """Two minutes of tones, chords and chirps at 16 kHz, the espeak speech assets, and one corrupt file."""
+    root = tmp_path_factory.mktemp("sounds")
+    rng = np.random.default_rng(0)
+    rate = 16_000
+    t = np.arange(rate * 6) / rate
+    for i in range(20):
+        f = 110 * 2 ** (rng.integers(0, 24) / 12)
+        wave = [0.3 * np.sin(2 * np.pi * f * t),
+                0.15 * sum(np.sin(2 * np.pi * f * r * t) for r in (1, 1.26, 1.5)),
+                0.3 * np.sin(2 * np.pi * (f * t + 200 * t**2))][i % 3]
+        sf.write(root / f"tone{i:02d}.wav", wave.astype(np.float32), rate)
+    for p in ASSETS.glob("*.wav"):
+        shutil.copy(p, root / p.name)
+    (root / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    return root
+
+
+def test_training_lowers_mel_distance_and_raises_si_sdr(tmp_path, sounds, capsys):
+    out = tmp_path / "codec"
+    assert main(["audio-tokenizer", "train", "--audio", str(sounds), "--out", str(out), *SMALL, "steps=40",
+                 "eval_every=20", "checkpoint_every=40", "gan.enabled=true", "gan.start=36"]) == 0
+    assert "held-out SI-SDR" in capsys.readouterr().out
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 20, 40]
+    assert evals[-1]["mel_distance"] < evals[0]["mel_distance"] - 0.2
+    assert evals[-1]["si_sdr"] > evals[0]["si_sdr"] + 10
+    record = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert len(record) == 40 and all(r["d"] > 0 for r in record[36:]) and all(r["d"] == 0 for r in record[:36])
+    assert {r["quantizers_active"] for r in record} > {4}  # quantizer dropout: 1 to 4 codebooks per batch
+    errors = [json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 1 and "corrupt.wav: unreadable" in errors[0]
+    samples = sorted(p.name for p in (out / "samples" / "step_00000040").iterdir())
+    assert samples == ["clip0_original.wav", "clip0_reconstruction.wav", "clip1_original.wav",
+                       "clip1_reconstruction.wav"]
+    # The output is an ordinary audio tokenizer at the largest bandwidth (4 codebooks of 256 at 75 Hz).
+    tok = AudioTokenizer.from_dir(out, device="cpu")
+    assert (tok.num_codebooks, tok.codebook_size, tok.config.bandwidth) == (4, 256, 2.4)
+    codes = tok.encode([ASSETS / "speech_hello_22k.wav"])[0]
+    assert codes.shape == (4, 228) and tok.decode([codes])[0].shape == (1, 228 * 320)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path, sounds):
+    full = load_codec_config(None, [*SMALL, "steps=6", "eval_every=100", "checkpoint_every=3"])
+    train_codec([sounds], tmp_path / "a", full, device="cpu")
+    train_codec([sounds], tmp_path / "b", load_codec_config(None, [*SMALL, "steps=3", "eval_every=100",
+                                                                    "checkpoint_every=3"]), device="cpu")
+    train_codec([sounds], tmp_path / "b", full, resume=True, device="cpu")
+    a = (tmp_path / "a" / "losses.jsonl").read_text().splitlines()
+    b = (tmp_path / "b" / "losses.jsonl").read_text().splitlines()
+    assert len(a) == len(b) == 6 and a == b
+
+
+def test_codec_config_errors_are_clear(tmp_path, sounds):
+    with pytest.raises(OmnitokError, match="chunked 48 kHz"):
+        load_codec_config(None, ["model.preset=48khz"])
+    with pytest.raises(OmnitokError, match="bandwidth 6.0 is not among"):
+        train_codec([sounds], tmp_path / "x", load_codec_config(None, [*SMALL, "bandwidth=6.0"]), device="cpu")
+    with pytest.raises(OmnitokError, match="no audio files"):
+        train_codec([tmp_path], tmp_path / "y", load_codec_config(None, SMALL), device="cpu")
