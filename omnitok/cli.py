@@ -83,6 +83,29 @@ def cmd_audio_tokenizer_train(args: argparse.Namespace) -> None:
           f"{metrics['mel_distance']:.3f}; WAV samples in {args.out}/samples, TensorBoard logs in {args.out}/tb")
 
 
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from omnitok.data.tokenize import TokenizeConfig, command_line, summary, tokenize
+
+    cfg = TokenizeConfig(inputs=args.input, tokenizer=str(args.tokenizer), out=str(args.out), workers=args.workers,
+                         batch_size=args.batch_size, shard_size=args.shard_size, pair_order=args.pair_order,
+                         seed=args.seed, num_parts=args.num_parts, part=args.part)
+    print(summary(tokenize(cfg, command_line()), str(args.out)))
+
+
+def cmd_shards_stats(args: argparse.Namespace) -> None:
+    from omnitok.data.shards import shard_stats
+
+    print(shard_stats(args.dir, plot=args.dir / "token_lengths.png" if not args.no_plot else None))
+
+
+def cmd_shards_merge(args: argparse.Namespace) -> None:
+    from omnitok.data.shards import merge_shards
+
+    manifest = merge_shards(args.out, args.parts)
+    print(f"merged {len(args.parts)} parts into {args.out}: {manifest['samples']} samples in "
+          f"{len(manifest['shards'])} shards, {manifest['error_count']} errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -156,6 +179,35 @@ def build_parser() -> argparse.ArgumentParser:
     atr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="config overrides, e.g. steps=2000 model.sizes.num_filters=16 gan.enabled=true")
     atr.set_defaults(func=cmd_audio_tokenizer_train)
+
+    tz = commands.add_parser("tokenize", help="tokenize corpora into WebDataset shards",
+                             description="Read interleaved JSONL, image/audio-caption pairs (folders, CSV, JSONL) or "
+                             "WebDataset tars (paths, brace patterns, pipe: URLs) and write token shards with "
+                             "layout.json, manifest.json and errors.jsonl. Rerun the same command to resume.")
+    tz.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (omnitok tokenizer assemble)")
+    tz.add_argument("--input", required=True, nargs="+", metavar="SPEC")
+    tz.add_argument("--out", required=True, type=Path, help="shard directory")
+    tz.add_argument("--workers", type=int, default=2, help="processes that read and preprocess media (default 2)")
+    tz.add_argument("--batch-size", type=int, default=16, help="documents per tokenizer batch (default 16)")
+    tz.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    tz.add_argument("--pair-order", choices=["caption-first", "media-first", "both"], default="caption-first",
+                    help="how pairs become documents (default caption-first: text to media)")
+    tz.add_argument("--seed", type=int, default=0, help="for --pair-order both")
+    tz.add_argument("--num-parts", type=int, default=1, help="split the corpus between processes (default: "
+                    "WORLD_SIZE under torchrun/deepspeed, else 1)")
+    tz.add_argument("--part", type=int, default=0, help="which part this process writes (default: RANK)")
+    tz.set_defaults(func=cmd_tokenize)
+
+    sh = commands.add_parser("shards", help="inspect and merge shard directories")
+    sh_cmds = sh.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+    st = sh_cmds.add_parser("stats", help="counts, errors and a token-length histogram (text and PNG)")
+    st.add_argument("dir", type=Path)
+    st.add_argument("--no-plot", action="store_true", help="skip token_lengths.png")
+    st.set_defaults(func=cmd_shards_stats)
+    mg = sh_cmds.add_parser("merge", help="join the shard directories of parts (--num-parts) into one")
+    mg.add_argument("--out", required=True, type=Path)
+    mg.add_argument("parts", nargs="+", type=Path)
+    mg.set_defaults(func=cmd_shards_merge)
 
     tok = commands.add_parser("tokenizer", help="assemble and inspect multimodal tokenizer directories")
     tok_cmds = tok.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -89,6 +89,85 @@ class _Window:
     last: bool  # the item's last window
 
 
+def model_rate_blocks(source: Any, sample_rate: int, channels: int) -> Iterator[np.ndarray]:
+    """Stream ``source`` (``(waveform, rate)``, a path or file bytes) as float32 ``(channels, n)`` blocks at
+    ``sample_rate``: mono models take the channel mean; stereo models duplicate mono and take the mean of more than
+    two channels as both sides. Raises ``AudioError`` naming the source."""
+    name = _name(source)
+    if isinstance(source, tuple):
+        if len(source) != 2:
+            raise AudioError(f"{name}: audio must be (waveform, sample_rate)")
+        wave, rate = source
+        wave = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
+        if wave.ndim == 1:
+            wave = wave[None]
+        if wave.ndim != 2 or wave.dtype.kind not in "fiu":
+            raise AudioError(f"{name}: waveform must be (samples,) or (channels, samples) numbers, got "
+                             f"{wave.shape} {wave.dtype}")
+        if not isinstance(rate, int | np.integer) or rate <= 0:
+            raise AudioError(f"{name}: sample rate must be a positive integer, got {rate!r}")
+        if wave.dtype.kind in "iu":
+            wave = wave / float(np.iinfo(wave.dtype).max)
+        blocks: Iterator[np.ndarray] = iter([wave.astype(np.float32).T])  # (n, channels)
+    else:
+        rate, blocks = _file_blocks(source)
+    stream = soxr.ResampleStream(rate, sample_rate, channels, dtype="float32", quality="HQ") \
+        if rate != sample_rate else None
+    any_samples = False
+    pending = next(blocks, None)
+    while pending is not None:
+        block, pending = pending, next(blocks, None)
+        if not np.isfinite(block).all():
+            raise AudioError(f"{name}: holds NaN or infinite samples")
+        mixed = _mix(block, channels)  # (n, model channels)
+        out = stream.resample_chunk(mixed, last=pending is None) if stream is not None else mixed
+        if len(out):
+            any_samples = True
+            yield np.ascontiguousarray(out.T)
+    if not any_samples:
+        raise AudioError(f"{name}: holds no samples")
+
+def _file_blocks(source: Any) -> tuple[int, Iterator[np.ndarray]]:
+    name = _name(source)
+    try:
+        if isinstance(source, bytes | bytearray):
+            if not source:
+                raise AudioError(f"{name}: empty file")
+            f = sf.SoundFile(io.BytesIO(source))
+        else:
+            if Path(source).is_file() and Path(source).stat().st_size == 0:
+                raise AudioError(f"{name}: empty file (0 bytes)")
+            f = sf.SoundFile(str(source))
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise AudioError(f"{name}: not a sound file libsndfile can read ({e})") from None
+    rate = f.samplerate
+
+    def blocks() -> Iterator[np.ndarray]:
+        with f:
+            try:
+                size = max(1, int(READ_BLOCK_S * rate))
+                yield from f.blocks(blocksize=size, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise AudioError(f"{name}: unreadable audio data ({e})") from None
+
+    return rate, blocks()
+
+def _mix(block: np.ndarray, channels: int) -> np.ndarray:
+    """(n, channels) -> (n, model channels)."""
+    if block.shape[1] == channels:
+        return block
+    mono = block.mean(axis=1, keepdims=True)
+    return np.repeat(mono, channels, axis=1) if channels == 2 else mono
+
+
+
+def load_audio(source: Any, sample_rate: int, channels: int) -> np.ndarray:
+    """A whole sound as float32 ``(channels, samples)`` at ``sample_rate`` (for short clips; long ones stream)."""
+    return np.concatenate(list(model_rate_blocks(source, sample_rate, channels)), axis=1)
+
+
 class AudioTokenizer:
     """Waveforms <-> EnCodec codes ``(n_q, frames)``; see the module docstring for windows and padding."""
 
@@ -146,75 +225,7 @@ class AudioTokenizer:
     # ---------------------------------------------------------------- reading
 
     def _model_rate_blocks(self, source: Any) -> Iterator[np.ndarray]:
-        """Stream ``source`` as float32 ``(channels, n)`` blocks at the model rate with the model's channels."""
-        name = _name(source)
-        if isinstance(source, tuple):
-            if len(source) != 2:
-                raise AudioError(f"{name}: audio must be (waveform, sample_rate)")
-            wave, rate = source
-            wave = wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else np.asarray(wave)
-            if wave.ndim == 1:
-                wave = wave[None]
-            if wave.ndim != 2 or wave.dtype.kind not in "fiu":
-                raise AudioError(f"{name}: waveform must be (samples,) or (channels, samples) numbers, got "
-                                 f"{wave.shape} {wave.dtype}")
-            if not isinstance(rate, int | np.integer) or rate <= 0:
-                raise AudioError(f"{name}: sample rate must be a positive integer, got {rate!r}")
-            if wave.dtype.kind in "iu":
-                wave = wave / float(np.iinfo(wave.dtype).max)
-            blocks: Iterator[np.ndarray] = iter([wave.astype(np.float32).T])  # (n, channels)
-        else:
-            rate, blocks = self._file_blocks(source)
-        stream = soxr.ResampleStream(rate, self.sample_rate, self.channels, dtype="float32", quality="HQ") \
-            if rate != self.sample_rate else None
-        any_samples = False
-        pending = next(blocks, None)
-        while pending is not None:
-            block, pending = pending, next(blocks, None)
-            if not np.isfinite(block).all():
-                raise AudioError(f"{name}: holds NaN or infinite samples")
-            mixed = self._mix(block)  # (n, model channels)
-            out = stream.resample_chunk(mixed, last=pending is None) if stream is not None else mixed
-            if len(out):
-                any_samples = True
-                yield np.ascontiguousarray(out.T)
-        if not any_samples:
-            raise AudioError(f"{name}: holds no samples")
-
-    def _file_blocks(self, source: Any) -> tuple[int, Iterator[np.ndarray]]:
-        name = _name(source)
-        try:
-            if isinstance(source, bytes | bytearray):
-                if not source:
-                    raise AudioError(f"{name}: empty file")
-                f = sf.SoundFile(io.BytesIO(source))
-            else:
-                if Path(source).is_file() and Path(source).stat().st_size == 0:
-                    raise AudioError(f"{name}: empty file (0 bytes)")
-                f = sf.SoundFile(str(source))
-        except AudioError:
-            raise
-        except (sf.LibsndfileError, RuntimeError, OSError) as e:
-            raise AudioError(f"{name}: not a sound file libsndfile can read ({e})") from None
-        rate = f.samplerate
-
-        def blocks() -> Iterator[np.ndarray]:
-            with f:
-                try:
-                    size = max(1, int(READ_BLOCK_S * rate))
-                    yield from f.blocks(blocksize=size, dtype="float32", always_2d=True)
-                except (sf.LibsndfileError, RuntimeError) as e:
-                    raise AudioError(f"{name}: unreadable audio data ({e})") from None
-
-        return rate, blocks()
-
-    def _mix(self, block: np.ndarray) -> np.ndarray:
-        """(n, channels) -> (n, model channels): mono models take the mean; stereo models duplicate mono and take
-        the mean of more than two channels as both sides."""
-        if block.shape[1] == self.channels:
-            return block
-        mono = block.mean(axis=1, keepdims=True)
-        return np.repeat(mono, self.channels, axis=1) if self.channels == 2 else mono
+        return model_rate_blocks(source, self.sample_rate, self.channels)
 
     def _windows(self, item: int, source: Any) -> Iterator[_Window]:
         """Cut the model-rate stream of one item into windows (see the module docstring)."""

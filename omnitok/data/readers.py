@@ -1,0 +1,239 @@
+"""Corpus readers: every input spec becomes a stream of ``Item``s (a stable key, a ``Document``, where it came from).
+
+Specs (``omnitok tokenize --input``):
+- ``docs.jsonl``: one interleaved document a line, ``[{"text": ...}, {"image": path}, {"audio": path}]`` or
+  ``{"id": ..., "segments": [...]}`` (OBELICS / MMC4 shape), paths relative to the file; or one pair a line,
+  ``{"image": path, "text"|"caption": ...}`` / ``{"audio": path, ...}``;
+- ``pairs.csv``: the same pair columns;
+- a directory: media files with a same-stem ``.txt`` caption (or ``.json`` with ``text``/``caption``);
+- WebDataset tars as img2dataset and audio datasets write them (``jpg``/``png``/``webp`` or ``wav``/``flac``/...
+  with ``txt``/``json``): a local path, a brace pattern (``data/{000..009}.tar``) or a ``pipe:`` command.
+
+Pairs become documents in the chosen order: ``caption-first`` (text-to-media), ``media-first`` (captioning), or
+``both``, each pair drawn one way or the other by a hash of its key and the seed (as AnyGPT renders pairs both
+ways). Lines that cannot be parsed become ``Item``s with an ``error``, never silent drops.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.errors import OmnitokError
+
+IMAGE_EXT = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+AUDIO_EXT = {"wav", "flac", "mp3", "ogg", "opus", "aiff"}
+PAIR_ORDERS = ("caption-first", "media-first", "both")
+
+
+@dataclass
+class Item:
+    key: str
+    source: str  # file and line / member, for records and errors
+    doc: Document | None = None
+    error: str | None = None
+
+
+def make_key(source_id: str) -> str:
+    """A WebDataset-safe key (no dots, which split key from extension) that stays readable and unique."""
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", source_id).strip("_")[-60:]
+    return f"{readable}-{hashlib.sha1(source_id.encode()).hexdigest()[:10]}"
+
+
+def pair_document(key: str, media: Image | Audio, caption: str, order: str, seed: int) -> Document:
+    if order == "both":
+        flip = int(hashlib.sha1(f"{seed}:{key}".encode()).hexdigest(), 16) % 2
+        order = "caption-first" if flip else "media-first"
+    segments = [Text(caption), media] if order == "caption-first" else [media, Text(caption)]
+    return Document(segments, key)
+
+
+def _media(kind: str, value) -> Image | Audio:
+    return Image(value) if kind == "image" else Audio(value)
+
+
+def _pair_from_record(record: dict, base: Path) -> tuple[str, str, str] | None:
+    """``(kind, media path, caption)`` of a pair record, or None when the record is not a pair."""
+    kind = "image" if "image" in record else "audio" if "audio" in record else None
+    caption = record.get("text", record.get("caption"))
+    if kind is None or not isinstance(caption, str) or not isinstance(record[kind], str):
+        return None
+    path = record[kind] if "://" in record[kind] else str(base / record[kind])
+    return kind, path, caption
+
+
+def read_jsonl(path: Path, order: str, seed: int) -> Iterator[Item]:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            source = f"{path}:{n}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield Item(make_key(source), source, error="line is not UTF-8")
+                continue
+            except json.JSONDecodeError as e:
+                yield Item(make_key(source), source, error=f"line is not JSON ({e.msg})")
+                continue
+            doc_id = record.get("id") if isinstance(record, dict) else None
+            key = make_key(f"{path.stem}/{doc_id}" if doc_id is not None else source)
+            if isinstance(record, list) or (isinstance(record, dict) and "segments" in record):
+                try:
+                    doc = Document.from_json(record, base_dir=path.parent)
+                except OmnitokError as e:
+                    yield Item(key, source, error=str(e))
+                    continue
+                doc.id = key
+                yield Item(key, source, doc)
+                continue
+            pair = _pair_from_record(record, path.parent) if isinstance(record, dict) else None
+            if pair is None:
+                yield Item(key, source, error="neither a document (list of segments) nor a pair (image or audio "
+                                               "with text or caption)")
+                continue
+            kind, media, caption = pair
+            yield Item(key, source, pair_document(key, _media(kind, media), caption, order, seed))
+
+
+def read_csv(path: Path, order: str, seed: int) -> Iterator[Item]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise OmnitokError(f"{path} is not UTF-8 text") from None
+    for n, row in enumerate(rows, 2):
+        source = f"{path}:{n}"
+        key = make_key(source)
+        pair = _pair_from_record({k: v for k, v in row.items() if v}, path.parent)
+        if pair is None:
+            yield Item(key, source, error="row needs an image or audio column and a text or caption column")
+            continue
+        kind, media, caption = pair
+        yield Item(key, source, pair_document(key, _media(kind, media), caption, order, seed))
+
+
+def _caption_of(stem: Path) -> tuple[str | None, str | None]:
+    """The caption beside a media file, or (None, reason)."""
+    txt, js = stem.with_suffix(".txt"), stem.with_suffix(".json")
+    try:
+        if txt.is_file():
+            return txt.read_bytes().decode("utf-8").strip(), None
+        if js.is_file():
+            record = json.loads(js.read_bytes().decode("utf-8"))
+            caption = record.get("text", record.get("caption")) if isinstance(record, dict) else None
+            return (caption, None) if isinstance(caption, str) else (None, f"{js.name} has no text or caption")
+    except UnicodeDecodeError:
+        return None, "caption is not UTF-8"
+    except json.JSONDecodeError:
+        return None, "caption JSON is not valid"
+    return None, "no same-stem .txt or .json caption"
+
+
+def read_folder(path: Path, order: str, seed: int) -> Iterator[Item]:
+    for media in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXT | AUDIO_EXT):
+        source = str(media)
+        key = make_key(str(media.relative_to(path.parent)))
+        caption, problem = _caption_of(media.with_suffix(""))
+        if caption is None:
+            yield Item(key, source, error=problem)
+            continue
+        kind = "image" if media.suffix.lower().lstrip(".") in IMAGE_EXT else "audio"
+        yield Item(key, source, pair_document(key, _media(kind, str(media)), caption, order, seed))
+
+
+def _tar_stream(url: str):
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+        return tarfile.open(fileobj=proc.stdout, mode="r|*"), proc
+    return tarfile.open(url, mode="r|*"), None
+
+
+def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
+    """Samples of a WebDataset tar: members grouped by key (the name up to the first dot after the last slash)."""
+    try:
+        tar, proc = _tar_stream(url)
+    except (OSError, tarfile.TarError) as e:
+        yield Item(make_key(url), url, error=f"cannot open tar ({e})")
+        return
+    name = Path(url.split()[-1] if url.startswith("pipe:") else url).stem
+
+    def finish(key: str, parts: dict[str, bytes]) -> Item:
+        source = f"{url}:{key}"
+        item_key = make_key(f"{name}/{key}")
+        media = next(((ext, data) for ext, data in parts.items() if ext in IMAGE_EXT | AUDIO_EXT), None)
+        caption = parts.get("txt")
+        if caption is None and "json" in parts:
+            try:
+                record = json.loads(parts["json"].decode("utf-8"))
+                caption = record.get("text", record.get("caption")) if isinstance(record, dict) else None
+                caption = caption.encode() if isinstance(caption, str) else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return Item(item_key, source, error="json member is not valid UTF-8 JSON")
+        if media is None or caption is None:
+            return Item(item_key, source, error="sample needs an image or audio member and a txt or json caption")
+        try:
+            text = caption.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return Item(item_key, source, error="caption is not UTF-8")
+        kind = "image" if media[0] in IMAGE_EXT else "audio"
+        return Item(item_key, source, pair_document(item_key, _media(kind, media[1]), text, order, seed))
+
+    current, parts = None, {}
+    try:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            prefix = member.name[: len(member.name) - len(base)]
+            key, _, ext = base.partition(".")
+            key = prefix + key
+            if current is not None and key != current:
+                yield finish(current, parts)
+                parts = {}
+            current = key
+            parts[ext.lower()] = tar.extractfile(member).read()
+        if current is not None:
+            yield finish(current, parts)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield Item(make_key(f"{url}:broken"), url, error=f"tar is truncated or corrupt ({e})")
+    finally:
+        tar.close()
+        if proc is not None:
+            proc.wait()
+
+
+def read_inputs(specs: list[str], order: str = "caption-first", seed: int = 0) -> Iterator[Item]:
+    """All items of all specs, in a fixed order."""
+    if order not in PAIR_ORDERS:
+        raise OmnitokError(f"pair order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}")
+    for spec in specs:
+        if spec.startswith("pipe:"):
+            yield from read_tar(spec, order, seed)
+            continue
+        expanded = list(braceexpand(spec))
+        for one in expanded:
+            path = Path(one)
+            if path.is_dir():
+                yield from read_folder(path, order, seed)
+            elif path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file():
+                yield from read_jsonl(path, order, seed)
+            elif path.suffix.lower() == ".csv" and path.is_file():
+                yield from read_csv(path, order, seed)
+            elif path.suffix.lower() == ".tar" and path.is_file():
+                yield from read_tar(one, order, seed)
+            elif not path.exists():
+                raise OmnitokError(f"input {one} does not exist")
+            else:
+                raise OmnitokError(f"input {one}: expected a .jsonl, .csv, .tar, a directory, or a pipe: URL")
+

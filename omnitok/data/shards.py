@@ -1,0 +1,166 @@
+"""The shard format (DESIGN.md, Shards): a directory of WebDataset tars with ``layout.json`` and ``manifest.json``.
+
+Each sample is ``KEY.tokens.npy`` (1-D ids, dtype in the manifest) and ``KEY.meta.json`` (source, segment spans),
+so any plain ``webdataset`` reader reads them. Tars are written byte-deterministically (fixed member metadata) under
+a temporary name and renamed when complete; a shard counts only once the manifest lists it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnitok.errors import OmnitokError
+from omnitok.jsonfile import read_json_object, write_json_atomic
+from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+
+MANIFEST, ERRORS = "manifest.json", "errors.jsonl"
+FORMAT, VERSION = "omnitok.shards", 1
+MODALITY_COUNTS = ("text", "special", "image", "audio")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def encode_sample(tokens: np.ndarray, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    return buf.getvalue(), json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+
+
+@dataclass
+class ShardWriter:
+    """Collects samples and writes them ``shard_size`` at a time: ``shard-N.tar.tmp`` then renamed."""
+
+    directory: Path
+    shard_size: int
+    next_index: int = 0
+    pending: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, key: str, tokens: np.ndarray, meta: dict[str, Any], counts: dict[str, int]) -> dict | None:
+        """Add a sample; returns the finished shard's manifest entry when this sample completes one."""
+        self.pending.append((key, *encode_sample(tokens, meta)))
+        self.counts.update(counts)
+        return self.flush() if len(self.pending) >= self.shard_size else None
+
+    def flush(self) -> dict | None:
+        if not self.pending:
+            return None
+        name = shard_name(self.next_index)
+        tmp = self.directory / (name + ".tmp")
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            for key, tokens, meta in self.pending:
+                _member(tar, f"{key}.tokens.npy", tokens)
+                _member(tar, f"{key}.meta.json", meta)
+        os.replace(tmp, self.directory / name)
+        entry = {"name": name, "samples": len(self.pending), "tokens": {m: self.counts[m] for m in MODALITY_COUNTS}}
+        self.pending, self.counts, self.next_index = [], Counter(), self.next_index + 1
+        return entry
+
+
+def read_manifest(directory: Path) -> dict:
+    manifest = read_json_object(directory / MANIFEST, f"{directory} is not a shard directory (no {MANIFEST})")
+    if manifest.get("format") != FORMAT:
+        raise OmnitokError(f"{directory / MANIFEST} is not an omnitok shard manifest")
+    return manifest
+
+
+def iter_samples(directory: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """``(key, tokens, meta)`` of every sample of the shards the manifest lists, in order."""
+    for shard in read_manifest(directory)["shards"]:
+        with tarfile.open(directory / shard["name"]) as tar:
+            parts: dict[str, dict[str, bytes]] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key, p in parts.items():
+            yield key, np.load(io.BytesIO(p["tokens.npy"])), json.loads(p["meta.json"])
+
+
+def shard_stats(directory: Path, plot: Path | None = None) -> str:
+    """The manifest's counts and a token-length histogram (text, and a PNG when ``plot`` is given)."""
+    manifest = read_manifest(directory)
+    lengths = np.array([len(tokens) for _, tokens, _ in iter_samples(directory)])
+    lines = [f"{directory}: {manifest['samples']} samples in {len(manifest['shards'])} shards"
+             + ("" if manifest.get("complete") else " (incomplete run)"),
+             "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in MODALITY_COUNTS)
+             + f" (total {sum(manifest['tokens'].values())})",
+             f"errors: {manifest['error_count']}" + ("" if not manifest["errors"] else " ("
+             + ", ".join(f"{n} {r}" for r, n in sorted(manifest["errors"].items(), key=lambda kv: -kv[1])) + ")")]
+    if len(lengths):
+        lines.append(f"sample length: min {lengths.min()}, median {int(np.median(lengths))}, mean "
+                     f"{lengths.mean():.1f}, max {lengths.max()}")
+        counts, edges = np.histogram(lengths, bins=min(12, max(1, len(np.unique(lengths)))))
+        width = max(counts.max(), 1)
+        for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+            lines.append(f"  {int(lo):>7}-{int(hi):<7} {'#' * max(1 if c else 0, round(40 * c / width))} {c}")
+        if plot is not None:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            ax.hist(lengths, bins=40, color="#3b7dd8")
+            ax.set(xlabel="tokens per sample", ylabel="samples", title=f"{directory.name}: {len(lengths)} samples")
+            fig.tight_layout()
+            fig.savefig(plot, dpi=100)
+            plt.close(fig)
+            lines.append(f"histogram written to {plot}")
+    return "\n".join(lines)
+
+
+def merge_shards(out: Path, parts: list[Path]) -> dict:
+    """Join the shard directories of parts into one (shards renumbered, hard-linked or copied; manifests and error
+    records combined). Every part must have the same token layout and be complete."""
+    if out.exists() and any(out.iterdir()):
+        raise OmnitokError(f"{out} is not empty")
+    manifests = [read_manifest(p) for p in parts]
+    layouts = [TokenLayout.load(p / LAYOUT_FILE) for p in parts]
+    for p, m, layout in zip(parts, manifests, layouts):
+        layouts[0].check_same(layout, str(parts[0]), str(p))
+        if not m.get("complete"):
+            raise OmnitokError(f"{p} is an incomplete run; finish it (rerun its command) before merging")
+    out.mkdir(parents=True, exist_ok=True)
+    shards, index = [], 0
+    errors: Counter = Counter()
+    tokens: Counter = Counter()
+    with open(out / ERRORS, "w") as err_out:
+        for p, m in zip(parts, manifests):
+            for shard in m["shards"]:
+                target = out / shard_name(index)
+                try:
+                    os.link(p / shard["name"], target)
+                except OSError:
+                    shutil.copyfile(p / shard["name"], target)
+                shards.append({**shard, "name": target.name, "from": f"{p.name}/{shard['name']}"})
+                index += 1
+            errors.update(m["errors"])
+            tokens.update(m["tokens"])
+            if (p / ERRORS).is_file():
+                err_out.write((p / ERRORS).read_text())
+    layouts[0].save(out / LAYOUT_FILE)
+    manifest = {**{k: v for k, v in manifests[0].items() if k in ("format", "version", "dtype", "tokenizer")},
+                "complete": True, "shards": shards, "samples": sum(s["samples"] for s in shards),
+                "tokens": dict(tokens), "errors": dict(errors), "error_count": sum(errors.values()),
+                "merged_from": [str(p) for p in parts]}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,254 @@
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import soundfile as sf
+import torch
+from PIL import Image
+
+from omnitok.cli import main
+from omnitok.data.shards import iter_samples, read_manifest
+from omnitok.data.tokenize import TokenizeConfig, tokenize
+from omnitok.errors import LayoutMismatch
+from omnitok.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+from omnitok.tokenizers.audio_import import encodec_model
+from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
+from omnitok.tokenizers.multimodal import MultimodalTokenizer
+from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
+
+ASSETS = Path(__file__).parent / "assets"
+PHOTOS = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory, sp_dir):
+    """A tokenizer with small real image (VQ-GAN, 32 px -> 8x8) and audio (narrow 24 kHz EnCodec) parts."""
+    root = tmp_path_factory.mktemp("tok")
+    torch.manual_seed(0)
+    vq = VQGAN(VQGANConfig(base_channels=32, channel_multipliers=(1, 1, 2), num_res_blocks=1, latent_channels=32,
+                           codebook_size=256, codebook_dim=8))
+    vq.quantize.vq._codebook.embed.copy_(torch.nn.functional.normalize(torch.randn(1, 256, 8), dim=-1))
+    ImageTokenizer(vq, ImagePreprocessConfig(image_size=32), device="cpu").save(root / "image")
+    model = encodec_model("24khz", num_filters=8, hidden_size=32, codebook_dim=32).eval()
+    for layer in model.quantizer.layers:
+        layer.codebook.embed.normal_(0, 0.02)
+    AudioTokenizer(model, AudioTokenizerConfig(bandwidth=1.5), device="cpu").save(root / "audio")
+    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--image", str(root / "image"), "--audio",
+                 str(root / "audio"), "--out", str(root / "tok")]) == 0
+    return root / "tok"
+
+
+def jpeg(array, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """An interleaved JSONL, a folder of pairs and a WebDataset tar, all real photos / sounds."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    (root / "media").mkdir()
+    for i in range(12):
+        p = PHOTOS[i % 4]
+        y, x = rng.integers(0, 200), rng.integers(0, 200)
+        Image.fromarray(p[y:y + 96, x:x + 96]).save(root / "media" / f"img{i:02d}.png")
+    shutil.copy(ASSETS / "speech_hello_22k.wav", root / "media" / "hello.wav")
+    docs = [[{"text": f"Document {i}: "}, {"image": f"media/img{i:02d}.png"}, {"text": " and then"},
+             {"audio": "media/hello.wav"}] if i % 3 == 0 else
+            {"id": f"d{i}", "segments": [{"image": f"media/img{i:02d}.png"}, {"text": f"caption number {i}"}]}
+            for i in range(12)]
+    (root / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    pairs = root / "pairs"
+    pairs.mkdir()
+    for i in range(6):
+        Image.fromarray(PHOTOS[i % 4][::4, ::4]).save(pairs / f"p{i}.jpg")
+        (pairs / f"p{i}.txt").write_text(f"a small photo, number {i} 😀")
+    sf.write(pairs / "tone.flac", (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)).astype(np.float32),
+             16000)
+    (pairs / "tone.txt").write_text("a 440 Hz tone")
+    with tarfile.open(root / "wds-000.tar", "w") as tar:
+        for i in range(5):
+            for ext, data in (("jpg", jpeg(PHOTOS[(i + 1) % 4][::8, ::8])), ("txt", f"tar sample {i}".encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def specs(corpus):
+    return [str(corpus / "docs.jsonl"), str(corpus / "pairs"), str(corpus / "wds-{000..000}.tar")]
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.glob("shard-*.tar"))}
+
+
+def test_shards_read_back_with_plain_webdataset_and_decode_to_the_sources(tmp_path, tokdir, corpus, capsys):
+    import webdataset as wds
+
+    out = tmp_path / "shards"
+    assert main(["tokenize", "--tokenizer", str(tokdir), "--input", *specs(corpus), "--out", str(out),
+                 "--workers", "0", "--shard-size", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 samples in 4 shards" in printed and "errors: 0" in printed
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["samples"] == 24 and manifest["dtype"] == "int32"
+    assert [s["samples"] for s in manifest["shards"]] == [7, 7, 7, 3]
+    ours = {key: (tokens, meta) for key, tokens, meta in iter_samples(out)}
+    plain = {}
+    for sample in wds.WebDataset(str(out / "shard-{000000..000003}.tar"), shardshuffle=False):
+        plain[sample["__key__"]] = (np.load(io.BytesIO(sample["tokens.npy"])), json.loads(sample["meta.json"]))
+    assert set(plain) == set(ours) and len(plain) == 24
+    for key, (tokens, meta) in plain.items():
+        np.testing.assert_array_equal(tokens, ours[key][0])
+        assert tokens.dtype == np.int32 and meta == ours[key][1]
+    # Tokens decode back to the sources: text exactly, media to the codes of the source files.
+    tok = MultimodalTokenizer.from_dir(tokdir)
+    by_source = {meta["source"]: tokens for tokens, meta in plain.values()}
+    doc0 = by_source[f"{corpus / 'docs.jsonl'}:1"]
+    parsed = tok.parse(doc0)
+    assert [p.modality for p in parsed] == ["text", "image", "text", "audio"]
+    assert tok.text.decode(parsed[0].ids) == "Document 0: " and tok.text.decode(parsed[2].ids) == " and then"
+    np.testing.assert_array_equal(parsed[1].ids, tok.image.encode([corpus / "media" / "img00.png"])[0])
+    np.testing.assert_array_equal(parsed[3].ids, tok.audio.encode([corpus / "media" / "hello.wav"])[0])
+    decoded = tok.decode(by_source[f"{corpus / 'pairs' / 'p3.jpg'}"])
+    assert decoded.segments[0].text == "a small photo, number 3 😀" and decoded.segments[1].source.shape == (32, 32, 3)
+    spans = json.loads(json.dumps(plain[next(iter(plain))][1]))["spans"]
+    assert all(stop > start for _, start, stop in spans)
+    assert main(["shards", "stats", str(out)]) == 0
+    assert "24 samples in 4 shards" in capsys.readouterr().out and (out / "token_lengths.png").is_file()
+
+
+def test_output_does_not_depend_on_workers_or_batch_size(tmp_path, tokdir, corpus):
+    runs = {}
+    for workers, batch in ((0, 16), (1, 3), (2, 5)):
+        out = tmp_path / f"w{workers}b{batch}"
+        tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(out), workers=workers,
+                                batch_size=batch, shard_size=5))
+        runs[(workers, batch)] = digest(out)
+    first = next(iter(runs.values()))
+    assert len(first) == 5 and all(d == first for d in runs.values())
+
+
+def test_hostile_files_are_recorded_and_every_good_sample_is_kept(tmp_path, tokdir):
+    root = tmp_path / "hostile"
+    root.mkdir()
+    photo = PHOTOS[1]
+    good = {"cmyk.jpg": jpeg(np.asarray(Image.fromarray(photo).convert("CMYK").convert("RGB")), quality=90)}
+    buf = io.BytesIO()
+    Image.fromarray(photo).convert("CMYK").save(buf, format="JPEG")
+    good["cmyk.jpg"] = buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)).save(buf, format="PNG")
+    good["gray16.png"] = buf.getvalue()
+    pal = Image.new("P", (40, 30), 1)
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG", transparency=0)
+    good["palette.png"] = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    good["rotated.jpg"] = jpeg(photo, exif=exif.tobytes())
+    for name, data in good.items():
+        (root / name).write_bytes(data)
+        (root / name).with_suffix(".txt").write_text(f"good {name}")
+    t96 = np.arange(48_000) / 96_000
+    sf.write(root / "eight.wav", np.stack([0.1 * np.sin(2 * np.pi * 200 * (c + 1) * t96) for c in range(8)], 1),
+             96_000)
+    (root / "eight.txt").write_text("eight channels")
+    bad = {"truncated.jpg": jpeg(photo)[:3000], "empty.png": b"", "corrupt.wav": b"RIFF\x10\x00\x00\x00WAVEfmt junk"}
+    from test_image_tokenizer import png  # a header that claims 20000 x 20000 pixels
+    bad["bomb.png"] = png(20000, 20000, 8, b"\0" * 100)
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+        (root / name).with_suffix(".txt").write_text(f"bad {name}")
+    (root / "latin1.jpg").write_bytes(good["rotated.jpg"])
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "more.jsonl").write_text(json.dumps({"image": "hostile/missing.png", "text": "gone"}) + "\n"
+                                         + "{broken json\n" + json.dumps([{"text": ""}]) + "\n")
+    out = tmp_path / "shards"
+    manifest = tokenize(TokenizeConfig(inputs=[str(root), str(tmp_path / "more.jsonl")], tokenizer=str(tokdir),
+                                       out=str(out), workers=2, shard_size=4))
+    sources = {meta["source"] for _, _, meta in iter_samples(out)}
+    assert sources == {str(root / n) for n in [*good, "eight.wav"]}
+    errors = {Path(e["source"].rsplit(":", 1)[0] if e["source"].endswith(("1", "2", "3")) else e["source"]).name:
+              e["reason"] for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
+    assert errors["truncated.jpg"] == "corrupt or truncated image"
+    assert errors["empty.png"] == "not an image file Pillow can read"
+    assert errors["corrupt.wav"] == "not a sound file libsndfile can read"
+    assert errors["bomb.png"] == "over Pillow's decompression-bomb limit"
+    assert errors["latin1.jpg"] == "caption is not UTF-8"
+    assert manifest["error_count"] == 8 and manifest["samples"] == 5
+    lines = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert {e["reason"] for e in lines} >= {"cannot open", "empty document"}
+    assert any(e["reason"].startswith("line is not JSON") for e in lines)
+
+
+def test_parts_together_equal_the_single_process_output(tmp_path, tokdir, corpus):
+    def samples(directory):
+        return {key: tokens.tobytes() for key, tokens, _ in iter_samples(directory)}
+
+    tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(tmp_path / "single"), workers=0))
+    for part in range(3):
+        tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(tmp_path / f"part{part}"),
+                                workers=0, num_parts=3, part=part))
+    parts = [samples(tmp_path / f"part{p}") for p in range(3)]
+    assert all(parts) and not set(parts[0]) & set(parts[1])
+    assert main(["shards", "merge", "--out", str(tmp_path / "merged"), *[str(tmp_path / f"part{p}")
+                                                                         for p in range(3)]]) == 0
+    assert samples(tmp_path / "merged") == samples(tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_killed_runs_resume_to_identical_shards(tmp_path, tokdir, corpus):
+    args = ["--tokenizer", str(tokdir), "--input", *specs(corpus), "--workers", "1", "--shard-size", "2",
+            "--batch-size", "2"]
+    tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(tmp_path / "clean"), workers=0,
+                            shard_size=2, batch_size=2))
+    expected = digest(tmp_path / "clean")
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for kill_at in (1, 4, 8):  # kill once the manifest lists this many shards (or a little after)
+        proc = subprocess.Popen([sys.executable, "-m", "omnitok", "tokenize", *args, "--out", str(out)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= kill_at:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not read_manifest(out)["complete"]
+    assert main(["tokenize", *args, "--out", str(out)]) == 0
+    assert digest(out) == expected and read_manifest(out)["samples"] == read_manifest(tmp_path / "clean")["samples"]
+    assert (out / "errors.jsonl").read_text() == (tmp_path / "clean" / "errors.jsonl").read_text()
+
+
+def test_a_shard_directory_of_another_layout_is_refused_before_any_work(tmp_path, tokdir, corpus, sp_dir):
+    tokenize(TokenizeConfig(inputs=[str(corpus / "pairs")], tokenizer=str(tokdir), out=str(tmp_path / "s"),
+                            workers=0))
+    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--out", str(tmp_path / "text-only")]) == 0
+    before = digest(tmp_path / "s")
+    with pytest.raises(LayoutMismatch, match="differs"):
+        tokenize(TokenizeConfig(inputs=[str(corpus / "pairs")], tokenizer=str(tmp_path / "text-only"),
+                                out=str(tmp_path / "s"), workers=0))
+    assert digest(tmp_path / "s") == before
+    with pytest.raises(Exception, match="different command"):
+        tokenize(TokenizeConfig(inputs=[str(corpus / "pairs")], tokenizer=str(tokdir), out=str(tmp_path / "s"),
+                                workers=0, shard_size=3))
