@@ -252,3 +252,12 @@ def test_a_shard_directory_of_another_layout_is_refused_before_any_work(tmp_path
     with pytest.raises(Exception, match="different command"):
         tokenize(TokenizeConfig(inputs=[str(corpus / "pairs")], tokenizer=str(tokdir), out=str(tmp_path / "s"),
                                 workers=0, shard_size=3))
+
+
+def test_pipe_urls_read_the_same_samples_as_paths(tmp_path, tokdir, corpus):
+    tar = corpus / "wds-000.tar"
+    for name, spec in (("path", str(tar)), ("pipe", f"pipe:cat {tar}")):
+        tokenize(TokenizeConfig(inputs=[spec], tokenizer=str(tokdir), out=str(tmp_path / name), workers=0))
+    path = {k: t.tobytes() for k, t, _ in iter_samples(tmp_path / "path")}
+    pipe = {k: t.tobytes() for k, t, _ in iter_samples(tmp_path / "pipe")}
+    assert len(path) == 5 and path == pipe

@@ -1,0 +1,249 @@
+"""The training stream: shard sets -> documents -> conditioning dropout -> packed sequences -> batches.
+
+- Shard sets are shard directories (their manifest lists the shards) or URL patterns (brace patterns, ``pipe:``).
+- Each rank reads its own shards (``shards[rank::world]`` of a seeded per-epoch order); with fewer shards than ranks
+  every rank reads all of them and keeps every world-th sample, so no rank is ever empty. Epochs repeat without
+  end, so every rank runs exactly the steps the trainer asks for.
+- Mixture: each document comes from shard set ``k`` with probability ``weights[k]`` (seeded per document).
+- Conditioning dropout (DESIGN.md): text right before an image or audio span is dropped with probability
+  ``cond_dropout``, so the model also learns the unconditional case that classifier-free guidance samples from.
+- Packing to ``seq_len`` never cuts an image span (one that would cross the boundary starts the next sequence);
+  a document longer than ``seq_len`` is split only inside text or at audio frame boundaries. Padding carries no
+  loss; the padded fraction is reported.
+- ``state_dict()`` is the exact position (epochs, shards, samples, the partly filled sequence), small and JSON-able,
+  saved with every checkpoint so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+
+from omnitok.data.shards import MANIFEST, read_manifest
+from omnitok.errors import OmnitokError
+from omnitok.model.loss import IGNORE
+from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+
+
+@dataclass
+class StreamConfig:
+    shards: list[str] = field(default_factory=list)  # one entry per shard set: a directory or a URL pattern
+    weights: list[float] | None = None  # mixture weight of each shard set (default equal)
+    seq_len: int = 1024
+    cond_dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weights is not None and len(self.weights) != len(self.shards):
+            raise OmnitokError(f"data.weights has {len(self.weights)} entries for {len(self.shards)} shard sets")
+        if not 0 <= self.cond_dropout <= 1 or self.seq_len < 8:
+            raise OmnitokError("data.cond_dropout must be in [0, 1] and data.seq_len at least 8")
+
+
+def shard_urls(spec: str, layout: TokenLayout | None = None) -> list[str]:
+    """The shard URLs of one shard set; a directory's layout must equal ``layout``."""
+    path = Path(spec)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            if layout is not None:
+                layout.check_same(TokenLayout.load(path / LAYOUT_FILE), "the model's tokenizer", str(path))
+            return [str(path / s["name"]) for s in read_manifest(path)["shards"]]
+        raise OmnitokError(f"{path} is not a shard directory (no {MANIFEST})")
+    urls = list(braceexpand(spec)) if not spec.startswith("pipe:") else [spec]
+    missing = [u for u in urls if not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise OmnitokError(f"shard {missing[0]} not found")
+    return urls
+
+
+def read_shard(url: str) -> list[tuple[np.ndarray, list]]:
+    """``(tokens, spans)`` of every sample of one tar, in order."""
+    proc = None
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+        tar = tarfile.open(fileobj=proc.stdout, mode="r|*")
+    else:
+        tar = tarfile.open(url, mode="r|*")
+    parts: dict[str, dict[str, bytes]] = {}
+    with tar:
+        for member in tar:
+            if member.isfile():
+                key, _, ext = member.name.partition(".")
+                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    if proc is not None:
+        proc.wait()
+    return [(np.load(io.BytesIO(p["tokens.npy"])).astype(np.int64), json.loads(p["meta.json"])["spans"])
+            for p in parts.values() if "tokens.npy" in p and "meta.json" in p]
+
+
+class _Source:
+    """One shard set, read by one rank: yields documents; its position is (epoch, shard, sample)."""
+
+    def __init__(self, urls: list[str], index: int, seed: int, rank: int, world: int):
+        if not urls:
+            raise OmnitokError("a shard set holds no shards")
+        self.urls, self.index, self.seed, self.rank, self.world = urls, index, seed, rank, world
+        self.epoch, self.shard, self.sample = 0, 0, 0
+        self._cache: tuple[tuple[int, int], list] | None = None
+
+    def _order(self) -> list[int]:
+        order = np.random.default_rng([self.seed, self.index, self.epoch]).permutation(len(self.urls))
+        return list(order[self.rank::self.world]) if len(self.urls) >= self.world else list(order)
+
+    def _samples(self, shard_pos: int) -> list:
+        key = (self.epoch, shard_pos)
+        if self._cache is None or self._cache[0] != key:
+            shard = self._order()[shard_pos]
+            samples = read_shard(self.urls[shard])
+            perm = np.random.default_rng([self.seed, self.index, self.epoch, int(shard)]).permutation(len(samples))
+            samples = [samples[i] for i in perm]
+            if len(self.urls) < self.world:  # fewer shards than ranks: split by sample
+                samples = samples[(self.rank + shard_pos) % self.world::self.world]
+            self._cache = (key, samples)
+        return self._cache[1]
+
+    def next(self) -> tuple[np.ndarray, list]:
+        for _ in range(len(self.urls) * 2 + 2):  # skips empty shards; a wholly empty set fails below
+            order = self._order()
+            if self.shard >= len(order):
+                self.epoch, self.shard, self.sample = self.epoch + 1, 0, 0
+                continue
+            samples = self._samples(self.shard)
+            if self.sample < len(samples):
+                self.sample += 1
+                return samples[self.sample - 1]
+            self.shard, self.sample = self.shard + 1, 0
+        raise OmnitokError(f"shard set {self.index} holds no samples for rank {self.rank}")
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.shard, self.sample = state["epoch"], state["shard"], state["sample"]
+
+
+class PackedStream:
+    """Batches ``(input_ids (B, L), labels (B, L))`` of packed documents for one rank."""
+
+    def __init__(self, cfg: StreamConfig, layout: TokenLayout, batch_size: int, rank: int = 0, world: int = 1):
+        if not cfg.shards:
+            raise OmnitokError("data.shards is empty: name at least one shard directory or pattern")
+        self.cfg, self.layout, self.batch_size = cfg, layout, batch_size
+        longest = layout.max_grid_side ** 2 + 4 if layout.has_image else 0
+        if longest > cfg.seq_len:
+            raise OmnitokError(f"data.seq_len {cfg.seq_len} cannot hold the longest image span this tokenizer makes: "
+                               f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
+        self.sources = [_Source(shard_urls(s, layout), i, cfg.seed, rank, world) for i, s in enumerate(cfg.shards)]
+        weights = np.array(cfg.weights or [1.0] * len(self.sources), dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.documents = 0
+        self.pending: list[int] = []  # the partly filled sequence
+        self.rest: tuple[list[int], list] | None = None  # the part of a document not yet packed
+        self.padding, self.tokens = 0, 0
+
+    # ---------------------------------------------------------------- documents
+
+    def _document(self) -> tuple[np.ndarray, list]:
+        self.documents += 1
+        k = 0 if len(self.sources) == 1 else int(
+            np.random.default_rng([self.cfg.seed, 7, self.documents]).choice(len(self.sources), p=self.weights))
+        tokens, spans = self.sources[k].next()
+        return self._drop_conditioning(tokens, spans, np.random.default_rng([self.cfg.seed, 11, self.documents]))
+
+    def _drop_conditioning(self, tokens: np.ndarray, spans: list, rng) -> tuple[np.ndarray, list]:
+        if not self.cfg.cond_dropout:
+            return tokens, spans
+        drop = [i for i in range(1, len(spans)) if spans[i][0] in ("image", "audio") and spans[i - 1][0] == "text"
+                and spans[i - 1][2] == spans[i][1] and rng.random() < self.cfg.cond_dropout]
+        if not drop:
+            return tokens, spans
+        keep = np.ones(len(tokens), dtype=bool)
+        for i in drop:
+            keep[spans[i - 1][1]:spans[i - 1][2]] = False
+        shift = np.concatenate([[0], np.cumsum(~keep)])  # tokens removed before each position
+        new_spans = [[m, int(s - shift[s]), int(e - shift[e])] for j, (m, s, e) in enumerate(spans)
+                     if j + 1 not in drop]
+        return tokens[keep], new_spans
+
+    # ---------------------------------------------------------------- packing
+
+    def _cut(self, spans: list, length: int, room: int, long: bool) -> int:
+        """The largest cut ``c <= room`` (tokens ``[0, c)`` stay) that splits no image span, and an audio span only
+        at a frame boundary of a document longer than ``seq_len``; 0 when there is none."""
+        allowed = np.ones(room + 1, dtype=bool)
+        allowed[0] = False
+        n_q = self.layout.audio_num_codebooks
+        for modality, s, e in spans:
+            lo, hi = max(s + 1, 1), min(e, room + 1)  # interior cut positions s < c < e (s < 0: span began earlier)
+            if lo >= hi:
+                continue
+            if modality == "image" or (modality == "audio" and not long):
+                allowed[lo:hi] = False
+            elif modality == "audio":
+                interior = np.arange(lo, hi)
+                allowed[lo:hi] = (interior - (s + 1)) % n_q == 0
+        cuts = np.flatnonzero(allowed[: min(room, length) + 1])
+        return int(cuts[-1]) if len(cuts) else 0
+
+    def _sequence(self) -> list[int]:
+        """One sequence of exactly ``seq_len`` tokens (pad at the end)."""
+        L = self.cfg.seq_len
+        while True:
+            if self.rest is None:
+                tokens, spans = self._document()
+                self.rest = (tokens.tolist(), spans, len(tokens) > L)
+            tokens, spans, long = self.rest
+            room = L - len(self.pending)
+            if len(tokens) <= room:
+                self.pending += tokens
+                self.rest = None
+                if len(self.pending) == L:
+                    return self._emit()
+                continue
+            cut = self._cut(spans, len(tokens), room, long)
+            if cut == 0 and not self.pending:
+                cut = room  # cannot happen for valid layouts (checked at start-up); never loop forever
+            self.pending += tokens[:cut]
+            # Spans keep their true start (negative once cut), so audio frame boundaries stay where they were.
+            self.rest = (tokens[cut:], [[m, s - cut, e - cut] for m, s, e in spans if e > cut], long)
+            return self._emit()
+
+    def _emit(self) -> list[int]:
+        seq = self.pending + [self.layout.pad_id] * (self.cfg.seq_len - len(self.pending))
+        self.padding += self.cfg.seq_len - len(self.pending)
+        self.tokens += self.cfg.seq_len
+        self.pending = []
+        return seq
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.tensor([self._sequence() for _ in range(self.batch_size)], dtype=torch.long)  # (B, L)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
+        labels[labels == self.layout.pad_id] = IGNORE
+        return ids, labels
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padding / max(self.tokens, 1)
+
+    # ---------------------------------------------------------------- position
+
+    def state_dict(self) -> dict:
+        rest = None if self.rest is None else [self.rest[0], self.rest[1], self.rest[2]]
+        return {"sources": [s.state() for s in self.sources], "documents": self.documents,
+                "pending": list(self.pending), "rest": rest, "padding": self.padding, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        for source, s in zip(self.sources, state["sources"]):
+            source.load(s)
+        self.documents, self.pending = state["documents"], list(state["pending"])
+        self.rest = None if state["rest"] is None else (state["rest"][0], state["rest"][1], state["rest"][2])
+        self.padding, self.tokens = state["padding"], state["tokens"]

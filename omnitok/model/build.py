@@ -1,0 +1,70 @@
+"""The decoder LM: a Hugging Face causal LM whose vocabulary is the token layout's.
+
+From scratch: ``ModelConfig`` names the architecture (``llama``; ``qwen3`` for Chameleon-style QK-norm) and its sizes.
+From a pretrained LLM (``init_from``): its local directory is loaded and the embedding and output rows for the layout's
+specials and media codes are added, mean-initialised as AnyGPT does with ``resize_token_embeddings``; the layout's text
+range must equal the LLM's vocabulary (its embedding rows), so every original row keeps its id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omnitok.errors import OmnitokError
+from omnitok.tokenizers.layout import TokenLayout
+
+ARCHITECTURES = ("llama", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # default hidden_size // num_heads
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_from: str | None = None  # a local Hugging Face causal-LM directory to continue from
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise OmnitokError(f"model.arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise OmnitokError("model: hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+
+
+def _hf_config(cfg: ModelConfig, vocab_size: int):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                  num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+                  rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+                  head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads)
+    return LlamaConfig(**common) if cfg.arch == "llama" else Qwen3Config(**common)
+
+
+def build_model(cfg: ModelConfig, layout: TokenLayout) -> torch.nn.Module:
+    """A causal LM with ``layout.vocab_size`` rows: new, or extended from ``cfg.init_from``."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.init_from is None:
+        return AutoModelForCausalLM.from_config(_hf_config(cfg, layout.vocab_size))
+    path = Path(cfg.init_from)
+    if not (path / "config.json").is_file():
+        raise OmnitokError(f"model.init_from {path} is not a Hugging Face model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows != layout.text_vocab_size:
+        raise OmnitokError(f"the LLM in {path} has {rows} embedding rows but the token layout's text range has "
+                           f"{layout.text_vocab_size}; assemble the tokenizer from this LLM with --text-vocab-size "
+                           f"{rows}")
+    model.resize_token_embeddings(layout.vocab_size, mean_resizing=True)
+    return model

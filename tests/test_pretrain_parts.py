@@ -1,0 +1,190 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnitok.data.shards import MODALITY_COUNTS, ShardWriter
+from omnitok.data.stream import PackedStream, StreamConfig
+from omnitok.errors import OmnitokError
+from omnitok.jsonfile import write_json_atomic
+from omnitok.model.build import ModelConfig, build_model
+from omnitok.model.loss import IGNORE, LossConfig, lm_loss
+from omnitok.tokenizers.layout import Modality, TokenLayout
+
+LAYOUT = TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4, audio_codebook_size=16,
+                     audio_num_codebooks=2)
+
+
+def document(rng, layout=LAYOUT):
+    """bos text [image] text [audio] eos with random sizes; spans as the tokenizer writes them."""
+    pieces, spans, pos = [[1]], [], 1
+
+    def add(kind, ids):
+        nonlocal pos
+        pieces.append(ids)
+        spans.append([kind, pos, pos + len(ids)])
+        pos += len(ids)
+
+    add("text", list(rng.integers(3, 50, rng.integers(1, 12))))
+    if rng.random() < 0.7:
+        r, c = rng.integers(1, 5, 2)
+        add("image", [layout.boi_id, layout.rows_id(int(r)), layout.cols_id(int(c)),
+                      *layout.image_ids(rng.integers(0, 32, int(r * c))).tolist(), layout.eoi_id])
+        add("text", list(rng.integers(3, 50, rng.integers(1, 6))))
+    if rng.random() < 0.5:
+        frames = int(rng.integers(1, 20))
+        add("audio", [layout.boa_id, *layout.audio_ids(rng.integers(0, 16, (2, frames))).tolist(), layout.eoa_id])
+    pieces.append([2])
+    return np.array([t for p in pieces for t in p], dtype=np.int32), spans
+
+
+def write_shards(directory, n_docs, shard_size, seed=0, layout=LAYOUT):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    writer, shards = ShardWriter(directory, shard_size), []
+    for i in range(n_docs):
+        tokens, spans = document(rng, layout)
+        entry = writer.add(f"doc{i:05d}", tokens, {"source": f"synthetic:{i}", "spans": spans}, {})
+        if entry:
+            shards.append(entry)
+    if (entry := writer.flush()) is not None:
+        shards.append(entry)
+    layout.save(directory)
+    write_json_atomic(directory / "manifest.json", {
+        "format": "omnitok.shards", "version": 1, "dtype": "int32", "complete": True, "shards": shards,
+        "samples": n_docs, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0})
+    return directory
+
+
+def test_build_from_scratch_for_each_architecture():
+    for arch in ("llama", "qwen3"):
+        model = build_model(ModelConfig(arch=arch, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                                        num_kv_heads=2), LAYOUT)
+        logits = model(torch.randint(0, LAYOUT.vocab_size, (2, 7))).logits
+        assert logits.shape == (2, 7, LAYOUT.vocab_size) == (2, 7, 128)
+    assert "q_norm" in str(model)  # Qwen3: QK-norm, as Chameleon
+    with pytest.raises(OmnitokError, match="arch"):
+        ModelConfig(arch="gpt5")
+
+
+def test_extending_a_pretrained_llm_keeps_its_rows_and_mean_initialises_the_new(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    llm.save_pretrained(tmp_path / "llm")
+    model = build_model(ModelConfig(init_from=str(tmp_path / "llm")), LAYOUT)
+    old_in, old_out = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
+    new_in, new_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert new_in.shape[0] == new_out.shape[0] == LAYOUT.vocab_size
+    assert torch.equal(new_in[:50], old_in) and torch.equal(new_out[:50], old_out)
+    assert torch.allclose(new_in[50:], old_in.mean(0).expand(LAYOUT.vocab_size - 50, -1), atol=1e-3)
+    text_only = torch.randint(0, 50, (1, 9))
+    assert torch.allclose(model(text_only).logits[..., :50], llm(text_only).logits, atol=1e-5)
+    with pytest.raises(OmnitokError, match="50 embedding rows but the token layout's text range has 60"):
+        build_model(ModelConfig(init_from=str(tmp_path / "llm")), TokenLayout(text_vocab_size=60))
+
+
+def test_loss_matches_cross_entropy_and_weights_by_modality():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 9, LAYOUT.vocab_size)
+    labels = torch.tensor([[1, 5, LAYOUT.boi_id, *LAYOUT.image_ids(np.array([3, 4])).tolist(), LAYOUT.eoi_id, 7,
+                            IGNORE, IGNORE],
+                           [4, 5, 6, LAYOUT.boa_id, *LAYOUT.audio_ids(np.array([[1], [2]])).tolist(),
+                            LAYOUT.eoa_id, 2, IGNORE]])
+    loss, metrics = lm_loss(logits, labels, LAYOUT, LossConfig())
+    reference = F.cross_entropy(logits.reshape(-1, LAYOUT.vocab_size), labels.reshape(-1), ignore_index=IGNORE)
+    assert torch.allclose(loss, reference, atol=1e-6)
+    assert sum(int(metrics[f"{m}_tokens"]) for m in ("text", "special", "image", "audio")) == 15
+    assert [int(metrics[f"{m}_tokens"]) for m in ("image", "audio", "special")] == [2, 2, 4]
+    total = sum(metrics[f"{m}_loss"] for m in ("text", "special", "image", "audio"))
+    assert torch.allclose(total / 15, reference, atol=1e-6)
+    no_image, _ = lm_loss(logits, labels, LAYOUT, LossConfig(image=0.0))
+    assert torch.allclose(no_image, (total - metrics["image_loss"]) / 15, atol=1e-6)
+    with_z, _ = lm_loss(logits, labels, LAYOUT, LossConfig(z_loss=1e-4))
+    lse = torch.logsumexp(logits, -1)[labels != IGNORE]
+    assert torch.allclose(with_z - loss, 1e-4 * lse.pow(2).mean(), atol=1e-6)
+
+
+def spans_of(seq, layout=LAYOUT):
+    """Media spans inside one packed sequence, checked whole: (kind, start, stop) or an error."""
+    seq = np.asarray(seq)
+    out = []
+    for start in np.flatnonzero(seq == layout.boi_id):
+        r, c = layout.rows_of(int(seq[start + 1])), layout.cols_of(int(seq[start + 2]))
+        assert seq[start + 3 + r * c] == layout.eoi_id, "image span cut or malformed"
+        out.append(("image", start, start + 4 + r * c))
+    return out
+
+
+def test_packing_never_cuts_images_and_resumes_exactly(tmp_path):
+    shards = write_shards(tmp_path / "a", n_docs=120, shard_size=16)
+    cfg = StreamConfig(shards=[str(shards)], seq_len=40, cond_dropout=0.0, seed=3)
+    stream = PackedStream(cfg, LAYOUT, batch_size=4)
+    for _ in range(30):
+        ids, labels = stream.next_batch()
+        assert ids.shape == labels.shape == (4, 40)
+        for seq, lab in zip(ids.tolist(), labels):
+            spans_of(seq)  # every <|boi|> in a sequence is followed by its whole grid and <|eoi|>
+            pads = np.flatnonzero(np.asarray(seq) == LAYOUT.pad_id)
+            assert (lab[pads - 1][pads > 0] == IGNORE).all()  # predicting padding carries no loss
+    assert 0 < stream.padding_fraction < 0.5
+    # Resume: a stream restored from a saved position yields exactly the batches of the uninterrupted one.
+    a = PackedStream(cfg, LAYOUT, batch_size=4)
+    for _ in range(7):
+        a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch()[0] for _ in range(10)]  # crosses shard and epoch boundaries (120 docs)
+    b = PackedStream(cfg, LAYOUT, batch_size=4)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, b.next_batch()[0]) for x in expected)
+
+
+def test_long_documents_split_only_in_text_or_at_audio_frames(tmp_path):
+    layout = LAYOUT
+    rng = np.random.default_rng(0)
+    text = list(rng.integers(3, 50, 30))
+    audio = [layout.boa_id, *layout.audio_ids(rng.integers(0, 16, (2, 40))).tolist(), layout.eoa_id]
+    tokens = np.array([1, *text, *audio, 2], dtype=np.int32)
+    spans = [["text", 1, 31], ["audio", 31, 31 + len(audio)]]
+    (tmp_path / "s").mkdir()
+    writer = ShardWriter(tmp_path / "s", 10)
+    writer.add("long", tokens, {"spans": spans}, {})
+    shard = writer.flush()
+    layout.save(tmp_path / "s")
+    write_json_atomic(tmp_path / "s" / "manifest.json", {"format": "omnitok.shards", "version": 1, "shards": [shard],
+                                                          "samples": 1, "complete": True})
+    stream = PackedStream(StreamConfig(shards=[str(tmp_path / "s")], seq_len=25, cond_dropout=0.0), layout, 1)
+    pieces = []
+    while sum(len(p) for p in pieces) < len(tokens):
+        seq = stream.next_batch()[0][0].tolist()
+        pieces.append([t for t in seq if t != layout.pad_id])
+    assert np.array_equal(np.concatenate(pieces)[: len(tokens)], tokens)  # nothing lost, nothing reordered
+    offset = 0
+    for piece in pieces[:-1]:
+        offset += len(piece)
+        if 31 < offset < 31 + len(audio):
+            assert (offset - 32) % 2 == 0  # inside the audio span only at a frame boundary (n_q = 2)
+
+
+def test_conditioning_dropout_and_mixture(tmp_path):
+    a = write_shards(tmp_path / "a", n_docs=60, shard_size=20, seed=1)
+    b = write_shards(tmp_path / "b", n_docs=60, shard_size=20, seed=2)
+    always = PackedStream(StreamConfig(shards=[str(a)], seq_len=64, cond_dropout=1.0), LAYOUT, 8)
+    seqs = torch.cat([always.next_batch()[0] for _ in range(5)])
+    for seq in seqs.tolist():
+        for start in np.flatnonzero(np.asarray(seq) == LAYOUT.boi_id):
+            if start > 0:  # what precedes an image is never a text token: it was dropped
+                assert LAYOUT.modality_of(np.array([seq[start - 1]]))[0] != Modality.TEXT or seq[start - 1] in (1, 2)
+    mixed = PackedStream(StreamConfig(shards=[str(a), str(b)], weights=[0.8, 0.2], seq_len=64), LAYOUT, 8)
+    for _ in range(20):
+        mixed.next_batch()
+    read = [s.state() for s in mixed.sources]
+    first = 60 * read[0]["epoch"] + 20 * read[0]["shard"] + read[0]["sample"]  # documents drawn from each set
+    second = 60 * read[1]["epoch"] + 20 * read[1]["shard"] + read[1]["sample"]
+    assert first > 2.5 * second
+    with pytest.raises(OmnitokError, match="cannot hold the longest image span"):
+        PackedStream(StreamConfig(shards=[str(a)], seq_len=16), LAYOUT, 1)
+    with pytest.raises(OmnitokError, match="differs"):
+        PackedStream(StreamConfig(shards=[str(a)]), TokenLayout(text_vocab_size=60), 1)
