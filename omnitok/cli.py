@@ -106,6 +106,22 @@ def cmd_shards_merge(args: argparse.Namespace) -> None:
           f"{len(manifest['shards'])} shards, {manifest['error_count']} errors")
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from omnitok.train.pretrain import load_pretrain_config, pretrain
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    stats = pretrain(cfg, resume=args.resume)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"pretraining done: loss {stats.get('loss', float('nan')):.4f}; run in {cfg.out}, Hugging Face export "
+              f"in {cfg.out}/export")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from omnitok.train.pretrain import export_run
+
+    print(f"exported {export_run(args.run, args.out)} (Hugging Face model; tokenizer in {args.out}/tokenizer)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -197,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "WORLD_SIZE under torchrun/deepspeed, else 1)")
     tz.add_argument("--part", type=int, default=0, help="which part this process writes (default: RANK)")
     tz.set_defaults(func=cmd_tokenize)
+
+    pt = commands.add_parser("pretrain", help="pretrain the decoder LM on token shards with DeepSpeed",
+                             description="Train (or continue) a Hugging Face causal LM on packed token shards. Run as "
+                             "is for one process, or under deepspeed / torchrun for many.")
+    pt.add_argument("--config", type=Path, help="YAML run config (see configs/pretrain-*.yaml)")
+    pt.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=2000 optim.lr=1e-4 zero_stage=2")
+    pt.set_defaults(func=cmd_pretrain)
+    ex = commands.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model directory")
+    ex.add_argument("run", type=Path, help="the run directory (pretrain's out)")
+    ex.add_argument("--out", required=True, type=Path)
+    ex.set_defaults(func=cmd_export)
 
     sh = commands.add_parser("shards", help="inspect and merge shard directories")
     sh_cmds = sh.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

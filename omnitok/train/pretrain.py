@@ -1,0 +1,368 @@
+"""``omnitok pretrain``: the decoder LM learns the interleaved token stream with DeepSpeed.
+
+Run as is for one process, or under ``deepspeed`` / ``torchrun`` for many (RANK / WORLD_SIZE / LOCAL_RANK come from
+the launcher; gloo on CPU, NCCL on GPU). The run directory holds:
+- ``checkpoints/step_N/``: the DeepSpeed checkpoint (model, optimizer, scheduler), each rank's stream position and RNG
+  state, and ``COMPLETE`` once every rank has saved (written under a temporary name first, so a kill while saving
+  leaves the previous checkpoint the newest usable one); ``--resume`` continues from the newest complete one;
+- ``tb/`` (TensorBoard: loss and accuracy per modality, lr, tokens/s, data-wait fraction, padding), ``train.jsonl``,
+  ``eval.jsonl``, ``config.json``;
+- ``export/``: a plain Hugging Face model directory (``config.json``, ``model.safetensors``) with the tokenizer
+  directory in ``export/tokenizer``, written at the end and by ``omnitok export``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from omnitok.config import apply_overrides, build, load_config_file, to_dict
+from omnitok.data.stream import PackedStream, StreamConfig
+from omnitok.errors import OmnitokError
+from omnitok.jsonfile import read_json_object, write_json_atomic
+from omnitok.model.build import ModelConfig, build_model
+from omnitok.model.loss import REPORTED, LossConfig, lm_loss
+from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    shards: list[str] = field(default_factory=list)  # held-out shard sets
+    every: int = 500
+    batches: int = 8
+
+
+@dataclass
+class PretrainConfig:
+    tokenizer: str = ""
+    out: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    steps: int = 1000
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1
+    zero_stage: int = 1
+    bf16: bool = True  # on GPU; CPU runs in fp32
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_nonfinite: int = 5  # consecutive skipped steps before the run stops
+    seed: int = 0
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config, merged over ours
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer:
+            raise OmnitokError("pretrain: 'tokenizer' (a tokenizer directory) is required")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise OmnitokError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.steps < 1 or self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise OmnitokError("steps, micro_batch_size and grad_accum must be at least 1")
+        self.optim.betas = tuple(self.optim.betas)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:
+    return build(PretrainConfig, apply_overrides(load_config_file(path), overrides))
+
+
+# ---------------------------------------------------------------- distributed set-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group (or make a one-process group); returns rank, world size, device."""
+    import deepspeed
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".torch_extensions"))
+    if "RANK" not in os.environ:  # launched as is: a group of one
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1")
+    cuda = torch.cuda.is_available()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def deepspeed_config(cfg: PretrainConfig, device: torch.device) -> dict:
+    o = cfg.optim
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        # torch_adam: PyTorch's AdamW, no JIT-built fused kernel (needed on CPU, fine everywhere)
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay,
+                                                  "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.steps, "warmup_num_steps": min(o.warmup_steps, cfg.steps),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.bf16 and device.type == "cuda"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
+    """Train; returns the last logged metrics (on every rank)."""
+    import deepspeed
+
+    rank, world, device = init_distributed()
+    out = Path(cfg.out)
+    layout = TokenLayout.load(Path(cfg.tokenizer) / LAYOUT_FILE)
+    ckpt_root = out / "checkpoints"
+    if not resume and complete_checkpoints(ckpt_root):
+        raise OmnitokError(f"{out} already holds a run; pass --resume to continue it or choose a new out")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, layout)
+    stream = PackedStream(cfg.data, layout, cfg.micro_batch_size, rank, world)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                   config=deepspeed_config(cfg, device))
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise OmnitokError(f"--resume: no complete checkpoint in {ckpt_root}")
+        saved = read_json_object(ckpt / "run.json", f"{ckpt} has no run.json")
+        if {**saved["config"], "steps": 0} != {**to_dict(cfg), "steps": 0}:
+            raise OmnitokError(f"--resume: the config differs from the one {ckpt} was trained with (only 'steps' "
+                               "may change)")
+        engine.load_checkpoint(str(ckpt_root), tag=ckpt.name, load_module_strict=True)
+        local = torch.load(ckpt / f"rank{rank:05d}.pt", map_location="cpu", weights_only=True)
+        stream.load_state_dict(local["stream"])
+        torch.set_rng_state(local["rng"])
+        start = saved["step"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", to_dict(cfg))
+    eval_stream = None
+    if cfg.eval.shards:
+        eval_cfg = StreamConfig(shards=cfg.eval.shards, seq_len=cfg.data.seq_len, cond_dropout=0.0, seed=cfg.seed)
+        eval_stream = lambda: PackedStream(eval_cfg, layout, cfg.micro_batch_size, rank, world)  # noqa: E731
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = _peak_flops(device)
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.data.seq_len * world
+    sums: dict[str, float] = {}
+    nonfinite, skipped = 0, 0
+    last: dict = {}
+    wait = compute = 0.0
+    progress = tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", unit="step", disable=rank != 0)
+    window_start = time.perf_counter()
+    for step in progress:
+        for _ in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            ids, labels = stream.next_batch()
+            ids, labels = ids.to(device), labels.to(device)
+            t1 = time.perf_counter()
+            logits = engine(input_ids=ids).logits  # (B, L, V)
+            loss, metrics = lm_loss(logits, labels, layout, cfg.loss)
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
+            torch.distributed.all_reduce(bad)  # every rank skips together, or none does
+            if bad.item():
+                nonfinite, skipped = nonfinite + 1, skipped + 1
+                if rank == 0:
+                    tqdm.write(f"step {step}: non-finite loss on {int(bad.item())} rank(s); skipped ({skipped} so far)")
+                if nonfinite >= cfg.max_nonfinite:
+                    raise OmnitokError(f"{nonfinite} steps in a row had non-finite loss; stopping (lower optim.lr, "
+                                       "check the data, or raise max_nonfinite)")
+                continue
+            nonfinite = 0
+            engine.backward(loss)
+            engine.step()
+            wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            last = _log(step, sums, wait, compute, window_start, tokens_per_step * cfg.log_every, n_params, peak,
+                        scheduler, stream, writer, out, rank, device)
+            progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                 wait=f"{last['data_wait']:.1%}")
+            sums, wait, compute, window_start = {}, 0.0, 0.0, time.perf_counter()
+        if eval_stream is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
+            _evaluate(engine, eval_stream(), cfg, layout, device, step, writer, out, rank)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save(engine, stream, cfg, step, rank)
+    if writer is not None:
+        writer.close()
+    export_model(engine, cfg, out / "export", rank)
+    return last
+
+
+def _reduce(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def _summarise(sums: dict[str, float]) -> dict[str, float]:
+    out = {}
+    tokens = sum(sums.get(f"{m}_tokens", 0.0) for m in REPORTED)
+    out["loss"] = sum(sums.get(f"{m}_loss", 0.0) for m in REPORTED) / max(tokens, 1.0)
+    for m in REPORTED:
+        n = sums.get(f"{m}_tokens", 0.0)
+        if n:
+            out[f"{m}_loss"] = sums[f"{m}_loss"] / n
+            out[f"{m}_ppl"] = math.exp(min(out[f"{m}_loss"], 50.0))
+            out[f"{m}_acc"] = sums[f"{m}_correct"] / n
+            out[f"{m}_tokens"] = n
+    return out
+
+
+def _log(step, sums, wait, compute, window_start, tokens, n_params, peak, scheduler, stream, writer, out, rank,
+         device) -> dict:
+    summed = _reduce({**sums, "_wait": wait, "_compute": compute}, device)
+    elapsed = time.perf_counter() - window_start
+    stats = _summarise(summed)
+    stats["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+    stats["data_wait"] = summed["_wait"] / max(summed["_wait"] + summed["_compute"], 1e-9)
+    stats["padding"] = stream.padding_fraction
+    stats["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
+    if peak:
+        stats["mfu"] = 6 * n_params * stats["tokens_per_s"] / (peak * torch.distributed.get_world_size())
+    if rank == 0:
+        for k, v in stats.items():
+            writer.add_scalar(f"train/{k}", v, step)
+        with open(out / "train.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **stats}) + "\n")
+    return stats
+
+
+@torch.no_grad()
+def _evaluate(engine, stream: PackedStream, cfg: PretrainConfig, layout, device, step, writer, out, rank) -> dict:
+    engine.eval()
+    sums: dict[str, float] = {}
+    for _ in range(cfg.eval.batches):
+        ids, labels = stream.next_batch()
+        _, metrics = lm_loss(engine(input_ids=ids.to(device)).logits, labels.to(device), layout, cfg.loss)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    engine.train()
+    stats = _summarise(_reduce(sums, device))
+    if rank == 0:
+        for k, v in stats.items():
+            writer.add_scalar(f"eval/{k}", v, step)
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **stats}) + "\n")
+    return stats
+
+
+def save(engine, stream: PackedStream, cfg: PretrainConfig, step: int, rank: int) -> Path:
+    """A checkpoint that a kill at any moment cannot half-write: temporary tag, every rank's state, a barrier, then
+    rank 0 renames it and marks it complete."""
+    root = Path(cfg.out) / "checkpoints"
+    tmp_tag, final = f".tmp-step_{step:08d}", root / f"step_{step:08d}"
+    if rank == 0 and (root / tmp_tag).exists():
+        shutil.rmtree(root / tmp_tag)
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
+    torch.save({"stream": stream.state_dict(), "rng": torch.get_rng_state()}, root / tmp_tag / f"rank{rank:05d}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        write_json_atomic(root / tmp_tag / "run.json", {"step": step, "config": to_dict(cfg)})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(root / tmp_tag, final)
+        (final / COMPLETE).touch()
+        for old in complete_checkpoints(root)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    torch.distributed.barrier()
+    return final
+
+
+def export_model(engine, cfg: PretrainConfig, directory: Path, rank: int) -> None:
+    """A plain Hugging Face directory of the plain module (ZeRO-3 parameters gathered), with the tokenizer beside."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
+        if rank == 0:
+            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    if rank == 0:
+        write_hf_directory(cfg, state, directory)
+    torch.distributed.barrier()
+
+
+def write_hf_directory(cfg: PretrainConfig, state: dict[str, torch.Tensor], directory: Path) -> None:
+    layout = TokenLayout.load(Path(cfg.tokenizer) / LAYOUT_FILE)
+    model = build_model(ModelConfig(**{**to_dict(cfg.model), "init_from": None}), layout) \
+        if cfg.model.init_from is None else build_model(cfg.model, layout)
+    model.load_state_dict(state, strict=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if (directory / "tokenizer").exists():
+        shutil.rmtree(directory / "tokenizer")
+    shutil.copytree(cfg.tokenizer, directory / "tokenizer")
+
+
+def export_run(run: str | Path, out: str | Path) -> Path:
+    """``omnitok export``: the newest complete checkpoint of a run as a Hugging Face directory (+ tokenizer)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = Path(run)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise OmnitokError(f"{run} has no complete checkpoint to export")
+    cfg = build(PretrainConfig, read_json_object(ckpt / "run.json", f"{ckpt} has no run.json")["config"])
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=ckpt.name)
+    write_hf_directory(cfg, {k: v.float() for k, v in state.items()}, Path(out))
+    return Path(out)

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+from test_pretrain_parts import LAYOUT, write_shards
+
+from omnitok.cli import main
+from omnitok.errors import OmnitokError
+from omnitok.train import pretrain as pretrain_module
+from omnitok.train.checkpoint import complete_checkpoints
+from omnitok.train.pretrain import load_pretrain_config, pretrain
+
+TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "data.seq_len=48", "micro_batch_size=4", "optim.lr=0.003", "optim.warmup_steps=5",
+        "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    LAYOUT.save(root / "tok")  # the trainer needs the layout; export copies the whole directory
+    write_shards(root / "train", n_docs=200, shard_size=25, seed=1)
+    write_shards(root / "heldout", n_docs=40, shard_size=20, seed=2)
+    return root
+
+
+def run_args(data, out, *extra):
+    return [f"tokenizer={data / 'tok'}", f"out={out}", f"data.shards=[{data / 'train'}]", *TINY, *extra]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_falls_per_modality_and_the_export_loads_with_vanilla_transformers(tmp_path, data, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(["pretrain", *run_args(data, out, "steps=40", "checkpoint_every=20",
+                                       f"eval.shards=[{data / 'heldout'}]", "eval.every=20", "eval.batches=2")]) == 0
+    assert "pretraining done" in capsys.readouterr().out
+    train = records(out / "train.jsonl")
+    assert [r["step"] for r in train] == list(range(1, 41))
+    first, last = (sum(r["loss"] for r in rs) / 5 for rs in (train[:5], train[-5:]))
+    assert last < first - 1.0
+    assert {"text_loss", "image_loss", "audio_loss", "special_loss", "tokens_per_s", "data_wait", "padding"} <= set(
+        train[-1])
+    assert train[-1]["special_acc"] > 0.3  # the grammar's markers are the first thing a model learns
+    evals = records(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [20, 40] and evals[1]["loss"] < evals[0]["loss"] + 0.2
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step_00000020", "step_00000040"]
+    assert list((out / "tb").iterdir())
+    # The export is a plain Hugging Face directory with the tokenizer beside; logits equal the training model's.
+    hf = AutoModelForCausalLM.from_pretrained(out / "export").eval()
+    assert (out / "export" / "model.safetensors").is_file() and (out / "export" / "tokenizer" / "layout.json").is_file()
+    again = tmp_path / "again"
+    assert main(["export", str(out), "--out", str(again)]) == 0
+    hf2 = AutoModelForCausalLM.from_pretrained(again).eval()
+    ids = torch.randint(0, LAYOUT.used_vocab_size, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, hf2(ids).logits, atol=1e-5)
+        assert hf(ids).logits.shape == (2, 20, LAYOUT.vocab_size)
+
+
+def test_resume_sees_the_same_batches_and_losses(tmp_path, data, monkeypatch):
+    full = load_pretrain_config(None, run_args(data, tmp_path / "a", "steps=8", "checkpoint_every=4"))
+    pretrain(full)
+    killed = load_pretrain_config(None, run_args(data, tmp_path / "b", "steps=8", "checkpoint_every=4"))
+    real_save = pretrain_module.save
+
+    def save_then_die(engine, stream, cfg, step, rank):
+        real_save(engine, stream, cfg, step, rank)
+        raise KeyboardInterrupt  # killed right after the step-4 checkpoint
+
+    monkeypatch.setattr(pretrain_module, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(killed)
+    monkeypatch.setattr(pretrain_module, "save", real_save)
+    pretrain(killed, resume=True)
+    a = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "a" / "train.jsonl")]
+    b = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "b" / "train.jsonl")]
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b):
+        assert x[0] == y[0] and x[1] == pytest.approx(y[1], abs=1e-6) and x[2] == pytest.approx(y[2], abs=1e-6)
+    with pytest.raises(OmnitokError, match="already holds a run"):
+        pretrain(full)
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_resumable(tmp_path, data, monkeypatch):
+    cfg = load_pretrain_config(None, run_args(data, tmp_path / "k", "steps=6", "checkpoint_every=3"))
+    real = pretrain_module.write_json_atomic
+
+    def dies_at_step_6(path, payload):
+        if "step" in payload and payload["step"] == 6:
+            raise KeyboardInterrupt  # the process is killed in the middle of writing the step-6 checkpoint
+        return real(path, payload)
+
+    monkeypatch.setattr(pretrain_module, "write_json_atomic", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+    monkeypatch.setattr(pretrain_module, "write_json_atomic", real)
+    assert [p.name for p in complete_checkpoints(tmp_path / "k" / "checkpoints")] == ["step_00000003"]
+    assert (tmp_path / "k" / "checkpoints" / ".tmp-step_00000006").is_dir()  # the half-written one
+    pretrain(cfg, resume=True)
+    assert [p.name for p in complete_checkpoints(tmp_path / "k" / "checkpoints")] == ["step_00000003",
+                                                                                       "step_00000006"]
+    assert [r["step"] for r in records(tmp_path / "k" / "train.jsonl")] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
