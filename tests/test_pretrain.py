@@ -105,3 +105,46 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_resumable(tmp_path, 
     assert [p.name for p in complete_checkpoints(tmp_path / "k" / "checkpoints")] == ["step_00000003",
                                                                                        "step_00000006"]
     assert [r["step"] for r in records(tmp_path / "k" / "train.jsonl")] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+
+
+def test_ranks_read_disjoint_samples(data):
+    from omnitok.data.stream import PackedStream, StreamConfig
+
+    cfg = StreamConfig(shards=[str(data / "train")], seq_len=48, lanes=2)
+    ranks = [PackedStream(cfg, LAYOUT, 4, rank=r, world=2) for r in range(2)]
+    orders = [set(s._order()) for r in ranks for s in r.sources]
+    assert orders[0] and orders[1] and not orders[0] & orders[1]  # disjoint shards
+    single = PackedStream(cfg, LAYOUT, 8)  # one rank reading both lanes: the same global batch
+    ids = single.next_batch()[0]
+    assert torch.equal(ids[:4], ranks[0].next_batch()[0]) and torch.equal(ids[4:], ranks[1].next_batch()[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_two_process_deepspeed_matches_one_process(tmp_path, data, zero):
+    """2 ranks over gloo with micro batch 4 = 1 rank with micro batch 8: the same global batches, the same losses."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    common = [*run_args(data, tmp_path / "x", "steps=5", "checkpoint_every=100", "data.lanes=2",
+                        f"zero_stage={zero}")]
+    common = [a for a in common if not a.startswith("out=")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs above
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "omnitok", "pretrain", *common, f"out={tmp_path / 'one'}",
+                          "micro_batch_size=8"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "omnitok", "pretrain", *common, f"out={tmp_path / 'two'}",
+                          "micro_batch_size=4"], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [r["loss"] for r in records(tmp_path / "one" / "train.jsonl")]
+    b = [r["loss"] for r in records(tmp_path / "two" / "train.jsonl")]
+    assert len(a) == len(b) == 5
+    assert a == pytest.approx(b, rel=1e-4)
+    assert a[-1] < a[0]

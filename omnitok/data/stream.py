@@ -40,8 +40,11 @@ class StreamConfig:
     seq_len: int = 1024
     cond_dropout: float = 0.1
     seed: int = 0
+    lanes: int | None = None  # independent sub-streams (default: the world size); see PackedStream
 
     def __post_init__(self) -> None:
+        if self.lanes is not None and self.lanes < 1:
+            raise OmnitokError("data.lanes must be at least 1")
         if self.weights is not None and len(self.weights) != len(self.shards):
             raise OmnitokError(f"data.weights has {len(self.weights)} entries for {len(self.shards)} shard sets")
         if not 0 <= self.cond_dropout <= 1 or self.seq_len < 8:
@@ -130,18 +133,12 @@ class _Source:
         self.epoch, self.shard, self.sample = state["epoch"], state["shard"], state["sample"]
 
 
-class PackedStream:
-    """Batches ``(input_ids (B, L), labels (B, L))`` of packed documents for one rank."""
+class _Lane:
+    """One independent packed sub-stream: its share of every shard set, its own documents and packer."""
 
-    def __init__(self, cfg: StreamConfig, layout: TokenLayout, batch_size: int, rank: int = 0, world: int = 1):
-        if not cfg.shards:
-            raise OmnitokError("data.shards is empty: name at least one shard directory or pattern")
-        self.cfg, self.layout, self.batch_size = cfg, layout, batch_size
-        longest = layout.max_grid_side ** 2 + 4 if layout.has_image else 0
-        if longest > cfg.seq_len:
-            raise OmnitokError(f"data.seq_len {cfg.seq_len} cannot hold the longest image span this tokenizer makes: "
-                               f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
-        self.sources = [_Source(shard_urls(s, layout), i, cfg.seed, rank, world) for i, s in enumerate(cfg.shards)]
+    def __init__(self, cfg: StreamConfig, layout: TokenLayout, urls: list[list[str]], lane: int, lanes: int):
+        self.cfg, self.layout = cfg, layout
+        self.sources = [_Source(u, i, cfg.seed, lane, lanes) for i, u in enumerate(urls)]
         weights = np.array(cfg.weights or [1.0] * len(self.sources), dtype=np.float64)
         self.weights = weights / weights.sum()
         self.documents = 0
@@ -153,10 +150,12 @@ class PackedStream:
 
     def _document(self) -> tuple[np.ndarray, list]:
         self.documents += 1
-        k = 0 if len(self.sources) == 1 else int(
-            np.random.default_rng([self.cfg.seed, 7, self.documents]).choice(len(self.sources), p=self.weights))
+        lane = self.sources[0].rank
+        k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
+            [self.cfg.seed, 7, lane, self.documents]).choice(len(self.sources), p=self.weights))
         tokens, spans = self.sources[k].next()
-        return self._drop_conditioning(tokens, spans, np.random.default_rng([self.cfg.seed, 11, self.documents]))
+        return self._drop_conditioning(tokens, spans,
+                                       np.random.default_rng([self.cfg.seed, 11, lane, self.documents]))
 
     def _drop_conditioning(self, tokens: np.ndarray, spans: list, rng) -> tuple[np.ndarray, list]:
         if not self.cfg.cond_dropout:
@@ -223,17 +222,6 @@ class PackedStream:
         self.pending = []
         return seq
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.tensor([self._sequence() for _ in range(self.batch_size)], dtype=torch.long)  # (B, L)
-        labels = torch.full_like(ids, IGNORE)
-        labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
-        labels[labels == self.layout.pad_id] = IGNORE
-        return ids, labels
-
-    @property
-    def padding_fraction(self) -> float:
-        return self.padding / max(self.tokens, 1)
-
     # ---------------------------------------------------------------- position
 
     def state_dict(self) -> dict:
@@ -247,3 +235,53 @@ class PackedStream:
         self.documents, self.pending = state["documents"], list(state["pending"])
         self.rest = None if state["rest"] is None else (state["rest"][0], state["rest"][1], state["rest"][2])
         self.padding, self.tokens = state["padding"], state["tokens"]
+
+
+class PackedStream:
+    """Batches ``(input_ids (B, L), labels (B, L))`` of packed documents for one rank.
+
+    The data is cut into ``lanes`` independent sub-streams (default: the world size); rank ``r`` reads lanes
+    ``r, r + W, ...`` and takes ``B / (lanes / W)`` sequences from each. The global batch, all ranks together, is then
+    the same sequences whatever the world size, so a 2-rank run can be checked against a 1-rank run, and runs can
+    move to another world size that divides ``lanes``. Lanes read disjoint shards (or disjoint samples of them).
+    """
+
+    def __init__(self, cfg: StreamConfig, layout: TokenLayout, batch_size: int, rank: int = 0, world: int = 1):
+        if not cfg.shards:
+            raise OmnitokError("data.shards is empty: name at least one shard directory or pattern")
+        longest = layout.max_grid_side ** 2 + 4 if layout.has_image else 0
+        if longest > cfg.seq_len:
+            raise OmnitokError(f"data.seq_len {cfg.seq_len} cannot hold the longest image span this tokenizer makes: "
+                               f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
+        lanes = cfg.lanes or world
+        if lanes % world:
+            raise OmnitokError(f"data.lanes ({lanes}) must be a multiple of the world size ({world})")
+        per_rank = lanes // world
+        if batch_size % per_rank:
+            raise OmnitokError(f"micro_batch_size {batch_size} must be a multiple of the lanes per rank ({per_rank})")
+        urls = [shard_urls(s, layout) for s in cfg.shards]
+        self.layout, self.batch_size, self.per_lane = layout, batch_size, batch_size // per_rank
+        self.lanes = [_Lane(cfg, layout, urls, lane, lanes) for lane in range(rank, lanes, world)]
+
+    @property
+    def sources(self) -> list[_Source]:
+        return [s for lane in self.lanes for s in lane.sources]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [lane._sequence() for lane in self.lanes for _ in range(self.per_lane)]
+        ids = torch.tensor(rows, dtype=torch.long)  # (B, L)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
+        labels[labels == self.layout.pad_id] = IGNORE
+        return ids, labels
+
+    @property
+    def padding_fraction(self) -> float:
+        return sum(lane.padding for lane in self.lanes) / max(sum(lane.tokens for lane in self.lanes), 1)
+
+    def state_dict(self) -> dict:
+        return {"lanes": [lane.state_dict() for lane in self.lanes]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for lane, s in zip(self.lanes, state["lanes"]):
+            lane.load_state_dict(s)

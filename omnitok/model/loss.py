@@ -26,12 +26,14 @@ class LossConfig:
     z_loss: float = 0.0
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: TokenLayout,
-            cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: TokenLayout, cfg: LossConfig,
+            normalizer: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``logits`` (B, T, V) predict ``labels`` (B, T), already shifted (label t is the token after input t).
 
-    Returns the loss and sums per modality (``{m}_loss``, ``{m}_tokens``, ``{m}_correct``), which callers add up
-    across ranks and steps before dividing.
+    The loss is the weighted sum over tokens divided by ``normalizer`` (default: this batch's token count; data
+    parallel training passes the global count over the world size, so averaging gradients across ranks gives the
+    exact mean over all tokens). Also returns sums per modality (``{m}_loss``, ``{m}_tokens``, ``{m}_correct``),
+    which callers add up across ranks and steps before dividing.
     """
     valid = labels != IGNORE  # (B, T)
     targets = labels.clamp(min=0)
@@ -40,7 +42,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: TokenLayout,
     ce = lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
     modality = layout.modality_of(targets)  # (B, T) Modality codes
     weights = torch.tensor([cfg.text, cfg.special, cfg.image, cfg.audio, 0.0], device=ce.device)[modality] * valid
-    count = valid.sum().clamp(min=1)
+    count = valid.sum().clamp(min=1) if normalizer is None else normalizer
     loss = (weights * ce).sum() / count
     if cfg.z_loss:
         loss = loss + cfg.z_loss * (lse.pow(2) * valid).sum() / count

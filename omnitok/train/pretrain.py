@@ -31,7 +31,7 @@ from omnitok.data.stream import PackedStream, StreamConfig
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.model.build import ModelConfig, build_model
-from omnitok.model.loss import REPORTED, LossConfig, lm_loss
+from omnitok.model.loss import IGNORE, REPORTED, LossConfig, lm_loss
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
 from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 
@@ -213,7 +213,9 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             ids, labels = ids.to(device), labels.to(device)
             t1 = time.perf_counter()
             logits = engine(input_ids=ids).logits  # (B, L, V)
-            loss, metrics = lm_loss(logits, labels, layout, cfg.loss)
+            tokens = (labels != IGNORE).sum().to(torch.float64).reshape(1)
+            torch.distributed.all_reduce(tokens)  # the mean is over all ranks' tokens (DeepSpeed averages grads)
+            loss, metrics = lm_loss(logits, labels, layout, cfg.loss, normalizer=tokens.clamp(min=1).item() / world)
             bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
             torch.distributed.all_reduce(bad)  # every rank skips together, or none does
             if bad.item():
@@ -278,12 +280,18 @@ def _log(step, sums, wait, compute, window_start, tokens, n_params, peak, schedu
     stats["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     if peak:
         stats["mfu"] = 6 * n_params * stats["tokens_per_s"] / (peak * torch.distributed.get_world_size())
-    if rank == 0:
-        for k, v in stats.items():
-            writer.add_scalar(f"train/{k}", v, step)
-        with open(out / "train.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **stats}) + "\n")
+    _record(writer, out, rank, "train", step, stats)
     return stats
+
+
+def _record(writer, out: Path, rank: int, kind: str, step: int, stats: dict[str, float]) -> None:
+    """Rank 0 writes scalars to TensorBoard (``kind/name``) and a line to ``out/kind.jsonl``."""
+    if rank != 0:
+        return
+    for k, v in stats.items():
+        writer.add_scalar(f"{kind}/{k}", v, step)
+    with open(out / f"{kind}.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **stats}) + "\n")
 
 
 @torch.no_grad()
@@ -297,11 +305,7 @@ def _evaluate(engine, stream: PackedStream, cfg: PretrainConfig, layout, device,
             sums[k] = sums.get(k, 0.0) + float(v)
     engine.train()
     stats = _summarise(_reduce(sums, device))
-    if rank == 0:
-        for k, v in stats.items():
-            writer.add_scalar(f"eval/{k}", v, step)
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **stats}) + "\n")
+    _record(writer, out, rank, "eval", step, stats)
     return stats
 
 
