@@ -148,3 +148,21 @@ def test_two_process_deepspeed_matches_one_process(tmp_path, data, zero):
     assert len(a) == len(b) == 5
     assert a == pytest.approx(b, rel=1e-4)
     assert a[-1] < a[0]
+
+
+def test_loss_falls_on_shards_made_by_the_real_tokenizers(tmp_path, tokdir, corpus):
+    """image-text and audio-text documents through `omnitok tokenize` (VQ-GAN, EnCodec, SentencePiece), then
+    `omnitok pretrain` on the shards."""
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+
+    inputs = [str(corpus / "docs.jsonl"), str(corpus / "pairs"), str(corpus / "wds-000.tar")]
+    tokenize(TokenizeConfig(inputs=inputs, tokenizer=str(tokdir), out=str(tmp_path / "shards"), workers=0,
+                            shard_size=6))
+    out = tmp_path / "run"
+    args = [f"tokenizer={tokdir}", f"out={out}", f"data.shards=[{tmp_path / 'shards'}]", *TINY, "data.seq_len=128",
+            "steps=30", "checkpoint_every=100"]
+    assert main(["pretrain", *args]) == 0
+    train = records(out / "train.jsonl")
+    assert all(r["image_tokens"] > 0 for r in train[-5:]) and sum(r.get("audio_tokens", 0) for r in train) > 0
+    first, last = (sum(r["loss"] for r in rs) / 5 for rs in (train[:5], train[-5:]))
+    assert last < first - 1.0

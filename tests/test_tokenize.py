@@ -2,90 +2,25 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import skimage.data
 import soundfile as sf
-import torch
+from conftest import PHOTOS, jpeg
 from PIL import Image
 
 from omnitok.cli import main
 from omnitok.data.shards import iter_samples, read_manifest
 from omnitok.data.tokenize import TokenizeConfig, tokenize
 from omnitok.errors import LayoutMismatch
-from omnitok.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-from omnitok.tokenizers.audio_import import encodec_model
-from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
-from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
 
 ASSETS = Path(__file__).parent / "assets"
-PHOTOS = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
-
-
-@pytest.fixture(scope="module")
-def tokdir(tmp_path_factory, sp_dir):
-    """A tokenizer with small real image (VQ-GAN, 32 px -> 8x8) and audio (narrow 24 kHz EnCodec) parts."""
-    root = tmp_path_factory.mktemp("tok")
-    torch.manual_seed(0)
-    vq = VQGAN(VQGANConfig(base_channels=32, channel_multipliers=(1, 1, 2), num_res_blocks=1, latent_channels=32,
-                           codebook_size=256, codebook_dim=8))
-    vq.quantize.vq._codebook.embed.copy_(torch.nn.functional.normalize(torch.randn(1, 256, 8), dim=-1))
-    ImageTokenizer(vq, ImagePreprocessConfig(image_size=32), device="cpu").save(root / "image")
-    model = encodec_model("24khz", num_filters=8, hidden_size=32, codebook_dim=32).eval()
-    for layer in model.quantizer.layers:
-        layer.codebook.embed.normal_(0, 0.02)
-    AudioTokenizer(model, AudioTokenizerConfig(bandwidth=1.5), device="cpu").save(root / "audio")
-    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--image", str(root / "image"), "--audio",
-                 str(root / "audio"), "--out", str(root / "tok")]) == 0
-    return root / "tok"
-
-
-def jpeg(array, **kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", **kw)
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """An interleaved JSONL, a folder of pairs and a WebDataset tar, all real photos / sounds."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    (root / "media").mkdir()
-    for i in range(12):
-        p = PHOTOS[i % 4]
-        y, x = rng.integers(0, 200), rng.integers(0, 200)
-        Image.fromarray(p[y:y + 96, x:x + 96]).save(root / "media" / f"img{i:02d}.png")
-    shutil.copy(ASSETS / "speech_hello_22k.wav", root / "media" / "hello.wav")
-    docs = [[{"text": f"Document {i}: "}, {"image": f"media/img{i:02d}.png"}, {"text": " and then"},
-             {"audio": "media/hello.wav"}] if i % 3 == 0 else
-            {"id": f"d{i}", "segments": [{"image": f"media/img{i:02d}.png"}, {"text": f"caption number {i}"}]}
-            for i in range(12)]
-    (root / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
-    pairs = root / "pairs"
-    pairs.mkdir()
-    for i in range(6):
-        Image.fromarray(PHOTOS[i % 4][::4, ::4]).save(pairs / f"p{i}.jpg")
-        (pairs / f"p{i}.txt").write_text(f"a small photo, number {i} 😀")
-    sf.write(pairs / "tone.flac", (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)).astype(np.float32),
-             16000)
-    (pairs / "tone.txt").write_text("a 440 Hz tone")
-    with tarfile.open(root / "wds-000.tar", "w") as tar:
-        for i in range(5):
-            for ext, data in (("jpg", jpeg(PHOTOS[(i + 1) % 4][::8, ::8])), ("txt", f"tar sample {i}".encode())):
-                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return root
 
 
 def specs(corpus):

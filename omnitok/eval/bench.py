@@ -1,4 +1,4 @@
-"""Benchmarks, each against its peer in the same run: ``python -m omnitok.eval.bench image|audio|tokenize ...``.
+"""Benchmarks, each against its peer in the same run: ``python -m omnitok.eval.bench image|audio|...``.
 
 ``image``: encode and decode images/s of omnitok's ImageTokenizer against calling transformers' ``JanusVQVAE``
 directly with the same weights, on the same already-preprocessed batch of real photos (uint8 -> codes and codes
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -156,8 +157,6 @@ def bench_tokenize(args: argparse.Namespace) -> dict:
     """End-to-end ``omnitok tokenize`` images/s on a folder of real photos (JPEG decode, EXIF, resize in worker
     processes; encode; shard writing) vs the image tokenizer's model-only encode of the same images already decoded
     and resized, in one run. A ratio near 1 means reading and preprocessing are hidden behind the model."""
-    import sys
-
     import skimage.data
     from PIL import Image
 
@@ -214,6 +213,92 @@ def bench_tokenize(args: argparse.Namespace) -> dict:
     return rates
 
 
+def _synthetic_shards(directory: Path, layout, docs: int, seed: int = 0) -> None:
+    """Shards of layout-valid interleaved documents (text, 8x8 images, audio frames) for training benchmarks."""
+    from omnitok.data.shards import MODALITY_COUNTS, ShardWriter
+    from omnitok.jsonfile import write_json_atomic
+
+    rng = np.random.default_rng(seed)
+    writer, shards = ShardWriter(directory, 200), []
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        text = rng.integers(3, layout.text_vocab_size, int(rng.integers(20, 200))).tolist()
+        image = [layout.boi_id, layout.rows_id(8), layout.cols_id(8),
+                 *layout.image_ids(rng.integers(0, layout.image_codebook_size, 64)).tolist(), layout.eoi_id]
+        tokens = [1, *text, *image, 2]
+        spans = [["text", 1, 1 + len(text)], ["image", 1 + len(text), 1 + len(text) + len(image)]]
+        entry = writer.add(f"d{i:06d}", np.array(tokens, dtype=np.int32), {"spans": spans}, {})
+        if entry:
+            shards.append(entry)
+    if (entry := writer.flush()) is not None:
+        shards.append(entry)
+    layout.save(directory)
+    write_json_atomic(directory / "manifest.json", {
+        "format": "omnitok.shards", "version": 1, "dtype": "int32", "complete": True, "shards": shards,
+        "samples": docs, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0})
+
+
+def bench_pretrain(args: argparse.Namespace) -> dict:
+    """Training tokens/s of ``omnitok pretrain`` (DeepSpeed, the packed shard stream, per-modality loss and
+    metrics, logging) vs a plain loop over the same HF model with the same batches already in memory, torch AdamW
+    and the same dtype, in one run; plus the fraction of step time spent waiting for data."""
+    import json
+
+    import torch.nn.functional as F
+
+    from omnitok.data.stream import PackedStream
+    from omnitok.model.build import build_model
+    from omnitok.tokenizers.layout import TokenLayout
+    from omnitok.train.pretrain import load_pretrain_config, pretrain
+
+    layout = TokenLayout(text_vocab_size=4000, image_codebook_size=1024, max_grid_side=16)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        layout.save(root / "tok")
+        _synthetic_shards(root / "shards", layout, docs=2000)
+        measured = args.steps // 2
+        cfg = load_pretrain_config(args.config, [
+            f"tokenizer={root / 'tok'}", f"out={root / 'run'}", f"data.shards=[{root / 'shards'}]",
+            f"steps={args.steps}", f"log_every={measured}", f"checkpoint_every={args.steps * 10}", *args.overrides])
+        stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
+        try:
+            pretrain(cfg)
+        finally:
+            sys.stderr.close()
+            sys.stderr = stderr
+        last = [json.loads(line) for line in (root / "run" / "train.jsonl").read_text().splitlines()][-1]
+        ours, wait = last["tokens_per_s"], last["data_wait"]
+
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, layout)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                weight_decay=cfg.optim.weight_decay)
+        stream = PackedStream(cfg.data, layout, cfg.micro_batch_size)
+        batches = [stream.next_batch() for _ in range(args.steps)]
+
+        def step(ids, labels):
+            logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+
+        for ids, labels in batches[:measured]:  # warm-up, as the measured window of the run above
+            step(ids, labels)
+        start = time.perf_counter()
+        for ids, labels in batches[measured:]:
+            step(ids, labels)
+        plain = (args.steps - measured) * cfg.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"pretraining, {params / 1e6:.1f}M-parameter {cfg.model.arch}, {cfg.micro_batch_size} x {cfg.data.seq_len} "
+          f"tokens per step, ZeRO {cfg.zero_stage}, {torch.get_num_threads()} threads; last {args.steps - measured} of "
+          f"{args.steps} steps")
+    print(f"  omnitok pretrain {ours:.0f} tokens/s, plain loop {plain:.0f} tokens/s, ratio {ours / plain:.3f}; "
+          f"data wait {wait:.2%} of step time")
+    return {"ours": ours, "plain": plain, "data_wait": wait}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m omnitok.eval.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="BENCHMARK")
@@ -241,6 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     tok.add_argument("--workers", type=int, default=2)
     tok.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     tok.set_defaults(func=bench_tokenize)
+    pre = sub.add_parser("pretrain", help="omnitok pretrain tokens/s vs a plain training loop")
+    pre.add_argument("--config", default="configs/pretrain-tiny-cpu.yaml")
+    pre.add_argument("--steps", type=int, default=40)
+    pre.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    pre.set_defaults(func=bench_pretrain)
     args = parser.parse_args(argv)
     args.func(args)
 
