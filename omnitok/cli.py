@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", type=Path, help="YAML run config (see configs/pretrain-*.yaml)")
     pt.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     pt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=2000 optim.lr=1e-4 zero_stage=2")
+    # the deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, which it also sets
+    pt.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     pt.set_defaults(func=cmd_pretrain)
     ex = commands.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model directory")
     ex.add_argument("run", type=Path, help="the run directory (pretrain's out)")
