@@ -166,3 +166,45 @@ def test_loss_falls_on_shards_made_by_the_real_tokenizers(tmp_path, tokdir, corp
     assert all(r["image_tokens"] > 0 for r in train[-5:]) and sum(r.get("audio_tokens", 0) for r in train) > 0
     first, last = (sum(r["loss"] for r in rs) / 5 for rs in (train[:5], train[-5:]))
     assert last < first - 1.0
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_non_finite_losses_and_gradients_are_skipped_and_counted(tmp_path, data, monkeypatch, zero):
+    real = pretrain_module.lm_loss
+    calls = {"n": 0}
+
+    def flaky(logits, labels, layout, cfg, normalizer=None):
+        calls["n"] += 1
+        loss, metrics = real(logits, labels, layout, cfg, normalizer=normalizer)
+        if calls["n"] == 3:
+            return loss * float("nan"), metrics
+        if calls["n"] == 5:
+            return _NaNGradient.apply(loss), metrics
+        return loss, metrics
+
+    monkeypatch.setattr(pretrain_module, "lm_loss", flaky)
+    out = tmp_path / "run"
+    pretrain(load_pretrain_config(None, run_args(data, out, "steps=8", "checkpoint_every=100", f"zero_stage={zero}")))
+    train = records(out / "train.jsonl")
+    assert train[-1]["skipped_steps"] == 2 and train[1]["skipped_steps"] == 0 and train[4]["skipped_steps"] == 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # nothing non-finite reached the weights
+
+    calls["n"] = -100  # from now on every loss is non-finite
+    monkeypatch.setattr(pretrain_module, "lm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    with pytest.raises(OmnitokError, match="3 steps in a row had a non-finite loss or gradient"):
+        pretrain(load_pretrain_config(None, run_args(data, tmp_path / "bad", "steps=8", "max_nonfinite=3")))

@@ -216,25 +216,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             tokens = (labels != IGNORE).sum().to(torch.float64).reshape(1)
             torch.distributed.all_reduce(tokens)  # the mean is over all ranks' tokens (DeepSpeed averages grads)
             loss, metrics = lm_loss(logits, labels, layout, cfg.loss, normalizer=tokens.clamp(min=1).item() / world)
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device)
-            torch.distributed.all_reduce(bad)  # every rank skips together, or none does
-            if bad.item():
-                nonfinite, skipped = nonfinite + 1, skipped + 1
-                if rank == 0:
-                    tqdm.write(f"step {step}: non-finite loss on {int(bad.item())} rank(s); skipped ({skipped} so far)")
-                if nonfinite >= cfg.max_nonfinite:
-                    raise OmnitokError(f"{nonfinite} steps in a row had non-finite loss; stopping (lower optim.lr, "
-                                       "check the data, or raise max_nonfinite)")
+            if _any_rank(not torch.isfinite(loss), device):  # every rank skips together, or none does
+                nonfinite, skipped = _skip(step, "loss", nonfinite, skipped, cfg, rank)
+                continue
+            engine.backward(loss)
+            if not _stepped(engine, cfg, device):
+                nonfinite, skipped = _skip(step, "gradient", nonfinite, skipped, cfg, rank)
                 continue
             nonfinite = 0
-            engine.backward(loss)
-            engine.step()
             wait, compute = wait + t1 - t0, compute + time.perf_counter() - t1
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         if step % cfg.log_every == 0 or step == cfg.steps:
             last = _log(step, sums, wait, compute, window_start, tokens_per_step * cfg.log_every, n_params, peak,
-                        scheduler, stream, writer, out, rank, device)
+                        scheduler, stream, writer, out, rank, device, skipped)
             progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                  wait=f"{last['data_wait']:.1%}")
             sums, wait, compute, window_start = {}, 0.0, 0.0, time.perf_counter()
@@ -246,6 +241,35 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         writer.close()
     export_model(engine, cfg, out / "export", rank)
     return last
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item())
+
+
+def _stepped(engine, cfg: PretrainConfig, device: torch.device) -> bool:
+    """Take the optimizer step unless a gradient is non-finite. ZeRO 1-3 check (across ranks) and skip by themselves,
+    counting in ``engine.skipped_steps``; without ZeRO the check is here."""
+    if cfg.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+        local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in engine.module.parameters())
+        if _any_rank(local, device):
+            engine.zero_grad()
+            return False
+    before = engine.skipped_steps
+    engine.step()
+    return engine.skipped_steps == before
+
+
+def _skip(step: int, what: str, nonfinite: int, skipped: int, cfg: PretrainConfig, rank: int) -> tuple[int, int]:
+    nonfinite, skipped = nonfinite + 1, skipped + 1
+    if rank == 0:
+        tqdm.write(f"step {step}: non-finite {what}; step skipped ({skipped} so far)")
+    if nonfinite >= cfg.max_nonfinite:
+        raise OmnitokError(f"{nonfinite} steps in a row had a non-finite loss or gradient; stopping (lower optim.lr, "
+                           "check the data, or raise max_nonfinite)")
+    return nonfinite, skipped
 
 
 def _reduce(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -270,13 +294,14 @@ def _summarise(sums: dict[str, float]) -> dict[str, float]:
 
 
 def _log(step, sums, wait, compute, window_start, tokens, n_params, peak, scheduler, stream, writer, out, rank,
-         device) -> dict:
+         device, skipped) -> dict:
     summed = _reduce({**sums, "_wait": wait, "_compute": compute}, device)
     elapsed = time.perf_counter() - window_start
     stats = _summarise(summed)
     stats["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     stats["data_wait"] = summed["_wait"] / max(summed["_wait"] + summed["_compute"], 1e-9)
     stats["padding"] = stream.padding_fraction
+    stats["skipped_steps"] = skipped
     stats["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     if peak:
         stats["mfu"] = 6 * n_params * stats["tokens_per_s"] / (peak * torch.distributed.get_world_size())
