@@ -39,7 +39,8 @@ def sounds(tmp_path_factory):
 def test_training_lowers_mel_distance_and_raises_si_sdr(tmp_path, sounds, capsys):
     out = tmp_path / "codec"
     assert main(["audio-tokenizer", "train", "--audio", str(sounds), "--out", str(out), *SMALL, "steps=40",
-                 "eval_every=20", "checkpoint_every=40", "gan.enabled=true", "gan.start=36"]) == 0
+                 "eval_every=20", "checkpoint_every=40", "gan.enabled=true", "gan.start=36",
+                 "vq_warmup_steps=3"]) == 0
     assert "held-out SI-SDR" in capsys.readouterr().out
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 20, 40]
@@ -47,7 +48,8 @@ def test_training_lowers_mel_distance_and_raises_si_sdr(tmp_path, sounds, capsys
     assert evals[-1]["si_sdr"] > evals[0]["si_sdr"] + 10
     record = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
     assert len(record) == 40 and all(r["d"] > 0 for r in record[36:]) and all(r["d"] == 0 for r in record[:36])
-    assert {r["quantizers_active"] for r in record} > {4}  # quantizer dropout: 1 to 4 codebooks per batch
+    assert all(r["quantizers_active"] == 0 and r["commit"] == 0 for r in record[:3])  # autoencoder warm-up
+    assert {r["quantizers_active"] for r in record[3:]} > {4}  # quantizer dropout: 1 to 4 codebooks per batch
     errors = [json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1 and "corrupt.wav: unreadable" in errors[0]
     samples = sorted(p.name for p in (out / "samples" / "step_00000040").iterdir())

@@ -73,6 +73,7 @@ class CodecTrainConfig:
     time_weight: float = 0.1  # EnCodec's lambda_t
     mel_weight: float = 1.0
     quantizer_dropout: bool = True
+    vq_warmup_steps: int = 0  # train as a plain autoencoder first; k-means then starts from a trained encoder
     ema_decay: float = 0.99
     commitment_weight: float = 1.0
     dead_code_threshold: float = 2.0
@@ -198,8 +199,11 @@ class CodecTask:
         zero = torch.zeros((), device=device)
         with autocast(device):
             emb = self.codec.encoder(x)  # (B, D, frames)
-            with torch.autocast(device_type=device.type, enabled=False):
-                quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
+            if step <= cfg.vq_warmup_steps:  # autoencoder warm-up: the decoder sees the continuous embedding
+                quantized, codes, commit = emb.transpose(1, 2), torch.zeros(1, 1, 0, device=device), zero
+            else:
+                with torch.autocast(device_type=device.type, enabled=False):
+                    quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
             rec = self.codec.decoder(quantized.transpose(1, 2))[..., : x.shape[-1]]  # (B, C, T)
             time_loss = (x - rec).abs().mean()
             mel_loss = multi_scale_mel_loss(x, rec, self.rate)

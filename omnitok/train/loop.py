@@ -14,7 +14,6 @@ one training step, an evaluation, and how to write its tokenizer directory. ``ru
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -119,8 +118,8 @@ def run(task: TrainTask, config: dict, out: Path, *, steps: int, eval_every: int
                     losses.write(json.dumps({"step": step, **record}) + "\n")
                     for k, v in record.items():
                         writer.add_scalar(f"train/{k}", v, step)
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", **{
-                        k: f"{v:.3g}" for k, v in metrics.items() if k in ("psnr", "si_sdr")} or {"eval": math.nan})
+                    shown = {k: f"{v:.3g}" for k, v in metrics.items() if k in ("psnr", "si_sdr")}  # last evaluation
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", **shown)
                 if step % eval_every == 0 or step == steps:
                     metrics = evaluate(step)
                 if step % checkpoint_every == 0 or step == steps:
