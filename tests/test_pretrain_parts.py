@@ -3,10 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnitok.data.shards import MODALITY_COUNTS, ShardWriter
+from omnitok.data.shards import ShardWriter, write_manifest
 from omnitok.data.stream import PackedStream, StreamConfig
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import write_json_atomic
 from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.loss import IGNORE, LossConfig, lm_loss
 from omnitok.tokenizers.layout import Modality, TokenLayout
@@ -50,9 +49,7 @@ def write_shards(directory, n_docs, shard_size, seed=0, layout=LAYOUT):
     if (entry := writer.flush()) is not None:
         shards.append(entry)
     layout.save(directory)
-    write_json_atomic(directory / "manifest.json", {
-        "format": "omnitok.shards", "version": 1, "dtype": "int32", "complete": True, "shards": shards,
-        "samples": n_docs, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0})
+    write_manifest(directory, shards, n_docs)
     return directory
 
 
@@ -153,8 +150,7 @@ def test_long_documents_split_only_in_text_or_at_audio_frames(tmp_path):
     writer.add("long", tokens, {"spans": spans}, {})
     shard = writer.flush()
     layout.save(tmp_path / "s")
-    write_json_atomic(tmp_path / "s" / "manifest.json", {"format": "omnitok.shards", "version": 1, "shards": [shard],
-                                                          "samples": 1, "complete": True})
+    write_manifest(tmp_path / "s", [shard], 1)
     stream = PackedStream(StreamConfig(shards=[str(tmp_path / "s")], seq_len=25, cond_dropout=0.0), layout, 1)
     pieces = []
     while sum(len(p) for p in pieces) < len(tokens):

@@ -76,6 +76,13 @@ class ShardWriter:
         return entry
 
 
+def write_manifest(directory: Path, shards: list[dict], samples: int) -> None:
+    """A complete manifest for shards written outside ``omnitok tokenize`` (synthetic data in tests, benchmarks)."""
+    write_json_atomic(directory / MANIFEST, {
+        "format": FORMAT, "version": VERSION, "dtype": "int32", "complete": True, "shards": shards,
+        "samples": samples, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0})
+
+
 def read_manifest(directory: Path) -> dict:
     manifest = read_json_object(directory / MANIFEST, f"{directory} is not a shard directory (no {MANIFEST})")
     if manifest.get("format") != FORMAT:

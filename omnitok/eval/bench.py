@@ -215,8 +215,7 @@ def bench_tokenize(args: argparse.Namespace) -> dict:
 
 def _synthetic_shards(directory: Path, layout, docs: int, seed: int = 0) -> None:
     """Shards of layout-valid interleaved documents (text, 8x8 images, audio frames) for training benchmarks."""
-    from omnitok.data.shards import MODALITY_COUNTS, ShardWriter
-    from omnitok.jsonfile import write_json_atomic
+    from omnitok.data.shards import ShardWriter, write_manifest
 
     rng = np.random.default_rng(seed)
     writer, shards = ShardWriter(directory, 200), []
@@ -233,9 +232,7 @@ def _synthetic_shards(directory: Path, layout, docs: int, seed: int = 0) -> None
     if (entry := writer.flush()) is not None:
         shards.append(entry)
     layout.save(directory)
-    write_json_atomic(directory / "manifest.json", {
-        "format": "omnitok.shards", "version": 1, "dtype": "int32", "complete": True, "shards": shards,
-        "samples": docs, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0})
+    write_manifest(directory, shards, docs)
 
 
 def bench_pretrain(args: argparse.Namespace) -> dict:
