@@ -208,3 +208,22 @@ def test_non_finite_losses_and_gradients_are_skipped_and_counted(tmp_path, data,
     monkeypatch.setattr(pretrain_module, "lm_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     with pytest.raises(OmnitokError, match="3 steps in a row had a non-finite loss or gradient"):
         pretrain(load_pretrain_config(None, run_args(data, tmp_path / "bad", "steps=8", "max_nonfinite=3")))
+
+
+def test_continuing_a_pretrained_llm_exports_its_architecture(tmp_path, data):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=LAYOUT.text_vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 tie_word_embeddings=False)).save_pretrained(tmp_path / "llm")
+    out = tmp_path / "run"
+    pretrain(load_pretrain_config(None, run_args(data, out, "steps=3", "checkpoint_every=3",
+                                                 f"model.init_from={tmp_path / 'llm'}")))
+    assert main(["export", str(out), "--out", str(tmp_path / "again")]) == 0
+    a = AutoModelForCausalLM.from_pretrained(out / "export").eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
+    assert a.config.hidden_size == 32 and a.config.vocab_size == LAYOUT.vocab_size
+    ids = torch.randint(0, LAYOUT.used_vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)

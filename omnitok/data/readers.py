@@ -20,7 +20,6 @@ import csv
 import hashlib
 import json
 import re
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.data.shards import open_tar
 from omnitok.errors import OmnitokError
 
 IMAGE_EXT = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
@@ -152,20 +152,8 @@ def read_folder(path: Path, order: str, seed: int) -> Iterator[Item]:
         yield Item(key, source, pair_document(key, _media(kind, str(media)), caption, order, seed))
 
 
-def _tar_stream(url: str):
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        return tarfile.open(fileobj=proc.stdout, mode="r|*"), proc
-    return tarfile.open(url, mode="r|*"), None
-
-
 def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
     """Samples of a WebDataset tar: members grouped by key (the name up to the first dot after the last slash)."""
-    try:
-        tar, proc = _tar_stream(url)
-    except (OSError, tarfile.TarError) as e:
-        yield Item(make_key(url), url, error=f"cannot open tar ({e})")
-        return
     name = Path(url.split()[-1] if url.startswith("pipe:") else url).stem
 
     def finish(key: str, parts: dict[str, bytes]) -> Item:
@@ -191,26 +179,23 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
 
     current, parts = None, {}
     try:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            prefix = member.name[: len(member.name) - len(base)]
-            key, _, ext = base.partition(".")
-            key = prefix + key
-            if current is not None and key != current:
-                yield finish(current, parts)
-                parts = {}
-            current = key
-            parts[ext.lower()] = tar.extractfile(member).read()
+        with open_tar(url) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                prefix = member.name[: len(member.name) - len(base)]
+                key, _, ext = base.partition(".")
+                key = prefix + key
+                if current is not None and key != current:
+                    yield finish(current, parts)
+                    parts = {}
+                current = key
+                parts[ext.lower()] = tar.extractfile(member).read()
         if current is not None:
             yield finish(current, parts)
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield Item(make_key(f"{url}:broken"), url, error=f"tar is truncated or corrupt ({e})")
-    finally:
-        tar.close()
-        if proc is not None:
-            proc.wait()
+        yield Item(make_key(f"{url}:broken"), url, error=f"cannot read tar: truncated, corrupt or missing ({e})")
 
 
 def read_inputs(specs: list[str], order: str = "caption-first", seed: int = 0) -> Iterator[Item]:

@@ -7,10 +7,12 @@ a temporary name and renamed when complete; a shard counts only once the manifes
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -90,16 +92,39 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
+@contextlib.contextmanager
+def open_tar(url: str) -> Iterator[tarfile.TarFile]:
+    """A tar read as a stream: a local path, or ``pipe:COMMAND`` whose output is the tar (object stores)."""
+    proc = None
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+        tar = tarfile.open(fileobj=proc.stdout, mode="r|*")
+    else:
+        tar = tarfile.open(url, mode="r|*")
+    try:
+        yield tar
+    finally:
+        tar.close()
+        if proc is not None:
+            proc.wait()
+
+
+def read_shard(url: str) -> list[tuple[str, np.ndarray, dict]]:
+    """``(key, tokens, meta)`` of every sample of one shard tar, in order."""
+    parts: dict[str, dict[str, bytes]] = {}
+    with open_tar(url) as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, ext = member.name.partition(".")
+                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return [(key, np.load(io.BytesIO(p["tokens.npy"])), json.loads(p["meta.json"]))
+            for key, p in parts.items() if "tokens.npy" in p and "meta.json" in p]
+
+
 def iter_samples(directory: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
     """``(key, tokens, meta)`` of every sample of the shards the manifest lists, in order."""
     for shard in read_manifest(directory)["shards"]:
-        with tarfile.open(directory / shard["name"]) as tar:
-            parts: dict[str, dict[str, bytes]] = {}
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for key, p in parts.items():
-            yield key, np.load(io.BytesIO(p["tokens.npy"])), json.loads(p["meta.json"])
+        yield from read_shard(str(directory / shard["name"]))
 
 
 def shard_stats(directory: Path, plot: Path | None = None) -> str:

@@ -16,10 +16,6 @@
 
 from __future__ import annotations
 
-import io
-import json
-import subprocess
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +23,7 @@ import numpy as np
 import torch
 from braceexpand import braceexpand
 
-from omnitok.data.shards import MANIFEST, read_manifest
+from omnitok.data.shards import MANIFEST, read_manifest, read_shard
 from omnitok.errors import OmnitokError
 from omnitok.model.loss import IGNORE
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
@@ -67,26 +63,6 @@ def shard_urls(spec: str, layout: TokenLayout | None = None) -> list[str]:
     return urls
 
 
-def read_shard(url: str) -> list[tuple[np.ndarray, list]]:
-    """``(tokens, spans)`` of every sample of one tar, in order."""
-    proc = None
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        tar = tarfile.open(fileobj=proc.stdout, mode="r|*")
-    else:
-        tar = tarfile.open(url, mode="r|*")
-    parts: dict[str, dict[str, bytes]] = {}
-    with tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = member.name.partition(".")
-                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    if proc is not None:
-        proc.wait()
-    return [(np.load(io.BytesIO(p["tokens.npy"])).astype(np.int64), json.loads(p["meta.json"])["spans"])
-            for p in parts.values() if "tokens.npy" in p and "meta.json" in p]
-
-
 class _Source:
     """One shard set, read by one rank: yields documents; its position is (epoch, shard, sample)."""
 
@@ -105,7 +81,7 @@ class _Source:
         key = (self.epoch, shard_pos)
         if self._cache is None or self._cache[0] != key:
             shard = self._order()[shard_pos]
-            samples = read_shard(self.urls[shard])
+            samples = [(tokens.astype(np.int64), meta["spans"]) for _, tokens, meta in read_shard(self.urls[shard])]
             perm = np.random.default_rng([self.seed, self.index, self.epoch, int(shard)]).permutation(len(samples))
             samples = [samples[i] for i in perm]
             if len(self.urls) < self.world:  # fewer shards than ranks: split by sample
@@ -137,7 +113,7 @@ class _Lane:
     """One independent packed sub-stream: its share of every shard set, its own documents and packer."""
 
     def __init__(self, cfg: StreamConfig, layout: TokenLayout, urls: list[list[str]], lane: int, lanes: int):
-        self.cfg, self.layout = cfg, layout
+        self.cfg, self.layout, self.lane = cfg, layout, lane
         self.sources = [_Source(u, i, cfg.seed, lane, lanes) for i, u in enumerate(urls)]
         weights = np.array(cfg.weights or [1.0] * len(self.sources), dtype=np.float64)
         self.weights = weights / weights.sum()
@@ -150,12 +126,11 @@ class _Lane:
 
     def _document(self) -> tuple[np.ndarray, list]:
         self.documents += 1
-        lane = self.sources[0].rank
         k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
-            [self.cfg.seed, 7, lane, self.documents]).choice(len(self.sources), p=self.weights))
+            [self.cfg.seed, 7, self.lane, self.documents]).choice(len(self.sources), p=self.weights))
         tokens, spans = self.sources[k].next()
         return self._drop_conditioning(tokens, spans,
-                                       np.random.default_rng([self.cfg.seed, 11, lane, self.documents]))
+                                       np.random.default_rng([self.cfg.seed, 11, self.lane, self.documents]))
 
     def _drop_conditioning(self, tokens: np.ndarray, spans: list, rng) -> tuple[np.ndarray, list]:
         if not self.cfg.cond_dropout:

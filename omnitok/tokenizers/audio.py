@@ -163,6 +163,17 @@ def _mix(block: np.ndarray, channels: int) -> np.ndarray:
 
 
 
+def _fill(blocks: Iterator[np.ndarray], buffer: np.ndarray, samples: int, done: bool) -> tuple[np.ndarray, bool]:
+    """Append blocks until ``buffer`` holds ``samples`` (or the stream ends); returns it and whether it ended."""
+    while not done and buffer.shape[1] < samples:
+        block = next(blocks, None)
+        if block is None:
+            done = True
+        else:
+            buffer = np.concatenate([buffer, block], axis=1)
+    return buffer, done
+
+
 def load_audio(source: Any, sample_rate: int, channels: int) -> np.ndarray:
     """A whole sound as float32 ``(channels, samples)`` at ``sample_rate`` (for short clips; long ones stream)."""
     return np.concatenate(list(model_rate_blocks(source, sample_rate, channels)), axis=1)
@@ -240,12 +251,7 @@ class AudioTokenizer:
         while True:
             start = i * chunk
             need_end = start + chunk + context if i else chunk + 2 * context  # first window: whole clip if short
-            while not done and buffer_start + buffer.shape[1] < need_end + 1:
-                block = next(blocks, None)
-                if block is None:
-                    done = True
-                else:
-                    buffer = np.concatenate([buffer, block], axis=1)
+            buffer, done = _fill(blocks, buffer, need_end + 1 - buffer_start, done)
             total = buffer_start + buffer.shape[1]  # samples seen so far (all of them once done)
             if i == 0 and done and total <= chunk + 2 * context:
                 yield _Window(item, buffer, 0, math.ceil(total / hop), True)
@@ -266,18 +272,12 @@ class AudioTokenizer:
         length, stride = self.model_config.chunk_length, self.model_config.chunk_stride
         per_window = max(1, round(self.config.chunk_s * self.sample_rate / stride))
         frames_per_chunk = math.ceil(length / self.hop)
-        buffer, buffer_start, i = np.zeros((self.channels, 0), np.float32), 0, 0
+        buffer, buffer_start, done, i = np.zeros((self.channels, 0), np.float32), 0, False, 0
         blocks = self._model_rate_blocks(source)
-        done = False
         while True:
             w0 = i * per_window * stride
             w1 = w0 + (per_window - 1) * stride + length
-            while not done and buffer_start + buffer.shape[1] < w1 + 1:
-                block = next(blocks, None)
-                if block is None:
-                    done = True
-                else:
-                    buffer = np.concatenate([buffer, block], axis=1)
+            buffer, done = _fill(blocks, buffer, w1 + 1 - buffer_start, done)
             total = buffer_start + buffer.shape[1]
             audio = buffer[:, w0 - buffer_start:min(w1, total) - buffer_start]
             chunks = max(1, math.ceil((audio.shape[1] - length) / stride) + 1) if audio.shape[1] > length else 1

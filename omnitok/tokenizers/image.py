@@ -178,7 +178,7 @@ class ImageTokenizer:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = fingerprint(self._config_dict(), self.model.state_dict())
+            self._fingerprint = fingerprint(_config_dict(self.config, self.preprocess_config), self.model.state_dict())
         return self._fingerprint
 
     def preprocess(self, image: Any) -> np.ndarray:
@@ -229,9 +229,6 @@ class ImageTokenizer:
         return out
 
     # ---------------------------------------------------------------- directory form
-
-    def _config_dict(self) -> dict:
-        return _config_dict(self.config, self.preprocess_config)
 
     def save(self, directory: str | Path) -> Path:
         return save_tokenizer_dir(self.model, self.preprocess_config, directory)

@@ -20,6 +20,7 @@ model's, when the checkpoint's rows are unit-norm, as Janus initialises them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -198,8 +199,7 @@ def import_image_tokenizer(fmt: str, src: str | Path, out: str | Path | None = N
         raise OmnitokError(f"{src} does not exist")
     model, state, preprocess = _IMPORTERS[fmt](src, image_size)
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, str(src))
-    preprocess.resize = resize
-    tok = ImageTokenizer(model, ImagePreprocessConfig(**vars(preprocess)))
+    tok = ImageTokenizer(model, dataclasses.replace(preprocess, resize=resize))  # replace() re-validates
     if out is not None:
         tok.save(out)
     return tok

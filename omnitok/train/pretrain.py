@@ -372,9 +372,15 @@ def export_model(engine, cfg: PretrainConfig, directory: Path, rank: int) -> Non
 
 
 def write_hf_directory(cfg: PretrainConfig, state: dict[str, torch.Tensor], directory: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     layout = TokenLayout.load(Path(cfg.tokenizer) / LAYOUT_FILE)
-    model = build_model(ModelConfig(**{**to_dict(cfg.model), "init_from": None}), layout) \
-        if cfg.model.init_from is None else build_model(cfg.model, layout)
+    if cfg.model.init_from is None:
+        model = build_model(cfg.model, layout)
+    else:  # the continued LLM's own architecture with the extended vocabulary; its weights come from `state`
+        hf_config = AutoConfig.from_pretrained(cfg.model.init_from, local_files_only=True)
+        hf_config.vocab_size = layout.vocab_size
+        model = AutoModelForCausalLM.from_config(hf_config)
     model.load_state_dict(state, strict=True)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory), safe_serialization=True)
