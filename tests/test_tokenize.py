@@ -156,7 +156,8 @@ def test_killed_runs_resume_to_identical_shards(tmp_path, tokdir, corpus):
     expected = digest(tmp_path / "clean")
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for kill_at in (1, 4, 8):  # kill once the manifest lists this many shards (or a little after)
+    interrupted = 0
+    for kill_at in (1, 3, 6):  # kill once the manifest lists this many shards (of 12), or a little after
         proc = subprocess.Popen([sys.executable, "-m", "omnitok", "tokenize", *args, "--out", str(out)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -169,7 +170,8 @@ def test_killed_runs_resume_to_identical_shards(tmp_path, tokdir, corpus):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert not read_manifest(out)["complete"]
+        interrupted += not read_manifest(out)["complete"]  # a kill can land after a fast run has finished
+    assert interrupted >= 1
     assert main(["tokenize", *args, "--out", str(out)]) == 0
     assert digest(out) == expected and read_manifest(out)["samples"] == read_manifest(tmp_path / "clean")["samples"]
     assert (out / "errors.jsonl").read_text() == (tmp_path / "clean" / "errors.jsonl").read_text()
