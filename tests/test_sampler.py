@@ -49,18 +49,23 @@ def check(seq: list[int], layout=LAYOUT) -> list[tuple]:
 
 def test_random_prompts_always_give_well_formed_output(model):
     rng = np.random.default_rng(0)
-    cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0), audio=ModalitySampling(1.0),
-                         max_new_tokens=60, max_audio_frames=12, seed=1)
+    cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.0),
+                         audio=ModalitySampling(1.0, top_k=8, guidance=1.5), max_new_tokens=60, max_audio_frames=12)
     kinds = {"image": 0, "audio": 0}
-    for start in range(0, 1000, 100):  # 1000 prompts, 100 a batch
+    for start in range(0, 1000, 100):  # 1000 prompts, 100 a batch, guidance rows joining and leaving
         prompts = [[1, *rng.integers(3, 50, rng.integers(1, 10)).tolist()] for _ in range(100)]
-        outputs = generate(model, LAYOUT, prompts, EOS, cfg)
-        for out in outputs:
+        closed = []
+        outputs = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(start, start + 100)),
+                           on_span=lambda b, kind, ids: closed.append((b, kind, ids)))
+        for b, out in enumerate(outputs):
             assert 0 < len(out) <= 60
-            for span in check(out):
+            spans = check(out)
+            for span in spans:
                 kinds[span[0]] += 1
                 if span[0] == "audio":
                     assert span[1] <= 12
+            reported = [ids for c, _, ids in closed if c == b]
+            assert len(reported) == len(spans) and all(check(ids) for ids in reported)  # every span, whole
     assert kinds["image"] > 20 and kinds["audio"] > 20  # both kinds of span were really exercised
 
 
@@ -75,12 +80,11 @@ def test_greedy_text_equals_hugging_face_generate(model):
 
 def test_output_image_always_yields_an_image_of_the_fixed_grid(model):
     prompts = [[1, 5, 6], [1, 8], [1, 30, 31, 32, 33]]
-    cfg = SamplingConfig(output="image", grid=(2, 3), max_new_tokens=20, seed=3)
-    for out in generate(model, LAYOUT, prompts, EOS, cfg):
-        spans = check(out)
-        assert out[0] == LAYOUT.boi_id and spans[0] == ("image", 2, 3)
+    cfg = SamplingConfig(output="image", grid=(2, 3), max_new_tokens=20)
+    for out in generate(model, LAYOUT, prompts, EOS, cfg, seeds=[3, 4, 5]):
+        assert out[0] == LAYOUT.boi_id and check(out) == [("image", 2, 3)]  # the image is the whole output
     for out in generate(model, LAYOUT, prompts, EOS, SamplingConfig(output="audio", max_new_tokens=12)):
-        assert out[0] == LAYOUT.boa_id and check(out)[0][0] == "audio"
+        assert out[0] == LAYOUT.boa_id and [s[0] for s in check(out)] == ["audio"]
 
 
 def test_bad_requests_get_clear_errors(model):
@@ -94,3 +98,80 @@ def test_bad_requests_get_clear_errors(model):
         generate(model, TokenLayout(text_vocab_size=50), [[1]], EOS, SamplingConfig(output="image"))
     with pytest.raises(OmnitokError, match="output must be one of"):
         SamplingConfig(output="video")
+
+
+def reference_cfg(model, prompt: list[int], cfg: SamplingConfig, seed: int = 0) -> list[int]:
+    """Classifier-free guidance decoding written the slow, obvious way: full forward passes, no cache, one sample.
+    The unconditional sequence of a span is the conditional one without the text right before the span."""
+    from omnitok.model.sampler import AUDIO, DONE, EOI, ROWS, Grammar, _pick
+
+    generators = None if cfg.greedy else [torch.Generator().manual_seed(seed)]
+
+    grammar = Grammar(LAYOUT, EOS, cfg, 1, torch.device("cpu"))
+    def drop_text(seq):
+        keep = len(seq)
+        while keep > 1 and LAYOUT.modality_of(seq[keep - 1]) == 0:
+            keep -= 1
+        return seq[:keep]
+
+    cond, uncond, out = list(prompt), None, []
+    if cfg.output in ("image", "audio"):  # the prompt ends with the span's opener
+        uncond = drop_text(cond[:-1]) + cond[-1:]
+    for step in range(cfg.max_new_tokens):
+        logits = model(torch.tensor([cond])).logits[0, -1]
+        state = int(grammar.state[0])
+        if ROWS <= state <= EOI or state == AUDIO:
+            s = cfg.image.guidance if state != AUDIO else cfg.audio.guidance
+            u = model(torch.tensor([uncond])).logits[0, -1]
+            logits = u + s * (logits - u)
+        token = int(_pick(logits[None], grammar.allowed(cfg.max_new_tokens - step), grammar.modality(), cfg,
+                          generators)[0])
+        grammar.advance(torch.tensor([token]))
+        if int(grammar.state[0]) in (ROWS, AUDIO) and state not in (ROWS, AUDIO):  # a span opens
+            uncond = drop_text(cond)
+        out.append(token)
+        cond.append(token)
+        if uncond is not None:
+            uncond.append(token)
+        if int(grammar.state[0]) == DONE:
+            break
+    return out
+
+
+@torch.inference_mode()
+def test_guidance_matches_the_obvious_implementation_in_a_mixed_batch(model):
+    cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.5),
+                         audio=ModalitySampling(1.0, guidance=1.7), max_new_tokens=50, max_audio_frames=5)
+    prompts = [[1, 5 + i, 6, 7 + i][: 2 + i % 3] for i in range(10)]
+    seeds = list(range(10))
+    ours = generate(model, LAYOUT, prompts, EOS, cfg, seeds=seeds)
+    spans = [s[0] for out in ours for s in check(out)]
+    assert "image" in spans and "audio" in spans  # guidance rows of both kinds joined and left
+    for prompt, seed, out in zip(prompts, seeds, ours):
+        assert out == reference_cfg(model, prompt, cfg, seed)
+    greedy = SamplingConfig(greedy=True, output="image", grid=(3, 3), image=ModalitySampling(guidance=3.0),
+                            max_new_tokens=20)
+    batch = generate(model, LAYOUT, prompts, EOS, greedy)
+    assert generate(model, LAYOUT, prompts[2:3], EOS, greedy)[0] == batch[2]
+
+
+def test_guidance_one_is_no_guidance_and_guidance_changes_images(model):
+    prompts = [[1, 5, 6, 7], [1, 8, 9]]
+    cfg = dict(output="image", grid=(4, 4), max_new_tokens=24, greedy=True)
+    plain = generate(model, LAYOUT, prompts, EOS, SamplingConfig(**cfg, image=ModalitySampling(guidance=1.0)))
+    unguided = SamplingConfig(**cfg, image=ModalitySampling(guidance=1.0))
+    assert plain == [[LAYOUT.boi_id] + reference_cfg(model, p + [LAYOUT.boi_id], unguided) for p in prompts]
+    guided = SamplingConfig(**cfg, image=ModalitySampling(guidance=4.0))
+    ours = generate(model, LAYOUT, prompts, EOS, guided)
+    assert ours == [[LAYOUT.boi_id] + reference_cfg(model, p + [LAYOUT.boi_id], guided) for p in prompts]
+    assert ours != plain
+
+
+def test_a_seeded_sample_is_the_same_alone_or_in_any_batch(model):
+    cfg = SamplingConfig(max_new_tokens=40, max_audio_frames=6, image=ModalitySampling(top_k=10, guidance=2.0))
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 30, 31, 32, 33], [1, 12, 13]]
+    batch = generate(model, LAYOUT, prompts, EOS, cfg, seeds=[10, 11, 12, 13])
+    assert len({tuple(o) for o in batch}) == 4
+    for i in (0, 3):
+        assert generate(model, LAYOUT, [prompts[i]], EOS, cfg, seeds=[10 + i])[0] == batch[i]
+    assert generate(model, LAYOUT, [prompts[0]], EOS, cfg, seeds=[99])[0] != batch[0]

@@ -16,18 +16,29 @@ fits, <|eoa|> is forced when another frame would not, and eos is forced on the l
 Sampling settings (temperature, top-k, top-p) are per modality of each sample's current state (text and image want
 different settings; Chameleon and LlamaGen use top-k about 1000-2000 for images).
 
-Not here yet: classifier-free guidance rows, media prompts, detokenization (the sampling issue's notes say what is
-missing).
+With ``output`` "image" or "audio" the span opens at once and the sample ends when it closes.
+
+Classifier-free guidance (per modality, ``guidance`` != 1): while a sample is inside an image or audio span, an
+unconditional row runs in the same forward pass with its own KV cache rows: the sample's sequence with the text right
+before the span dropped, exactly what conditioning dropout trains (DESIGN.md). The logits used are
+``u + guidance * (c - u)``. The row joins when the span opens (a short prefill spliced into the batch cache) and
+leaves when it closes, so samples in text pay nothing and a batch may mix samples in any state.
+
+Randomness is per sample: sample ``b`` draws its noise from its own generator seeded ``seeds[b]``, indexed by token
+id, so a prompt gives the same output alone or in any batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.layout import TokenLayout
+from omnitok.model.decoder import Decoder
+from omnitok.tokenizers.layout import Modality, TokenLayout
 
 TEXT, ROWS, COLS, CODES, EOI, AUDIO, DONE = range(7)
 OUTPUTS = ("any", "text", "image", "audio")
@@ -38,25 +49,29 @@ class ModalitySampling:
     temperature: float = 1.0
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
+    guidance: float = 1.0  # classifier-free guidance scale for spans of this modality; 1: none
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise OmnitokError("sampling: temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.guidance < 0:
+            raise OmnitokError("sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1 and guidance >= 0")
 
 
 @dataclass
 class SamplingConfig:
     text: ModalitySampling = field(default_factory=lambda: ModalitySampling(temperature=0.8, top_p=0.95))
-    image: ModalitySampling = field(default_factory=lambda: ModalitySampling(temperature=1.0, top_k=1000))
-    audio: ModalitySampling = field(default_factory=lambda: ModalitySampling(temperature=1.0, top_k=250))
+    image: ModalitySampling = field(default_factory=lambda: ModalitySampling(temperature=1.0, top_k=1000,
+                                                                             guidance=3.0))
+    audio: ModalitySampling = field(default_factory=lambda: ModalitySampling(temperature=1.0, top_k=250,
+                                                                             guidance=3.0))
     max_new_tokens: int = 1024
     max_audio_frames: int = 750  # 10 s of 75 Hz EnCodec frames
     grid: tuple[int, int] | None = None  # a fixed image grid (rows, cols); default: any the layout allows
     output: str = "any"  # "text", "image" or "audio" start that span at once (text: no media at all)
     greedy: bool = False
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.text.guidance != 1:
+            raise OmnitokError("guidance applies to image and audio spans; text.guidance must stay 1")
         if self.output not in OUTPUTS:
             raise OmnitokError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         if self.max_new_tokens < 1 or self.max_audio_frames < 1:
@@ -159,6 +174,8 @@ class Grammar:
             self.q = torch.where(code, (self.q + 1) % self.n_q, self.q)
             self.frames = torch.where(code & (self.q == 0), self.frames + 1, self.frames)
             new = torch.where(ends, TEXT, new)
+        if self.cfg.output in ("image", "audio"):  # the requested span was the whole output
+            new = torch.where((new == TEXT) & (s != TEXT), DONE, new)
         new = torch.where((s == TEXT) & (token == self.eos), DONE, new)
         self.state = new
 
@@ -169,74 +186,152 @@ class Grammar:
 
 
 def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, cfg: SamplingConfig,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from masked logits (B, V), with the row's modality's temperature / top-k / top-p."""
-    x = logits.float().masked_fill(~allowed, float("-inf"))
-    if cfg.greedy:
-        return x.argmax(-1)
+          generators: list[torch.Generator] | None) -> torch.Tensor:
+    """One token per row from masked logits (B, V), with the row's modality's temperature / top-k / top-p.
+
+    Each row draws one uniform number from its own generator and takes the token where it falls in the cumulative
+    distribution over token ids, so a row's draw depends neither on the other rows nor on how many candidates
+    top-k / top-p left.
+    """
+    x = logits.masked_fill(~allowed, float("-inf"))
+    greedy = x.argmax(-1)
+    if generators is None:
+        return greedy
+    B, V = x.shape
     settings = (cfg.text, cfg.image, cfg.audio)
     temp = torch.tensor([m.temperature for m in settings], device=x.device)[modality]  # (B,)
-    top_k = torch.tensor([m.top_k or x.shape[-1] for m in settings], device=x.device)[modality]
-    top_p = torch.tensor([m.top_p for m in settings], device=x.device)[modality]
-    zero_t = temp == 0
-    x = x / torch.where(zero_t, 1.0, temp)[:, None]
-    values, order = x.sort(dim=-1, descending=True)  # (B, V)
-    kth = values.gather(-1, (top_k.clamp(max=x.shape[-1]) - 1)[:, None])  # (B, 1)
-    values = values.masked_fill(values < kth, float("-inf"))
-    probs = torch.softmax(values, dim=-1)
-    beyond = probs.cumsum(-1) - probs > top_p[:, None]  # tokens past the nucleus (the top one always stays)
-    values = values.masked_fill(beyond, float("-inf"))
-    choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator).squeeze(-1)
-    sampled = order.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.where(zero_t, x.argmax(-1), sampled)
+    x = x / torch.where(temp == 0, 1.0, temp)[:, None]
+    if any(m.top_k not in (0, V) or m.top_p < 1 for m in settings):
+        top_k = torch.tensor([m.top_k or V for m in settings], device=x.device)[modality].clamp(max=V)
+        top_p = torch.tensor([m.top_p for m in settings], device=x.device)[modality]
+        k = int(top_k.max())
+        values, order = x.topk(k, dim=-1) if k < V else x.sort(dim=-1, descending=True)  # (B, k), best first
+        values = values.masked_fill(torch.arange(k, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(values, dim=-1)
+        beyond = probs.cumsum(-1) - probs > top_p[:, None]  # past the nucleus (the top candidate always stays)
+        probs = torch.zeros_like(x).scatter_(-1, order, probs.masked_fill(beyond, 0))
+    else:
+        probs = torch.softmax(x, dim=-1)
+    u = torch.cat([torch.rand(1, generator=g, device=x.device) for g in generators])
+    cdf = probs.cumsum(-1)
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=V - 1)
+    sampled = torch.where(allowed.gather(-1, sampled[:, None]).squeeze(-1), sampled, greedy)  # u at a float edge
+    return torch.where(temp == 0, greedy, sampled)
+
+
+def unconditional(prefix: list[int], layout: TokenLayout) -> list[int]:
+    """The unconditional version of a sequence about to open a media span: the text right before the span dropped
+    (back to the previous media span or to bos), as conditioning dropout does in training."""
+    modality = layout.modality_of(np.asarray(prefix[1:], dtype=np.int64))
+    kept = np.flatnonzero(modality != Modality.TEXT)
+    return prefix[: 2 + int(kept[-1])] if len(kept) else prefix[:1]
+
+
+def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(r) for r in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    valid = torch.zeros((len(seqs), width), dtype=torch.bool, device=device)
+    for b, r in enumerate(seqs):  # every row's last token at the same position
+        ids[b, width - len(r):] = torch.tensor(r, device=device)
+        valid[b, width - len(r):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return ids, valid, positions
+
+
+SpanCallback = Callable[[int, str, list[int]], None]
 
 
 @torch.inference_mode()
-def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int,
-             cfg: SamplingConfig) -> list[list[int]]:
+def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig,
+             seeds: list[int] | None = None, on_span: SpanCallback | None = None) -> list[list[int]]:
     """Continue each prompt (ids, normally starting with bos); returns the new ids of each, ending at eos or when
-    ``max_new_tokens`` are used, always with every media span complete."""
+    ``max_new_tokens`` are used, always with every media span complete.
+
+    ``seeds[b]`` seeds sample ``b`` (default ``0, 1, 2, ...``). ``on_span(b, modality, ids)`` is called as soon as
+    a span of sample ``b`` closes (its ids from the opening marker to the closing one), so media can be decoded while
+    sampling goes on.
+    """
     if not prompts or any(not p for p in prompts):
         raise OmnitokError("every prompt needs at least one token")
-    device = next(model.parameters()).device
-    B = len(prompts)
+    decoder = Decoder(model)
+    device, B = decoder.device, len(prompts)
+    seeds = list(range(B)) if seeds is None else seeds
+    if len(seeds) != B:
+        raise OmnitokError(f"{len(seeds)} seeds for {B} prompts")
     opener = {"image": [layout.boi_id] if cfg.output == "image" else [],
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
-    rows = [list(p) + opener for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((B, width), layout.pad_id, dtype=torch.long, device=device)
-    attention = torch.zeros((B, width), dtype=torch.long, device=device)
-    for b, r in enumerate(rows):  # left padding: every row's last prompt token is at the same position
-        ids[b, width - len(r):] = torch.tensor(r, device=device)
-        attention[b, width - len(r):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    fed = [list(p) + opener for p in prompts]  # what each sample's conditional row has been fed
     grammar = Grammar(layout, eos_id, cfg, B, device)
     if cfg.output == "image" and cfg.max_new_tokens < 3 + grammar.max_codes + 1:
         raise OmnitokError(f"max_new_tokens {cfg.max_new_tokens} cannot hold an image of up to {grammar.max_codes} "
                            f"codes (needs {3 + grammar.max_codes + 1} with its markers)")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed) if not cfg.greedy else None
-    from transformers import DynamicCache
+    generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    scale = torch.tensor([1.0, cfg.image.guidance, cfg.audio.guidance], device=device)
+    guided = cfg.image.guidance != 1 or cfg.audio.guidance != 1
 
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=DynamicCache(),
-                use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    new = torch.zeros((B, 0), dtype=torch.long, device=device)
+    def wants_guidance() -> list[int]:
+        """The samples that need an unconditional row now: inside a guided span."""
+        if not guided:
+            return []
+        return torch.nonzero(scale[grammar.modality()] != 1).flatten().tolist()
+
+    uncond_of = wants_guidance()  # the sample of each unconditional row (rows B, B+1, ...)
+    seqs = fed + [unconditional(prompts[b], layout) + opener for b in uncond_of]
+    cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + cfg.max_new_tokens)
+    ids, valid, positions = _left_padded(seqs, layout.pad_id, device)
+    logits = decoder.forward(cache, ids, valid, positions)
+    next_pos = positions[:, -1] + 1
+    new: list[list[int]] = [[] for _ in range(B)]
+    span_start = [0] * B  # where each sample's current span opened, in ``opener + new[b]``
     for step in range(cfg.max_new_tokens):
-        token = _pick(logits, grammar.allowed(cfg.max_new_tokens - step), grammar.modality(), cfg, generator)
-        token = torch.where(grammar.state == DONE, layout.pad_id, token)
+        cond = logits[:B]
+        if uncond_of:
+            rows = torch.tensor(uncond_of, device=device)
+            s = scale[grammar.modality()[rows]][:, None]
+            u = logits[B:]
+            cond = cond.index_copy(0, rows, u + s * (cond[rows] - u))
+        before = grammar.state
+        token = _pick(cond, grammar.allowed(cfg.max_new_tokens - step), grammar.modality(), cfg, generators)
+        token = torch.where(before == DONE, layout.pad_id, token)
         grammar.advance(token)
-        new = torch.cat([new, token[:, None]], dim=1)
-        if bool((grammar.state == DONE).all()):
+        tokens, states, old = token.tolist(), grammar.state.tolist(), before.tolist()
+        for b in range(B):
+            if old[b] == DONE:
+                continue
+            new[b].append(tokens[b])
+            if old[b] == TEXT and states[b] in (ROWS, AUDIO):
+                span_start[b] = len(opener) + len(new[b]) - 1
+            elif old[b] in (EOI, AUDIO) and states[b] in (TEXT, DONE) and on_span is not None:
+                on_span(b, "image" if old[b] == EOI else "audio", (opener + new[b])[span_start[b]:])
+        if all(st == DONE for st in states):
             break
-        attention = torch.cat([attention, torch.ones((B, 1), dtype=attention.dtype, device=device)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        wanted = wants_guidance()
+        if wanted != uncond_of:
+            keep = [j for j, b in enumerate(uncond_of) if b in wanted]
+            joining = [b for b in wanted if b not in uncond_of]
+            if len(keep) < len(uncond_of):
+                rows = torch.tensor(list(range(B)) + [B + j for j in keep], device=device)
+                cache.select(rows)
+                next_pos = next_pos[rows]
+            uncond_of = [uncond_of[j] for j in keep]
+            if joining:  # prefill their unconditional prefixes, then splice them in
+                prefixes = [unconditional(fed[b], layout) for b in joining]
+                extra = decoder.new_cache(len(joining), capacity=max(len(p) for p in prefixes))
+                ids, valid, positions = _left_padded(prefixes, layout.pad_id, device)
+                decoder.forward(extra, ids, valid, positions)
+                cache.extend(extra)
+                next_pos = torch.cat([next_pos, positions[:, -1] + 1])
+                uncond_of += joining
+        for b in range(B):
+            fed[b].append(tokens[b])
+        step_ids = torch.cat([token, token[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
+        logits = decoder.forward(cache, step_ids[:, None], torch.ones_like(step_ids, dtype=torch.bool)[:, None],
+                                 next_pos[:, None])
+        next_pos = next_pos + 1
     results = []
     for b in range(B):
-        seq = opener + new[b].tolist()
+        seq = opener + new[b]
         if eos_id in seq:
             seq = seq[: seq.index(eos_id) + 1]
-        results.append([t for t in seq if t != layout.pad_id])
+        results.append(seq)
     return results

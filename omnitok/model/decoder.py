@@ -1,0 +1,183 @@
+"""A lean incremental forward pass over a Hugging Face Llama-family model, for sampling.
+
+``model.generate`` spends most of a decoding step in module dispatch, mask building and a KV cache that grows by
+concatenation. ``Decoder`` reads the same weights (nothing is copied) and runs a step as a short list of tensor ops
+over a ``KVCache`` that is preallocated and grows by doubling. Rows of the cache can be dropped and added between
+steps, which is what classifier-free guidance needs: an unconditional row joins while its sample is inside a media
+span and leaves when the span closes.
+
+Supported: ``llama``, ``mistral`` and ``qwen2`` without sliding windows, ``qwen3`` (QK-norm), i.e. every model that
+``omnitok pretrain`` builds or continues from those families. Parity with Hugging Face is tested (logits with left
+padding, greedy tokens equal to ``generate``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from omnitok.errors import OmnitokError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class KVCache:
+    """Keys and values of every layer, ``(rows, kv_heads, capacity, head_dim)``, with a per-row mask of the
+    positions that hold real tokens (left padding and the padding of rows that joined later are False)."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, capacity: int = 64):
+        shape = (rows, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.valid = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
+        self.length = 0
+
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def reserve(self, extra: int) -> None:
+        """Room for ``extra`` more positions (the capacity doubles, so appends cost amortised O(1))."""
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            new = t.new_zeros((*t.shape[:-2], cap, t.shape[-1])) if t.dim() == 4 else t.new_zeros((t.shape[0], cap))
+            if t.dim() == 4:
+                new[:, :, : self.length] = t[:, :, : self.length]
+            else:
+                new[:, : self.length] = t[:, : self.length]
+            return new
+
+        self.keys = [grown(k) for k in self.keys]
+        self.values = [grown(v) for v in self.values]
+        self.valid = grown(self.valid)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys/values at the end; returns that layer's keys/values so far (views)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows, in this order."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+
+    def extend(self, other: KVCache) -> None:
+        """Append ``other``'s rows, right-aligned to this cache's length (their left is padding)."""
+        if other.length > self.length:
+            raise ValueError("rows that join must not be longer than the cache")
+        offset, n = self.length - other.length, other.length
+
+        def joined(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            extra = mine.new_zeros((theirs.shape[0], *mine.shape[1:]))
+            extra[..., offset:offset + n, :] = theirs[..., :n, :]
+            return torch.cat([mine, extra])
+
+        self.keys = [joined(a, b) for a, b in zip(self.keys, other.keys)]
+        self.values = [joined(a, b) for a, b in zip(self.values, other.values)]
+        valid = self.valid.new_zeros((other.rows, self.capacity))
+        valid[:, offset:offset + n] = other.valid[:, :n]
+        self.valid = torch.cat([self.valid, valid])
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-style RMSNorm module's function in one op (computed in float32 like the module)."""
+    w = module.weight
+    return w * F.rms_norm(x.float(), w.shape, None, module.variance_epsilon).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+class Decoder:
+    """The forward pass of a supported Hugging Face causal LM, step by step over a ``KVCache``."""
+
+    def __init__(self, model):
+        config = model.config
+        kind = getattr(config, "model_type", "?")
+        if kind not in SUPPORTED:
+            raise OmnitokError(f"sampling supports {', '.join(SUPPORTED)} models; this one is {kind!r}")
+        if getattr(config, "use_sliding_window", False) or (kind == "mistral" and config.sliding_window):
+            raise OmnitokError("sampling does not support sliding-window attention")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise OmnitokError(f"sampling supports SiLU MLPs; this model uses {config.hidden_act!r}")
+        self.model = model
+        self.body = model.model
+        self.layers = list(self.body.layers)
+        attn = self.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.weights = []  # per layer, read once: module attribute lookups cost more than a small matmul
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            qk_norm = (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else (None, None)
+            self.weights.append((layer.input_layernorm, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+                                 a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, *qk_norm, a.o_proj.weight,
+                                 a.o_proj.bias, layer.post_attention_layernorm, m.gate_proj.weight, m.gate_proj.bias,
+                                 m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias))
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    def new_cache(self, rows: int, capacity: int = 64) -> KVCache:
+        return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
+
+    def forward(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids`` (rows, t) at ``positions`` (rows, t); ``valid`` (rows, t) is False for padding. Returns the
+        float32 logits after each row's last token (rows, V)."""
+        B, t = ids.shape
+        cache.reserve(t)
+        start, end = cache.length, cache.length + t
+        cache.valid[:, start:end] = valid
+        x = self.body.embed_tokens(ids)
+        cos, sin = self.body.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        mask, causal = self._mask(cache, start, end)
+        gqa = self.heads != self.kv_heads
+        H, KV, d = self.heads, self.kv_heads, self.head_dim
+        for i, (n1, wq, bq, wk, bk, wv, bv, qn, kn, wo, bo, n2, wg, bg, wu, bu, wd, bd) in enumerate(self.weights):
+            h = _norm(n1, x)
+            q = F.linear(h, wq, bq).view(B, t, H, d)
+            k = F.linear(h, wk, bk).view(B, t, KV, d)
+            v = F.linear(h, wv, bv).view(B, t, KV, d).transpose(1, 2)
+            if qn is not None:
+                q, k = _norm(qn, q), _norm(kn, k)
+            qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H + KV, t, d)
+            keys, values = cache.write(i, qk[:, H:], v)
+            if gqa:
+                keys = keys.repeat_interleave(H // KV, dim=1)
+                values = values.repeat_interleave(H // KV, dim=1)
+            out = F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=mask, is_causal=causal,
+                                                 scale=self.scaling)
+            x = x + F.linear(out.transpose(1, 2).reshape(B, t, -1), wo, bo)
+            h = _norm(n2, x)
+            x = x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
+        cache.length = end
+        return self.model.lm_head(_norm(self.body.norm, x[:, -1])).float()
+
+    @staticmethod
+    def _mask(cache: KVCache, start: int, end: int) -> tuple[torch.Tensor | None, bool]:
+        """The attention mask of queries ``[start, end)`` over keys ``[0, end)``: causal, padding hidden. Every
+        query also sees itself, so a padding query never has an empty softmax (which would give NaN)."""
+        valid = cache.valid[:, :end]
+        if (end - start == 1 or start == 0) and bool(valid.all()):
+            return None, end - start > 1
+        keys = torch.arange(end, device=valid.device)
+        queries = torch.arange(start, end, device=valid.device)[:, None]
+        mask = (keys[None, :] <= queries) & valid[:, None, :]  # (rows, t, end)
+        mask |= keys[None, :] == queries
+        return mask[:, None], False

@@ -1,0 +1,51 @@
+import pytest
+import torch
+from test_pretrain_parts import LAYOUT
+
+from omnitok.errors import OmnitokError
+from omnitok.model.build import ModelConfig, build_model
+from omnitok.model.decoder import Decoder
+from omnitok.model.sampler import _left_padded
+
+
+def hf_last_logits(model, seqs):
+    """Hugging Face's own forward, one unpadded sequence at a time."""
+    return torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@torch.inference_mode()
+def test_logits_match_hugging_face_with_padding_steps_and_spliced_rows(arch):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch=arch, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                                    num_kv_heads=2), LAYOUT).eval()
+    dec = Decoder(model)
+    seqs = [[1, 5, 9, 12, 40, 3], [1, 7], [1, 30, 31, 32]]
+    cache = dec.new_cache(3, capacity=4)  # small, so the cache must grow
+    ids, valid, pos = _left_padded(seqs, LAYOUT.pad_id, dec.device)
+    ours = dec.forward(cache, ids, valid, pos)
+    torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
+    nxt = pos[:, -1] + 1
+    for token in (11, 60, 4):  # decode steps
+        seqs = [s + [token] for s in seqs]
+        ours = dec.forward(cache, torch.full((3, 1), token), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
+        nxt = nxt + 1
+        torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
+    # drop row 1, splice in a new shorter row, step all: every row still equals its sequence alone
+    cache.select(torch.tensor([0, 2]))
+    seqs, nxt = [seqs[0], seqs[2]], nxt[[0, 2]]
+    extra = dec.new_cache(1)
+    ids, valid, pos = _left_padded([[1, 44, 45]], LAYOUT.pad_id, dec.device)
+    dec.forward(extra, ids, valid, pos)
+    cache.extend(extra)
+    seqs.append([1, 44, 45])
+    nxt = torch.cat([nxt, pos[:, -1] + 1])
+    ours = dec.forward(cache, torch.full((3, 1), 8), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
+    torch.testing.assert_close(ours, hf_last_logits(model, [s + [8] for s in seqs]), atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_models_are_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(OmnitokError, match="'gpt2'"):
+        Decoder(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
