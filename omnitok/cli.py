@@ -122,6 +122,37 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {export_run(args.run, args.out)} (Hugging Face model; tokenizer in {args.out}/tokenizer)")
 
 
+def cmd_sample(args: argparse.Namespace) -> None:
+    from omnitok.model.sample import (
+        SampleRequest,
+        check_media,
+        load_model,
+        parse_prompt,
+        read_prompt_file,
+        sample,
+        sampling_config,
+    )
+
+    if not args.prompt and not args.prompts:
+        raise OmnitokError("give --prompt TEXT (repeatable) or --prompts FILE")
+    grid = None
+    if args.grid:
+        rows, x, cols = args.grid.lower().partition("x")
+        if not x or not rows.isdigit() or not cols.isdigit():
+            raise OmnitokError(f"--grid must look like 16x16, got {args.grid!r}")
+        grid = [int(rows), int(cols)]
+    cfg = sampling_config(args.overrides, output=args.output_modality, max_new_tokens=args.max_new_tokens, grid=grid,
+                          greedy=args.greedy or None)
+    prompts = [parse_prompt(p) for p in args.prompt] + (read_prompt_file(args.prompts) if args.prompts else [])
+    for p in prompts:
+        check_media(p)
+    model, tok = load_model(args.model, args.tokenizer)
+    records = sample(model, tok, prompts, args.out, SampleRequest(cfg, args.num_samples, args.seed, args.batch_size))
+    kinds = [s["type"] for r in records for s in r["segments"]]
+    print(f"{len(records)} samples in {args.out}: {kinds.count('text')} text, {kinds.count('image')} image and "
+          f"{kinds.count('audio')} audio segments; open {Path(args.out) / 'index.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
@@ -227,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", type=Path, help="the run directory (pretrain's out)")
     ex.add_argument("--out", required=True, type=Path)
     ex.set_defaults(func=cmd_export)
+
+    sa = commands.add_parser("sample", help="sample interleaved text / image / audio from a model",
+                             description="Sample from an exported model; writes PNG, WAV, text, sample.json per "
+                             "sample and an index.html. Sampling settings as KEY=VALUE: text.temperature=0.7 "
+                             "image.top_k=1000 image.guidance=3 audio.guidance=3 max_audio_frames=750.")
+    sa.add_argument("--model", required=True, type=Path, help="an `omnitok export` directory")
+    sa.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
+    sa.add_argument("--prompt", action="append", default=[], help="text with <image:PATH> / <audio:PATH> "
+                    "references, or a JSON document; repeatable")
+    sa.add_argument("--prompts", type=Path, help="a file of prompts, one per line (text or JSON)")
+    sa.add_argument("--out", required=True, type=Path)
+    sa.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
+                    help="image / audio: the output is one span of that kind; text: no media")
+    sa.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    sa.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
+    sa.add_argument("--max-new-tokens", type=int, default=1024)
+    sa.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
+    sa.add_argument("--greedy", action="store_true", help="argmax decoding")
+    sa.add_argument("--batch-size", type=int, default=8)
+    sa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.top_k=500")
+    sa.set_defaults(func=cmd_sample)
 
     sh = commands.add_parser("shards", help="inspect and merge shard directories")
     sh_cmds = sh.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -78,18 +78,27 @@ class SamplingConfig:
             raise OmnitokError("max_new_tokens and max_audio_frames must be at least 1")
 
 
+def check_request(layout: TokenLayout, cfg: SamplingConfig) -> int:
+    """Refuses settings this layout cannot serve; returns the most image codes one image may have."""
+    if cfg.output == "image" and not layout.has_image or cfg.output == "audio" and not layout.has_audio:
+        raise OmnitokError(f"this model's token layout has no {cfg.output} modality")
+    if cfg.grid is not None:
+        rows, cols = cfg.grid
+        layout.rows_id(rows), layout.cols_id(cols)  # refuses a grid the layout cannot express
+    max_codes = (cfg.grid[0] * cfg.grid[1]) if cfg.grid else layout.max_grid_side ** 2
+    if cfg.output == "image" and cfg.max_new_tokens < 3 + max_codes + 1:
+        raise OmnitokError(f"max_new_tokens {cfg.max_new_tokens} cannot hold an image of up to {max_codes} "
+                           f"codes (needs {3 + max_codes + 1} with its markers)")
+    return max_codes
+
+
 class Grammar:
     """Per-sample decoding states and the masks of allowed next tokens, all as tensors over the batch."""
 
     def __init__(self, layout: TokenLayout, eos_id: int, cfg: SamplingConfig, batch: int, device: torch.device):
         self.layout, self.eos, self.cfg = layout, eos_id, cfg
         V, n_q = layout.vocab_size, max(layout.audio_num_codebooks, 1)
-        if cfg.output == "image" and not layout.has_image or cfg.output == "audio" and not layout.has_audio:
-            raise OmnitokError(f"this model's token layout has no {cfg.output} modality")
-        if cfg.grid is not None:
-            rows, cols = cfg.grid
-            layout.rows_id(rows), layout.cols_id(cols)  # refuses a grid the layout cannot express
-        self.max_codes = (cfg.grid[0] * cfg.grid[1]) if cfg.grid else layout.max_grid_side ** 2
+        self.max_codes = check_request(layout, cfg)
 
         def mask(ids=(), ranges=()) -> torch.Tensor:
             m = torch.zeros(V, dtype=torch.bool)
@@ -262,9 +271,6 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
     fed = [list(p) + opener for p in prompts]  # what each sample's conditional row has been fed
     grammar = Grammar(layout, eos_id, cfg, B, device)
-    if cfg.output == "image" and cfg.max_new_tokens < 3 + grammar.max_codes + 1:
-        raise OmnitokError(f"max_new_tokens {cfg.max_new_tokens} cannot hold an image of up to {grammar.max_codes} "
-                           f"codes (needs {3 + grammar.max_codes + 1} with its markers)")
     generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
     scale = torch.tensor([1.0, cfg.image.guidance, cfg.audio.guidance], device=device)
     guided = cfg.image.guidance != 1 or cfg.audio.guidance != 1

@@ -1,0 +1,268 @@
+"""``omnitok sample``: prompts in, interleaved text, PNG and WAV files out, with an HTML page.
+
+- Prompts: text with media references (``A cat <image:cat.png> says``), a JSON document (``{"segments": [...]}`` or a
+  list of segments), or a file of prompts, one per line, either form (media paths relative to the file).
+- The model directory is an ``omnitok export`` (a Hugging Face directory with ``tokenizer/`` beside the weights), or
+  any causal-LM directory given with ``--tokenizer``; the model's vocabulary and the tokenizer's layout must agree.
+- Media is decoded while sampling goes on: each span is handed to a decoder thread the moment it closes; the thread
+  decodes every span waiting at that time in one batch per modality.
+- Output: ``DIR/NNN/sample.json`` (ordered segments with file names and token counts), ``DIR/NNN/KK.png`` / ``.wav``,
+  ``DIR/NNN/text.txt``, and ``DIR/index.html`` showing every sample's interleaved result.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import queue
+import re
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omnitok.config import apply_overrides, build, to_dict
+from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.device import default_device
+from omnitok.errors import OmnitokError
+from omnitok.jsonfile import write_json_atomic
+from omnitok.model.sampler import SamplingConfig, check_request, generate
+from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+from omnitok.tokenizers.multimodal import MultimodalTokenizer
+
+_REFERENCE = re.compile(r"<(image|audio):([^<>]+)>")
+
+
+@dataclass
+class Prompt:
+    label: str  # as the user wrote it
+    document: Document
+    source: str = "prompt"
+
+
+def parse_prompt(text: str, base_dir: str | Path | None = None, label: str | None = None) -> Prompt:
+    """A text prompt with ``<image:path>`` / ``<audio:path>`` references, or a JSON document."""
+    stripped = text.strip()
+    if stripped.startswith(("{", "[")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise OmnitokError(f"prompt {label or stripped[:40]!r} looks like JSON but is not: {e.msg}") from None
+        return Prompt(label or stripped, Document.from_json(data, base_dir))
+    segments, pos = [], 0
+    for match in _REFERENCE.finditer(text):
+        if match.start() > pos:
+            segments.append(Text(text[pos:match.start()]))
+        path = Path(match.group(2).strip())
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        segments.append(Image(str(path)) if match.group(1) == "image" else Audio(str(path)))
+        pos = match.end()
+    if pos < len(text):
+        segments.append(Text(text[pos:]))
+    return Prompt(label or text, Document(segments))
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    path = Path(path)
+    if not path.is_file():
+        raise OmnitokError(f"prompt file {path} does not exist")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            prompts.append(parse_prompt(line, path.parent, label=line.strip()))
+            prompts[-1].source = f"{path.name}:{n}"
+    if not prompts:
+        raise OmnitokError(f"prompt file {path} holds no prompt")
+    return prompts
+
+
+def check_media(prompt: Prompt) -> None:
+    for seg in prompt.document.segments:
+        if isinstance(seg, Image | Audio) and isinstance(seg.source, str) and "://" not in seg.source:
+            if not Path(seg.source).is_file():
+                kind = "image" if isinstance(seg, Image) else "audio"
+                raise OmnitokError(f"{prompt.source}: {kind} file {seg.source} does not exist")
+
+
+def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None, device: torch.device | None = None):
+    """The causal LM of ``model_dir`` and its tokenizer (``model_dir/tokenizer`` unless given), checked to agree."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise OmnitokError(f"{model_dir} is not a model directory (no config.json); give an `omnitok export` output")
+    own = model_dir / "tokenizer"
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else own
+    if not (tokenizer_dir / LAYOUT_FILE).is_file():
+        raise OmnitokError(f"no tokenizer at {tokenizer_dir} ({LAYOUT_FILE} missing); give --tokenizer DIR")
+    tok = MultimodalTokenizer.from_dir(tokenizer_dir)
+    if tokenizer_dir != own and (own / LAYOUT_FILE).is_file():
+        tok.layout.check_same(TokenLayout.load(own / LAYOUT_FILE), str(tokenizer_dir), f"the model's {own}")
+    device = device or default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype).to(device).eval()
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows != tok.layout.vocab_size:
+        raise OmnitokError(f"the model in {model_dir} has {rows} token rows but the tokenizer's layout has "
+                           f"{tok.layout.vocab_size} ids: they were not trained together")
+    return model, tok
+
+
+class SpanDecoder:
+    """Decodes closed media spans on a background thread, batching whatever is waiting."""
+
+    def __init__(self, tok: MultimodalTokenizer):
+        self.tok = tok
+        self.todo: queue.Queue = queue.Queue()
+        self.done: dict[tuple[int, int], np.ndarray] = {}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def submit(self, key: tuple[int, int], modality: str, ids: list[int]) -> None:
+        self.todo.put((key, modality, ids))
+
+    def _run(self) -> None:
+        while True:
+            items = [self.todo.get()]
+            while not self.todo.empty():
+                items.append(self.todo.get())
+            stop = any(item is None for item in items)
+            try:
+                for modality in ("image", "audio"):
+                    batch = [(key, ids) for key, m, ids in (i for i in items if i is not None) if m == modality]
+                    if not batch:
+                        continue
+                    codes = [self.tok.parse(np.asarray(ids))[0].ids for _, ids in batch]
+                    codec = self.tok.image if modality == "image" else self.tok.audio
+                    for (key, _), out in zip(batch, codec.decode(codes)):
+                        self.done[key] = out
+            except BaseException as e:  # handed to the main thread in finish()
+                self.error = e
+            if stop:
+                return
+
+    def finish(self) -> dict[tuple[int, int], np.ndarray]:
+        self.todo.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.done
+
+
+@dataclass
+class SampleRequest:
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    num_samples: int = 1  # per prompt, seeds seed, seed+1, ...
+    seed: int = 0
+    batch_size: int = 8
+
+
+def sampling_config(overrides: list[str], **flags) -> SamplingConfig:
+    """``SamplingConfig`` from ``key=value`` overrides (``image.top_k=500``) plus the CLI's flags."""
+    data = apply_overrides({k: v for k, v in flags.items() if v is not None}, overrides)
+    cfg = build(SamplingConfig, data, "sampling.")
+    if cfg.grid is not None:
+        cfg = replace(cfg, grid=tuple(cfg.grid))
+    return cfg
+
+
+def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Path, request: SampleRequest,
+           progress: bool = True) -> list[dict]:
+    """Sample every prompt ``num_samples`` times; writes the output directory; returns each sample's record."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    check_request(tok.layout, request.sampling)
+    for p in prompts:
+        check_media(p)
+    encoded = tok.encode_batch([p.document for p in prompts])
+    eos = tok.text.eos_id
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(request.num_samples)]
+    decoder = SpanDecoder(tok)
+    results: dict[int, list[int]] = {}
+    bar = tqdm(total=len(jobs), desc="sampling", unit="sample", disable=not progress)
+    for start in range(0, len(jobs), request.batch_size):
+        batch = list(range(start, min(start + request.batch_size, len(jobs))))
+        ids = [encoded[jobs[j][0]].ids.tolist() for j in batch]
+        ids = [x[:-1] if x and x[-1] == eos else x for x in ids]  # continue the prompt, do not end it
+        closed: dict[int, int] = {}
+
+        def on_span(b: int, modality: str, span: list[int], batch=batch, closed=closed) -> None:
+            job = batch[b]
+            closed[job] = closed.get(job, 0) + 1
+            decoder.submit((job, closed[job] - 1), modality, span)
+
+        new = generate(model, tok.layout, ids, eos, request.sampling,
+                       seeds=[request.seed + j for j in batch], on_span=on_span)
+        results.update(zip(batch, new))
+        bar.update(len(batch))
+    bar.close()
+    media = decoder.finish()
+    records = [_write_sample(out, j, prompts[i], request.seed + j, results[j], media, tok, max_new=
+                             request.sampling.max_new_tokens) for j, (i, _) in enumerate(jobs)]
+    write_json_atomic(out / "samples.json", {"sampling": to_dict(request.sampling), "samples": records})
+    (out / "index.html").write_text(_html(records), encoding="utf-8")
+    return records
+
+
+def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int], media: dict, tok, max_new: int):
+    import soundfile as sf
+    from PIL import Image as PILImage
+
+    folder = out / f"{job:03d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    eos = tok.text.eos_id
+    body = ids[:-1] if ids and ids[-1] == eos else ids
+    segments, text, span = [], [], 0
+    for k, part in enumerate(tok.parse(np.asarray(body, dtype=np.int64)), 1):
+        tokens = part.span.stop - part.span.start
+        if part.modality == "text":
+            segments.append({"type": "text", "text": tok.text.decode(part.ids), "tokens": tokens})
+            text.append(segments[-1]["text"])
+            continue
+        data = media[(job, span)]
+        span += 1
+        name = f"{k:02d}.png" if part.modality == "image" else f"{k:02d}.wav"
+        if part.modality == "image":
+            PILImage.fromarray(data).save(folder / name)
+            rows, cols = part.ids.shape
+            segments.append({"type": "image", "file": name, "rows": rows, "cols": cols, "tokens": tokens})
+        else:
+            rate = tok.audio.sample_rate
+            sf.write(folder / name, np.asarray(data).T, rate)
+            segments.append({"type": "audio", "file": name, "frames": int(part.ids.shape[1]),
+                             "seconds": round(np.asarray(data).shape[-1] / rate, 3), "tokens": tokens})
+        text.append(f"[{part.modality}: {name}]")
+    stopped = "eos" if ids and ids[-1] == eos else ("span" if len(ids) < max_new else "max_new_tokens")
+    record = {"id": f"{job:03d}", "prompt": prompt.label, "source": prompt.source, "seed": seed,
+              "new_tokens": len(ids), "stopped": stopped, "segments": segments}
+    write_json_atomic(folder / "sample.json", record)
+    (folder / "text.txt").write_text("".join(text), encoding="utf-8")
+    return record
+
+
+def _html(records: list[dict]) -> str:
+    parts = ["<!doctype html><meta charset='utf-8'><title>omnitok samples</title>",
+             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}section{border-bottom:1px solid #ccc;"
+             "padding:1em 0}.prompt{color:#555}img{image-rendering:pixelated;width:192px;vertical-align:middle;"
+             "margin:4px}audio{vertical-align:middle}.text{white-space:pre-wrap}</style>",
+             f"<h1>omnitok samples</h1><p>{len(records)} samples</p>"]
+    for r in records:
+        parts.append(f"<section><h3>{r['id']} <small>seed {r['seed']}, {r['new_tokens']} tokens, "
+                     f"stopped at {r['stopped']}</small></h3><p class='prompt'>{html.escape(r['prompt'])}</p><div>")
+        for s in r["segments"]:
+            src = f"{r['id']}/{s.get('file', '')}"
+            if s["type"] == "text":
+                parts.append(f"<span class='text'>{html.escape(s['text'])}</span>")
+            elif s["type"] == "image":
+                parts.append(f"<img src='{src}' title='{s['rows']}x{s['cols']} codes'>")
+            else:
+                parts.append(f"<audio controls src='{src}' title='{s['seconds']} s'></audio>")
+        parts.append("</div></section>")
+    return "\n".join(parts)

@@ -1,0 +1,105 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from omnitok.cli import main
+from omnitok.model.build import ModelConfig, build_model
+from omnitok.model.sample import SampleRequest, load_model, parse_prompt, sample
+from omnitok.model.sampler import ModalitySampling, SamplingConfig
+from omnitok.tokenizers.layout import TokenLayout
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokdir):
+    """A random-weight model laid out like an `omnitok export`: HF files plus tokenizer/."""
+    root = tmp_path_factory.mktemp("model") / "export"
+    layout = TokenLayout.load(tokdir / "layout.json")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
+                        layout)
+    with torch.no_grad():  # random weights favour no token class; make media spans frequent
+        model.lm_head.weight[[layout.boi_id, layout.boa_id]] *= 0
+        model.lm_head.weight[[layout.boi_id, layout.boa_id], 0] = 3.0
+        model.model.embed_tokens.weight[:, 0] = 1.0
+    model.save_pretrained(str(root))
+    shutil.copytree(tokdir, root / "tokenizer")
+    return root
+
+
+@pytest.mark.slow
+def test_every_media_span_of_many_random_samples_decodes(model_dir, tmp_path):
+    model, tok = load_model(model_dir)
+    rng = np.random.default_rng(0)
+    words = ["a red circle", "a low tone", "two squares", "then", "and", "chirp", "blue"]
+    prompts = [parse_prompt(" ".join(rng.choice(words, rng.integers(1, 4)))) for _ in range(1000)]
+    cfg = SamplingConfig(max_new_tokens=90, max_audio_frames=8, image=ModalitySampling(top_k=50, guidance=2.0),
+                         audio=ModalitySampling(guidance=1.5))
+    records = sample(model, tok, prompts, tmp_path, SampleRequest(cfg, batch_size=250), progress=False)
+    kinds = {"image": 0, "audio": 0}
+    for r in records:
+        for s in r["segments"]:
+            if s["type"] == "image":
+                kinds["image"] += 1
+                assert s["rows"] * s["cols"] + 4 == s["tokens"]
+                assert Image.open(tmp_path / r["id"] / s["file"]).size == (4 * s["cols"], 4 * s["rows"])
+            elif s["type"] == "audio":
+                kinds["audio"] += 1
+                wave, rate = sf.read(tmp_path / r["id"] / s["file"])
+                assert rate == 24000 and len(wave) == s["frames"] * 320 and np.isfinite(wave).all()
+            else:
+                ids = tok.text.encode([s["text"]])[0]
+                assert all(0 <= i < tok.layout.text_vocab_size for i in ids)
+    assert kinds["image"] > 100 and kinds["audio"] > 100
+
+
+def test_sample_command_writes_files_and_a_page(model_dir, tmp_path, capsys):
+    photo = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photo)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('{"segments": [{"text": "describe "}, {"image": "cat.png"}]}\nplain words\n\n')
+    out = tmp_path / "out"
+    assert main(["sample", "--model", str(model_dir), "--prompt", f"A cat <image:{photo}> says", "--prompts",
+                 str(prompts), "--out", str(out), "--max-new-tokens", "80", "--num-samples", "2",
+                 "image.guidance=2", "text.temperature=0.9"]) == 0
+    assert "6 samples" in capsys.readouterr().out
+    page = (out / "index.html").read_text()
+    for k in range(6):
+        record = json.loads((out / f"{k:03d}" / "sample.json").read_text())
+        assert record["seed"] == k and (out / f"{k:03d}" / "text.txt").is_file()
+        for s in record["segments"]:
+            if "file" in s:
+                assert (out / record["id"] / s["file"]).is_file() and f"{record['id']}/{s['file']}" in page
+    assert json.loads((out / "samples.json").read_text())["sampling"]["image"]["guidance"] == 2
+    # output image: always exactly one image, of the requested grid
+    assert main(["sample", "--model", str(model_dir), "--prompt", "a red circle", "--out", str(tmp_path / "img"),
+                 "--output-modality", "image", "--grid", "4x8", "--num-samples", "3", "--max-new-tokens", "40"]) == 0
+    for k in range(3):
+        record = json.loads((tmp_path / "img" / f"{k:03d}" / "sample.json").read_text())
+        assert [(s["type"], s.get("rows"), s.get("cols")) for s in record["segments"]] == [("image", 4, 8)]
+        assert record["stopped"] == "span"
+
+
+def test_bad_requests_get_one_line(model_dir, tmp_path, capsys, sp_dir):
+    def error(*argv):
+        assert main(["sample", "--model", str(model_dir), "--out", str(tmp_path / "o"), *argv]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    assert "missing.png does not exist" in error("--prompt", "see <image:missing.png>")
+    assert "outside 1..8" in error("--prompt", "x", "--grid", "9x9")
+    assert "--grid must look like" in error("--prompt", "x", "--grid", "big")
+    assert "give --prompt" in error()
+    assert "unknown setting 'sampling.image.topk'" in error("--prompt", "x", "image.topk=3")
+    text_only = tmp_path / "textonly"
+    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--out", str(text_only)]) == 0
+    assert "differs from" in error("--prompt", "x", "--tokenizer", str(text_only))
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer"))
+    assert "not trained together" in error("--prompt", "x", "--model", str(bare), "--tokenizer", str(text_only))
+    assert "not a model directory" in error("--prompt", "x", "--model", str(tmp_path))
