@@ -175,3 +175,32 @@ def test_a_seeded_sample_is_the_same_alone_or_in_any_batch(model):
     for i in (0, 3):
         assert generate(model, LAYOUT, [prompts[i]], EOS, cfg, seeds=[10 + i])[0] == batch[i]
     assert generate(model, LAYOUT, [prompts[0]], EOS, cfg, seeds=[99])[0] != batch[0]
+
+
+def test_pick_samples_the_top_k_and_top_p_distributions():
+    from omnitok.model.sampler import _pick
+
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    n = 6000
+    logits = probs.log().expand(n, 5)
+    allowed = torch.ones(n, 5, dtype=torch.bool)
+    allowed[:, 0] = False  # a masked token is never drawn
+
+    def freq(setting):
+        cfg = SamplingConfig(text=setting)
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        picks = _pick(logits, allowed, torch.zeros(n, dtype=torch.long), cfg, gens)
+        return torch.bincount(picks, minlength=5).float() / n
+
+    def expect(keep):
+        p = torch.zeros(5)
+        p[keep] = probs[keep] / probs[keep].sum()
+        return p
+
+    torch.testing.assert_close(freq(ModalitySampling()), expect([1, 2, 3, 4]), atol=0.02, rtol=0)
+    torch.testing.assert_close(freq(ModalitySampling(top_k=2)), expect([1, 3]), atol=0.02, rtol=0)
+    # nucleus 0.5 of the allowed mass: 0.4/0.95 alone is below it, so the top two stay
+    torch.testing.assert_close(freq(ModalitySampling(top_p=0.5)), expect([1, 3]), atol=0.02, rtol=0)
+    torch.testing.assert_close(freq(ModalitySampling(top_p=0.4)), expect([1]), atol=0, rtol=0)
+    sharp = freq(ModalitySampling(temperature=0.5, top_k=3))  # p^2 over the top three
+    torch.testing.assert_close(sharp, torch.tensor([0, .16, 0, .09, .0225]) / .2725, atol=0.02, rtol=0)

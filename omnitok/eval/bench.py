@@ -3,6 +3,9 @@
 ``image``: encode and decode images/s of omnitok's ImageTokenizer against calling transformers' ``JanusVQVAE``
 directly with the same weights, on the same already-preprocessed batch of real photos (uint8 -> codes and codes
 -> uint8 for both, so both pay the same conversions). Prints images/s and the ratio ours / peer.
+
+``sample``: the sampler's decode tokens/s against transformers' ``generate`` with the same model and settings, the
+time cost of classifier-free guidance on image spans, and decode speed against the memory-bandwidth bound.
 """
 
 from __future__ import annotations
@@ -296,6 +299,81 @@ def bench_pretrain(args: argparse.Namespace) -> dict:
     return {"ours": ours, "plain": plain, "data_wait": wait}
 
 
+SAMPLE_SIZES = {"tiny": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
+                "1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4)}
+
+
+def bench_sample(args: argparse.Namespace) -> dict:
+    """Decode tokens/s of omnitok's sampler vs transformers' ``generate`` (same model, prompt, temperature / top-p,
+    KV cache), text mode at batch 1 and 8; then the cost of classifier-free guidance on image spans; then decode
+    speed as a fraction of the memory-bandwidth bound (weight bytes per step / measured copy bandwidth)."""
+    from omnitok.model.build import ModelConfig, build_model
+    from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
+    from omnitok.tokenizers.layout import TokenLayout
+
+    device = torch.device(args.device)
+    layout = TokenLayout(text_vocab_size=args.text_vocab, image_codebook_size=16384, max_grid_side=args.grid,
+                         audio_codebook_size=1024, audio_num_codebooks=4)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SAMPLE_SIZES[args.size]), layout).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    eos = 2
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 0  # so both sides generate the full length
+    prompt = [1] + list(range(5, 5 + args.prompt_len))
+    n = args.new_tokens
+    text = ModalitySampling(temperature=0.8, top_p=0.95)
+    out: dict = {}
+    where = f"{device.type} {str(dtype).split('.')[1]}, {torch.get_num_threads()} threads"
+    params = sum(p.numel() for p in model.parameters())
+    print(f"sampling, {params / 1e6:.0f}M-parameter llama, vocab {layout.vocab_size}, {where}")
+    for batch in (1, 8):
+        prompts = [prompt] * batch
+        cfg = SamplingConfig(text=text, output="text", max_new_tokens=n)
+        ids = torch.tensor(prompts, device=device)
+        counts = {}
+
+        def ours():
+            counts["ours"] = sum(len(o) for o in generate(model, layout, prompts, eos, cfg))
+
+        def peer():
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                                 temperature=0.8, top_p=0.95, top_k=0, pad_token_id=layout.pad_id,
+                                 eos_token_id=eos)[:, ids.shape[1]:]
+            counts["peer"] = int((new != layout.pad_id).sum())
+
+        t_ours, t_peer = _timed(ours, args.repeats, device), _timed(peer, args.repeats, device)
+        r_ours, r_peer = counts["ours"] / t_ours, counts["peer"] / t_peer
+        out[f"batch{batch}"] = {"ours": r_ours, "peer": r_peer, "ratio": r_ours / r_peer}
+        print(f"  text, batch {batch}: omnitok {r_ours:.0f} tokens/s, transformers generate {r_peer:.0f} tokens/s, "
+              f"ratio {r_ours / r_peer:.2f}")
+    g = args.grid
+    for batch in (1, 8):
+        times = {}
+        for scale in (1.0, 3.0):
+            cfg = SamplingConfig(output="image", grid=(g, g), max_new_tokens=g * g + 4,
+                                 image=ModalitySampling(top_k=1000, guidance=scale))
+            times[scale] = _timed(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg),
+                                  args.repeats, device)
+        out[f"cfg_batch{batch}"] = {"s_per_image_plain": times[1.0] / batch, "s_per_image_cfg": times[3.0] / batch,
+                                    "cost": times[3.0] / times[1.0]}
+        print(f"  {g}x{g} image, batch {batch}: {times[1.0] / batch:.2f} s/image without guidance, "
+              f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time")
+    big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
+    dst = torch.empty_like(big)
+    copy_s = _timed(lambda: dst.copy_(big), args.repeats + 2, device)
+    bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 1 / out["batch1"]["ours"]
+    bound = weight_bytes / bandwidth
+    out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound / per_token}
+    print(f"  memory bound: {weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s copy bandwidth = "
+          f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {per_token * 1e3:.2f} ms/token: "
+          f"{bound / per_token:.1%} of the bound")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m omnitok.eval.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="BENCHMARK")
@@ -328,6 +406,15 @@ def main(argv: list[str] | None = None) -> None:
     pre.add_argument("--steps", type=int, default=40)
     pre.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     pre.set_defaults(func=bench_pretrain)
+    sam = sub.add_parser("sample", help="sampler decode tokens/s vs transformers generate; CFG cost")
+    sam.add_argument("--size", choices=sorted(SAMPLE_SIZES), default="tiny")
+    sam.add_argument("--text-vocab", type=int, default=32000)
+    sam.add_argument("--grid", type=int, default=16, help="image grid side for the CFG timing (1b: 32)")
+    sam.add_argument("--prompt-len", type=int, default=32)
+    sam.add_argument("--new-tokens", type=int, default=128)
+    sam.add_argument("--repeats", type=int, default=2)
+    sam.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sam.set_defaults(func=bench_sample)
     args = parser.parse_args(argv)
     args.func(args)
 

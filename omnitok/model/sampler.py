@@ -213,19 +213,27 @@ def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, c
     if any(m.top_k not in (0, V) or m.top_p < 1 for m in settings):
         top_k = torch.tensor([m.top_k or V for m in settings], device=x.device)[modality].clamp(max=V)
         top_p = torch.tensor([m.top_p for m in settings], device=x.device)[modality]
-        k = int(top_k.max())
-        values, order = x.topk(k, dim=-1) if k < V else x.sort(dim=-1, descending=True)  # (B, k), best first
-        values = values.masked_fill(torch.arange(k, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
-        probs = torch.softmax(values, dim=-1)
-        beyond = probs.cumsum(-1) - probs > top_p[:, None]  # past the nucleus (the top candidate always stays)
-        probs = torch.zeros_like(x).scatter_(-1, order, probs.masked_fill(beyond, 0))
-    else:
-        probs = torch.softmax(x, dim=-1)
+        ranked = _descending(x)  # (B, V) values only
+        ranked = ranked.masked_fill(torch.arange(V, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(ranked, dim=-1)
+        inside = (probs.cumsum(-1) - probs <= top_p[:, None]) | (top_p[:, None] >= 1)  # the nucleus (the top
+        inside &= ranked > float("-inf")  # candidate always stays), within top-k and the allowed tokens
+        last = inside.sum(-1, keepdim=True) - 1  # rank of the last kept candidate
+        x = x.masked_fill(x < ranked.gather(-1, last), float("-inf"))
     u = torch.cat([torch.rand(1, generator=g, device=x.device) for g in generators])
-    cdf = probs.cumsum(-1)
+    cdf = torch.softmax(x, dim=-1).cumsum(-1)
     sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=V - 1)
     sampled = torch.where(allowed.gather(-1, sampled[:, None]).squeeze(-1), sampled, greedy)  # u at a float edge
     return torch.where(temp == 0, greedy, sampled)
+
+
+def _descending(x: torch.Tensor) -> torch.Tensor:
+    """Each row's values sorted in descending order. torch's CPU sort always computes indices and is about 20x
+    slower than numpy's values-only sort (2 ms vs 0.1 ms for a 52k vocabulary), which would dominate a decoding step;
+    GPUs sort fast."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
+    return x.sort(dim=-1, descending=True).values
 
 
 def unconditional(prefix: list[int], layout: TokenLayout) -> list[int]:
