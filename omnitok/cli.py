@@ -153,11 +153,67 @@ def cmd_sample(args: argparse.Namespace) -> None:
           f"{kinds.count('audio')} audio segments; open {Path(args.out) / 'index.html'}")
 
 
+def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
+    from omnitok.eval.evaluate import eval_audio_tokenizer, eval_image_tokenizer
+
+    if (args.image_tokenizer is None) != (args.images is None) or (args.audio_tokenizer is None) != (args.audio is
+                                                                                                     None):
+        raise OmnitokError("give --image-tokenizer with --images, and --audio-tokenizer with --audio")
+    if args.image_tokenizer is None and args.audio_tokenizer is None:
+        raise OmnitokError("give --image-tokenizer DIR --images DIR and/or --audio-tokenizer DIR --audio DIR")
+    if args.image_tokenizer is not None:
+        r = eval_image_tokenizer(args.image_tokenizer, args.images, args.out, args.limit, args.fid_features)
+        fid = f", FID {r['fid']:.2f}" if "fid" in r else ""
+        print(f"images: {r['images']} at {r['size'][0]}x{r['size'][1]}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}"
+              f"{fid}, codebook usage {r['codebook']['usage']:.1%}, perplexity {r['codebook']['perplexity']:.1f}"
+              + (f"; skipped: {', '.join(r['skipped'])}" if r.get("skipped") else ""))
+    if args.audio_tokenizer is not None:
+        r = eval_audio_tokenizer(args.audio_tokenizer, args.audio, args.out, args.limit)
+        usage = ", ".join(f"{c['usage']:.0%}" for c in r["codebooks"])
+        print(f"audio: {r['clips']} clips, {r['seconds']:.1f} s: SI-SDR {r['si_sdr']:.2f} dB, mel distance "
+              f"{r['mel_distance']:.3f}, codebook usage {usage}")
+    print(f"reports and plots in {args.out}")
+
+
+def cmd_eval_lm(args: argparse.Namespace) -> None:
+    from omnitok.eval.evaluate import eval_lm
+
+    r = eval_lm(args.model, args.shards, args.out, max_docs=args.max_docs)
+    parts = [f"{name} {m['loss']:.3f} (ppl {m['perplexity']:.1f}, {m['tokens']} tokens)"
+             for name, m in r["modalities"].items()]
+    print(f"{r['documents']} documents: loss {r['all']['loss']:.3f}; " + "; ".join(parts))
+
+
+def cmd_eval_samples(args: argparse.Namespace) -> None:
+    from omnitok.eval.evaluate import eval_samples
+
+    r = eval_samples(args.dir)
+    valid = ", ".join(f"{k} {v:.0%}" for k, v in r["valid"].items() if v is not None)
+    print(f"{r['samples']} samples, {r['new_tokens']} new tokens; segments: "
+          + ", ".join(f"{n} {k}" for k, n in r["segments"].items()) + (f"; valid: {valid}" if valid else "")
+          + (f"; {len(r['problems'])} problems (see eval_samples.json)" if r["problems"] else ""))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from omnitok.demo.run import run_demo
+
+    run_demo(args.out, steps=args.steps, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="omnitok", description="Text, images and audio in one token space: build tokenizers, "
                      "tokenize corpora to WebDataset shards, pretrain one decoder LM, sample interleaved output.")
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on a small generated corpus, in minutes on a CPU",
+                               description="Make a corpus of captioned shapes and sounds, build tokenizers, tokenize "
+                               "to shards, pretrain a tiny LM with DeepSpeed, sample images, audio and text, and "
+                               "write a gallery (index.html) and a summary.")
+    demo.add_argument("--out", type=Path, default=Path("omnitok-demo"), help="new directory (default ./omnitok-demo)")
+    demo.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
 
     text = commands.add_parser("text-tokenizer", help="train a text tokenizer")
     text_cmds = text.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
@@ -279,6 +335,29 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--batch-size", type=int, default=8)
     sa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.top_k=500")
     sa.set_defaults(func=cmd_sample)
+
+    ev = commands.add_parser("eval", help="evaluate tokenizers, a model, or a sample directory")
+    ev_cmds = ev.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
+    et = ev_cmds.add_parser("tokenizer", help="reconstruction quality and codebook usage of image / audio tokenizers")
+    et.add_argument("--image-tokenizer", type=Path)
+    et.add_argument("--images", type=Path, help="folder of images")
+    et.add_argument("--audio-tokenizer", type=Path)
+    et.add_argument("--audio", type=Path, help="folder of audio files")
+    et.add_argument("--out", type=Path, default=Path("eval_tokenizer"), help="reports and plots (default "
+                    "./eval_tokenizer)")
+    et.add_argument("--limit", type=int, default=256, help="at most this many files each")
+    et.add_argument("--fid-features", type=Path, help="feature network for FID: a torch.export .pt2 file mapping "
+                    "(1,3,H,W) images in [0,1] to (1,D)")
+    et.set_defaults(func=cmd_eval_tokenizer)
+    el = ev_cmds.add_parser("lm", help="per-modality loss and perplexity on held-out shards")
+    el.add_argument("--model", required=True, type=Path, help="an `omnitok export` directory")
+    el.add_argument("--shards", required=True, nargs="+", help="shard directories or URL patterns")
+    el.add_argument("--out", type=Path, help="JSON report file")
+    el.add_argument("--max-docs", type=int, default=1000)
+    el.set_defaults(func=cmd_eval_lm)
+    es = ev_cmds.add_parser("samples", help="span validity and counts of an `omnitok sample` output directory")
+    es.add_argument("dir", type=Path)
+    es.set_defaults(func=cmd_eval_samples)
 
     sh = commands.add_parser("shards", help="inspect and merge shard directories")
     sh_cmds = sh.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

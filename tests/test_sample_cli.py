@@ -4,31 +4,11 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 from PIL import Image
 
 from omnitok.cli import main
-from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.sample import SampleRequest, load_model, parse_prompt, sample
 from omnitok.model.sampler import ModalitySampling, SamplingConfig
-from omnitok.tokenizers.layout import TokenLayout
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokdir):
-    """A random-weight model laid out like an `omnitok export`: HF files plus tokenizer/."""
-    root = tmp_path_factory.mktemp("model") / "export"
-    layout = TokenLayout.load(tokdir / "layout.json")
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
-                        layout)
-    with torch.no_grad():  # random weights favour no token class; make media spans frequent
-        model.lm_head.weight[[layout.boi_id, layout.boa_id]] *= 0
-        model.lm_head.weight[[layout.boi_id, layout.boa_id], 0] = 3.0
-        model.model.embed_tokens.weight[:, 0] = 1.0
-    model.save_pretrained(str(root))
-    shutil.copytree(tokdir, root / "tokenizer")
-    return root
 
 
 @pytest.mark.slow

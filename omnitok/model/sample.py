@@ -247,17 +247,24 @@ def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int]
     return record
 
 
+STYLE = ("<style>body{font-family:sans-serif;max-width:60em;margin:auto}section{border-bottom:1px solid #ccc;"
+         "padding:.5em 0}.prompt{color:#555}img{image-rendering:pixelated;width:160px;vertical-align:middle;"
+         "margin:4px}audio{vertical-align:middle}.text{white-space:pre-wrap}</style>")
+
+
 def _html(records: list[dict]) -> str:
-    parts = ["<!doctype html><meta charset='utf-8'><title>omnitok samples</title>",
-             "<style>body{font-family:sans-serif;max-width:60em;margin:auto}section{border-bottom:1px solid #ccc;"
-             "padding:1em 0}.prompt{color:#555}img{image-rendering:pixelated;width:192px;vertical-align:middle;"
-             "margin:4px}audio{vertical-align:middle}.text{white-space:pre-wrap}</style>",
-             f"<h1>omnitok samples</h1><p>{len(records)} samples</p>"]
+    return "\n".join(["<!doctype html><meta charset='utf-8'><title>omnitok samples</title>", STYLE,
+                      f"<h1>omnitok samples</h1><p>{len(records)} samples</p>", records_html(records)])
+
+
+def records_html(records: list[dict], prefix: str = "") -> str:
+    """One section per sample: its prompt, then its segments in order (text, inline images, audio players)."""
+    parts = []
     for r in records:
         parts.append(f"<section><h3>{r['id']} <small>seed {r['seed']}, {r['new_tokens']} tokens, "
                      f"stopped at {r['stopped']}</small></h3><p class='prompt'>{html.escape(r['prompt'])}</p><div>")
         for s in r["segments"]:
-            src = f"{r['id']}/{s.get('file', '')}"
+            src = html.escape(f"{prefix}{r['id']}/{s.get('file', '')}")
             if s["type"] == "text":
                 parts.append(f"<span class='text'>{html.escape(s['text'])}</span>")
             elif s["type"] == "image":

@@ -7,6 +7,7 @@ the launcher; gloo on CPU, NCCL on GPU). The run directory holds:
   leaves the previous checkpoint the newest usable one); ``--resume`` continues from the newest complete one;
 - ``tb/`` (TensorBoard: loss and accuracy per modality, lr, tokens/s, data-wait fraction, padding), ``train.jsonl``,
   ``eval.jsonl``, ``config.json``;
+- ``loss.png``: the loss curves per modality (written at the end);
 - ``export/``: a plain Hugging Face model directory (``config.json``, ``model.safetensors``) with the tokenizer
   directory in ``export/tokenizer``, written at the end and by ``omnitok export``.
 """
@@ -240,7 +241,35 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if writer is not None:
         writer.close()
     export_model(engine, cfg, out / "export", rank)
+    if rank == 0:
+        plot_losses(out)
     return last
+
+
+def plot_losses(run: Path) -> None:
+    """``loss.png``: training (and held-out) loss per modality against the step, from the run's jsonl logs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for kind, style in (("train", "-"), ("eval", "--")):
+        path = run / f"{kind}.jsonl"
+        if not path.is_file():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for key in ["loss"] + sorted({k for r in rows for k in r if k.endswith("_loss")}):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=f"{kind} {key.replace('_loss', '')}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run / "loss.png", dpi=110)
+    plt.close(fig)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

@@ -1,0 +1,158 @@
+"""``omnitok demo``: the whole pipeline on a laptop, through the real commands.
+
+1. draw / synthesise a corpus of captioned shapes and sounds and documents mixing both (``omnitok.demo.corpus``);
+2. train its text tokenizer (``omnitok text-tokenizer train``); take the image and audio tokenizers that ship with
+   the package (trained by this project with ``omnitok image-tokenizer train`` / ``audio-tokenizer train``, configs
+   ``configs/vqgan-demo-cpu.yaml`` and ``configs/codec-demo-cpu.yaml``; ``weights/README.md`` has the commands) and
+   assemble all three (``omnitok tokenizer assemble``);
+3. tokenize the corpus to WebDataset shards (``omnitok tokenize``);
+4. pretrain a tiny Llama with DeepSpeed in one process (``omnitok pretrain``), which exports a Hugging Face model;
+5. sample text -> image, text -> audio, image -> text and interleaved output (``omnitok sample``), check the
+   samples (``omnitok eval samples``) and measure whether pictures of "a red circle" show a red circle;
+6. write a gallery page and print a one-screen summary.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from omnitok.cli import main as omnitok
+from omnitok.errors import OmnitokError
+
+WEIGHTS = Path(__file__).parent / "weights"
+SECTIONS = {  # name: (prompts, output modality, samples per prompt)
+    "text_to_image": (["a red circle", "a blue square", "a yellow triangle", "a green circle"], "image", 4),
+    "text_to_audio": (["a low tone", "a rising chirp", "a chord"], "audio", 2),
+    "image_to_text": (["<image:{corpus}/images/blue_square_000.png>", "<image:{corpus}/images/red_triangle_001.png>",
+                       "<image:{corpus}/images/green_circle_002.png>"], "text", 2),
+    "interleaved": (["a yellow square", "a red triangle"], "any", 2),
+}
+RED_CIRCLES = 16
+
+
+def pretrain_config(out: Path, steps: int) -> dict:
+    """The demo's tiny Llama: about 2.5M parameters, trained on 256-token sequences."""
+    return {"tokenizer": str(out / "tokenizer"), "out": str(out / "run"),
+            "model": {"arch": "llama", "hidden_size": 192, "intermediate_size": 512, "num_layers": 4, "num_heads": 4,
+                      "num_kv_heads": 4, "max_position_embeddings": 512},
+            "data": {"shards": [str(out / "shards")], "seq_len": 256, "cond_dropout": 0.1},
+            "optim": {"lr": 3e-3, "warmup_steps": 30, "weight_decay": 0.0},
+            "steps": steps, "micro_batch_size": 8, "zero_stage": 1, "checkpoint_every": steps, "log_every": 25}
+
+
+def _run(step: str, argv: list[str]) -> None:
+    print(f"\n== {step}: omnitok {' '.join(argv)}", flush=True)
+    if omnitok(argv) != 0:
+        raise OmnitokError(f"demo step '{step}' failed (see the message above)")
+
+
+def run_demo(out: str | Path, steps: int = 400, seed: int = 0) -> dict:
+    from omnitok.demo.corpus import make_corpus
+    from omnitok.demo.measure import caption_match
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise OmnitokError(f"{out} is not empty; give a new --out directory")
+    for part in ("image", "audio"):
+        if not (WEIGHTS / part / "omnitok.json").is_file():
+            raise OmnitokError(f"the package's demo {part} tokenizer is missing from {WEIGHTS}; reinstall omnitok")
+    start = time.perf_counter()
+    times = {}
+
+    def lap(name: str) -> None:
+        times[name] = round(time.perf_counter() - start - sum(times.values()), 1)
+
+    corpus = out / "corpus"
+    counts = make_corpus(corpus, seed=seed)
+    print(f"== corpus: {counts['images']} shape pictures, {counts['sounds']} sound clips, {counts['documents']} "
+          f"documents in {corpus}")
+    lap("corpus")
+    _run("text tokenizer", ["text-tokenizer", "train", "--input", str(corpus / "captions.txt"), "--vocab-size", "320",
+                            "--out", str(out / "tokenizers" / "text")])
+    for part in ("image", "audio"):
+        shutil.copytree(WEIGHTS / part, out / "tokenizers" / part)
+    _run("assemble", ["tokenizer", "assemble", "--text", str(out / "tokenizers" / "text"), "--image",
+                      str(out / "tokenizers" / "image"), "--audio", str(out / "tokenizers" / "audio"), "--out",
+                      str(out / "tokenizer")])
+    lap("tokenizers")
+    _run("tokenize", ["tokenize", "--input", str(corpus / "docs.jsonl"), "--tokenizer", str(out / "tokenizer"),
+                      "--out", str(out / "shards"), "--workers", "1", "--shard-size", "500"])
+    lap("tokenize")
+    config = out / "pretrain.yaml"
+    config.write_text(yaml.safe_dump(pretrain_config(out, steps), sort_keys=False))
+    _run("pretrain", ["pretrain", "--config", str(config)])
+    lap("pretrain")
+    model = out / "run" / "export"
+    for name, (prompts, modality, n) in SECTIONS.items():
+        argv = ["sample", "--model", str(model), "--out", str(out / "samples" / name), "--output-modality", modality,
+                "--num-samples", str(n), "--seed", str(seed), "--max-new-tokens", "200", "text.temperature=0.7"]
+        for p in prompts:
+            argv += ["--prompt", p.format(corpus=corpus)]
+        _run(f"sample {name}", argv)
+    _run("red circles", ["sample", "--model", str(model), "--out", str(out / "samples" / "red_circle"),
+                         "--output-modality", "image", "--num-samples", str(RED_CIRCLES), "--seed", str(seed + 1000),
+                         "--prompt", "a red circle"])
+    for name in [*SECTIONS, "red_circle"]:
+        _run(f"check {name}", ["eval", "samples", str(out / "samples" / name)])
+    lap("sample")
+    from PIL import Image
+
+    pngs = sorted((out / "samples" / "red_circle").rglob("*.png"))
+    pictures = [np.asarray(Image.open(p).convert("RGB")) for p in pngs]
+    match = caption_match(pictures, "red", "circle")
+    summary = _summary(out, match, times, counts)
+    _gallery(out, match)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(out, summary)
+    return summary
+
+
+def _summary(out: Path, match: dict, times: dict, counts: dict) -> dict:
+    log = [json.loads(line) for line in (out / "run" / "train.jsonl").read_text().splitlines()]
+    first, last = log[0], log[-1]
+    sections = {}
+    for name in [*SECTIONS, "red_circle"]:
+        report = json.loads((out / "samples" / name / "eval_samples.json").read_text())
+        sections[name] = {"samples": report["samples"], "segments": report["segments"], "valid": report["valid"]}
+    return {"corpus": counts, "loss": {"first": first["loss"], "last": last["loss"], "steps": last["step"],
+                                       "by_modality": {k[:-5]: v for k, v in last.items() if k.endswith("_loss")}},
+            "samples": sections, "red_circle": match, "seconds": times}
+
+
+def _gallery(out: Path, match: dict) -> None:
+    from omnitok.model.sample import STYLE, records_html
+
+    parts = ["<!doctype html><meta charset='utf-8'><title>omnitok demo</title>", STYLE, "<h1>omnitok demo</h1>",
+             f"<p>Pictures for \"a red circle\": {match['colour']}/{match['images']} red, {match['shape']}/"
+             f"{match['images']} circles, {match['both']}/{match['images']} both (chance: "
+             f"{match['chance']['both']:.0%} both).</p>", "<p><img src='run/loss.png' style='width:480px'></p>"]
+    for name in [*SECTIONS, "red_circle"]:
+        records = json.loads((out / "samples" / name / "samples.json").read_text())["samples"]
+        parts.append(f"<h2>{name.replace('_', ' ')}</h2>")
+        parts.append(records_html(records, prefix=f"samples/{name}/"))
+    (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
+
+
+def _print_summary(out: Path, s: dict) -> None:
+    m = s["red_circle"]
+    lines = ["", "=" * 72, f"omnitok demo finished in {sum(s['seconds'].values()):.0f} s  ("
+             + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()) + ")",
+             f"corpus      {s['corpus']['documents']} documents -> shards in {out / 'shards'}",
+             f"pretrain    loss {s['loss']['first']:.2f} -> {s['loss']['last']:.2f} over {s['loss']['steps']} steps "
+             f"(" + ", ".join(f"{k} {v:.2f}" for k, v in s["loss"]["by_modality"].items()) + ")",
+             f"            checkpoints in {out / 'run' / 'checkpoints'}, model in {out / 'run' / 'export'}"]
+    for name, sec in s["samples"].items():
+        seg = sec["segments"]
+        lines.append(f"{name:<12}{sec['samples']} samples: {seg['image']} images, {seg['audio']} audio clips, "
+                     f"{seg['text']} text segments")
+    lines += [f"red circle  {m['colour']}/{m['images']} red, {m['shape']}/{m['images']} circles, {m['both']}/"
+              f"{m['images']} both; chance {m['chance']['colour']:.0%} / {m['chance']['shape']:.0%} / "
+              f"{m['chance']['both']:.0%}",
+              f"gallery     {out / 'index.html'}", "=" * 72]
+    print("\n".join(lines))

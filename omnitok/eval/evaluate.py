@@ -1,0 +1,300 @@
+"""``omnitok eval``: how good are the tokenizers, the model and its samples.
+
+- ``tokenizer``: reconstruction through the real encode -> decode path. Images: PSNR and SSIM (torchmetrics, data
+  range 1, on [0, 1] pixels at the tokenizer's input size), codebook usage and perplexity; audio: SI-SDR
+  (torchmetrics) and multi-scale log-mel distance per clip, averaged, plus usage and perplexity per codebook. A PNG
+  grid of originals vs reconstructions (images; log-mel spectrograms for audio) and a codebook-usage plot.
+- ``lm``: per-modality next-token loss and perplexity of a model on held-out shards (each target token is counted
+  under its own modality; the layout's special tokens form their own group).
+- ``samples``: span validity and counts over an ``omnitok sample`` output directory.
+
+FID and CLIP-style scores need feature networks that cannot be downloaded here, so they are computed only when
+local weights are given (``--fid-features``: a ``torch.export``-ed program (``.pt2``) mapping (1, 3, H, W) images
+in [0, 1] to (1, D) features, e.g. an Inception pool3 network exported by the user); otherwise the report lists
+them under ``skipped`` with the reason. CLIP score is not implemented yet and is always listed as skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omnitok.errors import OmnitokError
+from omnitok.jsonfile import write_json_atomic
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
+def _files(directory: str | Path, suffixes: set[str], limit: int) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise OmnitokError(f"{directory} is not a directory")
+    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in suffixes)
+    if not files:
+        raise OmnitokError(f"no {'/'.join(sorted(suffixes))} files in {directory}")
+    return files[:limit]
+
+
+def usage_stats(codes: np.ndarray, codebook_size: int) -> dict:
+    """Fraction of the codebook used and the perplexity (exp of the entropy) of the code histogram."""
+    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=codebook_size).astype(np.float64)
+    p = counts / max(counts.sum(), 1)
+    nz = p[p > 0]
+    return {"usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+            "counts": counts}
+
+
+def _usage_plot(counts: list[np.ndarray], labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for c, label in zip(counts, labels):
+        ordered = np.sort(c)[::-1]
+        ax.plot(np.arange(1, len(ordered) + 1), ordered / max(ordered.sum(), 1), label=label)
+    ax.set_xlabel("code rank")
+    ax.set_ylabel("frequency")
+    ax.set_yscale("log")
+    ax.set_title("codebook usage (codes by frequency)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _grid(rows: list[list[np.ndarray]], path: Path, scale: int = 1) -> None:
+    """Rows of equally sized uint8 images, tiled with a 2 px gap."""
+    from PIL import Image
+
+    h, w = rows[0][0].shape[:2]
+    gap = 2
+    canvas = np.full((len(rows) * (h + gap), max(len(r) for r in rows) * (w + gap), 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            canvas[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def eval_image_tokenizer(tokenizer_dir: str | Path, images: str | Path, out: str | Path, limit: int = 256,
+                         fid_features: str | Path | None = None) -> dict:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    from omnitok.tokenizers.image import ImageError, ImageTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = ImageTokenizer.from_dir(tokenizer_dir)
+    arrays, skipped = [], {}
+    for path in _files(images, IMAGE_SUFFIXES, limit):
+        try:
+            arrays.append(tok.preprocess(str(path)))
+        except ImageError as e:
+            skipped[str(path)] = str(e)
+    if not arrays:
+        raise OmnitokError(f"no readable image in {images}")
+    codes = tok.encode_preprocessed(arrays)
+    recon = tok.decode(codes)
+    x, y = _to_float(arrays), _to_float(recon)
+    report = {"images": len(arrays), "unreadable": skipped, "size": list(arrays[0].shape[:2]),
+              "psnr": float(peak_signal_noise_ratio(y, x, data_range=1.0)),
+              "ssim": float(structural_similarity_index_measure(y, x, data_range=1.0))}
+    stats = usage_stats(np.concatenate([c.reshape(-1) for c in codes]), tok.codebook_size)
+    report["codebook"] = {"size": tok.codebook_size, "usage": stats["usage"], "perplexity": stats["perplexity"]}
+    report.update(_fid(fid_features, x, y))
+    _grid([list(arrays[i:i + 8]) for i in range(0, min(len(arrays), 32), 8)] +
+          [list(recon[i:i + 8]) for i in range(0, min(len(recon), 32), 8)], out / "reconstructions.png",
+          scale=max(1, 128 // arrays[0].shape[0]))
+    _usage_plot([stats["counts"]], ["image codes"], out / "codebook_usage.png")
+    write_json_atomic(out / "image_report.json", report)
+    return report
+
+
+def _to_float(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def _fid(weights: str | Path | None, real: torch.Tensor, fake: torch.Tensor) -> dict:
+    if weights is None:
+        return {"skipped": {"fid": "needs a local feature network (--fid-features, a torch.export .pt2 file); none "
+                                   "given, and nothing can be downloaded", "clip_score": "needs local CLIP weights"}}
+    net = torch.export.load(str(weights)).module()
+    with torch.no_grad():  # one image at a time: an exported program may have a fixed batch size
+        a, b = (torch.cat([net(x[i:i + 1]) for i in range(len(x))]).double().numpy() for x in (real, fake))
+    return {"fid": frechet_distance(a, b), "skipped": {"clip_score": "needs local CLIP weights"}}
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows are samples)."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = np.asarray(linalg.sqrtm(s1 @ s2)).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str | Path, limit: int = 64) -> dict:
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+
+    from omnitok.tokenizers.audio import AudioError, AudioTokenizer, load_audio
+    from omnitok.train.audio_losses import mel_distance, mel_spectrogram
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AudioTokenizer.from_dir(tokenizer_dir)
+    clips, skipped = [], {}
+    for path in _files(audio, AUDIO_SUFFIXES, limit):
+        try:
+            clips.append(load_audio(str(path), tok.sample_rate, tok.channels))
+        except AudioError as e:
+            skipped[str(path)] = str(e)
+    if not clips:
+        raise OmnitokError(f"no readable audio in {audio}")
+    codes = tok.encode([(c, tok.sample_rate) for c in clips])
+    recon = tok.decode(codes)
+    sdr, mel = [], []
+    pairs = []
+    for x, y in zip(clips, recon):
+        x = torch.from_numpy(np.asarray(x, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(y, dtype=np.float32))[..., : x.shape[-1]]
+        x = x[..., : y.shape[-1]]
+        pairs.append((x, y))
+        sdr.append(float(scale_invariant_signal_distortion_ratio(y, x).mean()))
+        mel.append(float(mel_distance(y[None], x[None], tok.sample_rate)))
+    report = {"clips": len(clips), "unreadable": skipped, "sample_rate": tok.sample_rate,
+              "seconds": float(sum(x.shape[-1] for x, _ in pairs) / tok.sample_rate),
+              "si_sdr": float(np.mean(sdr)), "mel_distance": float(np.mean(mel)), "per_clip_si_sdr": sdr}
+    per_q = [usage_stats(np.concatenate([c[q] for c in codes]), tok.codebook_size) for q in range(tok.num_codebooks)]
+    report["codebooks"] = [{"size": tok.codebook_size, "usage": s["usage"], "perplexity": s["perplexity"]}
+                           for s in per_q]
+    _usage_plot([s["counts"] for s in per_q], [f"codebook {q}" for q in range(len(per_q))],
+                out / "codebook_usage.png")
+    spectra = []
+    for x, y in pairs[:8]:
+        row = []
+        for w in (x, y):
+            m = torch.log(mel_spectrogram(w[:1][None], tok.sample_rate, 1024, 64)[0, 0] + 1e-5).numpy()
+            m = ((m - m.min()) / max(np.ptp(m), 1e-6) * 255).astype(np.uint8)[::-1]
+            row.append(np.repeat(np.asarray(_resize(m, 64, 96))[..., None], 3, axis=-1))
+        spectra.append(row)
+    _grid([[r[0] for r in spectra], [r[1] for r in spectra]], out / "reconstructions.png", scale=2)
+    write_json_atomic(out / "audio_report.json", report)
+    return report
+
+
+def _resize(m: np.ndarray, h: int, w: int):
+    from PIL import Image
+
+    return Image.fromarray(m).resize((w, h), Image.BILINEAR)
+
+
+# ---------------------------------------------------------------- the language model
+
+
+@torch.inference_mode()
+def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = None, max_docs: int = 1000,
+            seq_len: int = 2048, batch_size: int = 8) -> dict:
+    """Per-modality loss / perplexity of the model on documents from ``shards`` (directories or URL patterns)."""
+    from omnitok.data.shards import read_shard
+    from omnitok.data.stream import shard_urls
+    from omnitok.model.sample import load_model
+    from omnitok.tokenizers.layout import Modality
+
+    model, tok = load_model(model_dir)
+    device = next(model.parameters()).device
+    layout = tok.layout
+    docs = []
+    for spec in shards:
+        for url in shard_urls(spec, layout):
+            for _, tokens, _ in read_shard(url):
+                docs.append(np.asarray(tokens[:seq_len], dtype=np.int64))
+                if len(docs) >= max_docs:
+                    break
+            if len(docs) >= max_docs:
+                break
+    if not docs:
+        raise OmnitokError(f"no documents in {', '.join(shards)}")
+    names = {int(m): m.name.lower() for m in Modality}
+    sums = {name: 0.0 for name in names.values()}
+    counts = {name: 0 for name in names.values()}
+    for start in range(0, len(docs), batch_size):
+        batch = docs[start:start + batch_size]
+        width = max(len(d) for d in batch)
+        ids = torch.full((len(batch), width), layout.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, d in enumerate(batch):
+            ids[i, :len(d)] = torch.from_numpy(d)
+            mask[i, :len(d)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device),
+                                                reduction="none").cpu()
+        valid = mask[:, 1:].bool()
+        groups = torch.from_numpy(layout.modality_of(ids[:, 1:].numpy()).astype(np.int64))
+        for code, name in names.items():
+            sel = valid & (groups == code)
+            sums[name] += float(nll[sel].sum())
+            counts[name] += int(sel.sum())
+    report = {"documents": len(docs), "tokens": sum(counts.values()), "modalities": {}}
+    for name in names.values():
+        if counts[name]:
+            loss = sums[name] / counts[name]
+            report["modalities"][name] = {"tokens": counts[name], "loss": loss, "perplexity": float(np.exp(loss))}
+    total = sum(sums.values()) / max(sum(counts.values()), 1)
+    report["all"] = {"loss": total, "perplexity": float(np.exp(total))}
+    if out is not None:
+        write_json_atomic(Path(out), report)
+    return report
+
+
+# ---------------------------------------------------------------- samples
+
+
+def eval_samples(directory: str | Path) -> dict:
+    """Span validity and counts over an ``omnitok sample`` output directory."""
+    import json
+
+    import soundfile as sf
+    from PIL import Image
+
+    directory = Path(directory)
+    index = directory / "samples.json"
+    if not index.is_file():
+        raise OmnitokError(f"{directory} is not an `omnitok sample` output (no samples.json)")
+    records = json.loads(index.read_text())["samples"]
+    counts = {"text": 0, "image": 0, "audio": 0}
+    valid = {"image": 0, "audio": 0}
+    problems = []
+    tokens = 0
+    for r in records:
+        tokens += r["new_tokens"]
+        for s in r["segments"]:
+            counts[s["type"]] += 1
+            if s["type"] == "text":
+                continue
+            path = directory / r["id"] / s["file"]
+            try:
+                if s["type"] == "image":
+                    with Image.open(path) as img:
+                        img.load()
+                    ok = s["tokens"] == s["rows"] * s["cols"] + 4
+                else:
+                    wave, _ = sf.read(path)
+                    ok = len(wave) > 0 and bool(np.isfinite(wave).all())
+            except Exception as e:  # noqa: BLE001 - any unreadable file is a finding, not a crash
+                ok, reason = False, f"{type(e).__name__}: {e}"
+            else:
+                reason = "token count does not match the grid" if not ok else ""
+            valid[s["type"]] += ok
+            if not ok:
+                problems.append(f"{r['id']}/{s['file']}: {reason}")
+    report = {"samples": len(records), "new_tokens": tokens, "segments": counts,
+              "valid": {k: (valid[k] / counts[k] if counts[k] else None) for k in valid},
+              "stopped": {k: sum(r["stopped"] == k for r in records) for k in ("eos", "span", "max_new_tokens")},
+              "problems": problems}
+    write_json_atomic(directory / "eval_samples.json", report)
+    return report
