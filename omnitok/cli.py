@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "to shards, pretrain a tiny LM with DeepSpeed, sample images, audio and text, and "
                                "write a gallery (index.html) and a summary.")
     demo.add_argument("--out", type=Path, default=Path("omnitok-demo"), help="new directory (default ./omnitok-demo)")
-    demo.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
+    demo.add_argument("--steps", type=int, default=800, help="pretraining steps (default 800)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

@@ -52,7 +52,7 @@ def _run(step: str, argv: list[str]) -> None:
         raise OmnitokError(f"demo step '{step}' failed (see the message above)")
 
 
-def run_demo(out: str | Path, steps: int = 400, seed: int = 0) -> dict:
+def run_demo(out: str | Path, steps: int = 800, seed: int = 0) -> dict:
     from omnitok.demo.corpus import make_corpus
     from omnitok.demo.measure import caption_match
 
