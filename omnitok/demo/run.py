@@ -143,16 +143,16 @@ def _print_summary(out: Path, s: dict) -> None:
     m = s["red_circle"]
     lines = ["", "=" * 72, f"omnitok demo finished in {sum(s['seconds'].values()):.0f} s  ("
              + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items()) + ")",
-             f"corpus      {s['corpus']['documents']} documents -> shards in {out / 'shards'}",
-             f"pretrain    loss {s['loss']['first']:.2f} -> {s['loss']['last']:.2f} over {s['loss']['steps']} steps "
+             f"corpus        {s['corpus']['documents']} documents -> shards in {out / 'shards'}",
+             f"pretrain      loss {s['loss']['first']:.2f} -> {s['loss']['last']:.2f} over {s['loss']['steps']} steps "
              f"(" + ", ".join(f"{k} {v:.2f}" for k, v in s["loss"]["by_modality"].items()) + ")",
-             f"            checkpoints in {out / 'run' / 'checkpoints'}, model in {out / 'run' / 'export'}"]
+             f"              checkpoints in {out / 'run' / 'checkpoints'}, model in {out / 'run' / 'export'}"]
     for name, sec in s["samples"].items():
         seg = sec["segments"]
-        lines.append(f"{name:<12}{sec['samples']} samples: {seg['image']} images, {seg['audio']} audio clips, "
+        lines.append(f"{name:<14}{sec['samples']} samples: {seg['image']} images, {seg['audio']} audio clips, "
                      f"{seg['text']} text segments")
-    lines += [f"red circle  {m['colour']}/{m['images']} red, {m['shape']}/{m['images']} circles, {m['both']}/"
+    lines += [f"red circle    {m['colour']}/{m['images']} red, {m['shape']}/{m['images']} circles, {m['both']}/"
               f"{m['images']} both; chance {m['chance']['colour']:.0%} / {m['chance']['shape']:.0%} / "
               f"{m['chance']['both']:.0%}",
-              f"gallery     {out / 'index.html'}", "=" * 72]
+              f"gallery       {out / 'index.html'}", "=" * 72]
     print("\n".join(lines))
