@@ -24,23 +24,12 @@ import torch
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 
-
-def _files(directory: str | Path, suffixes: set[str], limit: int) -> list[Path]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise OmnitokError(f"{directory} is not a directory")
-    files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in suffixes)
-    if not files:
-        raise OmnitokError(f"no {'/'.join(sorted(suffixes))} files in {directory}")
-    return files[:limit]
-
-
-def usage_stats(codes: np.ndarray, codebook_size: int) -> dict:
-    """Fraction of the codebook used and the perplexity (exp of the entropy) of the code histogram."""
-    counts = np.bincount(np.asarray(codes).reshape(-1), minlength=codebook_size).astype(np.float64)
+def usage_stats(codes: np.ndarray | torch.Tensor, codebook_size: int) -> dict:
+    """Fraction of the codebook used and the perplexity (exp of the entropy) of the code histogram (also what the
+    tokenizer trainers log)."""
+    codes = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    counts = np.bincount(codes.reshape(-1).astype(np.int64), minlength=codebook_size).astype(np.float64)
     p = counts / max(counts.sum(), 1)
     nz = p[p > 0]
     return {"usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
@@ -84,17 +73,21 @@ def eval_image_tokenizer(tokenizer_dir: str | Path, images: str | Path, out: str
                          fid_features: str | Path | None = None) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from omnitok.tokenizers.image import ImageError, ImageTokenizer
+    from omnitok.tokenizers.image import ImageTokenizer
+    from omnitok.train.vqgan import ImageFiles, list_images
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = ImageTokenizer.from_dir(tokenizer_dir)
+    items = list_images([images])[:limit]
+    files = ImageFiles(items, tok.preprocess_config, tok.downsample)
     arrays, skipped = [], {}
-    for path in _files(images, IMAGE_SUFFIXES, limit):
-        try:
-            arrays.append(tok.preprocess(str(path)))
-        except ImageError as e:
-            skipped[str(path)] = str(e)
+    for i, (path, member) in enumerate(items):
+        _, array = files[i, False]
+        if isinstance(array, str):
+            skipped[path if member is None else f"{path}:{member}"] = array
+        else:
+            arrays.append(array)
     if not arrays:
         raise OmnitokError(f"no readable image in {images}")
     codes = tok.encode_preprocessed(arrays)
@@ -143,12 +136,13 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
 
     from omnitok.tokenizers.audio import AudioError, AudioTokenizer, load_audio
     from omnitok.train.audio_losses import mel_distance, mel_spectrogram
+    from omnitok.train.codec import list_audio
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = AudioTokenizer.from_dir(tokenizer_dir)
     clips, skipped = [], {}
-    for path in _files(audio, AUDIO_SUFFIXES, limit):
+    for path in list_audio([audio])[:limit]:
         try:
             clips.append(load_audio(str(path), tok.sample_rate, tok.channels))
         except AudioError as e:
@@ -281,17 +275,15 @@ def eval_samples(directory: str | Path) -> dict:
                 if s["type"] == "image":
                     with Image.open(path) as img:
                         img.load()
-                    ok = s["tokens"] == s["rows"] * s["cols"] + 4
+                    problem = "" if s["tokens"] == s["rows"] * s["cols"] + 4 else "token count does not match the grid"
                 else:
                     wave, _ = sf.read(path)
-                    ok = len(wave) > 0 and bool(np.isfinite(wave).all())
+                    problem = "" if len(wave) and np.isfinite(wave).all() else "empty or non-finite waveform"
             except Exception as e:  # noqa: BLE001 - any unreadable file is a finding, not a crash
-                ok, reason = False, f"{type(e).__name__}: {e}"
-            else:
-                reason = "token count does not match the grid" if not ok else ""
-            valid[s["type"]] += ok
-            if not ok:
-                problems.append(f"{r['id']}/{s['file']}: {reason}")
+                problem = f"{type(e).__name__}: {e}"
+            valid[s["type"]] += not problem
+            if problem:
+                problems.append(f"{r['id']}/{s['file']}: {problem}")
     report = {"samples": len(records), "new_tokens": tokens, "segments": counts,
               "valid": {k: (valid[k] / counts[k] if counts[k] else None) for k in valid},
               "stopped": {k: sum(r["stopped"] == k for r in records) for k in ("eos", "span", "max_new_tokens")},

@@ -48,17 +48,14 @@ class KVCache:
             return
         cap = max(need, 2 * self.capacity)
 
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            new = t.new_zeros((*t.shape[:-2], cap, t.shape[-1])) if t.dim() == 4 else t.new_zeros((t.shape[0], cap))
-            if t.dim() == 4:
-                new[:, :, : self.length] = t[:, :, : self.length]
-            else:
-                new[:, : self.length] = t[:, : self.length]
+        def grown(t: torch.Tensor, dim: int) -> torch.Tensor:
+            new = t.new_zeros((*t.shape[:dim], cap, *t.shape[dim + 1:]))
+            new.narrow(dim, 0, self.length).copy_(t.narrow(dim, 0, self.length))
             return new
 
-        self.keys = [grown(k) for k in self.keys]
-        self.values = [grown(v) for v in self.values]
-        self.valid = grown(self.valid)
+        self.keys = [grown(k, 2) for k in self.keys]
+        self.values = [grown(v, 2) for v in self.values]
+        self.valid = grown(self.valid, 1)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new keys/values at the end; returns that layer's keys/values so far (views)."""

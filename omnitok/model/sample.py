@@ -179,8 +179,6 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
 
     out = Path(out)
     check_request(tok.layout, request.sampling)
-    for p in prompts:
-        check_media(p)
     encoded = tok.encode_batch([p.document for p in prompts])
     eos = tok.text.eos_id
     jobs = [(i, k) for i in range(len(prompts)) for k in range(request.num_samples)]

@@ -277,7 +277,6 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         raise OmnitokError(f"{len(seeds)} seeds for {B} prompts")
     opener = {"image": [layout.boi_id] if cfg.output == "image" else [],
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
-    fed = [list(p) + opener for p in prompts]  # what each sample's conditional row has been fed
     grammar = Grammar(layout, eos_id, cfg, B, device)
     generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
     scale = torch.tensor([1.0, cfg.image.guidance, cfg.audio.guidance], device=device)
@@ -290,7 +289,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         return torch.nonzero(scale[grammar.modality()] != 1).flatten().tolist()
 
     uncond_of = wants_guidance()  # the sample of each unconditional row (rows B, B+1, ...)
-    seqs = fed + [unconditional(prompts[b], layout) + opener for b in uncond_of]
+    seqs = [list(p) + opener for p in prompts] + [unconditional(prompts[b], layout) + opener for b in uncond_of]
     cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + cfg.max_new_tokens)
     ids, valid, positions = _left_padded(seqs, layout.pad_id, device)
     logits = decoder.forward(cache, ids, valid, positions)
@@ -329,15 +328,14 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 next_pos = next_pos[rows]
             uncond_of = [uncond_of[j] for j in keep]
             if joining:  # prefill their unconditional prefixes, then splice them in
-                prefixes = [unconditional(fed[b], layout) for b in joining]
+                # what the conditional row has been fed so far: all but the opener just sampled
+                prefixes = [unconditional(list(prompts[b]) + opener + new[b][:-1], layout) for b in joining]
                 extra = decoder.new_cache(len(joining), capacity=max(len(p) for p in prefixes))
                 ids, valid, positions = _left_padded(prefixes, layout.pad_id, device)
                 decoder.forward(extra, ids, valid, positions)
                 cache.extend(extra)
                 next_pos = torch.cat([next_pos, positions[:, -1] + 1])
                 uncond_of += joining
-        for b in range(B):
-            fed[b].append(tokens[b])
         step_ids = torch.cat([token, token[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
         logits = decoder.forward(cache, step_ids[:, None], torch.ones_like(step_ids, dtype=torch.bool)[:, None],
                                  next_pos[:, None])

@@ -29,6 +29,7 @@ from vector_quantize_pytorch import ResidualVQ
 from omnitok.config import apply_overrides, build, load_config_file, to_dict
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
+from omnitok.eval.evaluate import usage_stats
 from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig, save_tokenizer_dir
 from omnitok.tokenizers.audio_import import encodec_model
 from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, multi_scale_mel_loss
@@ -258,13 +259,12 @@ class CodecTask:
             codes = self.codec.encode(x, bandwidth=self.bandwidth).audio_codes  # (1, H, n_q, frames)
             rec = self.codec.decode(codes, [None]).audio_values[..., : x.shape[-1]].float()
         self.codec.train(was_training)
-        counts = torch.bincount(codes[0, :, 0].reshape(-1).cpu(), minlength=self.codec.config.codebook_size).float()
-        p = counts[counts > 0] / counts.sum()
+        usage = usage_stats(codes[0, :, 0], self.codec.config.codebook_size)
         metrics = {
             "si_sdr": float(scale_invariant_signal_distortion_ratio(rec.cpu(), x.cpu()).mean()),
             "mel_distance": float(mel_distance(x.cpu(), rec.cpu(), self.rate)),
-            "codebook0_usage": float((counts > 0).float().mean()),
-            "codebook0_perplexity": float(torch.exp(-(p * p.log()).sum())),
+            "codebook0_usage": usage["usage"],
+            "codebook0_perplexity": usage["perplexity"],
         }
         folder = out / "samples" / f"step_{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,8 @@ def evaluate(model: VQGAN, pixels: torch.Tensor, device: torch.device, batch: in
     """PSNR / SSIM of reconstructions through the inference path (exact lookup), codebook usage and perplexity."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from omnitok.eval.evaluate import usage_stats
+
     was_training = model.training
     model.eval()
     recs, codes = [], []
@@ -212,13 +214,12 @@ def evaluate(model: VQGAN, pixels: torch.Tensor, device: torch.device, batch: in
     model.train(was_training)
     rec, codes = torch.cat(recs), torch.cat(codes)
     target, pred = (pixels + 1) / 2, (rec + 1) / 2
-    counts = torch.bincount(codes, minlength=model.config.codebook_size).float()
-    p = counts[counts > 0] / counts.sum()
+    usage = usage_stats(codes, model.config.codebook_size)
     metrics = {
         "psnr": float(peak_signal_noise_ratio(pred, target, data_range=1.0)),
         "ssim": float(structural_similarity_index_measure(pred, target, data_range=1.0)),
-        "codebook_usage": float((counts > 0).float().mean()),
-        "perplexity": float(torch.exp(-(p * p.log()).sum())),
+        "codebook_usage": usage["usage"],
+        "perplexity": usage["perplexity"],
     }
     return metrics, rec
 
