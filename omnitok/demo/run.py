@@ -31,7 +31,7 @@ SECTIONS = {  # name: (prompts, output modality, samples per prompt)
     "text_to_audio": (["a low tone", "a rising chirp", "a chord"], "audio", 2),
     "image_to_text": (["<image:{corpus}/images/blue_square_000.png>", "<image:{corpus}/images/red_triangle_001.png>",
                        "<image:{corpus}/images/green_circle_002.png>"], "text", 2),
-    "interleaved": (["a yellow square", "a red triangle"], "any", 2),
+    "interleaved": (["a yellow square and a chord", "a red triangle and a rising chirp"], "any", 2),
 }
 RED_CIRCLES = 16
 
@@ -91,7 +91,7 @@ def run_demo(out: str | Path, steps: int = 800, seed: int = 0) -> dict:
     model = out / "run" / "export"
     for name, (prompts, modality, n) in SECTIONS.items():
         argv = ["sample", "--model", str(model), "--out", str(out / "samples" / name), "--output-modality", modality,
-                "--num-samples", str(n), "--seed", str(seed), "--max-new-tokens", "200", "text.temperature=0.7"]
+                "--num-samples", str(n), "--seed", str(seed), "--max-new-tokens", "256", "text.temperature=0.7"]
         for p in prompts:
             argv += ["--prompt", p.format(corpus=corpus)]
         _run(f"sample {name}", argv)

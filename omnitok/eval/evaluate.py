@@ -159,7 +159,7 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
         x = x[..., : y.shape[-1]]
         pairs.append((x, y))
         sdr.append(float(scale_invariant_signal_distortion_ratio(y, x).mean()))
-        mel.append(float(mel_distance(y[None], x[None], tok.sample_rate)))
+        mel.append(float(mel_distance(x[None], y[None], tok.sample_rate)))
     report = {"clips": len(clips), "unreadable": skipped, "sample_rate": tok.sample_rate,
               "seconds": float(sum(x.shape[-1] for x, _ in pairs) / tok.sample_rate),
               "si_sdr": float(np.mean(sdr)), "mel_distance": float(np.mean(mel)), "per_clip_si_sdr": sdr}
