@@ -64,7 +64,7 @@ def synth_sound(kind: str, rng: np.random.Generator, seconds: float = SOUND_SECO
 
 
 def make_corpus(root: str | Path, per_shape: int = 60, per_sound: int = 30, mixed: int = 120,
-                seed: int = 0) -> dict:
+                seed: int = 0, sound_seconds: float = SOUND_SECONDS) -> dict:
     """Writes ``images/``, ``audio/`` and ``docs.jsonl`` (the ``omnitok tokenize`` input) under ``root``."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def make_corpus(root: str | Path, per_shape: int = 60, per_sound: int = 30, mixe
     for kind in SOUNDS:
         for i in range(per_sound):
             path = f"audio/{kind[2:].replace(' ', '_')}_{i:03d}.wav"
-            sf.write(root / path, synth_sound(kind, rng), SAMPLE_RATE)
+            sf.write(root / path, synth_sound(kind, rng, sound_seconds), SAMPLE_RATE)
             sounds.append((kind, path))
     for i, (caption, path) in enumerate(images + sounds):
         key = "image" if path.startswith("images/") else "audio"
