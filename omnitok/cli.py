@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa = commands.add_parser("sample", help="sample interleaved text / image / audio from a model",
                              description="Sample from an exported model; writes PNG, WAV, text, sample.json per "
                              "sample and an index.html. Sampling settings as KEY=VALUE: text.temperature=0.7 "
-                             "image.top_k=1000 image.guidance=3 audio.guidance=3 max_audio_frames=750.")
+                             "image.top_k=1000 image.guidance=3 image.plausibility=0.1 audio.guidance=3 "
+                             "max_audio_frames=750.")
     sa.add_argument("--model", required=True, type=Path, help="an `omnitok export` directory")
     sa.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
     sa.add_argument("--prompt", action="append", default=[], help="text with <image:PATH> / <audio:PATH> "
@@ -326,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--prompts", type=Path, help="a file of prompts, one per line (text or JSON)")
     sa.add_argument("--out", required=True, type=Path)
     sa.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
-                    help="image / audio: the output is one span of that kind; text: no media")
+                    help="image / audio: the output is one span of that kind; text: text only, "
+                    "never empty")
     sa.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     sa.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
     sa.add_argument("--max-new-tokens", type=int, default=1024)

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -73,9 +75,22 @@ def test_greedy_text_equals_hugging_face_generate(model):
     prompt = [1, 7, 9, 11, 3]
     ours = generate(model, LAYOUT, [prompt], EOS, SamplingConfig(greedy=True, output="text", max_new_tokens=25))[0]
     non_text = [i for i in range(LAYOUT.vocab_size) if i >= LAYOUT.text_vocab_size]
-    hf = model.generate(torch.tensor([prompt]), max_new_tokens=25, do_sample=False, suppress_tokens=non_text,
-                        eos_token_id=EOS, pad_token_id=LAYOUT.pad_id)[0, len(prompt):].tolist()
-    assert ours == hf[: len(ours)] and len(ours) >= min(len(hf), 25)
+    hf = model.generate(torch.tensor([prompt]), max_new_tokens=25, min_new_tokens=1, do_sample=False,
+                        suppress_tokens=non_text, eos_token_id=EOS, pad_token_id=LAYOUT.pad_id)[0, len(prompt):]
+    assert ours == hf.tolist()[: len(ours)] and len(ours) >= min(len(hf), 25)
+
+
+@torch.inference_mode()
+def test_text_output_is_never_empty(model):
+    """A model that wants to stop at once: "any" may stop at once, "text" writes at least one text token."""
+    model = copy.deepcopy(model)
+    model.lm_head.weight[EOS] *= 0
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(LAYOUT.vocab_size))
+    model.lm_head.bias[EOS] = 30.0
+    prompts = [[1, 5, 6], [1, 8]]
+    assert generate(model, LAYOUT, prompts, EOS, SamplingConfig(max_new_tokens=10)) == [[EOS], [EOS]]
+    for out in generate(model, LAYOUT, prompts, EOS, SamplingConfig(output="text", max_new_tokens=10)):
+        assert out[0] < LAYOUT.text_vocab_size and out[0] != EOS and out[-1] == EOS and len(out) == 2
 
 
 def test_output_image_always_yields_an_image_of_the_fixed_grid(model):
@@ -120,12 +135,13 @@ def reference_cfg(model, prompt: list[int], cfg: SamplingConfig, seed: int = 0) 
     for step in range(cfg.max_new_tokens):
         logits = model(torch.tensor([cond])).logits[0, -1]
         state = int(grammar.state[0])
+        allowed = grammar.allowed(cfg.max_new_tokens - step)
         if ROWS <= state <= EOI or state == AUDIO:
-            s = cfg.image.guidance if state != AUDIO else cfg.audio.guidance
+            m = cfg.image if state != AUDIO else cfg.audio
             u = model(torch.tensor([uncond])).logits[0, -1]
-            logits = u + s * (logits - u)
-        token = int(_pick(logits[None], grammar.allowed(cfg.max_new_tokens - step), grammar.modality(), cfg,
-                          generators)[0])
+            p = torch.softmax(logits.masked_fill(~allowed[0], float("-inf")), -1)
+            logits = (u + m.guidance * (logits - u)).masked_fill(p < m.plausibility * p.max(), float("-inf"))
+        token = int(_pick(logits[None], allowed, grammar.modality(), cfg, generators)[0])
         grammar.advance(torch.tensor([token]))
         if int(grammar.state[0]) in (ROWS, AUDIO) and state not in (ROWS, AUDIO):  # a span opens
             uncond = drop_text(cond)
@@ -165,6 +181,33 @@ def test_guidance_one_is_no_guidance_and_guidance_changes_images(model):
     ours = generate(model, LAYOUT, prompts, EOS, guided)
     assert ours == [[LAYOUT.boi_id] + reference_cfg(model, p + [LAYOUT.boi_id], guided) for p in prompts]
     assert ours != plain
+
+
+@torch.inference_mode()
+def test_guided_tokens_are_plausible_under_the_conditional_model(model):
+    """Strong guidance picks only image codes whose conditional probability is at least ``plausibility`` times the
+    top allowed code's; with the floor off it picks codes outside that set."""
+    model = copy.deepcopy(model)
+    model.lm_head.weight *= 20  # peaked distributions with long tails, like a trained model's
+    prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 30, 31]]
+    codes = torch.zeros(LAYOUT.vocab_size, dtype=torch.bool)
+    codes[slice(*LAYOUT.ranges["image"])] = True
+
+    def implausible(floor: float) -> int:
+        cfg = SamplingConfig(output="image", grid=(4, 4), max_new_tokens=24,
+                             image=ModalitySampling(guidance=8.0, plausibility=floor))
+        count = 0
+        for prompt, out in zip(prompts, generate(model, LAYOUT, prompts, EOS, cfg, seeds=[0, 1, 2])):
+            seq = prompt + out
+            probs = torch.softmax(model(torch.tensor([seq])).logits[0], -1)
+            for i in range(len(prompt), len(seq)):
+                if codes[seq[i]]:
+                    p = probs[i - 1][codes]
+                    count += int(probs[i - 1, seq[i]] < 0.3 * p.max())
+        return count
+
+    assert implausible(0.3) == 0
+    assert implausible(0.0) > 0
 
 
 def test_a_seeded_sample_is_the_same_alone_or_in_any_batch(model):

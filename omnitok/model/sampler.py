@@ -21,8 +21,10 @@ With ``output`` "image" or "audio" the span opens at once and the sample ends wh
 Classifier-free guidance (per modality, ``guidance`` != 1): while a sample is inside an image or audio span, an
 unconditional row runs in the same forward pass with its own KV cache rows: the sample's sequence with the text right
 before the span dropped, exactly what conditioning dropout trains (DESIGN.md). The logits used are
-``u + guidance * (c - u)``. The row joins when the span opens (a short prefill spliced into the batch cache) and
-leaves when it closes, so samples in text pay nothing and a batch may mix samples in any state.
+``u + guidance * (c - u)`` over the tokens the conditional row finds plausible (``plausibility``, the adaptive
+plausibility constraint of contrastive decoding, Li et al. 2023). The row joins when the span opens (a short prefill
+spliced into the batch cache) and leaves when it closes, so samples in text pay nothing and a batch may mix samples in
+any state.
 
 Randomness is per sample: sample ``b`` draws its noise from its own generator seeded ``seeds[b]``, indexed by token
 id, so a prompt gives the same output alone or in any batch.
@@ -50,10 +52,13 @@ class ModalitySampling:
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
     guidance: float = 1.0  # classifier-free guidance scale for spans of this modality; 1: none
+    plausibility: float = 0.1  # guidance picks among tokens at least this times as likely as the top one; 0: all
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.guidance < 0:
-            raise OmnitokError("sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1 and guidance >= 0")
+        if (self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.guidance < 0
+                or not 0 <= self.plausibility <= 1):
+            raise OmnitokError("sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1, guidance >= 0 and "
+                               "0 <= plausibility <= 1")
 
 
 @dataclass
@@ -66,7 +71,7 @@ class SamplingConfig:
     max_new_tokens: int = 1024
     max_audio_frames: int = 750  # 10 s of 75 Hz EnCodec frames
     grid: tuple[int, int] | None = None  # a fixed image grid (rows, cols); default: any the layout allows
-    output: str = "any"  # "text", "image" or "audio" start that span at once (text: no media at all)
+    output: str = "any"  # "image" / "audio": one span of that kind; "text": at least one text token, no media
     greedy: bool = False
 
     def __post_init__(self) -> None:
@@ -113,6 +118,7 @@ class Grammar:
         masks = {"text": mask(starts, [text]), "text_no_image": mask(starts[1:] if layout.has_image else starts,
                                                                      [text]),
                  "text_no_media": mask((), [text]), "eos": mask([eos_id]), "pad": mask([layout.pad_id])}
+        masks["text_not_eos"] = masks["text_no_media"] & ~masks["eos"]
         if layout.has_image:
             rows1, cols1, G = layout.rows_id(1), layout.cols_id(1), layout.max_grid_side
             masks["rows"] = mask([layout.rows_id(cfg.grid[0])]) if cfg.grid else mask((), [(rows1, rows1 + G)])
@@ -130,6 +136,7 @@ class Grammar:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         self.state = zeros + {"any": TEXT, "text": TEXT, "image": ROWS, "audio": AUDIO}[cfg.output]
         self.remaining, self.rows, self.q, self.frames = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self.first = True  # no token sampled yet
 
     def allowed(self, steps_left: int) -> torch.Tensor:
         """(B, V) boolean mask of the tokens each sample may take next."""
@@ -142,6 +149,8 @@ class Grammar:
             text = i["text_no_image"] if steps_left >= n_q + 3 else i["text_no_media"]
         elif self.layout.has_audio and steps_left < n_q + 3:
             text = i["text_no_media"]
+        if self.cfg.output == "text" and self.first and steps_left > 1:  # text output is not empty
+            text = i["text_not_eos"]
         choice = torch.full_like(s, i["pad"])
         choice = torch.where(s == TEXT, text, choice)
         if self.layout.has_image:
@@ -187,11 +196,27 @@ class Grammar:
             new = torch.where((new == TEXT) & (s != TEXT), DONE, new)
         new = torch.where((s == TEXT) & (token == self.eos), DONE, new)
         self.state = new
+        self.first = False
 
     def modality(self) -> torch.Tensor:
         """0 text, 1 image, 2 audio: which sampling settings each sample uses now."""
         s = self.state
         return torch.where((s >= ROWS) & (s <= EOI), 1, torch.where(s == AUDIO, 2, 0))
+
+
+def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor,
+            cfg: SamplingConfig) -> torch.Tensor:
+    """Guided logits ``u + guidance * (c - u)`` of conditional rows ``c`` and their unconditional rows ``u``, over the
+    tokens the conditional model finds plausible: those allowed with probability at least ``plausibility`` times the
+    most likely allowed one's. Guidance rewards tokens by how much more likely the condition makes them, so without
+    the floor a token both rows find near-impossible can win on noise in the logits' tail (a small model's images
+    turn to blotches at guidance 3)."""
+    settings = (cfg.text, cfg.image, cfg.audio)
+    scale = torch.tensor([m.guidance for m in settings], device=c.device)[modality][:, None]
+    floor = torch.tensor([m.plausibility for m in settings], device=c.device)[modality][:, None]
+    c_allowed = c.masked_fill(~allowed, float("-inf"))
+    implausible = c_allowed < c_allowed.max(-1, keepdim=True).values + torch.log(floor)
+    return (u + scale * (c - u)).masked_fill(implausible, float("-inf"))
 
 
 def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, cfg: SamplingConfig,
@@ -298,13 +323,13 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     span_start = [0] * B  # where each sample's current span opened, in ``opener + new[b]``
     for step in range(cfg.max_new_tokens):
         cond = logits[:B]
+        allowed = grammar.allowed(cfg.max_new_tokens - step)
         if uncond_of:
             rows = torch.tensor(uncond_of, device=device)
-            s = scale[grammar.modality()[rows]][:, None]
-            u = logits[B:]
-            cond = cond.index_copy(0, rows, u + s * (cond[rows] - u))
+            mixed = _guided(cond[rows], logits[B:], allowed[rows], grammar.modality()[rows], cfg)
+            cond = cond.index_copy(0, rows, mixed)
         before = grammar.state
-        token = _pick(cond, grammar.allowed(cfg.max_new_tokens - step), grammar.modality(), cfg, generators)
+        token = _pick(cond, allowed, grammar.modality(), cfg, generators)
         token = torch.where(before == DONE, layout.pad_id, token)
         grammar.advance(token)
         tokens, states, old = token.tolist(), grammar.state.tolist(), before.tolist()
