@@ -33,7 +33,7 @@ SECTIONS = {  # name: (prompts, output modality, samples per prompt)
                        "<image:{corpus}/images/green_circle_002.png>"], "text", 2),
     "interleaved": (["a yellow square and a chord", "a red triangle and a rising chirp"], "any", 2),
 }
-RED_CIRCLES = 16
+RED_CIRCLES = 32
 
 
 def pretrain_config(out: Path, steps: int) -> dict:
