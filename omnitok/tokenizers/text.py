@@ -30,6 +30,8 @@ _COMMON_BOS_EOS = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"), ("
 
 
 class _SentencePiece:
+    """Text round-trips exactly except U+2581, SentencePiece's space symbol, which decodes as a space."""
+
     name = "sentencepiece"
 
     def __init__(self, model_proto: bytes, source: str):
