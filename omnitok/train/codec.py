@@ -71,7 +71,9 @@ class CodecTrainConfig:
     lr: float = 3e-4
     betas: tuple[float, float] = (0.5, 0.9)
     grad_clip: float = 1.0
-    time_weight: float = 0.1  # EnCodec's lambda_t
+    time_weight: float = 0.1  # EnCodec's lambda_t, on the waveform L1
+    time_l2_weight: float = 0.0  # waveform L2: its optimum under doubt is the mean, not L1's median (silence), so a
+    # small codec starting on speech leaves the silent output it otherwise keeps for thousands of steps
     mel_weight: float = 1.0
     quantizer_dropout: bool = True
     vq_warmup_steps: int = 0  # train as a plain autoencoder first; k-means then starts from a trained encoder
@@ -206,9 +208,9 @@ class CodecTask:
                 with torch.autocast(device_type=device.type, enabled=False):
                     quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
             rec = self.codec.decoder(quantized.transpose(1, 2))[..., : x.shape[-1]]  # (B, C, T)
-            time_loss = (x - rec).abs().mean()
+            time_loss, time_l2 = (x - rec).abs().mean(), (x - rec).pow(2).mean()
             mel_loss = multi_scale_mel_loss(x, rec, self.rate)
-            loss = cfg.time_weight * time_loss + cfg.mel_weight * mel_loss + commit.sum()
+            loss = cfg.time_weight * time_loss + cfg.time_l2_weight * time_l2 + cfg.mel_weight * mel_loss + commit.sum()
             g_adv, feat = zero, zero
             if gan_on:
                 real, fake = self.disc(x), self.disc(rec)
@@ -232,8 +234,9 @@ class CodecTask:
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
-        return {"loss": loss.item(), "time_l1": time_loss.item(), "mel": mel_loss.item(), "commit": commit.sum().item(),
-                "g_adv": g_adv.item(), "feature": feat.item(), "d": d_loss.item(), "grad_norm": grad_norm.item(),
+        return {"loss": loss.item(), "time_l1": time_loss.item(), "time_l2": time_l2.item(), "mel": mel_loss.item(),
+                "commit": commit.sum().item(), "g_adv": g_adv.item(), "feature": feat.item(), "d": d_loss.item(),
+                "grad_norm": grad_norm.item(),
                 "quantizers_active": int((codes >= 0).any(dim=0).any(dim=0).sum())}  # dropout marks unused with -1
 
     # ---------------------------------------------------------------- evaluation and export
