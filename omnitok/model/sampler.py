@@ -204,18 +204,15 @@ class Grammar:
         return torch.where((s >= ROWS) & (s <= EOI), 1, torch.where(s == AUDIO, 2, 0))
 
 
-def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor,
-            cfg: SamplingConfig) -> torch.Tensor:
-    """Guided logits ``u + guidance * (c - u)`` of conditional rows ``c`` and their unconditional rows ``u``, over the
-    tokens the conditional model finds plausible: those allowed with probability at least ``plausibility`` times the
-    most likely allowed one's. Guidance rewards tokens by how much more likely the condition makes them, so without
-    the floor a token both rows find near-impossible can win on noise in the logits' tail (a small model's images
-    turn to blotches at guidance 3)."""
-    settings = (cfg.text, cfg.image, cfg.audio)
-    scale = torch.tensor([m.guidance for m in settings], device=c.device)[modality][:, None]
-    floor = torch.tensor([m.plausibility for m in settings], device=c.device)[modality][:, None]
+def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: torch.Tensor,
+            log_floor: torch.Tensor) -> torch.Tensor:
+    """Guided logits ``u + scale * (c - u)`` of conditional rows ``c`` and their unconditional rows ``u`` (scale and
+    log plausibility floor: (rows, 1)), over the tokens the conditional model finds plausible: those allowed with
+    probability at least ``plausibility`` times the most likely allowed one's. Guidance rewards tokens by how much
+    more likely the condition makes them, so without the floor a token both rows find near-impossible can win on
+    noise in the logits' tail (a small model's images turn to blotches at guidance 3)."""
     c_allowed = c.masked_fill(~allowed, float("-inf"))
-    implausible = c_allowed < c_allowed.max(-1, keepdim=True).values + torch.log(floor)
+    implausible = c_allowed < c_allowed.max(-1, keepdim=True).values + log_floor
     return (u + scale * (c - u)).masked_fill(implausible, float("-inf"))
 
 
@@ -304,7 +301,9 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
     grammar = Grammar(layout, eos_id, cfg, B, device)
     generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    # per modality (text, image, audio): guidance scale and log plausibility floor
     scale = torch.tensor([1.0, cfg.image.guidance, cfg.audio.guidance], device=device)
+    log_floor = torch.tensor([1.0, cfg.image.plausibility, cfg.audio.plausibility], device=device).log()
     guided = cfg.image.guidance != 1 or cfg.audio.guidance != 1
 
     def wants_guidance() -> list[int]:
@@ -326,7 +325,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         allowed = grammar.allowed(cfg.max_new_tokens - step)
         if uncond_of:
             rows = torch.tensor(uncond_of, device=device)
-            mixed = _guided(cond[rows], logits[B:], allowed[rows], grammar.modality()[rows], cfg)
+            m = grammar.modality()[rows][:, None]
+            mixed = _guided(cond[rows], logits[B:], allowed[rows], scale[m], log_floor[m])
             cond = cond.index_copy(0, rows, mixed)
         before = grammar.state
         token = _pick(cond, allowed, grammar.modality(), cfg, generators)
