@@ -171,7 +171,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
         r = eval_audio_tokenizer(args.audio_tokenizer, args.audio, args.out, args.limit)
         usage = ", ".join(f"{c['usage']:.0%}" for c in r["codebooks"])
         print(f"audio: {r['clips']} clips, {r['seconds']:.1f} s: SI-SDR {r['si_sdr']:.2f} dB, mel distance "
-              f"{r['mel_distance']:.3f}, codebook usage {usage}")
+              f"{r['mel_distance']:.3f}, STOI {r['stoi']:.3f}, codebook usage {usage}; WAV pairs in {args.out}/samples")
     print(f"reports and plots in {args.out}")
 
 

@@ -7,14 +7,22 @@ import torch
 from conftest import ASSETS, PHOTOS
 from PIL import Image
 from test_pretrain_parts import write_shards
-from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio, short_time_objective_intelligibility
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from omnitok.cli import main
-from omnitok.eval.evaluate import eval_audio_tokenizer, eval_image_tokenizer, eval_lm, eval_samples, frechet_distance
+from omnitok.eval.evaluate import (
+    eval_audio_tokenizer,
+    eval_image_tokenizer,
+    eval_lm,
+    eval_samples,
+    frechet_distance,
+    mel_image,
+)
 from omnitok.tokenizers.audio import AudioTokenizer, load_audio
 from omnitok.tokenizers.image import ImageTokenizer
 from omnitok.tokenizers.layout import TokenLayout
+from omnitok.train.audio_losses import mel_spectrogram
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +77,35 @@ def test_audio_report_matches_torchmetrics(tokdir, tmp_path):
         sf.write(folder / name, wave[: int(1.5 * rate)], rate)
     report = eval_audio_tokenizer(tokdir / "audio", folder, tmp_path / "out")
     tok = AudioTokenizer.from_dir(tokdir / "audio")
-    expected = []
+    expected, intelligibility = [], []
     for name in sorted(p.name for p in folder.iterdir()):
         x = load_audio(str(folder / name), tok.sample_rate, tok.channels)
         y = tok.decode(tok.encode([(x, tok.sample_rate)]))[0][..., : x.shape[-1]]
-        expected.append(float(scale_invariant_signal_distortion_ratio(torch.from_numpy(y),
-                                                                       torch.from_numpy(x[..., : y.shape[-1]]))))
+        x = x[..., : y.shape[-1]]
+        expected.append(float(scale_invariant_signal_distortion_ratio(torch.from_numpy(y), torch.from_numpy(x))))
+        intelligibility.append(short_time_objective_intelligibility(torch.from_numpy(y[0]), torch.from_numpy(x[0]),
+                                                                    tok.sample_rate).item())
     assert report["per_clip_si_sdr"] == pytest.approx(expected, abs=1e-3)
+    assert report["per_clip_stoi"] == pytest.approx(intelligibility, abs=1e-3)  # torchmetrics' STOI, via pystoi
+    assert all(0 <= s <= 1 for s in intelligibility)
+    wave, rate = sf.read(tmp_path / "out" / "samples" / "clip1_original.wav", always_2d=True)
+    assert rate == tok.sample_rate and wave.T == pytest.approx(x, abs=1e-4)  # the WAV pairs written for listening
+    assert sf.info(tmp_path / "out" / "samples" / "clip1_reconstruction.wav").frames == x.shape[-1]
     assert report["mel_distance"] > 0 and len(report["codebooks"]) == tok.num_codebooks
     assert (tmp_path / "out" / "reconstructions.png").is_file() and (tmp_path / "out" / "codebook_usage.png").is_file()
+
+
+def test_mel_image_draws_a_rising_chirp_rising():
+    rate = 24_000
+    t = np.arange(2 * rate) / rate
+    chirp = torch.tensor(0.5 * np.sin(2 * np.pi * (200 * t + 1400 * t**2)), dtype=torch.float32)[None]  # 200->5800 Hz
+    top = float(mel_spectrogram(chirp[None], rate, 1024, 64).max().log())
+    image = mel_image(chirp, rate, top)
+    assert image.shape == (64, 96, 3) and image.max() > 240
+    brightest_row = image[:, :, 0].argmax(axis=0)  # row 0 is the top (highest frequencies)
+    assert brightest_row[5] > brightest_row[48] > brightest_row[90]
+    assert image[:, 5:, 0].max(axis=0).min() > 200  # the chirp is drawn all the way, on the clip's own scale
+    assert mel_image(torch.zeros_like(chirp), rate, top).max() == 0  # silence is black on the original's scale
 
 
 def test_lm_report_matches_a_plain_per_token_loss(model_dir, tokdir, tmp_path):

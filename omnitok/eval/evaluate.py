@@ -132,6 +132,8 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str | Path, limit: int = 64) -> dict:
+    import soundfile as sf
+    from pystoi import stoi
     from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
 
     from omnitok.tokenizers.audio import AudioError, AudioTokenizer, load_audio
@@ -151,18 +153,25 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
         raise OmnitokError(f"no readable audio in {audio}")
     codes = tok.encode([(c, tok.sample_rate) for c in clips])
     recon = tok.decode(codes)
-    sdr, mel = [], []
+    sdr, mel, intelligibility = [], [], []
     pairs = []
-    for x, y in zip(clips, recon):
+    (out / "samples").mkdir(exist_ok=True)
+    for i, (x, y) in enumerate(zip(clips, recon)):
         x = torch.from_numpy(np.asarray(x, dtype=np.float32))
         y = torch.from_numpy(np.asarray(y, dtype=np.float32))[..., : x.shape[-1]]
         x = x[..., : y.shape[-1]]
         pairs.append((x, y))
         sdr.append(float(scale_invariant_signal_distortion_ratio(y, x).mean()))
         mel.append(float(mel_distance(x[None], y[None], tok.sample_rate)))
+        # STOI (Taal et al. 2011) on the first channel: the standard predictor of speech intelligibility, 0..1
+        intelligibility.append(float(stoi(x[0].numpy(), y[0].numpy(), tok.sample_rate)))
+        if i < 8:
+            sf.write(out / "samples" / f"clip{i}_original.wav", x.T.numpy(), tok.sample_rate)
+            sf.write(out / "samples" / f"clip{i}_reconstruction.wav", y.clamp(-1, 1).T.numpy(), tok.sample_rate)
     report = {"clips": len(clips), "unreadable": skipped, "sample_rate": tok.sample_rate,
               "seconds": float(sum(x.shape[-1] for x, _ in pairs) / tok.sample_rate),
-              "si_sdr": float(np.mean(sdr)), "mel_distance": float(np.mean(mel)), "per_clip_si_sdr": sdr}
+              "si_sdr": float(np.mean(sdr)), "mel_distance": float(np.mean(mel)),
+              "stoi": float(np.mean(intelligibility)), "per_clip_si_sdr": sdr, "per_clip_stoi": intelligibility}
     per_q = [usage_stats(np.concatenate([c[q] for c in codes]), tok.codebook_size) for q in range(tok.num_codebooks)]
     report["codebooks"] = [{"size": tok.codebook_size, "usage": s["usage"], "perplexity": s["perplexity"]}
                            for s in per_q]
@@ -170,21 +179,27 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
                 out / "codebook_usage.png")
     spectra = []
     for x, y in pairs[:8]:
-        row = []
-        for w in (x, y):
-            m = torch.log(mel_spectrogram(w[:1][None], tok.sample_rate, 1024, 64)[0, 0] + 1e-5).numpy()
-            m = ((m - m.min()) / max(np.ptp(m), 1e-6) * 255).astype(np.uint8)[::-1]
-            row.append(np.repeat(np.asarray(_resize(m, 64, 96))[..., None], 3, axis=-1))
-        spectra.append(row)
+        top = float(torch.log(mel_spectrogram(x[:1][None], tok.sample_rate, 1024, 64).max().clamp(min=1e-10)))
+        spectra.append([mel_image(w[:1], tok.sample_rate, top) for w in (x, y)])
     _grid([[r[0] for r in spectra], [r[1] for r in spectra]], out / "reconstructions.png", scale=2)
     write_json_atomic(out / "audio_report.json", report)
     return report
 
 
-def _resize(m: np.ndarray, h: int, w: int):
+def mel_image(wave: torch.Tensor, sample_rate: int, top: float, size: tuple[int, int] = (64, 96)) -> np.ndarray:
+    """(1, T) wave -> (h, w, 3) uint8 log-mel spectrogram, low frequencies at the bottom, time left to right.
+
+    ``top`` is the log magnitude shown white (the original clip's peak, so a reconstruction is drawn on its
+    original's scale); 80 dB under it is black."""
     from PIL import Image
 
-    return Image.fromarray(m).resize((w, h), Image.BILINEAR)
+    from omnitok.train.audio_losses import mel_spectrogram
+
+    m = torch.log(mel_spectrogram(wave[None], sample_rate, 1024, 64)[0].clamp(min=1e-10)).numpy()  # (64 mels, frames)
+    span = 80 / 20 * np.log(10)
+    m = (np.clip((m - (top - span)) / span, 0, 1) * 255).astype(np.uint8)[::-1]
+    image = np.asarray(Image.fromarray(np.ascontiguousarray(m)).resize((size[1], size[0]), Image.BILINEAR))
+    return np.repeat(image[..., None], 3, axis=-1)
 
 
 # ---------------------------------------------------------------- the language model
