@@ -93,3 +93,15 @@ def test_small_cpu_config_trains_on_the_waveform_l2_alone(tmp_path, sounds):
     assert len(record) == 2
     for r in record:
         assert r["time_l2"] > 0 and r["loss"] == pytest.approx(10 * r["time_l2"], rel=1e-5)
+
+
+def test_mel_loss_joins_after_mel_start_step(tmp_path, sounds):
+    cfg = load_codec_config(None, [*SMALL, "time_weight=0", "time_l2_weight=10", "mel_weight=2", "log_mel_weight=0.5",
+                                   "mel_start_step=2",
+                                   "vq_warmup_steps=10", "steps=4", "eval_every=100", "checkpoint_every=100"])
+    train_codec([sounds], tmp_path / "c", cfg, device="cpu")
+    record = [json.loads(line) for line in (tmp_path / "c" / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in record] == [1, 2, 3, 4] and all(r["mel"] > 0 and r["log_mel"] > 0 for r in record)
+    for r in record:
+        expected = 10 * r["time_l2"] + (2 * r["mel"] + 0.5 * r["log_mel"] if r["step"] > 2 else 0)
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)

@@ -59,14 +59,27 @@ def _mel_pairs(x: torch.Tensor, y: torch.Tensor, sample_rate: int):
         yield mel_spectrogram(x, sample_rate, n_fft, n_mels), mel_spectrogram(y, sample_rate, n_fft, n_mels)
 
 
-def multi_scale_mel_loss(x: torch.Tensor, y: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """EnCodec's frequency-domain loss: L1 + L2 between mel-spectrogram magnitudes at window sizes 64..2048.
+def _log_mel_l1(a: torch.Tensor, b: torch.Tensor, floor_db: float) -> torch.Tensor:
+    """L1 between log mel spectrograms, both floored at ``floor_db`` below the peak of ``a`` (per clip)."""
+    floor = (a.amax(dim=(1, 2), keepdim=True) * 10 ** (-floor_db / 20)).clamp(min=1e-5)
+    return (torch.log(torch.maximum(a, floor)) - torch.log(torch.maximum(b, floor))).abs().mean()
 
-    Magnitudes, not log magnitudes: a log term (as DAC uses on real recordings) asks a fresh codec to reproduce the
-    exact silence of every empty band of a pure tone, and on such audio it outweighs the waveform loss so far that
-    the codec never learns to reconstruct at all (measured: held-out SI-SDR stays below -50 dB with it, reaches
-    +30 dB without it when overfitting eight sines)."""
-    return sum((a - b).abs().mean() + F.mse_loss(a, b) for a, b in _mel_pairs(x, y, sample_rate)) / len(SCALES)
+
+def mel_losses(x: torch.Tensor, y: torch.Tensor, sample_rate: int,
+               floor_db: float = 80.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two frequency-domain training losses over window sizes 64..2048, from one set of spectrograms:
+
+    - magnitude: EnCodec's L1 + L2 between mel-spectrogram magnitudes. It is dominated by the loud low bands;
+    - log: L1 between log-mel spectrograms (``mel_distance``), which weighs every band, the quiet high bands of
+      speech included (DAC's loss, with a floor). From the first step, a log term asks a fresh codec for the exact
+      silence of every empty band of a pure tone and keeps it from learning at all (measured: held-out SI-SDR below
+      -50 dB without a floor; +30 dB without the term when overfitting eight sines), so it joins later
+      (``mel_start_step``)."""
+    magnitude = log = x.new_zeros((), dtype=torch.float32)
+    for a, b in _mel_pairs(x, y, sample_rate):  # (N, n_mels, frames)
+        magnitude = magnitude + (a - b).abs().mean() + F.mse_loss(a, b)
+        log = log + _log_mel_l1(a, b, floor_db)
+    return magnitude / len(SCALES), log / len(SCALES)
 
 
 def mel_distance(reference: torch.Tensor, estimate: torch.Tensor, sample_rate: int,
@@ -76,11 +89,8 @@ def mel_distance(reference: torch.Tensor, estimate: torch.Tensor, sample_rate: i
     Both spectrograms are floored at ``floor_db`` below the reference clip's peak (librosa's ``top_db`` convention):
     differences in bands 80 dB under the loudest part are inaudible, and without the floor the metric ranks a codec's
     faint noise in the empty bands of a pure tone as worse than producing silence."""
-    total = reference.new_zeros((), dtype=torch.float32)
-    for a, b in _mel_pairs(reference, estimate, sample_rate):  # (N, n_mels, frames)
-        floor = (a.amax(dim=(1, 2), keepdim=True) * 10 ** (-floor_db / 20)).clamp(min=1e-5)
-        total = total + (torch.log(torch.maximum(a, floor)) - torch.log(torch.maximum(b, floor))).abs().mean()
-    return total / len(SCALES)
+    pairs = list(_mel_pairs(reference, estimate, sample_rate))
+    return sum(_log_mel_l1(a, b, floor_db) for a, b in pairs) / len(pairs)
 
 
 class STFTDiscriminator(nn.Module):

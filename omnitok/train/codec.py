@@ -5,7 +5,8 @@ The encoder and decoder are transformers' ``EncodecModel`` modules of a preset (
 residual quantizer is vector-quantize-pytorch's ``ResidualVQ`` with EMA codebooks, k-means initialisation, dead-code
 replacement and quantizer dropout (each batch uses the first k codebooks, k random, so one codec serves every
 bandwidth). Losses follow EnCodec: L1 on the waveform, L1 + L2 on mel spectrograms at six scales, the commitment
-loss, and optionally the multi-scale STFT discriminator (hinge loss plus feature matching).
+loss, and optionally the multi-scale STFT discriminator (hinge loss plus feature matching). Two more, for small codecs
+on speech: L2 on the waveform, and L1 on floored log-mel spectrograms; the mel terms may join after a start step.
 
 The trained codebooks are copied into the ``EncodecModel``'s own quantizer, so the output directory is an ordinary
 audio tokenizer (``AudioTokenizer.from_dir``); evaluation goes through that inference path. Beside it: held-out WAV
@@ -32,7 +33,7 @@ from omnitok.errors import OmnitokError
 from omnitok.eval.evaluate import usage_stats
 from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig, save_tokenizer_dir
 from omnitok.tokenizers.audio_import import encodec_model
-from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, multi_scale_mel_loss
+from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, mel_losses
 from omnitok.train.loop import run
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
@@ -75,6 +76,9 @@ class CodecTrainConfig:
     time_l2_weight: float = 0.0  # waveform L2: its optimum under doubt is the mean, not L1's median (silence), so a
     # small codec starting on speech leaves the silent output it otherwise keeps for thousands of steps
     mel_weight: float = 1.0
+    log_mel_weight: float = 0.0  # L1 on log-mel spectrograms floored 80 dB under the peak: weighs the quiet high
+    # bands (consonants) that the waveform and magnitude losses neglect
+    mel_start_step: int = 0  # the mel losses join after this step (a small codec learns the waveform first)
     quantizer_dropout: bool = True
     vq_warmup_steps: int = 0  # train as a plain autoencoder first; k-means then starts from a trained encoder
     ema_decay: float = 0.99
@@ -209,8 +213,10 @@ class CodecTask:
                     quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
             rec = self.codec.decoder(quantized.transpose(1, 2))[..., : x.shape[-1]]  # (B, C, T)
             time_loss, time_l2 = (x - rec).abs().mean(), (x - rec).pow(2).mean()
-            mel_loss = multi_scale_mel_loss(x, rec, self.rate)
-            loss = cfg.time_weight * time_loss + cfg.time_l2_weight * time_l2 + cfg.mel_weight * mel_loss + commit.sum()
+            mel_loss, log_mel = mel_losses(x, rec, self.rate)
+            loss = cfg.time_weight * time_loss + cfg.time_l2_weight * time_l2 + commit.sum()
+            if step > cfg.mel_start_step:
+                loss = loss + cfg.mel_weight * mel_loss + cfg.log_mel_weight * log_mel
             g_adv, feat = zero, zero
             if gan_on:
                 real, fake = self.disc(x), self.disc(rec)
@@ -235,6 +241,7 @@ class CodecTask:
             d_loss.backward()
             self.disc_opt.step()
         return {"loss": loss.item(), "time_l1": time_loss.item(), "time_l2": time_l2.item(), "mel": mel_loss.item(),
+                "log_mel": log_mel.item(),
                 "commit": commit.sum().item(), "g_adv": g_adv.item(), "feature": feat.item(), "d": d_loss.item(),
                 "grad_norm": grad_norm.item(),
                 "quantizers_active": int((codes >= 0).any(dim=0).any(dim=0).sum())}  # dropout marks unused with -1
