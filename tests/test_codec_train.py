@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from pystoi import stoi
 
 from omnitok.cli import main
 from omnitok.errors import OmnitokError
@@ -54,6 +55,10 @@ def test_training_lowers_mel_distance_and_raises_si_sdr(tmp_path, sounds, capsys
     assert {r["quantizers_active"] for r in record[3:]} > {4}  # quantizer dropout: 1 to 4 codebooks per batch
     errors = [json.loads(line)["error"] for line in (out / "errors.jsonl").read_text().splitlines()]
     assert len(errors) == 1 and "corrupt.wav: unreadable" in errors[0]
+    clips = [[sf.read(out / "samples" / "step_00000040" / f"clip{i}_{kind}.wav")[0] for kind in ("original",
+                                                                                               "reconstruction")]
+             for i in range(2)]
+    assert evals[-1]["stoi"] == pytest.approx(np.mean([stoi(a, b, 24_000) for a, b in clips]), abs=0.02)
     samples = sorted(p.name for p in (out / "samples" / "step_00000040").iterdir())
     assert samples == ["clip0_original.wav", "clip0_reconstruction.wav", "clip1_original.wav",
                        "clip1_reconstruction.wav"]

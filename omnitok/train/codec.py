@@ -10,7 +10,8 @@ on speech: L2 on the waveform, and L1 on floored log-mel spectrograms; the mel t
 
 The trained codebooks are copied into the ``EncodecModel``'s own quantizer, so the output directory is an ordinary
 audio tokenizer (``AudioTokenizer.from_dir``); evaluation goes through that inference path. Beside it: held-out WAV
-samples (original and reconstruction) in ``samples/``, SI-SDR and mel distance in ``eval.jsonl`` and TensorBoard.
+samples (original and reconstruction) in ``samples/``, SI-SDR, mel distance and STOI in ``eval.jsonl`` and
+TensorBoard.
 """
 
 from __future__ import annotations
@@ -259,6 +260,7 @@ class CodecTask:
                 layer.codebook.inited.fill_(1.0)
 
     def evaluate(self, step: int, out: Path, writer: Any) -> dict[str, float]:
+        from pystoi import stoi
         from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
 
         self._copy_codebooks()
@@ -272,6 +274,7 @@ class CodecTask:
         usage = usage_stats(codes[0, :, 0], self.codec.config.codebook_size)
         metrics = {
             "si_sdr": float(scale_invariant_signal_distortion_ratio(rec.cpu(), x.cpu()).mean()),
+            "stoi": float(np.mean([stoi(a[0].numpy(), b[0].numpy(), self.rate) for a, b in zip(x.cpu(), rec.cpu())])),
             "mel_distance": float(mel_distance(x.cpu(), rec.cpu(), self.rate)),
             "codebook0_usage": usage["usage"],
             "codebook0_perplexity": usage["perplexity"],
