@@ -80,7 +80,8 @@ def cmd_audio_tokenizer_train(args: argparse.Namespace) -> None:
     cfg = load_codec_config(args.config, [f"model.preset={args.preset}", *args.overrides])
     metrics = train_codec(args.audio, args.out, cfg, resume=args.resume, device=args.device)
     print(f"audio tokenizer written to {args.out}; held-out SI-SDR {metrics['si_sdr']:.2f} dB, mel distance "
-          f"{metrics['mel_distance']:.3f}, STOI {metrics['stoi']:.3f}; WAV samples in {args.out}/samples, TensorBoard logs in {args.out}/tb")
+          f"{metrics['mel_distance']:.3f}, STOI {metrics['stoi']:.3f}; WAV samples in {args.out}/samples, "
+          f"TensorBoard logs in {args.out}/tb")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:

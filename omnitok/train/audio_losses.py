@@ -71,10 +71,13 @@ def mel_losses(x: torch.Tensor, y: torch.Tensor, sample_rate: int,
 
     - magnitude: EnCodec's L1 + L2 between mel-spectrogram magnitudes. It is dominated by the loud low bands;
     - log: L1 between log-mel spectrograms (``mel_distance``), which weighs every band, the quiet high bands of
-      speech included (DAC's loss, with a floor). From the first step, a log term asks a fresh codec for the exact
-      silence of every empty band of a pure tone and keeps it from learning at all (measured: held-out SI-SDR below
-      -50 dB without a floor; +30 dB without the term when overfitting eight sines), so it joins later
-      (``mel_start_step``)."""
+      speech included (DAC's loss, here with a floor 80 dB under the peak).
+
+    A log term from the first step (as DAC uses it, without the floor) asks a fresh codec for the exact silence of
+    every empty band of a pure tone and keeps it from learning at all (measured: held-out SI-SDR stays below -50 dB
+    with it, reaches +30 dB without it when overfitting eight sines); hence ``mel_start_step``. Joining at step 600
+    on tones + espeak speech (weight 0.1), the floored log term trains, but the codec answers it with steady noise in
+    the quiet bands: held-out sentences at step 3000 reach STOI 0.62 (0.60 without it), SI-SDR -7.7 dB (-6.5 dB)."""
     magnitude = log = x.new_zeros((), dtype=torch.float32)
     for a, b in _mel_pairs(x, y, sample_rate):  # (N, n_mels, frames)
         magnitude = magnitude + (a - b).abs().mean() + F.mse_loss(a, b)
