@@ -90,7 +90,7 @@ def test_codec_config_errors_are_clear(tmp_path, sounds):
 
 
 def test_small_cpu_config_trains_on_the_waveform_l2_alone(tmp_path, sounds):
-    """configs/codec-small-cpu.yaml loads, and its loss is 10 x waveform L2 (no L1, no mel) during warm-up."""
+    """configs/codec-small-cpu.yaml loads, and its loss is 10 x waveform L2 (no L1, no mel; no VQ in warm-up)."""
     config = Path(__file__).parent.parent / "configs" / "codec-small-cpu.yaml"
     cfg = load_codec_config(config, ["steps=2", "eval_every=100", "checkpoint_every=100", "holdout=2"])
     train_codec([sounds], tmp_path / "c", cfg, device="cpu")
