@@ -214,9 +214,11 @@ class CodecTask:
                     quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
             rec = self.codec.decoder(quantized.transpose(1, 2))[..., : x.shape[-1]]  # (B, C, T)
             time_loss, time_l2 = (x - rec).abs().mean(), (x - rec).pow(2).mean()
-            mel_loss, log_mel = mel_losses(x, rec, self.rate)
             loss = cfg.time_weight * time_loss + cfg.time_l2_weight * time_l2 + commit.sum()
-            if step > cfg.mel_start_step:
+            mel_on = step > cfg.mel_start_step and (cfg.mel_weight > 0 or cfg.log_mel_weight > 0)
+            with torch.set_grad_enabled(mel_on):  # otherwise computed for the record only, without a graph
+                mel_loss, log_mel = mel_losses(x, rec, self.rate)
+            if mel_on:
                 loss = loss + cfg.mel_weight * mel_loss + cfg.log_mel_weight * log_mel
             g_adv, feat = zero, zero
             if gan_on:
