@@ -78,6 +78,15 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, sounds):
     a = (tmp_path / "a" / "losses.jsonl").read_text().splitlines()
     b = (tmp_path / "b" / "losses.jsonl").read_text().splitlines()
     assert len(a) == len(b) == 6 and a == b
+    # Killed after logging steps 4..6 but before the step-6 checkpoint was complete, mid-way through a line: the
+    # resumed run cuts the logs back to step 3 and records steps 4..6 once.
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    with open(tmp_path / "b" / "losses.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    train_codec([sounds], tmp_path / "b", full, resume=True, device="cpu")
+    assert (tmp_path / "b" / "losses.jsonl").read_text().splitlines() == a
+    evals = [json.loads(line)["step"] for line in (tmp_path / "b" / "eval.jsonl").read_text().splitlines()]
+    assert evals == [0, 3, 6]  # the short run ended with an evaluation at its last step
 
 
 def test_codec_config_errors_are_clear(tmp_path, sounds):

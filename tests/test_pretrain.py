@@ -104,7 +104,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_resumable(tmp_path, 
     pretrain(cfg, resume=True)
     assert [p.name for p in complete_checkpoints(tmp_path / "k" / "checkpoints")] == ["step_00000003",
                                                                                        "step_00000006"]
-    assert [r["step"] for r in records(tmp_path / "k" / "train.jsonl")] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    assert [r["step"] for r in records(tmp_path / "k" / "train.jsonl")] == [1, 2, 3, 4, 5, 6]  # 4..6 once
 
 
 def test_ranks_read_disjoint_samples(data):

@@ -8,7 +8,8 @@ one training step, an evaluation, and how to write its tokenizer directory. ``ru
   in ``state.json``; ``--resume`` picks the newest complete one and refuses a different config (only ``steps``
   may change, to train longer);
 - ``out/losses.jsonl`` (every step), ``out/eval.jsonl``, ``out/errors.jsonl`` (inputs that could not be used),
-  ``out/tb/`` (TensorBoard), and the tokenizer directory itself in ``out`` at every checkpoint.
+  ``out/tb/`` (TensorBoard), and the tokenizer directory itself in ``out`` at every checkpoint. A resumed run first
+  cuts the logs back to its checkpoint's step, so the steps a killed run did after it are not recorded twice.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
-from omnitok.train.checkpoint import latest_checkpoint, save_checkpoint
+from omnitok.train.checkpoint import drop_records_after, latest_checkpoint, save_checkpoint
 
 
 class TrainTask(Protocol):
@@ -74,6 +75,7 @@ def run(task: TrainTask, config: dict, out: Path, *, steps: int, eval_every: int
     elif (out / "checkpoints").exists():
         raise OmnitokError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
+    drop_records_after([out / f"{name}.jsonl" for name in ("losses", "eval", "errors")], start)
 
     def checkpoint(step: int) -> None:
         def write(d: Path) -> None:
@@ -90,7 +92,7 @@ def run(task: TrainTask, config: dict, out: Path, *, steps: int, eval_every: int
         save_checkpoint(out / "checkpoints", step, write, keep)
         task.export(out)
 
-    writer = SummaryWriter(str(out / "tb"))
+    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)  # the same cut for TensorBoard
     metrics: dict[str, float] = {}
 
     def evaluate(step: int) -> dict[str, float]:

@@ -34,7 +34,7 @@ from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.loss import IGNORE, REPORTED, LossConfig, lm_loss
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
-from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, drop_records_after, latest_checkpoint
 
 
 @dataclass
@@ -188,6 +188,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", to_dict(cfg))
+        drop_records_after([out / "train.jsonl", out / "eval.jsonl"], start)  # steps a killed run did after `start`
     eval_stream = None
     if cfg.eval.shards:
         eval_cfg = StreamConfig(shards=cfg.eval.shards, seq_len=cfg.data.seq_len, cond_dropout=0.0, seed=cfg.seed)
@@ -197,7 +198,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
+        writer = SummaryWriter(str(out / "tb"), purge_step=start + 1)
     n_params = sum(p.numel() for p in model.parameters())
     peak = _peak_flops(device)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.data.seq_len * world
