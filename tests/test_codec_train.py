@@ -98,15 +98,17 @@ def test_codec_config_errors_are_clear(tmp_path, sounds):
         train_codec([tmp_path], tmp_path / "y", load_codec_config(None, SMALL), device="cpu")
 
 
-def test_small_cpu_config_trains_on_the_waveform_l2_alone(tmp_path, sounds):
-    """configs/codec-small-cpu.yaml loads, and its loss is 10 x waveform L2 (no L1, no mel; no VQ in warm-up)."""
+def test_small_cpu_config_trains_on_waveform_l2_and_mel_magnitudes(tmp_path, sounds):
+    """configs/codec-small-cpu.yaml loads, and its loss is 10 x waveform L2 + the mel magnitude loss from the first
+    step (no L1, no log-mel; no VQ in warm-up)."""
     config = Path(__file__).parent.parent / "configs" / "codec-small-cpu.yaml"
     cfg = load_codec_config(config, ["steps=2", "eval_every=100", "checkpoint_every=100", "holdout=2"])
     train_codec([sounds], tmp_path / "c", cfg, device="cpu")
     record = [json.loads(line) for line in (tmp_path / "c" / "losses.jsonl").read_text().splitlines()]
     assert len(record) == 2
     for r in record:
-        assert r["time_l2"] > 0 and r["loss"] == pytest.approx(10 * r["time_l2"], rel=1e-5)
+        assert r["time_l2"] > 0 and r["mel"] > 0
+        assert r["loss"] == pytest.approx(10 * r["time_l2"] + r["mel"], rel=1e-5)
 
 
 def test_mel_loss_joins_after_mel_start_step(tmp_path, sounds):
