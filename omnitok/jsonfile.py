@@ -28,3 +28,22 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def cut_jsonl(path: Path, key: str, last: int) -> list[dict[str, Any]]:
+    """Keep the records of a JSON-lines log whose ``key`` is at most ``last`` (where a resumed job starts again), and
+    return them. A line a kill cut off mid-write is dropped; a missing file is an empty log."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get(key, 0) <= last:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)
+    return kept

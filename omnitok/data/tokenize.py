@@ -33,7 +33,7 @@ from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.data.readers import Item, read_inputs
 from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, MODALITY_COUNTS, VERSION, ShardWriter, read_manifest
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import write_json_atomic
+from omnitok.jsonfile import cut_jsonl, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, Modality, TokenLayout
 from omnitok.tokenizers.multimodal import ID_DTYPE, MultimodalTokenizer
 
@@ -258,13 +258,7 @@ def _start_manifest(out: Path, cfg: TokenizeConfig, tok: MultimodalTokenizer, co
 
 def _restore_errors(out: Path, resume_after: int) -> list[dict]:
     """Error records up to the resume point; later ones are rewritten by this run."""
-    path = out / ERRORS
-    if not path.is_file():
-        return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [e for e in kept if e["item"] <= resume_after]
-    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
-    return kept
+    return cut_jsonl(out / ERRORS, "item", resume_after)
 
 
 def _update_errors(manifest: dict, errors: list[dict]) -> None:

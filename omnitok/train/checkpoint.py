@@ -7,9 +7,8 @@ checkpoint stays the newest usable one.
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 COMPLETE = "COMPLETE"
@@ -43,23 +42,3 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
-
-
-def drop_records_after(logs: Iterable[Path], step: int) -> None:
-    """Cut jsonl logs (one ``{"step": ...}`` record a line) back to the steps up to ``step``, the checkpoint a run
-    resumes from. A run killed after that checkpoint had logged steps that the resumed run does again; without the cut
-    they would appear twice (and a line the kill cut off would stay half-written)."""
-    for path in logs:
-        if not path.is_file():
-            continue
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line + "\n")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)

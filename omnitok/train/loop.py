@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import read_json_object, write_json_atomic
-from omnitok.train.checkpoint import drop_records_after, latest_checkpoint, save_checkpoint
+from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
+from omnitok.train.checkpoint import latest_checkpoint, save_checkpoint
 
 
 class TrainTask(Protocol):
@@ -75,7 +75,8 @@ def run(task: TrainTask, config: dict, out: Path, *, steps: int, eval_every: int
     elif (out / "checkpoints").exists():
         raise OmnitokError(f"{out} already holds a training run; pass --resume to continue it or choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    drop_records_after([out / f"{name}.jsonl" for name in ("losses", "eval", "errors")], start)
+    for log in ("losses", "eval", "errors"):  # a killed run may have logged steps after its checkpoint
+        cut_jsonl(out / f"{log}.jsonl", "step", start)
 
     def checkpoint(step: int) -> None:
         def write(d: Path) -> None:

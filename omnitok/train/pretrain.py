@@ -30,11 +30,11 @@ from tqdm import tqdm
 from omnitok.config import apply_overrides, build, load_config_file, to_dict
 from omnitok.data.stream import PackedStream, StreamConfig
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import read_json_object, write_json_atomic
+from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
 from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.loss import IGNORE, REPORTED, LossConfig, lm_loss
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
-from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, drop_records_after, latest_checkpoint
+from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
 
 
 @dataclass
@@ -188,7 +188,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", to_dict(cfg))
-        drop_records_after([out / "train.jsonl", out / "eval.jsonl"], start)  # steps a killed run did after `start`
+        for log in ("train", "eval"):  # a killed run may have logged steps after its checkpoint
+            cut_jsonl(out / f"{log}.jsonl", "step", start)
     eval_stream = None
     if cfg.eval.shards:
         eval_cfg = StreamConfig(shards=cfg.eval.shards, seq_len=cfg.data.seq_len, cond_dropout=0.0, seed=cfg.seed)
