@@ -25,8 +25,12 @@ def read_json_object(path: Path, missing: str) -> dict[str, Any]:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary name, then rename: a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
 
@@ -35,15 +39,15 @@ def cut_jsonl(path: Path, key: str, last: int) -> list[dict[str, Any]]:
     return them. A line a kill cut off mid-write is dropped; a missing file is an empty log."""
     if not path.is_file():
         return []
+    lines = path.read_text(encoding="utf-8").splitlines()
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and record.get(key, 0) <= last:
             kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    if len(kept) < len(lines):  # rewritten only when something goes: a long log is not copied at every start
+        _write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     return kept

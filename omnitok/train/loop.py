@@ -8,8 +8,8 @@ one training step, an evaluation, and how to write its tokenizer directory. ``ru
   in ``state.json``; ``--resume`` picks the newest complete one and refuses a different config (only ``steps``
   may change, to train longer);
 - ``out/losses.jsonl`` (every step), ``out/eval.jsonl``, ``out/errors.jsonl`` (inputs that could not be used),
-  ``out/tb/`` (TensorBoard), and the tokenizer directory itself in ``out`` at every checkpoint. A resumed run first
-  cuts the logs back to its checkpoint's step, so the steps a killed run did after it are not recorded twice.
+  ``out/tb/`` (TensorBoard), and the tokenizer directory itself in ``out`` at every checkpoint. A run first cuts
+  the logs back to the step it starts from, so the steps a killed run did after its checkpoint are not recorded twice.
 """
 
 from __future__ import annotations
