@@ -92,6 +92,8 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, sounds):
 def test_codec_config_errors_are_clear(tmp_path, sounds):
     with pytest.raises(OmnitokError, match="chunked 48 kHz"):
         load_codec_config(None, ["model.preset=48khz"])
+    with pytest.raises(OmnitokError, match="dead_code_share must be >= 0"):
+        load_codec_config(None, ["dead_code_share=-1"])
     with pytest.raises(OmnitokError, match="bandwidth 6.0 is not among"):
         train_codec([sounds], tmp_path / "x", load_codec_config(None, [*SMALL, "bandwidth=6.0"]), device="cpu")
     with pytest.raises(OmnitokError, match="no audio files"):

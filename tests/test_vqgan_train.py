@@ -110,6 +110,8 @@ def test_config_errors_name_the_setting(tmp_path):
         load_train_config(None, ["preprocess.resize=fit"])
     with pytest.raises(OmnitokError, match="key=value"):
         load_train_config(None, ["steps"])
+    with pytest.raises(OmnitokError, match="dead_code_share must be >= 0"):
+        load_train_config(None, ["model.dead_code_share=-0.5"])
     with pytest.raises(OmnitokError, match="no images found"):
         train_vqgan([tmp_path], tmp_path / "out", load_train_config(None, []), device="cpu")
 

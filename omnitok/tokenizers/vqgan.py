@@ -25,6 +25,7 @@ from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
 from omnitok.errors import OmnitokError
+from omnitok.tokenizers.codebook import scale_dead_code_threshold
 
 
 @dataclass
@@ -44,7 +45,8 @@ class VQGANConfig:
     # Training-time quantizer settings (vector-quantize-pytorch); they do not change inference.
     ema_decay: float = 0.99
     commitment_weight: float = 0.25
-    dead_code_threshold: float = 2.0  # codes used fewer times than this (EMA count) are replaced by batch vectors
+    dead_code_share: float = 0.25  # a code used less than this share of a uniform code (EMA) is replaced by a batch
+    # vector (omnitok.tokenizers.codebook); 0: never
 
     def __post_init__(self) -> None:
         self.channel_multipliers = tuple(self.channel_multipliers)
@@ -57,6 +59,8 @@ class VQGANConfig:
             raise OmnitokError("VQGAN config: latent_channels must be a multiple of 32 (GroupNorm)")
         if self.codebook_size < 2 or self.codebook_dim < 1 or self.num_res_blocks < 1:
             raise OmnitokError("VQGAN config: codebook_size >= 2, codebook_dim >= 1 and num_res_blocks >= 1")
+        if self.dead_code_share < 0:
+            raise OmnitokError("VQGAN config: dead_code_share must be >= 0 (0: never replace codes)")
 
     @property
     def downsample(self) -> int:
@@ -214,10 +218,11 @@ class Quantizer(nn.Module):
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        self.l2 = cfg.l2_normalized_codes
+        self.l2, self.dead_code_share = cfg.l2_normalized_codes, cfg.dead_code_share
+        # threshold_ema_dead_code > 0 turns dead-code replacement on; its count is set for each batch in forward
         self.vq = VectorQuantize(dim=cfg.codebook_dim, codebook_size=cfg.codebook_size, use_cosine_sim=self.l2,
                                  decay=cfg.ema_decay, commitment_weight=cfg.commitment_weight, kmeans_init=True,
-                                 kmeans_iters=10, threshold_ema_dead_code=cfg.dead_code_threshold,
+                                 kmeans_iters=10, threshold_ema_dead_code=cfg.dead_code_share,
                                  rotation_trick=False)
 
     @property
@@ -243,6 +248,7 @@ class Quantizer(nn.Module):
         """Training path: (B, d, h, w) -> quantized (straight-through), codes (B, h, w), commitment loss."""
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        scale_dead_code_threshold(self.vq, self.dead_code_share, b * h * w)
         with torch.autocast(device_type=z.device.type, enabled=False):
             quantized, codes, loss = self.vq(flat.float())
         return quantized.reshape(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype), codes.reshape(b, h, w), loss

@@ -34,6 +34,7 @@ from omnitok.errors import OmnitokError
 from omnitok.eval.evaluate import usage_stats
 from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig, save_tokenizer_dir
 from omnitok.tokenizers.audio_import import encodec_model
+from omnitok.tokenizers.codebook import scale_dead_code_threshold
 from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, mel_losses
 from omnitok.train.loop import run
 
@@ -84,7 +85,8 @@ class CodecTrainConfig:
     vq_warmup_steps: int = 0  # train as a plain autoencoder first; k-means then starts from a trained encoder
     ema_decay: float = 0.99
     commitment_weight: float = 1.0
-    dead_code_threshold: float = 2.0
+    dead_code_share: float = 0.25  # a code used less than this share of a uniform code (EMA) is replaced by a batch
+    # vector (omnitok.tokenizers.codebook); 0: never
     holdout: int = 2  # files kept out of training for evaluation
     eval_seconds: float = 2.0
     eval_every: int = 500
@@ -96,6 +98,8 @@ class CodecTrainConfig:
         self.betas = tuple(self.betas)
         if self.steps < 1 or self.batch_size < 1 or self.holdout < 1 or self.segment_s <= 0:
             raise OmnitokError("steps, batch_size, holdout and segment_s must be positive")
+        if self.dead_code_share < 0:
+            raise OmnitokError("dead_code_share must be >= 0 (0: never replace codes)")
 
 
 def load_codec_config(path: str | Path | None, overrides: list[str]) -> CodecTrainConfig:
@@ -131,9 +135,10 @@ class CodecTask:
         self.bandwidth = cfg.bandwidth if cfg.bandwidth is not None else float(max(c.target_bandwidths))
         if self.bandwidth not in c.target_bandwidths:
             raise OmnitokError(f"bandwidth {self.bandwidth} is not among the codec's {list(c.target_bandwidths)}")
+        # threshold_ema_dead_code > 0 turns dead-code replacement on; its count is set for each batch in train_step
         self.rvq = ResidualVQ(dim=c.hidden_size, num_quantizers=c.num_quantizers, codebook_size=c.codebook_size,
                               decay=cfg.ema_decay, kmeans_init=True, kmeans_iters=10,
-                              threshold_ema_dead_code=cfg.dead_code_threshold, commitment_weight=cfg.commitment_weight,
+                              threshold_ema_dead_code=cfg.dead_code_share, commitment_weight=cfg.commitment_weight,
                               quantize_dropout=cfg.quantizer_dropout and c.num_quantizers > 1,
                               rotation_trick=False).to(device)
         self.disc = MultiScaleSTFTDiscriminator(cfg.gan.channels, self.channels).to(device)
@@ -210,6 +215,8 @@ class CodecTask:
             if step <= cfg.vq_warmup_steps:  # autoencoder warm-up: the decoder sees the continuous embedding
                 quantized, codes, commit = emb.transpose(1, 2), torch.zeros(1, 1, 0, device=device), zero
             else:
+                for layer in self.rvq.layers:
+                    scale_dead_code_threshold(layer, cfg.dead_code_share, emb.shape[0] * emb.shape[-1])
                 with torch.autocast(device_type=device.type, enabled=False):
                     quantized, codes, commit = self.rvq(emb.float().transpose(1, 2))  # (B, frames, D), (B, frames, q)
             rec = self.codec.decoder(quantized.transpose(1, 2))[..., : x.shape[-1]]  # (B, C, T)
