@@ -5,12 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from pystoi import stoi
+from vector_quantize_pytorch import ResidualVQ
 
 from omnitok.cli import main
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.audio import AudioTokenizer
-from omnitok.train.codec import load_codec_config, train_codec
+from omnitok.train.codec import CodecTask, load_codec_config, train_codec
 
 ASSETS = Path(__file__).parent / "assets"
 SMALL = ["model.sizes={num_filters: 8, hidden_size: 32, codebook_dim: 32, codebook_size: 256, "
@@ -45,6 +47,7 @@ def test_training_lowers_mel_distance_and_raises_si_sdr(tmp_path, sounds, capsys
     assert "held-out SI-SDR" in capsys.readouterr().out
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 20, 40]
+    assert [e["quantized"] for e in evals] == [0, 1, 1]  # step 0 is in the warm-up: the unquantised autoencoder
     # 40 steps from random weights: both move the right way (measured: mel 1.85 -> 1.66, SI-SDR -64.5 -> -59.7 dB);
     # the demo codec's 1500 steps with the same recipe reach 14 dB
     assert evals[-1]["mel_distance"] < evals[0]["mel_distance"] - 0.1
@@ -94,6 +97,8 @@ def test_codec_config_errors_are_clear(tmp_path, sounds):
         load_codec_config(None, ["model.preset=48khz"])
     with pytest.raises(OmnitokError, match="dead_code_share must be >= 0"):
         load_codec_config(None, ["dead_code_share=-1"])
+    with pytest.raises(OmnitokError, match="lr_decay_steps and vq_warmup_steps must be >= 0"):
+        load_codec_config(None, ["lr_decay_steps=-5"])
     with pytest.raises(OmnitokError, match="bandwidth 6.0 is not among"):
         train_codec([sounds], tmp_path / "x", load_codec_config(None, [*SMALL, "bandwidth=6.0"]), device="cpu")
     with pytest.raises(OmnitokError, match="no audio files"):
@@ -123,3 +128,59 @@ def test_mel_loss_joins_after_mel_start_step(tmp_path, sounds):
     for r in record:
         expected = 10 * r["time_l2"] + (2 * r["mel"] + 0.5 * r["log_mel"] if r["step"] > 2 else 0)
         assert r["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _task(sounds, *overrides):
+    return CodecTask([sounds], load_codec_config(None, [*SMALL, *overrides]), torch.device("cpu"))
+
+
+def _quantization_error(rvq, emb):
+    """Mean squared error of the first codebook on ``emb`` (B, D, frames)."""
+    vectors = emb.transpose(1, 2)
+    with torch.no_grad():
+        quantized, _, _ = rvq.layers[0](vectors)
+    return float((quantized - vectors).pow(2).mean())
+
+
+def test_codebooks_start_from_k_means_over_several_batches(sounds):
+    """The first quantized step initialises every codebook by k-means over 16 frames per code (this batch and the
+    next steps' batches), not over one batch of 296 frames for 256 codes, which k-means memorises."""
+    task = _task(sounds, "vq_warmup_steps=1")
+    # an encoder whose frames differ (an untrained EnCodec encoder maps these sounds to nearly one point)
+    task.codec.encoder = torch.nn.Conv1d(1, 32, kernel_size=640, stride=320, padding=160)
+    task.train_step(1, task._batch(1)[0])
+    with torch.no_grad():
+        emb = task.codec.encoder(task._batch(2)[0])
+        task._init_codebooks(2, emb)
+        unseen = task.codec.encoder(task._batch(100)[0])
+        one_batch = ResidualVQ(dim=32, num_quantizers=4, codebook_size=256, kmeans_init=True, kmeans_iters=10)
+        one_batch(emb.transpose(1, 2))
+    rvq = task.rvq.eval()
+    assert all(layer._codebook.initted for layer in rvq.layers)  # every layer, though dropout draws fewer
+    # use counts as if from one batch (296 frames; codes k-means left empty restart at the uniform count), not
+    # from the 16 batches: the usual dead-code threshold applies afterwards
+    assert 296 <= float(rvq.layers[0]._codebook.cluster_size.sum()) < 400
+    ours, peer = _quantization_error(rvq, unseen), _quantization_error(one_batch.eval(), unseen)
+    assert ours < 0.6 * peer, (ours, peer)
+    task.rvq.train()
+    task.train_step(2, task._batch(2)[0])  # the trainer's own first quantized step keeps these codebooks
+    assert _quantization_error(task.rvq.eval(), unseen) < 0.6 * peer
+
+
+def test_commitment_loss_is_relative_to_a_large_embedding(sounds):
+    """Above a mean square of 1 the commitment loss is relative to the embedding's: an encoder whose output is 10x
+    larger reports the same loss (an absolute one: 100x). Below it stays EnCodec's absolute loss."""
+    commits = {}
+    for scale in (1.0, 100.0, 1000.0):  # the untrained encoder's output has a mean square of ~0.002
+        task = _task(sounds, "vq_warmup_steps=0", "quantizer_dropout=false")
+        task.codec.encoder.register_forward_hook(lambda module, args, output, s=scale: output * s)
+        commits[scale] = task.train_step(1, task._batch(1)[0])["commit"]
+    assert commits[1000.0] == pytest.approx(commits[100.0], rel=0.05)
+    assert 0 < commits[1.0] < 0.01 * commits[100.0]  # absolute while small: its mean square times the relative
+
+
+def test_learning_rate_falls_linearly_over_the_last_steps(tmp_path, sounds):
+    cfg = load_codec_config(None, [*SMALL, "steps=6", "lr_decay_steps=4", "eval_every=100", "checkpoint_every=100"])
+    train_codec([sounds], tmp_path / "c", cfg, device="cpu")
+    record = [json.loads(line) for line in (tmp_path / "c" / "losses.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in record] == pytest.approx([1e-3, 1e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
