@@ -169,6 +169,9 @@ class CodecTask:
             raise OmnitokError(f"{len(files)} readable audio files are too few: {cfg.holdout} are held out")
         order = np.random.default_rng([cfg.seed, 0]).permutation(len(files))
         self.train_files = [files[i] for i in order[cfg.holdout:]]
+        durations = np.array([frames / rate for _, rate, frames in self.train_files])
+        self.durations, self.pick_p = durations, durations / durations.sum()  # files drawn by duration
+        self.segment = int(cfg.segment_s * self.rate) // self.hop * self.hop  # samples per training clip
         seconds = int(cfg.eval_seconds * self.rate)
         self.held = torch.stack([self._read(files[i], 0, seconds) for i in order[:cfg.holdout]])  # (H, C, T)
 
@@ -193,15 +196,13 @@ class CodecTask:
     def _batch(self, step: int) -> tuple[torch.Tensor | None, list[str]]:
         """The batch of ``step``: a pure function of the seed and the step."""
         cfg = self.cfg
-        samples = int(cfg.segment_s * self.rate) // self.hop * self.hop
-        durations = np.array([frames / rate for _, rate, frames in self.train_files])
         rng = np.random.default_rng([cfg.seed, 3, step])
-        picks = rng.choice(len(self.train_files), size=cfg.batch_size, p=durations / durations.sum())
+        picks = rng.choice(len(self.train_files), size=cfg.batch_size, p=self.pick_p)
         clips, errors = [], []
         for i in picks:
-            offset = rng.random() * max(0.0, durations[i] - cfg.segment_s)
+            offset = rng.random() * max(0.0, self.durations[i] - cfg.segment_s)
             try:
-                clips.append(self._read(self.train_files[i], offset, samples))
+                clips.append(self._read(self.train_files[i], offset, self.segment))
             except (sf.LibsndfileError, RuntimeError, ValueError) as e:
                 errors.append(f"{self.train_files[i][0]}: unreadable at {offset:.2f} s ({e})")
         return (torch.stack(clips) if clips else None), errors
@@ -287,13 +288,14 @@ class CodecTask:
         on the next batch 43 % of the embedding's variance (1.2 % from 16 frames per code), and the commitment loss
         then jumps a hundredfold on the step after the start."""
         needed = KMEANS_VECTORS_PER_CODE * self.codec.config.codebook_size
-        embs, later = [emb.detach().float()], step
+        embs, frames, later = [emb.detach().float()], emb.shape[0] * emb.shape[-1], step
         with torch.no_grad(), autocast(self.device):
-            while sum(e.shape[0] * e.shape[-1] for e in embs) < needed:
+            while frames < needed:
                 later += 1
                 batch, _ = self._batch(later)
                 if batch is not None:
                     embs.append(self.codec.encoder(batch.to(self.device)).float())
+                    frames += embs[-1].shape[0] * embs[-1].shape[-1]
         vectors = torch.cat(embs).transpose(1, 2)  # (B', frames, D)
         for layer in self.rvq.layers:
             scale_dead_code_threshold(layer, self.cfg.dead_code_share, vectors.shape[0] * vectors.shape[1])
