@@ -144,11 +144,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         grid = [int(rows), int(cols)]
     cfg = sampling_config(args.overrides, output=args.output_modality, max_new_tokens=args.max_new_tokens, grid=grid,
                           greedy=args.greedy or None)
+    request = SampleRequest(cfg, args.num_samples, args.seed, args.batch_size)
     prompts = [parse_prompt(p) for p in args.prompt] + (read_prompt_file(args.prompts) if args.prompts else [])
     for p in prompts:
         check_media(p)
     model, tok = load_model(args.model, args.tokenizer)
-    records = sample(model, tok, prompts, args.out, SampleRequest(cfg, args.num_samples, args.seed, args.batch_size))
+    records = sample(model, tok, prompts, args.out, request)
     kinds = [s["type"] for r in records for s in r["segments"]]
     print(f"{len(records)} samples in {args.out}: {kinds.count('text')} text, {kinds.count('image')} image and "
           f"{kinds.count('audio')} audio segments; open {Path(args.out) / 'index.html'}")
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--out", required=True, type=Path, help="new image tokenizer directory")
     imp.add_argument("--image-size", type=int, help="input resolution (default: the checkpoint's own)")
     imp.add_argument("--resize", choices=["crop", "fit"], default="crop",
-                     help="crop: centre square (default); fit: keep the aspect ratio, grid of any shape")
+                     help="crop: the checkpoint's original preprocessing, square (default); fit: omnitok's "
+                     "aspect-keeping resize, grid of any shape")
     imp.set_defaults(func=cmd_image_tokenizer_import)
 
     tr = image_cmds.add_parser("train", help="train a VQ-GAN on a folder of images or .tar shards",

@@ -63,7 +63,12 @@ def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         kind = _dataclass_in(hints[name])
-        kwargs[name] = build(kind, value, f"{where}{name}.") if kind is not None and isinstance(value, dict) else value
+        if kind is not None and isinstance(value, dict):
+            kwargs[name] = build(kind, value, f"{where}{name}.")
+        elif not _fits(value, hints[name]):
+            raise OmnitokError(f"setting {where + name!r} must be {_describe(hints[name])}, got {value!r}")
+        else:
+            kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as e:
@@ -73,6 +78,52 @@ def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass as plain JSON-able data (tuples become lists)."""
     return _plain(dataclasses.asdict(obj))
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the type its field declares (ints pass for floats; bools are not numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if isinstance(hint, types.UnionType) or origin is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return all(_fits(v, args[0]) for v in value) if args else True
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+             type(None): "null"}
+    if hint in names:
+        return names[hint]
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return f"a list, each item {_describe(args[0])}" if args else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
 
 
 def _dataclass_in(hint: Any) -> type | None:

@@ -1,26 +1,78 @@
-"""Reading foreign weights safely, and loading them into a module exactly."""
+"""Reading weights safely (nothing a file holds is ever run), and loading them into a module exactly.
+
+Every file omnitok reads that could carry code goes through here: torch files with ``torch.load(weights_only=True)``
+and an explicit allow-list of extra classes, safetensors, and Hugging Face model directories restricted to
+safetensors. A file that needs anything else is refused with one line naming it (``OmnitokError``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from omnitok.errors import OmnitokError
 
 
-def torch_load_state(path: str | Path) -> dict:
-    """A dict from a torch file, read with ``weights_only=True`` (never unpickled freely)."""
+def _qualname(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def unsafe_globals(path: str | Path, allowed: Sequence[Any] = ()) -> list[str] | None:
+    """The classes and functions a torch file would need beyond torch's weights-only set and ``allowed``, read from
+    its pickle without running it; None when it is not a readable zip-format torch file (truncated, foreign)."""
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # legacy (non-zip) format, truncated or foreign file: nothing to vouch for
+        return None
+    names = {_qualname(a) for a in allowed}
+    return [n for n in needed if n not in names]
+
+
+def load_torch_file(path: str | Path, allowed: Sequence[Any] = ()) -> Any:
+    """``torch.load(weights_only=True)`` with ``allowed`` classes added to the allow-list for this call only."""
     path = Path(path)
     if not path.is_file():
-        raise OmnitokError(f"weights file {path} not found")
+        raise OmnitokError(f"{path} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, wrong file type, objects outside the weights-only allow-list
-        raise OmnitokError(f"{path} cannot be read as a weights-only torch checkpoint: {e}") from None
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, objects outside the allow-list
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OmnitokError(f"{path}: refused, not a weights-only torch file ({first[:200]})") from None
+
+
+def torch_load_state(path: str | Path) -> dict:
+    """A dict from a torch file (foreign checkpoints), read weights-only."""
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise OmnitokError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or foreign file is one line naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise OmnitokError(f"{path} not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError: header or data cut short, not safetensors at all
+        raise OmnitokError(f"{path}: not a readable safetensors file ({str(e)[:200]})") from None
+
+
+def from_pretrained(cls: Any, directory: str | Path, **kwargs) -> Any:
+    """``cls.from_pretrained`` on a local directory, safetensors only (a ``pytorch_model.bin`` is a pickle and is
+    never read); a missing or damaged weights file is one line naming the directory."""
+    try:
+        return cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OmnitokError(f"{directory}: cannot load the model (safetensors weights only): {first[:300]}") from None
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -163,7 +163,7 @@ def test_mismatched_checkpoints_list_the_first_mismatches(tmp_path, janus_tok):
     assert "1 missing: encoder.conv_in.bias" in message and "1 unexpected: encoder.surprise.weight" in message
     assert "decoder.conv_out.weight (3, 32, 5, 5) (model has (3, 32, 3, 3))" in message
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(OmnitokError, match="weights-only torch checkpoint"):
+    with pytest.raises(OmnitokError, match="not a weights-only torch file"):
         import_image_tokenizer("llamagen", tmp_path / "junk.pt")
     with pytest.raises(OmnitokError, match="needs its vqgan.yaml"):
         import_image_tokenizer("chameleon", tmp_path / "bad.pt")

@@ -44,10 +44,14 @@ class Item:
     error: str | None = None
 
 
-def make_key(source_id: str) -> str:
-    """A WebDataset-safe key (no dots, which split key from extension) that stays readable and unique."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", source_id).strip("_")[-60:]
-    return f"{readable}-{hashlib.sha1(source_id.encode()).hexdigest()[:10]}"
+def make_key(source: str, readable: str | None = None) -> str:
+    """A WebDataset-safe key (no dots, which split key from extension) for the item at ``source`` (file and line,
+    tar and member, or media path, as the input was given): unique because it hashes where the item is, not what it
+    is called (two ``docs.jsonl`` in different folders, or two lines with the same ``id``, get different keys). The
+    front is ``readable`` (default: ``source``) cut to fit; the 80-bit hash keeps chance collisions below 1e-6 even
+    among 10^9 items."""
+    front = re.sub(r"[^A-Za-z0-9_-]+", "_", readable if readable is not None else source).strip("_")[-60:]
+    return f"{front}-{hashlib.sha1(source.encode()).hexdigest()[:20]}"
 
 
 def pair_document(key: str, media: Image | Audio, caption: str, order: str, seed: int) -> Document:
@@ -87,7 +91,7 @@ def read_jsonl(path: Path, order: str, seed: int) -> Iterator[Item]:
                 yield Item(make_key(source), source, error=f"line is not JSON ({e.msg})")
                 continue
             doc_id = record.get("id") if isinstance(record, dict) else None
-            key = make_key(f"{path.stem}/{doc_id}" if doc_id is not None else source)
+            key = make_key(source, f"{path.stem}/{doc_id}" if doc_id is not None else None)
             if isinstance(record, list) or (isinstance(record, dict) and "segments" in record):
                 try:
                     doc = Document.from_json(record, base_dir=path.parent)
@@ -143,7 +147,7 @@ def _caption_of(stem: Path) -> tuple[str | None, str | None]:
 def read_folder(path: Path, order: str, seed: int) -> Iterator[Item]:
     for media in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXT | AUDIO_EXT):
         source = str(media)
-        key = make_key(str(media.relative_to(path.parent)))
+        key = make_key(source, str(media.relative_to(path.parent)))
         caption, problem = _caption_of(media.with_suffix(""))
         if caption is None:
             yield Item(key, source, error=problem)
@@ -152,13 +156,23 @@ def read_folder(path: Path, order: str, seed: int) -> Iterator[Item]:
         yield Item(key, source, pair_document(key, _media(kind, str(media)), caption, order, seed))
 
 
+def _tar_location(url: str) -> str:
+    """Where a tar is: its path, or for ``pipe:COMMAND`` the last word of the command that names a ``.tar`` (so
+    ``pipe:cat x.tar`` and ``x.tar`` give the same keys); the whole command when none does."""
+    if not url.startswith("pipe:"):
+        return url
+    named = [w for w in url[len("pipe:"):].split() if ".tar" in w]
+    return named[-1] if named else url
+
+
 def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
     """Samples of a WebDataset tar: members grouped by key (the name up to the first dot after the last slash)."""
-    name = Path(url.split()[-1] if url.startswith("pipe:") else url).stem
+    location = _tar_location(url)
+    name = Path(location).stem
 
     def finish(key: str, parts: dict[str, bytes]) -> Item:
         source = f"{url}:{key}"
-        item_key = make_key(f"{name}/{key}")
+        item_key = make_key(f"{location}:{key}", f"{name}/{key}")
         media = next(((ext, data) for ext, data in parts.items() if ext in IMAGE_EXT | AUDIO_EXT), None)
         caption = parts.get("txt")
         if caption is None and "json" in parts:
@@ -202,6 +216,7 @@ def read_inputs(specs: list[str], order: str = "caption-first", seed: int = 0) -
     """All items of all specs, in a fixed order."""
     if order not in PAIR_ORDERS:
         raise OmnitokError(f"pair order must be one of {', '.join(PAIR_ORDERS)}, got {order!r}")
+    _refuse_overlaps(specs)
     for spec in specs:
         if spec.startswith("pipe:"):
             yield from read_tar(spec, order, seed)
@@ -222,3 +237,19 @@ def read_inputs(specs: list[str], order: str = "caption-first", seed: int = 0) -
             else:
                 raise OmnitokError(f"input {one}: expected a .jsonl, .csv, .tar, a directory, or a pipe: URL")
 
+
+
+def _refuse_overlaps(specs: list[str]) -> None:
+    """An input named twice, or a folder inside another input folder, would put the same items in the shards twice
+    (under the same keys): refused before any work."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for one in [spec] if spec.startswith("pipe:") else braceexpand(spec):
+            where = one if one.startswith("pipe:") else str(Path(one).resolve())
+            if where in seen:
+                raise OmnitokError(f"input {one} is given twice (also as {seen[where]})")
+            seen[where] = one
+    folders = sorted((Path(w), one) for w, one in seen.items() if not w.startswith("pipe:") and Path(w).is_dir())
+    for (a, a_spec), (b, b_spec) in zip(folders, folders[1:]):
+        if a in b.parents:
+            raise OmnitokError(f"input folder {b_spec} is inside input folder {a_spec}: its files would be read twice")

@@ -110,15 +110,47 @@ def open_tar(url: str) -> Iterator[tarfile.TarFile]:
 
 
 def read_shard(url: str) -> list[tuple[str, np.ndarray, dict]]:
-    """``(key, tokens, meta)`` of every sample of one shard tar, in order."""
-    parts: dict[str, dict[str, bytes]] = {}
+    """``(key, tokens, meta)`` of every sample of one shard tar, in order.
+
+    Members are grouped by key the way WebDataset groups them (consecutive members sharing the name up to the first
+    dot), so no two samples ever merge into one: a key that appears twice is an error naming it, never a silent
+    drop. ``tokens.npy`` must be a plain 1-D integer array (no pickled objects) and ``meta.json`` a JSON object."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    seen: set[str] = set()
     with open_tar(url) as tar:
         for member in tar:
-            if member.isfile():
-                key, _, ext = member.name.partition(".")
-                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return [(key, np.load(io.BytesIO(p["tokens.npy"])), json.loads(p["meta.json"]))
-            for key, p in parts.items() if "tokens.npy" in p and "meta.json" in p]
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if not samples or samples[-1][0] != key:
+                if key in seen:
+                    raise OmnitokError(f"{url}: sample key {key!r} appears twice; every key in a shard set must be "
+                                       "unique (re-make the shards with this omnitok)")
+                seen.add(key)
+                samples.append((key, {}))
+            parts = samples[-1][1]
+            if ext in parts:
+                raise OmnitokError(f"{url}: sample key {key!r} appears twice (two {ext} members); every key in a "
+                                   "shard set must be unique (re-make the shards with this omnitok)")
+            parts[ext] = tar.extractfile(member).read()
+    return [(key, *_decode_sample(url, key, p)) for key, p in samples if "tokens.npy" in p and "meta.json" in p]
+
+
+def _decode_sample(url: str, key: str, parts: dict[str, bytes]) -> tuple[np.ndarray, dict]:
+    try:
+        tokens = np.load(io.BytesIO(parts["tokens.npy"]), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # object arrays need pickle: refused, as are non-.npy bytes
+        raise OmnitokError(f"{url}: sample {key!r}: tokens.npy is not a plain array ({e})") from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+        raise OmnitokError(f"{url}: sample {key!r}: tokens.npy must be a 1-D integer array, got {tokens.dtype} "
+                           f"with shape {tokens.shape}")
+    try:
+        meta = json.loads(parts["meta.json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OmnitokError(f"{url}: sample {key!r}: meta.json is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise OmnitokError(f"{url}: sample {key!r}: meta.json must hold a JSON object")
+    return tokens, meta
 
 
 def iter_samples(directory: Path) -> Iterator[tuple[str, np.ndarray, dict]]:

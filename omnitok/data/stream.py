@@ -251,8 +251,14 @@ class PackedStream:
         return ids, labels
 
     @property
+    def padding_counts(self) -> tuple[int, int]:
+        """Padding tokens and all tokens this rank has emitted (summed over ranks for a run's padding fraction)."""
+        return sum(lane.padding for lane in self.lanes), sum(lane.tokens for lane in self.lanes)
+
+    @property
     def padding_fraction(self) -> float:
-        return sum(lane.padding for lane in self.lanes) / max(sum(lane.tokens for lane in self.lanes), 1)
+        padding, tokens = self.padding_counts
+        return padding / max(tokens, 1)
 
     def state_dict(self) -> dict:
         return {"lanes": [lane.state_dict() for lane in self.lanes]}

@@ -86,7 +86,7 @@ class Preprocessor:
 
     def prepare(self, doc: Document) -> Document:
         from omnitok.tokenizers.audio import load_audio
-        from omnitok.tokenizers.image import ImagePreprocessConfig, load_image, resize
+        from omnitok.tokenizers.image import ImagePreprocessConfig, prepare_image
 
         segments = []
         for seg in doc.segments:
@@ -98,7 +98,7 @@ class Preprocessor:
                 if self.image is None:
                     raise OmnitokError("document has an image but the tokenizer has no image tokenizer")
                 cfg = ImagePreprocessConfig(**{k: v for k, v in self.image.items() if k != "multiple"})
-                segments.append(Image(resize(load_image(seg.source, cfg.max_pixels), cfg, self.image["multiple"])))
+                segments.append(Image(prepare_image(seg.source, cfg, self.image["multiple"])))
             elif isinstance(seg, Audio):
                 if self.audio is None:
                     raise OmnitokError("document has audio but the tokenizer has no audio tokenizer")
@@ -109,10 +109,18 @@ class Preprocessor:
         return Document(segments, doc.id)
 
 
-def _reason(message: str) -> str:
-    """A short, countable reason: the message without the file it names first (a path, ``<bytes>``) and without
-    the details in brackets after it."""
-    text = re.sub(r"^(<\w+>|\S*[/.\\]\S*): ", "", message)
+def _reason(message: str, item: Item) -> str:
+    """A short, countable reason: the message without the file it names first and without the details in brackets
+    after it. The names are the item's own media paths and source (matched exactly, so paths with spaces are cut
+    whole), else a ``<bytes>``-style name or a space-free path."""
+    names = [str(seg.source) for seg in (item.doc.segments if item.doc is not None else [])
+             if isinstance(seg, Image | Audio) and isinstance(seg.source, str | Path)] + [item.source]
+    for name in sorted(names, key=len, reverse=True):
+        if message.startswith(name + ": "):
+            text = message[len(name) + 2:]
+            break
+    else:
+        text = re.sub(r"^(<\w+>|\S*[/.\\]\S*): ", "", message)
     return re.sub(r"\s*\(.*\)$", "", text).split(";")[0].strip() or "error"
 
 
@@ -189,7 +197,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
 
         def record_error(index: int, item: Item, message: str) -> None:
             entry = {"item": index, "key": item.key, "source": item.source, "error": message,
-                     "reason": _reason(message)}
+                     "reason": _reason(message, item)}
             errors.append(entry)
             error_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             error_file.flush()

@@ -15,6 +15,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.layout import TokenLayout
+from omnitok.weights import from_pretrained
 
 ARCHITECTURES = ("llama", "qwen3")
 
@@ -60,7 +61,7 @@ def build_model(cfg: ModelConfig, layout: TokenLayout) -> torch.nn.Module:
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
         raise OmnitokError(f"model.init_from {path} is not a Hugging Face model directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != layout.text_vocab_size:
         raise OmnitokError(f"the LLM in {path} has {rows} embedding rows but the token layout's text range has "

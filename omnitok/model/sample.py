@@ -28,9 +28,10 @@ from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.device import default_device
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
-from omnitok.model.sampler import SamplingConfig, check_request, generate
+from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
+from omnitok.weights import from_pretrained
 
 _REFERENCE = re.compile(r"<(image|audio):([^<>]+)>")
 
@@ -105,7 +106,7 @@ def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None, d
         tok.layout.check_same(TokenLayout.load(own / LAYOUT_FILE), str(tokenizer_dir), f"the model's {own}")
     device = device or default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=dtype).to(device).eval()
+    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != tok.layout.vocab_size:
         raise OmnitokError(f"the model in {model_dir} has {rows} token rows but the tokenizer's layout has "
@@ -162,6 +163,11 @@ class SampleRequest:
     seed: int = 0
     batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise OmnitokError(f"--num-samples and --batch-size must be at least 1, got {self.num_samples} and "
+                               f"{self.batch_size}")
+
 
 def sampling_config(overrides: list[str], **flags) -> SamplingConfig:
     """``SamplingConfig`` from ``key=value`` overrides (``image.top_k=500``) plus the CLI's flags."""
@@ -181,6 +187,13 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
     check_request(tok.layout, request.sampling)
     encoded = tok.encode_batch([p.document for p in prompts])
     eos = tok.text.eos_id
+    lengths = [len(e.ids) - (1 if len(e.ids) and e.ids[-1] == eos else 0) for e in encoded]
+    budget = new_token_budget(model, request.sampling, lengths)
+    for i, b in enumerate(budget):
+        if b < request.sampling.max_new_tokens:
+            tqdm.write(f"prompt {i + 1}: only {b} new tokens fit in the model's "
+                       f"{model.config.max_position_embeddings} positions (max_new_tokens is "
+                       f"{request.sampling.max_new_tokens}); its samples stop there")
     jobs = [(i, k) for i in range(len(prompts)) for k in range(request.num_samples)]
     decoder = SpanDecoder(tok)
     results: dict[int, list[int]] = {}
@@ -202,14 +215,15 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
         bar.update(len(batch))
     bar.close()
     media = decoder.finish()
-    records = [_write_sample(out, j, prompts[i], request.seed + j, results[j], media, tok, max_new=
-                             request.sampling.max_new_tokens) for j, (i, _) in enumerate(jobs)]
+    records = [_write_sample(out, j, prompts[i], request.seed + j, results[j], media, tok, budget[i],
+                             budget[i] < request.sampling.max_new_tokens) for j, (i, _) in enumerate(jobs)]
     write_json_atomic(out / "samples.json", {"sampling": to_dict(request.sampling), "samples": records})
     (out / "index.html").write_text(_html(records), encoding="utf-8")
     return records
 
 
-def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int], media: dict, tok, max_new: int):
+def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int], media: dict, tok, max_new: int,
+                  by_context: bool):
     import soundfile as sf
     from PIL import Image as PILImage
 
@@ -237,7 +251,8 @@ def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int]
             segments.append({"type": "audio", "file": name, "frames": int(part.ids.shape[1]),
                              "seconds": round(np.asarray(data).shape[-1] / rate, 3), "tokens": tokens})
         text.append(f"[{part.modality}: {name}]")
-    stopped = "eos" if ids and ids[-1] == eos else ("span" if len(ids) < max_new else "max_new_tokens")
+    stopped = "eos" if ids and ids[-1] == eos else ("span" if len(ids) < max_new else
+                                                    "context" if by_context else "max_new_tokens")
     record = {"id": f"{job:03d}", "prompt": prompt.label, "source": prompt.source, "seed": seed,
               "new_tokens": len(ids), "stopped": stopped, "segments": segments}
     write_json_atomic(folder / "sample.json", record)

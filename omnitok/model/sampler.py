@@ -138,19 +138,21 @@ class Grammar:
         self.remaining, self.rows, self.q, self.frames = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
         self.first = True  # no token sampled yet
 
-    def allowed(self, steps_left: int) -> torch.Tensor:
-        """(B, V) boolean mask of the tokens each sample may take next."""
+    def allowed(self, steps_left: int | torch.Tensor) -> torch.Tensor:
+        """(B, V) boolean mask of the tokens each sample may take next, given the new tokens each may still add
+        (one number for all, or one per sample)."""
         i, s = self.index, self.state
         n_q = self.n_q
-        text = i["text"]
-        if steps_left <= 1:
-            text = i["eos"]
-        elif self.layout.has_image and steps_left < 4 + self.max_codes + 1:
-            text = i["text_no_image"] if steps_left >= n_q + 3 else i["text_no_media"]
-        elif self.layout.has_audio and steps_left < n_q + 3:
-            text = i["text_no_media"]
-        if self.cfg.output == "text" and self.first and steps_left > 1:  # text output is not empty
-            text = i["text_not_eos"]
+        left = torch.as_tensor(steps_left, device=s.device).expand_as(s)
+        text = torch.full_like(s, i["text"])
+        if self.layout.has_audio:
+            text = torch.where(left < n_q + 3, i["text_no_media"], text)
+        if self.layout.has_image:
+            short = torch.where(left >= n_q + 3, i["text_no_image"], i["text_no_media"])
+            text = torch.where(left < 4 + self.max_codes + 1, short, text)
+        if self.cfg.output == "text" and self.first:  # text output is not empty
+            text = torch.where(left > 1, i["text_not_eos"], text)
+        text = torch.where(left <= 1, i["eos"], text)
         choice = torch.full_like(s, i["pad"])
         choice = torch.where(s == TEXT, text, choice)
         if self.layout.has_image:
@@ -161,7 +163,7 @@ class Grammar:
         if self.layout.has_audio:
             audio = i["audio0"] + self.q  # the codebook of this position in the frame
             at_boundary = self.q == 0
-            must_end = at_boundary & ((self.frames >= self.cfg.max_audio_frames) | (steps_left <= n_q + 1))
+            must_end = at_boundary & ((self.frames >= self.cfg.max_audio_frames) | (left <= n_q + 1))
             may_end = at_boundary & (self.frames >= 1)
             audio = torch.where(may_end, i["audio0_or_eoa"], audio)
             audio = torch.where(must_end, i["eoa"], audio)
@@ -280,6 +282,23 @@ def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple
 SpanCallback = Callable[[int, str, list[int]], None]
 
 
+def new_token_budget(model, cfg: SamplingConfig, prompt_lengths: list[int]) -> list[int]:
+    """How many new tokens each prompt may get: ``max_new_tokens``, limited so that prompt and output fit in the
+    model's ``max_position_embeddings`` (beyond them a model trained on shorter sequences has never seen a position,
+    and a RoPE model's output degrades). The limit is per prompt, so a sample does not depend on its batch; a prompt
+    that leaves no room (or, for image output, no room for a whole image) is refused."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context is None:
+        return [cfg.max_new_tokens] * len(prompt_lengths)
+    budget = []
+    for n in prompt_lengths:
+        room = min(cfg.max_new_tokens, context - n)
+        if room < 1:
+            raise OmnitokError(f"a prompt of {n} tokens leaves no room in the model's {context} positions")
+        budget.append(room)
+    return budget
+
+
 @torch.inference_mode()
 def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig,
              seeds: list[int] | None = None, on_span: SpanCallback | None = None) -> list[list[int]]:
@@ -299,7 +318,11 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         raise OmnitokError(f"{len(seeds)} seeds for {B} prompts")
     opener = {"image": [layout.boi_id] if cfg.output == "image" else [],
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
+    budget = new_token_budget(model, cfg, [len(p) + len(opener) for p in prompts])
     grammar = Grammar(layout, eos_id, cfg, B, device)
+    if cfg.output == "image" and min(budget) < 3 + grammar.max_codes + 1:
+        raise OmnitokError(f"only {min(budget)} new tokens fit in the model's positions after the prompt: too few "
+                           f"for an image of up to {grammar.max_codes} codes")
     generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
     # per modality (text, image, audio): guidance scale and log plausibility floor
     scale = torch.tensor([1.0, cfg.image.guidance, cfg.audio.guidance], device=device)
@@ -314,15 +337,16 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
 
     uncond_of = wants_guidance()  # the sample of each unconditional row (rows B, B+1, ...)
     seqs = [list(p) + opener for p in prompts] + [unconditional(prompts[b], layout) + opener for b in uncond_of]
-    cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + cfg.max_new_tokens)
+    cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + max(budget))
     ids, valid, positions = _left_padded(seqs, layout.pad_id, device)
     logits = decoder.forward(cache, ids, valid, positions)
     next_pos = positions[:, -1] + 1
     new: list[list[int]] = [[] for _ in range(B)]
     span_start = [0] * B  # where each sample's current span opened, in ``opener + new[b]``
-    for step in range(cfg.max_new_tokens):
+    budget_left = torch.tensor(budget, device=device)
+    for step in range(max(budget)):
         cond = logits[:B]
-        allowed = grammar.allowed(cfg.max_new_tokens - step)
+        allowed = grammar.allowed(budget_left - step)
         if uncond_of:
             rows = torch.tensor(uncond_of, device=device)
             m = grammar.modality()[rows][:, None]

@@ -35,6 +35,7 @@ import torch
 from omnitok.device import default_device, media_batch_size
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.protocol import fingerprint, read_part_info, write_part_info
+from omnitok.weights import from_pretrained
 
 # Published EnCodec configurations, as transformers' EncodecConfig arguments.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -135,7 +136,10 @@ def _file_blocks(source: Any) -> tuple[int, Iterator[np.ndarray]]:
                 raise AudioError(f"{name}: empty file")
             f = sf.SoundFile(io.BytesIO(source))
         else:
-            if Path(source).is_file() and Path(source).stat().st_size == 0:
+            if not Path(source).is_file():  # said as a missing image is
+                why = "Is a directory" if Path(source).is_dir() else "No such file or directory"
+                raise AudioError(f"{name}: cannot open ({why})")
+            if Path(source).stat().st_size == 0:
                 raise AudioError(f"{name}: empty file (0 bytes)")
             f = sf.SoundFile(str(source))
     except AudioError:
@@ -385,7 +389,7 @@ class AudioTokenizer:
         directory = Path(directory)
         info = read_part_info(directory, "audio", "encodec")
         settings = {k: info[k] for k in ("bandwidth", "chunk_s", "context_s", "bucket_s") if k in info}
-        model = EncodecModel.from_pretrained(str(directory), local_files_only=True)
+        model = from_pretrained(EncodecModel, directory)
         return cls(model, AudioTokenizerConfig(**settings), device=device)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.audio import DEFAULT_BANDWIDTH, PRESETS, AudioTokenizer, AudioTokenizerConfig
-from omnitok.weights import load_weights, torch_load_state
+from omnitok.weights import from_pretrained, load_weights, torch_load_state
 
 FORMATS = ("hf", "encodec")
 
@@ -64,10 +64,7 @@ def import_audio_tokenizer(fmt: str, src: str | Path, out: str | Path | None = N
     if fmt == "hf":
         if not (src / "config.json").is_file():
             raise OmnitokError(f"{src} is not a Hugging Face EnCodec directory (no config.json)")
-        try:
-            model = EncodecModel.from_pretrained(str(src), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise OmnitokError(f"cannot load {src} as EnCodec: {e}") from None
+        model = from_pretrained(EncodecModel, src)
     elif fmt == "encodec":
         if preset is None:
             raise OmnitokError("--format encodec needs --preset (24khz or 48khz): the checkpoint holds no config")

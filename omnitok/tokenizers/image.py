@@ -4,9 +4,20 @@ Preprocessing handles what corpora contain: EXIF orientation, transparency (RGBA
 colour) composited on white (as Chameleon does), CMYK, 16-bit and grayscale images; truncated files and images
 over the pixel limit (Pillow's decompression-bomb limit, 89.5 MP by default) raise one ``ImageError`` naming the
 file. Then either
-- ``resize="crop"``: shorter side to ``image_size``, centre crop to ``image_size`` square (Chameleon, LlamaGen), or
+- ``resize="crop"``: shorter side to ``image_size``, centre crop to ``image_size`` square, or
 - ``resize="fit"``: keep the aspect ratio, longer side ``image_size``, each side rounded to a multiple of the
   downsampling factor; the grid's rows and columns go into the sequence (DESIGN.md), so any shape decodes.
+
+That is omnitok's own recipe (``recipe="omnitok"``). An imported tokenizer records its original pipeline instead
+(``recipe`` = the import format), so a model trained on its codes sees the pixels it was trained on:
+- ``chameleon`` (``chameleon/inference/image_tokenizer.py``): transparency blended on white with the blend truncated
+  to uint8; shorter side to ``image_size`` with LANCZOS (up or down), centre crop; ``x / 255 * 2 - 1`` in float64;
+- ``llamagen`` (ADM's ``center_crop_arr``, used by LlamaGen's code extraction): transparency dropped
+  (``convert("RGB")``); halved with BOX while the shorter side is at least twice ``image_size``, then BICUBIC to
+  it, centre crop; ``(x / 255 - 0.5) / 0.5`` in float32;
+- ``janus`` (Janus' ``VLMImageProcessor``): transparency dropped; longer side to ``image_size`` with BICUBIC
+  (sides truncated, at least 14), padded to a square with (127, 127, 127); ``(x * (1/255) - 0.5) / 0.5``.
+Every recipe hands the model a contiguous NCHW float32 tensor, as the originals do.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from omnitok.config import build, to_dict
 from omnitok.device import autocast, default_device
@@ -29,10 +40,11 @@ from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.tokenizers.protocol import fingerprint, read_part_info, write_part_info
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
-from omnitok.weights import load_weights
+from omnitok.weights import load_safetensors, load_weights
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 PILLOW_PIXEL_LIMIT = 89_478_485
+RECIPES = ("omnitok", "chameleon", "llamagen", "janus")
 
 
 class ImageError(OmnitokError):
@@ -42,12 +54,18 @@ class ImageError(OmnitokError):
 @dataclass
 class ImagePreprocessConfig:
     image_size: int = 256
-    resize: str = "crop"  # "crop" (square) or "fit" (aspect-preserving grid)
+    resize: str = "crop"  # "crop" (square) or "fit" (aspect-preserving grid); omnitok's own recipe only
     max_pixels: int = PILLOW_PIXEL_LIMIT  # larger images are refused before they are decoded
+    recipe: str = "omnitok"  # or an imported tokenizer's original pipeline: "chameleon", "llamagen", "janus"
 
     def __post_init__(self) -> None:
         if self.resize not in ("crop", "fit"):
             raise OmnitokError(f"image resize must be 'crop' or 'fit', got {self.resize!r}")
+        if self.recipe not in RECIPES:
+            raise OmnitokError(f"image recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.recipe != "omnitok" and self.resize != "crop":
+            raise OmnitokError(f"resize='fit' is omnitok's own recipe; the {self.recipe} recipe sizes images its "
+                               "original way")
         if self.image_size < 1 or self.max_pixels < 1:
             raise OmnitokError("image_size and max_pixels must be positive")
 
@@ -69,11 +87,20 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return ((np.clip(a, 0, top) * 255 + top // 2) // top).astype(np.uint8)
 
 
-def _rgb_on_white(img: Image.Image) -> Image.Image:
-    """Composite any transparency on white; convert everything else to 8-bit RGB."""
+def _to_rgb(img: Image.Image, recipe: str = "omnitok") -> Image.Image:
+    """8-bit RGB: transparency composited on white (omnitok), blended on white and truncated (chameleon) or dropped
+    (llamagen, janus: their loaders call ``convert("RGB")``)."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         gray = _to_uint8(np.asarray(img))
         return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+    if img.mode == "RGB" or recipe in ("llamagen", "janus"):
+        return img.convert("RGB")
+    if recipe == "chameleon":
+        rgba = np.asarray(img.convert("RGBA"))
+        if (rgba[..., 3] == 255).all():
+            return img.convert("RGB")
+        alpha = rgba[..., 3:] / 255.0
+        return Image.fromarray(((1 - alpha) * 255 + alpha * rgba[..., :3]).astype(np.uint8), "RGB")
     if (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -81,8 +108,9 @@ def _rgb_on_white(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: Any, max_pixels: int = PILLOW_PIXEL_LIMIT) -> Image.Image:
-    """Path, file bytes, PIL image or array -> upright 8-bit RGB PIL image; raises ``ImageError`` naming the file."""
+def load_image(source: Any, max_pixels: int = PILLOW_PIXEL_LIMIT, recipe: str = "omnitok") -> Image.Image:
+    """Path, file bytes, PIL image or array -> upright 8-bit RGB PIL image (transparency as ``recipe`` handles it);
+    raises ``ImageError`` naming the file."""
     name = _name(source)
     if isinstance(source, np.ndarray):
         a = source
@@ -92,7 +120,7 @@ def load_image(source: Any, max_pixels: int = PILLOW_PIXEL_LIMIT) -> Image.Image
             raise ImageError(f"{name}: expected an (H, W), (H, W, 3) or (H, W, 4) array, got shape {source.shape}")
         a = _to_uint8(a)
         mode = {1: "L", 3: "RGB", 4: "RGBA"}[a.shape[2]]
-        return _rgb_on_white(Image.fromarray(a[..., 0] if mode == "L" else a, mode))
+        return _to_rgb(Image.fromarray(a[..., 0] if mode == "L" else a, mode), recipe)
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -120,14 +148,41 @@ def load_image(source: Any, max_pixels: int = PILLOW_PIXEL_LIMIT) -> Image.Image
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # malformed EXIF blocks raise a variety of errors inside Pillow
         raise ImageError(f"{name}: unreadable EXIF orientation ({e})") from None
-    return _rgb_on_white(img)
+    return _to_rgb(img, recipe)
+
+
+def prepare_image(source: Any, cfg: ImagePreprocessConfig, multiple: int) -> np.ndarray:
+    """One image (path, bytes, PIL image, array) -> uint8 (H, W, 3) at the model's input size, by ``cfg.recipe``.
+    Raises ``ImageError`` naming the file."""
+    return resize(load_image(source, cfg.max_pixels, cfg.recipe), cfg, multiple)
 
 
 def resize(img: Image.Image, cfg: ImagePreprocessConfig, multiple: int) -> np.ndarray:
-    """Resize (and for ``crop``, centre-crop) to the model's input size; returns uint8 (H, W, 3)."""
+    """Resize (and crop or pad) an RGB image to the model's input size by ``cfg.recipe``; returns uint8 (H, W, 3)."""
     w, h = img.size
     size = cfg.image_size
-    if cfg.resize == "crop":
+    if cfg.recipe == "chameleon":
+        scale = size / min(w, h)
+        img = img.resize((round(scale * w), round(scale * h)), Image.Resampling.LANCZOS)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    elif cfg.recipe == "llamagen":
+        while min(img.size) >= 2 * size:
+            img = img.resize(tuple(x // 2 for x in img.size), resample=Image.Resampling.BOX)
+        scale = size / min(img.size)
+        img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.Resampling.BICUBIC)
+        a = np.asarray(img)
+        top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+        return np.ascontiguousarray(a[top:top + size, left:left + size], dtype=np.uint8)
+    elif cfg.recipe == "janus":
+        longest = max(w, h)
+        nh, nw = max(int(h / longest * size), 14), max(int(w / longest * size), 14)
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        if nw != nh:
+            square = Image.new("RGB", (max(nw, nh),) * 2, (127, 127, 127))
+            square.paste(img, ((max(nw, nh) - nw) // 2, (max(nw, nh) - nh) // 2))
+            img = square
+    elif cfg.resize == "crop":
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
@@ -183,7 +238,7 @@ class ImageTokenizer:
 
     def preprocess(self, image: Any) -> np.ndarray:
         """One image (any accepted form) -> uint8 (H, W, 3) at the model's input size. Raises ``ImageError``."""
-        return resize(load_image(image, self.preprocess_config.max_pixels), self.preprocess_config, self.downsample)
+        return prepare_image(image, self.preprocess_config, self.downsample)
 
     @torch.inference_mode()
     def encode(self, images: list[Any]) -> list[np.ndarray]:
@@ -198,8 +253,8 @@ class ImageTokenizer:
         for shape, idx in _group_by_shape(arrays).items():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
-                pixels = torch.from_numpy(np.stack([arrays[i] for i in chunk])).to(self.device)
-                pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+                pixels = model_input(np.stack([arrays[i] for i in chunk]), self.preprocess_config.recipe)
+                pixels = pixels.to(self.device)  # (B, 3, H, W) in [-1, 1]
                 with autocast(self.device):
                     codes = self.model.encode(pixels)  # (B, rows, cols); lookup itself runs in fp32
                 for i, c in zip(chunk, codes.cpu().numpy()):
@@ -242,12 +297,28 @@ class ImageTokenizer:
         if unknown:
             raise OmnitokError(f"{directory / CONFIG_FILE}: unknown key {sorted(unknown)[0]!r}")
         model = VQGAN(build(VQGANConfig, cfg.get("model", {}), "model."))
-        load_weights(model, load_file(str(directory / WEIGHTS_FILE)), str(directory / WEIGHTS_FILE))
+        load_weights(model, load_safetensors(directory / WEIGHTS_FILE), str(directory / WEIGHTS_FILE))
         return cls(model, build(ImagePreprocessConfig, cfg.get("preprocess", {}), "preprocess."), device=device)
 
 
+def model_input(images: np.ndarray, recipe: str = "omnitok") -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> contiguous float32 (B, 3, H, W) in [-1, 1], with the arithmetic of ``recipe``'s
+    original pipeline (the same value can round differently in float32 and float64)."""
+    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (B, 3, H, W)
+    if recipe == "chameleon":
+        return torch.from_numpy(x / 255.0 * 2 - 1).float()
+    if recipe == "llamagen":
+        return (torch.from_numpy(x).float().div(255) - 0.5) / 0.5
+    if recipe == "janus":
+        return (torch.from_numpy((x.astype(np.float64) * (1 / 255.0)).astype(np.float32)) - 0.5) / 0.5
+    return torch.from_numpy(x).float() / 127.5 - 1.0
+
+
 def _config_dict(model: VQGANConfig, preprocess: ImagePreprocessConfig) -> dict:
-    return {"model": to_dict(model), "preprocess": to_dict(preprocess)}
+    pre = to_dict(preprocess)
+    if pre["recipe"] == "omnitok":  # the default leaves config files and fingerprints as they were before recipes
+        del pre["recipe"]
+    return {"model": to_dict(model), "preprocess": pre}
 
 
 def save_tokenizer_dir(model: VQGAN, preprocess: ImagePreprocessConfig, directory: str | Path) -> Path:

@@ -29,22 +29,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file
 
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
-from omnitok.weights import load_weights, torch_load_state
+from omnitok.weights import load_safetensors, load_weights, torch_load_state
 
 FORMATS = ("llamagen", "janus", "chameleon")
 
 
 def _hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
+        return load_safetensors(directory / "model.safetensors")
     shards = sorted(directory.glob("model-*-of-*.safetensors"))
     if shards:
-        return {k: v for shard in shards for k, v in load_file(str(shard)).items()}
+        return {k: v for shard in shards for k, v in load_safetensors(shard).items()}
     if (directory / "pytorch_model.bin").is_file():
         return torch_load_state(directory / "pytorch_model.bin")
     raise OmnitokError(f"{directory} has no model.safetensors or pytorch_model.bin")
@@ -199,7 +198,9 @@ def import_image_tokenizer(fmt: str, src: str | Path, out: str | Path | None = N
         raise OmnitokError(f"{src} does not exist")
     model, state, preprocess = _IMPORTERS[fmt](src, image_size)
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, str(src))
-    tok = ImageTokenizer(model, dataclasses.replace(preprocess, resize=resize))  # replace() re-validates
+    # The original pipeline's recipe, unless the user asks for omnitok's aspect-keeping grids instead.
+    recipe = fmt if resize == "crop" else "omnitok"
+    tok = ImageTokenizer(model, dataclasses.replace(preprocess, resize=resize, recipe=recipe))  # re-validates
     if out is not None:
         tok.save(out)
     return tok

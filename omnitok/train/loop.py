@@ -4,9 +4,9 @@ A task (the VQ-GAN, the audio codec) supplies what differs: its modules and opti
 (a pure function of the seed and the step, so a resumed run sees the batches the uninterrupted one would have),
 one training step, an evaluation, and how to write its tokenizer directory. ``run`` does the rest:
 
-- ``out/checkpoints/step_N/``: every module as safetensors, optimizer and RNG state in ``training.pt``, the config
-  in ``state.json``; ``--resume`` picks the newest complete one and refuses a different config (only ``steps``
-  may change, to train longer);
+- ``out/checkpoints/step_N/``: every module as safetensors, optimizer and RNG state in ``training.pt`` (read
+  weights-only), the config in ``state.json``; ``--resume`` picks the newest intact one (``checkpoint.py``) and
+  refuses a different config (only ``steps`` may change, to train longer);
 - ``out/losses.jsonl`` (every step), ``out/eval.jsonl``, ``out/errors.jsonl`` (inputs that could not be used),
   ``out/tb/`` (TensorBoard), and the tokenizer directory itself in ``out`` at every checkpoint. A run first cuts
   the logs back to the step it starts from, so the steps a killed run did after its checkpoint are not recorded twice.
@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
-from omnitok.train.checkpoint import latest_checkpoint, save_checkpoint
+from omnitok.train.checkpoint import check_same_config, pick_checkpoint, save_checkpoint
+from omnitok.weights import load_safetensors, load_torch_file
 
 
 class TrainTask(Protocol):
@@ -45,10 +46,8 @@ class TrainTask(Protocol):
 
 
 def saved_config(out: Path) -> tuple[Path, dict]:
-    """The newest complete checkpoint under ``out`` and the config it was trained with."""
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is None:
-        raise OmnitokError(f"--resume: no complete checkpoint in {out / 'checkpoints'}")
+    """The newest intact checkpoint under ``out`` and the config it was trained with."""
+    ckpt = pick_checkpoint(out / "checkpoints")
     return ckpt, read_json_object(ckpt / "state.json", f"{ckpt} has no state.json")["config"]
 
 
@@ -60,12 +59,10 @@ def run(task: TrainTask, config: dict, out: Path, *, steps: int, eval_every: int
     start, skipped = 0, 0
     if resume:
         ckpt, saved = saved_config(out)
-        if {**saved, "steps": 0} != {**config, "steps": 0}:
-            raise OmnitokError(f"--resume: the config differs from the one {ckpt} was trained with (only 'steps' "
-                               "may change)")
+        check_same_config(saved, config, ckpt)
         for name, module in task.modules().items():
-            module.load_state_dict(load_file(str(ckpt / f"{name}.safetensors")))
-        state = torch.load(ckpt / "training.pt", map_location="cpu", weights_only=True)
+            module.load_state_dict(load_safetensors(ckpt / f"{name}.safetensors"))
+        state = load_torch_file(ckpt / "training.pt")
         for name, opt in task.optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
         torch.set_rng_state(state["rng"])

@@ -2,9 +2,11 @@
 
 Run as is for one process, or under ``deepspeed`` / ``torchrun`` for many (RANK / WORLD_SIZE / LOCAL_RANK come from
 the launcher; gloo on CPU, NCCL on GPU). The run directory holds:
-- ``checkpoints/step_N/``: the DeepSpeed checkpoint (model, optimizer, scheduler), each rank's stream position and RNG
-  state, and ``COMPLETE`` once every rank has saved (written under a temporary name first, so a kill while saving
-  leaves the previous checkpoint the newest usable one); ``--resume`` continues from the newest complete one;
+- ``checkpoints/step_N/``: the DeepSpeed checkpoint (model, optimizer, scheduler), the full fp32 weights as
+  ``model.safetensors``, each rank's stream position, RNG state and unlogged loss sums, and ``COMPLETE`` (every file's
+  size and checksum) once every rank has saved (written under a temporary name first, so a kill while saving leaves
+  the previous checkpoint the newest usable one); ``--resume`` continues from the newest intact one, and every
+  checkpoint file is read weights-only (``deepspeed_io.py``);
 - ``tb/`` (TensorBoard: loss and accuracy per modality, lr, tokens/s, data-wait fraction, padding), ``train.jsonl``,
   ``eval.jsonl``, ``config.json``;
 - ``loss.png``: the loss curves per modality (written at the end);
@@ -34,7 +36,15 @@ from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
 from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.loss import IGNORE, REPORTED, LossConfig, lm_loss
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
-from omnitok.train.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from omnitok.train import deepspeed_io
+from omnitok.train.checkpoint import (
+    check_same_config,
+    complete_checkpoints,
+    finish_checkpoint,
+    pick_checkpoint,
+    start_checkpoint,
+)
+from omnitok.weights import load_safetensors, load_torch_file
 
 
 @dataclass
@@ -171,19 +181,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     stream = PackedStream(cfg.data, layout, cfg.micro_batch_size, rank, world)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                    config=deepspeed_config(cfg, device))
+    deepspeed_io.read_weights_only(engine)
     start = 0
+    sums: dict[str, float] = {}
+    nonfinite, skipped = 0, 0
     if resume:
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise OmnitokError(f"--resume: no complete checkpoint in {ckpt_root}")
+        ckpt = _agreed_checkpoint(ckpt_root, rank, device)
         saved = read_json_object(ckpt / "run.json", f"{ckpt} has no run.json")
-        if {**saved["config"], "steps": 0} != {**to_dict(cfg), "steps": 0}:
-            raise OmnitokError(f"--resume: the config differs from the one {ckpt} was trained with (only 'steps' "
-                               "may change)")
+        check_same_config(saved["config"], to_dict(cfg), ckpt, ignored=("out",))
         engine.load_checkpoint(str(ckpt_root), tag=ckpt.name, load_module_strict=True)
-        local = torch.load(ckpt / f"rank{rank:05d}.pt", map_location="cpu", weights_only=True)
+        local = load_torch_file(ckpt / f"rank{rank:05d}.pt")
         stream.load_state_dict(local["stream"])
         torch.set_rng_state(local["rng"])
+        # the loss sums since the last log point, so the first record after a resume covers the whole window
+        sums, nonfinite, skipped = dict(local.get("sums", {})), local.get("nonfinite", 0), local.get("skipped", 0)
         start = saved["step"]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -203,8 +214,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     peak = _peak_flops(device)
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.data.seq_len * world
-    sums: dict[str, float] = {}
-    nonfinite, skipped = 0, 0
     last: dict = {}
     wait = compute = 0.0
     progress = tqdm(range(start + 1, cfg.steps + 1), desc="pretrain", unit="step", disable=rank != 0)
@@ -239,7 +248,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         if eval_stream is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
             _evaluate(engine, eval_stream(), cfg, layout, device, step, writer, out, rank)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save(engine, stream, cfg, step, rank)
+            save(engine, stream, cfg, step, rank, {"sums": sums, "nonfinite": nonfinite, "skipped": skipped})
     if writer is not None:
         writer.close()
     export_model(engine, cfg, out / "export", rank)
@@ -326,12 +335,13 @@ def _summarise(sums: dict[str, float]) -> dict[str, float]:
 
 def _log(step, sums, wait, compute, window_start, tokens, n_params, peak, scheduler, stream, writer, out, rank,
          device, skipped) -> dict:
-    summed = _reduce({**sums, "_wait": wait, "_compute": compute}, device)
+    padding, emitted = stream.padding_counts
+    summed = _reduce({**sums, "_wait": wait, "_compute": compute, "_padding": padding, "_emitted": emitted}, device)
     elapsed = time.perf_counter() - window_start
     stats = _summarise(summed)
     stats["tokens_per_s"] = tokens / max(elapsed, 1e-9)
     stats["data_wait"] = summed["_wait"] / max(summed["_wait"] + summed["_compute"], 1e-9)
-    stats["padding"] = stream.padding_fraction
+    stats["padding"] = summed["_padding"] / max(summed["_emitted"], 1.0)  # all ranks' sequences
     stats["skipped_steps"] = skipped
     stats["lr"] = scheduler.get_last_lr()[0] if scheduler is not None else float("nan")
     if peak:
@@ -365,38 +375,50 @@ def _evaluate(engine, stream: PackedStream, cfg: PretrainConfig, layout, device,
     return stats
 
 
-def save(engine, stream: PackedStream, cfg: PretrainConfig, step: int, rank: int) -> Path:
-    """A checkpoint that a kill at any moment cannot half-write: temporary tag, every rank's state, a barrier, then
-    rank 0 renames it and marks it complete."""
-    root = Path(cfg.out) / "checkpoints"
-    tmp_tag, final = f".tmp-step_{step:08d}", root / f"step_{step:08d}"
-    if rank == 0 and (root / tmp_tag).exists():
-        shutil.rmtree(root / tmp_tag)
-    torch.distributed.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-    torch.save({"stream": stream.state_dict(), "rng": torch.get_rng_state()}, root / tmp_tag / f"rank{rank:05d}.pt")
-    torch.distributed.barrier()
+def _agreed_checkpoint(root: Path, rank: int, device: torch.device) -> Path:
+    """Rank 0 picks the newest intact checkpoint (checksums, pickle check) and every rank resumes from it."""
+    chosen, error = None, None
     if rank == 0:
-        write_json_atomic(root / tmp_tag / "run.json", {"step": step, "config": to_dict(cfg)})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
-        (final / COMPLETE).touch()
-        for old in complete_checkpoints(root)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+        try:
+            chosen = pick_checkpoint(root, deepspeed_io.allowed_classes())
+        except OmnitokError as e:
+            error = e
+    step = torch.tensor([int(chosen.name.removeprefix("step_")) if chosen is not None else -1], device=device)
+    torch.distributed.broadcast(step, 0)
+    if error is not None:
+        raise error
+    if step.item() < 0:
+        raise OmnitokError(f"--resume: rank 0 found no usable checkpoint in {root} (its message says why)")
+    return root / f"step_{int(step.item()):08d}"
+
+
+def save(engine, stream: PackedStream, cfg: PretrainConfig, step: int, rank: int, window: dict) -> Path:
+    """A checkpoint that a kill at any moment cannot half-write: temporary tag, every rank's state, a barrier, then
+    rank 0 adds the fp32 weights, records every file's size and checksum and renames it (``checkpoint.py``).
+    ``window``: this rank's loss sums and skip counters since the last log point."""
+    from safetensors.torch import save_file
+
+    root = Path(cfg.out) / "checkpoints"
+    tmp = root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        start_checkpoint(root, step)
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    state = deepspeed_io.full_fp32_state(engine, cfg.zero_stage, rank)
+    torch.save({"stream": stream.state_dict(), "rng": torch.get_rng_state(), **window}, tmp / f"rank{rank:05d}.pt")
+    torch.distributed.barrier()
+    final = root / f"step_{step:08d}"
+    if rank == 0:
+        save_file(state, str(tmp / "model.safetensors"))
+        write_json_atomic(tmp / "run.json", {"step": step, "config": to_dict(cfg)})
+        finish_checkpoint(tmp, cfg.keep_checkpoints)
     torch.distributed.barrier()
     return final
 
 
 def export_model(engine, cfg: PretrainConfig, directory: Path, rank: int) -> None:
-    """A plain Hugging Face directory of the plain module (ZeRO-3 parameters gathered), with the tokenizer beside."""
-    import deepspeed
-
-    module = engine.module
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.zero_stage == 3):
-        if rank == 0:
-            state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    """A plain Hugging Face directory of the plain module's fp32 weights, with the tokenizer beside."""
+    state = deepspeed_io.full_fp32_state(engine, cfg.zero_stage, rank)
     if rank == 0:
         write_hf_directory(cfg, state, directory)
     torch.distributed.barrier()
@@ -421,14 +443,13 @@ def write_hf_directory(cfg: PretrainConfig, state: dict[str, torch.Tensor], dire
 
 
 def export_run(run: str | Path, out: str | Path) -> Path:
-    """``omnitok export``: the newest complete checkpoint of a run as a Hugging Face directory (+ tokenizer)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """``omnitok export``: the newest intact checkpoint of a run as a Hugging Face directory (+ tokenizer). Reads the
+    checkpoint's ``model.safetensors`` and ``run.json`` only; DeepSpeed's pickled files are not opened."""
     run = Path(run)
-    ckpt = latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise OmnitokError(f"{run} has no complete checkpoint to export")
+    ckpt = pick_checkpoint(run / "checkpoints", deepspeed_io.allowed_classes())
     cfg = build(PretrainConfig, read_json_object(ckpt / "run.json", f"{ckpt} has no run.json")["config"])
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=ckpt.name)
-    write_hf_directory(cfg, {k: v.float() for k, v in state.items()}, Path(out))
+    if not (ckpt / "model.safetensors").is_file():
+        raise OmnitokError(f"{ckpt} has no model.safetensors (written by an older omnitok); resume the run for a "
+                           "step (omnitok pretrain --resume, with more steps) to write a checkpoint that exports")
+    write_hf_directory(cfg, load_safetensors(ckpt / "model.safetensors"), Path(out))
     return Path(out)

@@ -30,7 +30,13 @@ from tqdm import tqdm
 from omnitok.config import build, to_dict
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.image import ImageError, ImagePreprocessConfig, load_image, resize, save_tokenizer_dir
+from omnitok.tokenizers.image import (
+    ImageError,
+    ImagePreprocessConfig,
+    model_input,
+    prepare_image,
+    save_tokenizer_dir,
+)
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
 from omnitok.train.loop import run
 from omnitok.train.lpips import LPIPS
@@ -123,7 +129,7 @@ class ImageFiles(torch.utils.data.Dataset):
             else:
                 with tarfile.open(path) as tar:
                     source = tar.extractfile(member).read()
-            array = resize(load_image(source, self.preprocess.max_pixels), self.preprocess, self.multiple)
+            array = prepare_image(source, self.preprocess, self.multiple)
         except ImageError as e:
             return index, str(e)
         return index, np.ascontiguousarray(array[:, ::-1]) if flip else array
@@ -156,7 +162,7 @@ class StepBatches(torch.utils.data.Sampler):
 def _collate(batch: list[tuple[int, np.ndarray | str]]) -> tuple[torch.Tensor, list[str]]:
     good = [a for _, a in batch if isinstance(a, np.ndarray)]
     errors = [a for _, a in batch if isinstance(a, str)]
-    pixels = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).float() / 127.5 - 1.0 if good else None
+    pixels = model_input(np.stack(good)) if good else None
     return pixels, errors
 
 

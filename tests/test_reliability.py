@@ -1,0 +1,325 @@
+"""What omnitok promises a hostile or unlucky user (README, Reliability): nothing it loads runs code, a damaged
+newest checkpoint is survived, no sample is silently lost, and bad usage is one line."""
+
+import io
+import json
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_pretrain import TINY
+from test_pretrain_parts import LAYOUT, write_shards
+
+from omnitok.cli import main
+from omnitok.data.shards import read_shard, shard_stats
+from omnitok.errors import OmnitokError
+from omnitok.train import checkpoint as checkpoint_module
+from omnitok.train import deepspeed_io
+from omnitok.train.checkpoint import COMPLETE, complete_checkpoints
+from omnitok.weights import load_torch_file
+
+MARKER = Path("/tmp/omnitok-test-payload-ran")
+
+
+class Payload:
+    """Unpickling this creates ``MARKER``: the proof that a load ran code."""
+
+    def __reduce__(self):
+        return (Path.touch, (MARKER,))
+
+
+@pytest.fixture(autouse=True)
+def no_marker():
+    MARKER.unlink(missing_ok=True)
+    yield
+    assert not MARKER.exists(), "a payload ran"
+
+
+def test_the_payload_runs_when_unpickled_freely(tmp_path):
+    """The test's own check can fail: a free unpickle of the payload creates the marker."""
+    pickle.loads(pickle.dumps(Payload()))
+    assert MARKER.exists()
+    MARKER.unlink()
+
+
+def plant(path: Path) -> None:
+    """Put a payload into ``path``: beside the real contents of a torch file, or as the whole file otherwise."""
+    if path.suffix == ".pt":
+        obj = load_torch_file(path, deepspeed_io.allowed_classes())
+        torch.save({**obj, "evil": Payload()} if isinstance(obj, dict) else Payload(), path)
+    else:
+        path.write_bytes(pickle.dumps(Payload()))
+
+
+def rerecord(ckpt: Path) -> None:
+    """Rewrite the checkpoint's COMPLETE record to match its files, as someone sharing a tampered run would."""
+    files = {str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": checkpoint_module._sha256(p)}
+             for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    (ckpt / COMPLETE).write_text(json.dumps({"files": files}))
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("omnitok: error:"), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    LAYOUT.save(root / "tok")
+    write_shards(root / "train", n_docs=60, shard_size=20, seed=1)
+    return root
+
+
+def args(shards, out, *extra):
+    return [f"tokenizer={shards / 'tok'}", f"out={out}", f"data.shards=[{shards / 'train'}]", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def run(shards, tmp_path_factory):
+    """A ZeRO-1 run with checkpoints at steps 2 and 4: model states, optimizer partition, rank state."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["pretrain", *args(shards, out, "steps=4", "checkpoint_every=2", "zero_stage=1")]) == 0
+    return out
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
+
+
+def test_a_run_directory_holds_the_files_these_tests_attack(run):
+    ckpt = complete_checkpoints(run / "checkpoints")[-1]
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "model.safetensors" in names and "run.json" in names and "rank00000.pt" in names
+    assert any(n.endswith("optim_states.pt") for n in names) and any(n.endswith("model_states.pt") for n in names)
+
+
+def test_no_file_of_a_checkpoint_runs_code_on_resume_or_export(run, shards, tmp_path, capsys):
+    files = sorted(p.name for p in complete_checkpoints(run / "checkpoints")[-1].iterdir() if p.name != COMPLETE)
+    for name in files:
+        for command in ("resume", "export"):
+            target = copy_run(run, tmp_path / command / name)
+            ckpt = complete_checkpoints(target / "checkpoints")[-1]
+            plant(ckpt / name)
+            rerecord(ckpt)
+            if command == "resume":
+                rc = main(["pretrain", *args(shards, target, "steps=6", "checkpoint_every=2", "zero_stage=1"),
+                           "--resume"])
+                read = name != "model.safetensors"  # resume takes the weights from DeepSpeed's files
+            else:
+                rc = main(["export", str(target), "--out", str(tmp_path / "out" / name)])
+                read = True  # export reads model.safetensors and run.json; the pickles are checked, never opened
+            if read:
+                assert rc == 2 and name in one_line(capsys), (command, name)
+            else:
+                assert rc == 0, (command, name)
+                capsys.readouterr()
+            assert not MARKER.exists(), (command, name)
+
+
+def test_deepspeed_loads_are_weights_only_even_past_the_first_check(run, shards, tmp_path, capsys, monkeypatch):
+    """With the pickle scan switched off, DeepSpeed's own loads (through omnitok's checkpoint engine) refuse."""
+    monkeypatch.setattr(checkpoint_module, "unsafe_globals", lambda path, allowed=(): [])
+    for pattern in ("*model_states.pt", "*optim_states.pt"):
+        target = copy_run(run, tmp_path / pattern.strip("*."))
+        ckpt = complete_checkpoints(target / "checkpoints")[-1]
+        victim = next(ckpt.glob(pattern))
+        plant(victim)
+        rerecord(ckpt)
+        rc = main(["pretrain", *args(shards, target, "steps=6", "checkpoint_every=2", "zero_stage=1"), "--resume"])
+        assert rc == 2 and "not a weights-only torch file" in one_line(capsys)
+        assert not MARKER.exists()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(run, shards, tmp_path, capsys):
+    want = [json.loads(x)["loss"] for x in (run / "train.jsonl").read_text().splitlines()]  # the uninterrupted run
+    damages = {"truncated optimizer states": lambda c: _truncate(next(c.glob("*optim_states.pt"))),
+               "missing model states": lambda c: next(c.glob("*model_states.pt")).unlink(),
+               "truncated rank state": lambda c: _truncate(c / "rank00000.pt")}
+    for what, damage in damages.items():
+        target = copy_run(run, tmp_path / what.replace(" ", "_"))
+        damage(complete_checkpoints(target / "checkpoints")[-1])
+        assert main(["pretrain", *args(shards, target, "steps=4", "checkpoint_every=2", "zero_stage=1"),
+                     "--resume"]) == 0, what
+        printed = capsys.readouterr()
+        assert "checkpoint step_00000004 is damaged" in printed.out + printed.err, what
+        got = [json.loads(x) for x in (target / "train.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in got] == [1, 2, 3, 4], what  # steps 3-4 trained again, recorded once
+        assert [r["loss"] for r in got] == pytest.approx(want, abs=1e-5), what
+    target = copy_run(run, tmp_path / "all")
+    for ckpt in complete_checkpoints(target / "checkpoints"):
+        _truncate(ckpt / "rank00000.pt")
+    assert main(["pretrain", *args(shards, target, "steps=6", "checkpoint_every=2"), "--resume"]) == 2
+    assert "no intact checkpoint" in one_line(capsys)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_moved_run_resumes_and_a_changed_setting_is_named(run, shards, tmp_path, capsys):
+    moved = copy_run(run, tmp_path / "elsewhere" / "moved")
+    assert main(["pretrain", *args(shards, moved, "steps=5", "checkpoint_every=2", "zero_stage=1"), "--resume"]) == 0
+    assert [json.loads(x)["step"] for x in (moved / "train.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    capsys.readouterr()
+    other = copy_run(run, tmp_path / "other")
+    assert main(["pretrain", *args(shards, other, "steps=6", "checkpoint_every=2", "zero_stage=1",
+                                   "optim.lr=0.01"), "--resume"]) == 2
+    err = one_line(capsys)
+    assert "'optim.lr': 0.003 then, 0.01 now" in err
+
+
+def test_the_first_record_after_a_resume_covers_the_whole_log_window(shards, tmp_path):
+    """Logged every 4 steps, checkpointed every 2: a run killed after step 2 logs at 4 what the full run logs."""
+    from omnitok.train import pretrain as pretrain_module
+    from omnitok.train.pretrain import load_pretrain_config, pretrain
+
+    extra = ["steps=8", "checkpoint_every=2", "log_every=4"]
+    pretrain(load_pretrain_config(None, args(shards, tmp_path / "a", *extra)))
+    real_save = pretrain_module.save
+
+    def save_then_die(*a):
+        real_save(*a)
+        raise KeyboardInterrupt
+
+    killed = load_pretrain_config(None, args(shards, tmp_path / "b", *extra))
+    pretrain_module.save = save_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(killed)
+    finally:
+        pretrain_module.save = real_save
+    pretrain(killed, resume=True)
+    a, b = ([json.loads(x) for x in (tmp_path / d / "train.jsonl").read_text().splitlines()] for d in "ab")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8]
+    for x, y in zip(a, b):
+        for key in ("loss", "text_loss", "image_tokens", "padding"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), key
+
+
+# ---------------------------------------------------------------- the tokenizer trainers' loop
+
+
+def test_tokenizer_trainers_refuse_payloads_and_survive_damage(tmp_path, capsys):
+    from PIL import Image
+    from test_vqgan_train import TINY as VQ_TINY
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    def command(out, steps, *resume):
+        return ["image-tokenizer", "train", "--images", str(images), "--out", str(out), *VQ_TINY, "holdout=4",
+                "batch_size=4", "eval_every=100", "checkpoint_every=2", f"steps={steps}", *resume]
+
+    out = tmp_path / "vq"
+    assert main(command(out, 4)) == 0
+    capsys.readouterr()
+    ckpts = complete_checkpoints(out / "checkpoints")
+    assert [c.name for c in ckpts] == ["step_00000002", "step_00000004"]
+
+    poisoned = copy_run(out, tmp_path / "poisoned")
+    ckpt = complete_checkpoints(poisoned / "checkpoints")[-1]
+    plant(ckpt / "training.pt")
+    rerecord(ckpt)
+    assert main(command(poisoned, 6, "--resume")) == 2
+    assert "training.pt" in one_line(capsys)
+
+    damaged = copy_run(out, tmp_path / "damaged")
+    _truncate(next(complete_checkpoints(damaged / "checkpoints")[-1].glob("*.safetensors")))
+    assert main(command(damaged, 6, "--resume")) == 0
+    printed = capsys.readouterr()
+    assert "checkpoint step_00000004 is damaged" in printed.out + printed.err
+    steps = [json.loads(x)["step"] for x in (damaged / "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- shards
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=True)
+    return buf.getvalue()
+
+
+def test_shard_samples_that_need_pickle_are_refused_in_one_line(tmp_path, capsys):
+    good = (_npy(np.arange(5, dtype=np.int32)), b'{"spans": []}')
+    cases = {"object tokens": (_npy(np.array([Payload()], dtype=object)), good[1]),
+             "pickled meta": (good[0], pickle.dumps(Payload())),
+             "float tokens": (_npy(np.ones(3, dtype=np.float32)), good[1])}
+    for what, (tokens, meta) in cases.items():
+        d = tmp_path / what.replace(" ", "_")
+        d.mkdir()
+        _tar(d / "shard-000000.tar", [("k.tokens.npy", tokens), ("k.meta.json", meta)])
+        with pytest.raises(OmnitokError, match="shard-000000.tar: sample 'k'"):
+            read_shard(str(d / "shard-000000.tar"))
+        (d / "manifest.json").write_text(json.dumps({"format": "omnitok.shards", "version": 1, "shards": [
+            {"name": "shard-000000.tar", "samples": 1}], "samples": 1, "tokens": {}, "errors": {}, "error_count": 0,
+            "complete": True}))
+        assert main(["shards", "stats", str(d)]) == 2
+        assert "sample 'k'" in one_line(capsys)
+
+
+def test_a_key_that_appears_twice_is_an_error_never_a_drop(tmp_path):
+    a = (_npy(np.arange(3, dtype=np.int32)), b'{"spans": []}')
+    _tar(tmp_path / "x.tar", [("k.tokens.npy", a[0]), ("k.meta.json", a[1]), ("k.tokens.npy", a[0]),
+                              ("k.meta.json", a[1])])
+    with pytest.raises(OmnitokError, match="'k' appears twice"):
+        read_shard(str(tmp_path / "x.tar"))
+    _tar(tmp_path / "y.tar", [("k.tokens.npy", a[0]), ("k.meta.json", a[1]), ("j.tokens.npy", a[0]),
+                              ("j.meta.json", a[1]), ("k.tokens.npy", a[0]), ("k.meta.json", a[1])])
+    with pytest.raises(OmnitokError, match="'k' appears twice"):
+        read_shard(str(tmp_path / "y.tar"))
+
+
+def test_every_sample_is_counted_alike_by_manifest_stats_and_one_epoch_of_training(tmp_path, sp_dir):
+    """Two corpora with the same file stem and ids in different folders, and a repeated id within one file: six
+    documents in, six samples in the manifest, in `shards stats`, in plain webdataset and in one training epoch."""
+    import webdataset as wds
+
+    from omnitok.data.stream import _Source, shard_urls
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+    from omnitok.tokenizers.multimodal import assemble
+
+    assemble(sp_dir, tmp_path / "tok")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        lines = [{"id": "same", "segments": [{"text": f"{folder} one"}]},
+                 {"id": "same", "segments": [{"text": f"{folder} two"}]},
+                 {"id": "other", "segments": [{"text": f"{folder} three"}]}]
+        (tmp_path / folder / "docs.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "shards"
+    manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / "a" / "docs.jsonl"), str(tmp_path / "b" / "docs.jsonl")],
+                                       tokenizer=str(tmp_path / "tok"), out=str(out), workers=0, shard_size=4))
+    assert manifest["samples"] == 6
+    assert "6 samples" in shard_stats(out) and "sample length" in shard_stats(out)
+    urls = shard_urls(str(out))
+    plain = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(plain) == 6 and len({s["__key__"] for s in plain}) == 6
+    source = _Source(urls, 0, seed=0, rank=0, world=1)
+    epoch = []
+    while source.epoch == 0:
+        tokens, _ = source.next()
+        if source.epoch == 0:
+            epoch.append(tokens.tolist())
+    assert len(epoch) == 6 and len({tuple(t) for t in epoch}) == 6
+    with pytest.raises(OmnitokError, match="given twice"):
+        tokenize(TokenizeConfig(inputs=[str(tmp_path / "a" / "docs.jsonl")] * 2, tokenizer=str(tmp_path / "tok"),
+                                out=str(tmp_path / "twice"), workers=0))
