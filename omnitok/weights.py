@@ -68,9 +68,11 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def from_pretrained(cls: Any, directory: str | Path, **kwargs) -> Any:
     """``cls.from_pretrained`` on a local directory, safetensors only (a ``pytorch_model.bin`` is a pickle and is
     never read); a missing or damaged weights file is one line naming the directory."""
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # missing, truncated, foreign
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OmnitokError(f"{directory}: cannot load the model (safetensors weights only): {first[:300]}") from None
 

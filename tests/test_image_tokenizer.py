@@ -25,8 +25,15 @@ from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
 PHOTOS = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(), "chelsea": skimage.data.chelsea()}
 
 
-def pixels(arrays):
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def pixels(arrays, recipe):
+    """The model input of already resized uint8 arrays, with the arithmetic and tensor layout of the original
+    pipelines (see the reimplementations below): Janus rescales in float64 and normalises, Chameleon maps to [-1, 1]
+    in float64 and passes a permuted view."""
+    x = np.stack(arrays)
+    if recipe == "chameleon":
+        return torch.from_numpy(x / 255.0 * 2 - 1).permute(0, 3, 1, 2).float()
+    x = (x.transpose(0, 3, 1, 2).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray((x - np.float32(0.5)) / np.float32(0.5)))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def test_janus_import_gives_identical_codes_and_pixels_on_real_photos(janus, jan
     arrays = [janus_tok.preprocess(p) for p in PHOTOS.values()]
     assert all(a.shape == (256, 256, 3) for a in arrays)
     with torch.no_grad():
-        reference = model.encode(pixels(arrays)).image_tokens.reshape(3, 16, 16).numpy()
+        reference = model.encode(pixels(arrays, "janus")).image_tokens.reshape(3, 16, 16).numpy()
     ours = janus_tok.encode(list(PHOTOS.values()))
     np.testing.assert_array_equal(np.stack(ours), reference)
     assert len(np.unique(reference)) > 100  # a real test: many distinct codes
@@ -94,8 +101,10 @@ def test_llamagen_state_dict_imports_to_the_same_codes(tmp_path, janus_tok):
     tok = import_image_tokenizer("llamagen", tmp_path / "vq_ds16_c2i.pt", tmp_path / "out")
     assert tok.config.channel_multipliers == (1, 1, 2, 2, 4) and tok.config.num_res_blocks == 1
     assert tok.config.level_attention and tok.config.l2_normalized_codes
-    photos = list(PHOTOS.values())
-    np.testing.assert_array_equal(np.stack(tok.encode(photos)), np.stack(janus_tok.encode(photos)))
+    # the same weights: the same codes for the same input (the two formats' own pipelines resize differently)
+    arrays = [janus_tok.preprocess(p) for p in PHOTOS.values()]
+    np.testing.assert_array_equal(np.stack(tok.encode_preprocessed(arrays)),
+                                  np.stack(janus_tok.encode_preprocessed(arrays)))
     assert tok.config == janus_tok.config  # the architecture is read back from the tensor shapes alone
     torch.testing.assert_close(tok.model.quantize.codebook, janus_tok.model.quantize.codebook, rtol=0, atol=2.5e-7)
 
@@ -117,7 +126,7 @@ def test_chameleon_hf_encoder_gives_identical_codes_and_refuses_to_decode(tmp_pa
     assert not tok.config.has_decoder and not tok.config.l2_normalized_codes and not tok.config.level_attention
     arrays = [tok.preprocess(p) for p in PHOTOS.values()]
     with torch.no_grad():
-        reference = model.encode(pixels(arrays)).image_tokens.reshape(3, 16, 16).numpy()
+        reference = model.encode(pixels(arrays, "chameleon")).image_tokens.reshape(3, 16, 16).numpy()
     np.testing.assert_array_equal(np.stack(ImageTokenizer.from_dir(tmp_path / "cham").encode(arrays)), reference)
     assert len(np.unique(reference)) > 20
     with pytest.raises(OmnitokError, match="has no decoder"):
@@ -144,7 +153,7 @@ def test_chameleon_original_checkpoint_imports_encoder_and_decoder(tmp_path, cha
     tok = import_image_tokenizer("chameleon", tmp_path / "vqgan.ckpt")
     arrays = [tok.preprocess(p) for p in PHOTOS.values()]
     with torch.no_grad():
-        reference = model.encode(pixels(arrays)).image_tokens.reshape(3, 16, 16).numpy()
+        reference = model.encode(pixels(arrays, "chameleon")).image_tokens.reshape(3, 16, 16).numpy()
         np.testing.assert_array_equal(np.stack(tok.encode(arrays)), reference)
         ours.quantize.vq._codebook.embed.copy_(model.quantize.embedding.weight[None])
         expected = ours.decode(torch.from_numpy(reference))
@@ -304,3 +313,86 @@ def test_multimodal_round_trip_through_the_real_image_tokenizer(tmp_path, sp_dir
     assert [(p.modality, p.ids.shape) for p in again] == [(p.modality, p.ids.shape) for p in parsed]
     info = json.loads((tmp_path / "tok" / "layout.json").read_text())
     assert info["fingerprints"]["image"] == janus_tok.fingerprint
+
+
+# ---------------------------------------------------------------- imported tokenizers see their originals' pixels
+
+
+def _files(root):
+    """Photos smaller and larger than the 256 px models, of several aspect ratios, and an RGBA PNG."""
+    root.mkdir(exist_ok=True)
+    files = []
+    for name, array in (("astronaut", PHOTOS["astronaut"]), ("coffee", PHOTOS["coffee"]),
+                        ("chelsea", PHOTOS["chelsea"]), ("small", PHOTOS["coffee"][100:200, 150:300]),
+                        ("tall", PHOTOS["astronaut"][:500, 100:260])):
+        Image.fromarray(array).save(root / f"{name}.png")
+        files.append(root / f"{name}.png")
+    rgba = np.dstack([PHOTOS["chelsea"][:200, :300], np.tile(np.linspace(0, 255, 300).astype(np.uint8), (200, 1))])
+    Image.fromarray(rgba, "RGBA").save(root / "rgba.png")
+    return [*files, root / "rgba.png"]
+
+
+def chameleon_input(path, size):
+    """Chameleon's `ImageTokenizer` (chameleon/inference/image_tokenizer.py), reimplemented from its description."""
+    img = Image.open(path)
+    if img.mode != "RGB":
+        rgba = np.array(img.convert("RGBA"))
+        if (rgba[:, :, 3] < 255).any():
+            alpha = rgba[:, :, 3] / 255.0
+            img = Image.fromarray(((1 - alpha[:, :, None]) * 255 + alpha[:, :, None] * rgba[:, :, :3]).astype("uint8"))
+        else:
+            img = img.convert("RGB")
+    scale = size / min(img.size)
+    img = img.resize((round(scale * img.size[0]), round(scale * img.size[1])), Image.LANCZOS)
+    x0, y0 = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((x0, y0, x0 + size, y0 + size))
+    return torch.from_numpy(np.array(img) / 255.0 * 2 - 1).permute(2, 0, 1).float().unsqueeze(0)
+
+
+def llamagen_input(path, size):
+    """LlamaGen's code extraction: ImageFolder's RGB load, ADM's center_crop_arr, ToTensor, Normalize(0.5, 0.5)."""
+    img = Image.open(path).convert("RGB")
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.array(img)
+    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    t = torch.from_numpy(np.array(arr[y:y + size, x:x + size])).permute(2, 0, 1).contiguous().float().div(255)
+    return ((t - 0.5) / 0.5).unsqueeze(0)
+
+
+def janus_input(path, size):
+    """Janus' VLMImageProcessor: RGB load, longer side to `size` (BICUBIC, truncated sides, at least 14), padded to a
+    square with the mean colour, rescaled by 1/255 in float64 to float32, normalised with mean = std = 0.5, and
+    stacked into a new (contiguous) array by BatchFeature."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    longest = max(w, h)
+    img = img.resize((max(int(w / longest * size), 14), max(int(h / longest * size), 14)), Image.BICUBIC)
+    w, h = img.size
+    if w != h:
+        square = Image.new(img.mode, (max(w, h), max(w, h)), (127, 127, 127))
+        square.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        img = square
+    x = (np.array(img).transpose(2, 0, 1).astype(np.float64) * (1 / 255)).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray((x - np.float32(0.5)) / np.float32(0.5))).unsqueeze(0)  # stacked
+
+
+def test_imported_tokenizers_tokenize_files_as_their_original_pipelines(tmp_path, janus, janus_tok, chameleon):
+    files = _files(tmp_path / "files")
+    torch.save({"model": llamagen_state_dict(janus_tok)}, tmp_path / "vq.pt")
+    cases = [("janus", janus_tok, janus[0], janus_input),
+             ("llamagen", import_image_tokenizer("llamagen", tmp_path / "vq.pt"), janus[0], llamagen_input),
+             ("chameleon", import_image_tokenizer("chameleon", chameleon[1]), chameleon[0], chameleon_input)]
+    for fmt, tok, reference_model, reference_input in cases:
+        assert tok.preprocess_config.recipe == fmt
+        tok.batch_size = 1  # the originals encode one image at a time; so does the reference here
+        own = ImageTokenizer(tok.model, ImagePreprocessConfig(image_size=256), device="cpu")
+        differs = 0
+        for path in files:
+            with torch.no_grad():
+                want = reference_model.encode(reference_input(path, 256)).image_tokens.reshape(16, 16).numpy()
+            np.testing.assert_array_equal(tok.encode([path])[0], want, err_msg=f"{fmt} {path.name}")
+            differs += not np.array_equal(own.encode([path])[0], want)
+        assert differs >= 3, fmt  # omnitok's own recipe would have given other codes: the test can fail

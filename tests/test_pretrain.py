@@ -148,6 +148,9 @@ def test_two_process_deepspeed_matches_one_process(tmp_path, data, zero):
     assert len(a) == len(b) == 5
     assert a == pytest.approx(b, rel=1e-4)
     assert a[-1] < a[0]
+    # the logged padding is every rank's sequences, not rank 0's alone
+    padding = [[r["padding"] for r in records(tmp_path / d / "train.jsonl")] for d in ("one", "two")]
+    assert padding[0] == pytest.approx(padding[1], abs=1e-12) and padding[0][-1] > 0
 
 
 def test_loss_falls_on_shards_made_by_the_real_tokenizers(tmp_path, tokdir, corpus):

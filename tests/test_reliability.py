@@ -4,6 +4,7 @@ newest checkpoint is survived, no sample is silently lost, and bad usage is one 
 import io
 import json
 import pickle
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -323,3 +324,117 @@ def test_every_sample_is_counted_alike_by_manifest_stats_and_one_epoch_of_traini
     with pytest.raises(OmnitokError, match="given twice"):
         tokenize(TokenizeConfig(inputs=[str(tmp_path / "a" / "docs.jsonl")] * 2, tokenizer=str(tmp_path / "tok"),
                                 out=str(tmp_path / "twice"), workers=0))
+
+
+# ---------------------------------------------------------------- sample and eval: the exported model directory
+
+
+def test_no_file_of_an_export_runs_code_in_sample_or_eval(model_dir, tmp_path, capsys):
+    """Each file of an `omnitok export` (weights, configs, the tokenizer's parts) replaced by a pickle payload:
+    sampling and evaluation never run it, and stop with one line (or do not need the file)."""
+    files = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*") if p.is_file())
+    assert len(files) >= 8
+    refused = 0
+    for rel in files:
+        target = tmp_path / str(rel).replace("/", "_")
+        shutil.copytree(model_dir, target)
+        plant(target / rel)
+        rc = main(["sample", "--model", str(target), "--prompt", "a red circle", "--out", str(target / "out"),
+                   "--max-new-tokens", "6", "--output-modality", "text"])
+        assert rc in (0, 2), rel
+        if rc == 2:
+            one_line(capsys)
+            refused += 1
+        capsys.readouterr()
+        assert main(["eval", "lm", "--model", str(target), "--shards", str(tmp_path / "none")]) == 2
+        one_line(capsys)
+        assert not MARKER.exists(), rel
+    assert refused >= len(files) - 2  # all but files transformers may skip (generation_config.json)
+    pickled = tmp_path / "bin"
+    shutil.copytree(model_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({"evil": Payload()}, pickled / "pytorch_model.bin")
+    assert main(["sample", "--model", str(pickled), "--prompt", "a", "--out", str(tmp_path / "o")]) == 2
+    assert "safetensors weights only" in one_line(capsys)
+
+
+def test_sample_usage_errors_are_one_line(model_dir, tmp_path, capsys):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_dir, truncated)
+    _truncate(truncated / "model.safetensors")
+    base = ["sample", "--prompt", "a", "--out", str(tmp_path / "o")]
+    assert main([*base, "--model", str(truncated)]) == 2
+    assert str(truncated) in one_line(capsys)
+    for flags, said in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                        (["--batch-size", "-3"], "--batch-size must be at least 1"),
+                        (["--num-samples", "0"], "--num-samples and --batch-size must be at least 1")):
+        assert main([*base, "--model", str(model_dir), *flags]) == 2
+        assert said.split(" must")[0] in one_line(capsys)
+    assert main([*base, "--model", str(model_dir), "text.top_k=abc"]) == 2
+    assert "setting 'sampling.text.top_k' must be a whole number, got 'abc'" in one_line(capsys)
+
+
+def test_a_config_value_of_the_wrong_type_names_the_setting(tmp_path, capsys):
+    from omnitok.train.pretrain import load_pretrain_config
+
+    for override, said in (("steps=abc", "setting 'steps' must be a whole number, got 'abc'"),
+                           ("optim.lr=fast", "setting 'optim.lr' must be a number, got 'fast'"),
+                           ("bf16=maybe", "setting 'bf16' must be true or false, got 'maybe'"),
+                           ("data.shards=3", "setting 'data.shards' must be a list")):
+        with pytest.raises(OmnitokError, match=re.escape(said)):
+            load_pretrain_config(None, ["tokenizer=x", override])
+    assert main(["pretrain", "tokenizer=x", "steps=abc"]) == 2
+    assert "setting 'steps' must be a whole number" in one_line(capsys)
+    cfg = load_pretrain_config(None, ["tokenizer=x", "optim.lr=1", "optim.betas=[0.9, 0.95]"])
+    assert cfg.optim.lr == 1 and cfg.optim.betas == (0.9, 0.95)  # ints pass for floats; lists for tuples
+
+
+def test_sampling_stops_at_the_models_positions_per_prompt(model_dir, tmp_path, capsys):
+    """A 64-position copy of the test model: each prompt gets only what fits, whatever its batch holds."""
+    from omnitok.model.sample import SampleRequest, load_model, parse_prompt, sample
+    from omnitok.model.sampler import SamplingConfig
+
+    small = tmp_path / "small"
+    shutil.copytree(model_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    config["max_position_embeddings"] = 64
+    (small / "config.json").write_text(json.dumps(config))
+    model, tok = load_model(small)
+    short, long = parse_prompt("a"), parse_prompt("a red circle and then " * 6)
+    n_long = len(tok.encode_batch([long.document])[0].ids) - 1
+    cfg = SamplingConfig(max_new_tokens=200, output="text")
+    alone = sample(model, tok, [long], tmp_path / "alone", SampleRequest(cfg, seed=3), progress=False)
+    both = sample(model, tok, [short, long], tmp_path / "both", SampleRequest(cfg, seed=3, num_samples=1),
+                  progress=False)
+    assert "only" in capsys.readouterr().err
+    assert alone[0]["new_tokens"] <= 64 - n_long and both[1]["new_tokens"] <= 64 - n_long
+    assert both[0]["new_tokens"] <= 63
+    assert alone[0]["stopped"] in ("eos", "context")
+    if alone[0]["stopped"] == "context":
+        assert alone[0]["new_tokens"] == 64 - n_long
+    with pytest.raises(OmnitokError, match="leaves no room"):
+        sample(model, tok, [parse_prompt("a red circle " * 40)], tmp_path / "none", SampleRequest(cfg),
+               progress=False)
+
+
+# ---------------------------------------------------------------- error records
+
+
+def test_error_reasons_group_paths_with_spaces_and_missing_files_alike(tmp_path, tokdir):
+    from PIL import Image
+
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+
+    folder = tmp_path / "my photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "fine.png")
+    (folder / "bad one.png").write_bytes(b"not a png")
+    (folder / "bad two.png").write_bytes(b"not a png either")
+    docs = [[{"text": "a"}, {"image": "my photos/missing one.png"}], [{"text": "b"}, {"audio": "my photos/gone.wav"}],
+            [{"text": "c"}, {"image": "my photos/bad one.png"}], [{"text": "d"}, {"image": "my photos/bad two.png"}],
+            [{"text": "e"}, {"image": "my photos/fine.png"}]]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / "docs.jsonl")], tokenizer=str(tokdir),
+                                       out=str(tmp_path / "out"), workers=0))
+    assert manifest["samples"] == 1 and manifest["error_count"] == 4
+    assert manifest["errors"] == {"cannot open": 2, "not an image file Pillow can read": 2}

@@ -16,6 +16,7 @@ import html
 import json
 import queue
 import re
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -193,7 +194,7 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
         if b < request.sampling.max_new_tokens:
             tqdm.write(f"prompt {i + 1}: only {b} new tokens fit in the model's "
                        f"{model.config.max_position_embeddings} positions (max_new_tokens is "
-                       f"{request.sampling.max_new_tokens}); its samples stop there")
+                       f"{request.sampling.max_new_tokens}); its samples stop there", file=sys.stderr)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(request.num_samples)]
     decoder = SpanDecoder(tok)
     results: dict[int, list[int]] = {}

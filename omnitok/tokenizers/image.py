@@ -17,7 +17,9 @@ That is omnitok's own recipe (``recipe="omnitok"``). An imported tokenizer recor
   it, centre crop; ``(x / 255 - 0.5) / 0.5`` in float32;
 - ``janus`` (Janus' ``VLMImageProcessor``): transparency dropped; longer side to ``image_size`` with BICUBIC
   (sides truncated, at least 14), padded to a square with (127, 127, 127); ``(x * (1/255) - 0.5) / 0.5``.
-Every recipe hands the model a contiguous NCHW float32 tensor, as the originals do.
+Each recipe hands the model the tensor layout its original does: contiguous NCHW float32 (Janus' processor stacks
+its arrays into a new one), except Chameleon's, whose original passes a permuted (channels-last) view. The layout
+picks the convolution kernels, and with them the last bits of the latents and near-tie codes.
 """
 
 from __future__ import annotations
@@ -304,9 +306,9 @@ class ImageTokenizer:
 def model_input(images: np.ndarray, recipe: str = "omnitok") -> torch.Tensor:
     """uint8 (B, H, W, 3) -> contiguous float32 (B, 3, H, W) in [-1, 1], with the arithmetic of ``recipe``'s
     original pipeline (the same value can round differently in float32 and float64)."""
+    if recipe == "chameleon":  # a permuted view, as Chameleon's own `_vqgan_input_from` hands its model
+        return torch.from_numpy(images / 255.0 * 2 - 1).permute(0, 3, 1, 2).float()
     x = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (B, 3, H, W)
-    if recipe == "chameleon":
-        return torch.from_numpy(x / 255.0 * 2 - 1).float()
     if recipe == "llamagen":
         return (torch.from_numpy(x).float().div(255) - 0.5) / 0.5
     if recipe == "janus":

@@ -155,9 +155,14 @@ class TextTokenizer:
         directory = Path(directory)
         info = read_part_info(directory, "text")
         if info.get("type") == _SentencePiece.name:
-            return cls(_SentencePiece((directory / SP_FILE).read_bytes(), str(directory)))
+            if not (directory / SP_FILE).is_file():
+                raise OmnitokError(f"{directory / SP_FILE} not found")
+            return cls(_SentencePiece((directory / SP_FILE).read_bytes(), str(directory / SP_FILE)))
         if info.get("type") == _HuggingFace.name:
-            tok = tokenizers.Tokenizer.from_file(str(directory / HF_FILE))
+            try:
+                tok = tokenizers.Tokenizer.from_file(str(directory / HF_FILE))
+            except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
+                raise OmnitokError(f"{directory / HF_FILE} is not a Hugging Face tokenizer.json: {e}") from None
             return cls(_HuggingFace(tok, info.get("bos_token"), info.get("eos_token"), str(directory)))
         raise OmnitokError(f"{directory}: unknown text tokenizer type {info.get('type')!r}")
 
