@@ -4,6 +4,13 @@
 - Each rank reads its own shards (``shards[rank::world]`` of a seeded per-epoch order); with fewer shards than ranks
   every rank reads all of them and keeps every world-th sample, so no rank is ever empty. Epochs repeat without
   end, so every rank runs exactly the steps the trainer asks for.
+- Disjointness is per epoch: in epoch ``e`` the lanes' shares of a set are disjoint and together cover it. Lanes
+  are not held in step across epochs: with a shard count that the lanes do not divide (or shards of unequal size)
+  a lane that finishes its share first starts its next epoch, whose order may hand it a shard another lane is
+  still reading. This is deliberate: keeping lanes in lockstep would mean dropping the remainder shards of every
+  epoch or making ranks wait for each other, and the overlap costs nothing measurable: at most a few samples
+  appear twice in one global batch, and since each epoch re-deals the shards at random, every shard is read
+  equally often in expectation (``tests/test_reliability.py`` counts it).
 - Mixture: each document comes from shard set ``k`` with probability ``weights[k]`` (seeded per document).
 - Conditioning dropout (DESIGN.md): text right before an image or audio span is dropped with probability
   ``cond_dropout``, so the model also learns the unconditional case that classifier-free guidance samples from.
