@@ -100,7 +100,7 @@ def pick_checkpoint(root: Path, allowed: Sequence[Any] = ()) -> Path:
     weights-only set and ``allowed``."""
     found = complete_checkpoints(root)
     if not found:
-        raise OmnitokError(f"--resume: no complete checkpoint in {root}")
+        raise OmnitokError(f"no complete checkpoint in {root}")
     for ckpt in reversed(found):
         problem = damage(ckpt)
         if problem is None:
@@ -115,7 +115,7 @@ def pick_checkpoint(root: Path, allowed: Sequence[Any] = ()) -> Path:
         if problem is None:
             return ckpt
         tqdm.write(f"checkpoint {ckpt.name} is damaged ({problem}); trying the one before it")
-    raise OmnitokError(f"--resume: no intact checkpoint in {root} (all {len(found)} are damaged)")
+    raise OmnitokError(f"no intact checkpoint in {root} (all {len(found)} are damaged)")
 
 
 # Settings a resumed run may change: how long it trains and how often it logs, evaluates and saves.
