@@ -304,8 +304,8 @@ class ImageTokenizer:
 
 
 def model_input(images: np.ndarray, recipe: str = "omnitok") -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> contiguous float32 (B, 3, H, W) in [-1, 1], with the arithmetic of ``recipe``'s
-    original pipeline (the same value can round differently in float32 and float64)."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], with the arithmetic and memory layout of ``recipe``'s
+    original pipeline (a value can round differently in float32 and float64, and the layout picks the kernels)."""
     if recipe == "chameleon":  # a permuted view, as Chameleon's own `_vqgan_input_from` hands its model
         return torch.from_numpy(images / 255.0 * 2 - 1).permute(0, 3, 1, 2).float()
     x = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (B, 3, H, W)
