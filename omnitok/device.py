@@ -1,4 +1,4 @@
-"""Device and dtype are chosen here and nowhere else (STYLE.md rule 6)."""
+"""Device and dtype are chosen here and nowhere else (docs/ARCHITECTURE.md, Which module owns what)."""
 
 from __future__ import annotations
 

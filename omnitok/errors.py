@@ -13,4 +13,4 @@ class LayoutMismatch(OmnitokError):
 
 
 class MalformedSequence(OmnitokError):
-    """An id sequence that does not follow the document grammar of DESIGN.md."""
+    """An id sequence that does not follow the document grammar of ARCHITECTURE.md."""

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_tokenizers_is_hugging_face_not_ours():
     # Our subpackage is omnitok.tokenizers; a top-level `tokenizers` must stay Hugging Face's, which transformers
-    # imports (DESIGN.md, Package).
+    # imports (ARCHITECTURE.md, Package).
     assert hasattr(tokenizers, "Tokenizer") and hasattr(tokenizers, "pre_tokenizers")
     assert Path(tokenizers.__file__).parent != Path(omnitok.tokenizers.__file__).parent
     assert "omnitok" not in Path(tokenizers.__file__).parts
@@ -61,3 +61,15 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"^(pip install torch==2\.13\.0 && .*pytest.*)$", readme, re.M)
     assert len(commands) == 1, "the README names exactly one test command"
     assert commands[0] in ci.splitlines()
+
+
+def test_the_public_names_import_and_media_tokenizers_load_lazily():
+    """ARCHITECTURE.md, Package: the names it lists import from omnitok.tokenizers; the media tokenizers' model code
+    loads only when one of them is first used."""
+    code = ("import sys, omnitok.tokenizers as t; before = 'omnitok.tokenizers.image' in sys.modules or "
+            "'omnitok.tokenizers.audio' in sys.modules; "
+            "from omnitok.tokenizers import ImageTokenizer, AudioTokenizer, TokenLayout, TextTokenizer, "
+            "MultimodalTokenizer; print(before, ImageTokenizer.__module__, AudioTokenizer.__module__, "
+            "sorted(set(t.__all__) - set(dir(t)) - {'ImageTokenizer', 'AudioTokenizer'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "omnitok.tokenizers.image", "omnitok.tokenizers.audio", "[]"]

@@ -1,4 +1,4 @@
-"""The shard format (DESIGN.md, Shards): a directory of WebDataset tars with ``layout.json`` and ``manifest.json``.
+"""The shard format (docs/ARCHITECTURE.md, Shards): WebDataset tars with ``layout.json`` and ``manifest.json``.
 
 Each sample is ``KEY.tokens.npy`` (1-D ids, dtype in the manifest) and ``KEY.meta.json`` (source, segment spans),
 so any plain ``webdataset`` reader reads them. Tars are written byte-deterministically (fixed member metadata) under

@@ -12,7 +12,7 @@
   appear twice in one global batch, and since each epoch re-deals the shards at random, every shard is read
   equally often in expectation (``tests/test_reliability.py`` counts it).
 - Mixture: each document comes from shard set ``k`` with probability ``weights[k]`` (seeded per document).
-- Conditioning dropout (DESIGN.md): text right before an image or audio span is dropped with probability
+- Conditioning dropout (ARCHITECTURE.md): text right before an image or audio span is dropped with probability
   ``cond_dropout``, so the model also learns the unconditional case that classifier-free guidance samples from.
 - Packing to ``seq_len`` never cuts an image span (one that would cross the boundary starts the next sequence);
   a document longer than ``seq_len`` is split only inside text or at audio frame boundaries. Padding carries no

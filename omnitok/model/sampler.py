@@ -20,7 +20,7 @@ With ``output`` "image" or "audio" the span opens at once and the sample ends wh
 
 Classifier-free guidance (per modality, ``guidance`` != 1): while a sample is inside an image or audio span, an
 unconditional row runs in the same forward pass with its own KV cache rows: the sample's sequence with the text right
-before the span dropped, exactly what conditioning dropout trains (DESIGN.md). The logits used are
+before the span dropped, exactly what conditioning dropout trains (ARCHITECTURE.md). The logits used are
 ``u + guidance * (c - u)`` over the tokens the conditional row finds plausible (``plausibility``, the adaptive
 plausibility constraint of contrastive decoding, Li et al. 2023). The row joins when the span opens (a short prefill
 spliced into the batch cache) and leaves when it closes, so samples in text pay nothing and a batch may mix samples in

@@ -6,7 +6,7 @@ over the pixel limit (Pillow's decompression-bomb limit, 89.5 MP by default) rai
 file. Then either
 - ``resize="crop"``: shorter side to ``image_size``, centre crop to ``image_size`` square, or
 - ``resize="fit"``: keep the aspect ratio, longer side ``image_size``, each side rounded to a multiple of the
-  downsampling factor; the grid's rows and columns go into the sequence (DESIGN.md), so any shape decodes.
+  downsampling factor; the grid's rows and columns go into the sequence (ARCHITECTURE.md), so any shape decodes.
 
 That is omnitok's own recipe (``recipe="omnitok"``). An imported tokenizer records its original pipeline instead
 (``recipe`` = the import format), so a model trained on its codes sees the pixels it was trained on:

@@ -1,7 +1,7 @@
 """The token layout: the one place that decides which global id means what.
 
-Every other module asks the layout for ids; none does offset arithmetic of its own (STYLE.md rule 8, as
-Chameleon's ``inference/vocab.py``). The vocabulary is laid out in this order::
+Every other module asks the layout for ids; none does offset arithmetic of its own (as
+Chameleon's ``inference/vocab.py``; docs/ARCHITECTURE.md, Token layout). The vocabulary is laid out in this order::
 
     [0, T)                text ids, exactly the text tokenizer's ids (bos/eos included)
     [T, S)                specials: <|pad|>, then <|boi|> <|eoi|> <|rows_1..G|> <|cols_1..G|> when there is an

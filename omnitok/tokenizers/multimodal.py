@@ -1,4 +1,4 @@
-"""Documents <-> one id sequence, following the templates of DESIGN.md (Sequences):
+"""Documents <-> one id sequence, following the templates of ARCHITECTURE.md (Sequences):
 
     document  = bos segment... eos
     text      = the text tokenizer's ids

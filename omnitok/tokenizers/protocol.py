@@ -1,8 +1,8 @@
 """What the multimodal tokenizer needs from an image or audio tokenizer, and how a tokenizer is fingerprinted.
 
-A media tokenizer is a small object with batched ``encode``/``decode`` and a few sizes (STYLE.md rule 5). The
-multimodal tokenizer only ever talks to it through these protocols, so the VQ-GAN and EnCodec tokenizers, and
-the fakes in the tests, plug in the same way.
+A media tokenizer is a small object with batched ``encode``/``decode`` and a few sizes (docs/ARCHITECTURE.md,
+Media tokenizers). The multimodal tokenizer only ever talks to it through these protocols, so the VQ-GAN and
+EnCodec tokenizers, and the fakes in the tests, plug in the same way.
 
 Every tokenizer directory carries ``omnitok.json`` saying which modality and type it holds; that file is how
 ``load_part`` picks the one class that can read the directory (one loader, explicit formats).

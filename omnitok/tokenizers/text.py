@@ -1,7 +1,7 @@
 """The text tokenizer: one class over a SentencePiece model or a Hugging Face tokenizer.
 
 Ids from here are the layout's text range ``[0, vocab_size)`` unchanged. ``encode`` never adds bos/eos: the
-multimodal tokenizer places them around whole documents (DESIGN.md, Sequences).
+multimodal tokenizer places them around whole documents (ARCHITECTURE.md, Sequences).
 
 Accepted sources (``TextTokenizer.from_path``):
 - an omnitok text tokenizer directory (what ``save`` and ``omnitok text-tokenizer train`` write),
