@@ -184,3 +184,32 @@ def test_conditioning_dropout_and_mixture(tmp_path):
         PackedStream(StreamConfig(shards=[str(a)], seq_len=16), LAYOUT, 1)
     with pytest.raises(OmnitokError, match="differs"):
         PackedStream(StreamConfig(shards=[str(a)]), TokenLayout(text_vocab_size=60), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_the_whole_and_cross_entropy(dtype):
+    """The cross-entropy runs over chunks of rows; any chunk size gives the same loss, gradient and per-modality
+    metrics as one chunk, and as torch's own cross-entropy (in fp32)."""
+    torch.manual_seed(1)
+    logits = torch.randn(3, 11, LAYOUT.vocab_size).to(dtype)
+    labels = torch.randint(0, LAYOUT.used_vocab_size, (3, 11))
+    labels[0, :3] = IGNORE
+    results = []
+    for chunk in (33, 7, 5, 1):
+        x = logits.clone().requires_grad_()
+        loss, metrics = lm_loss(x, labels, LAYOUT, LossConfig(chunk_rows=chunk, z_loss=1e-3, image=0.5))
+        loss.backward()
+        results.append((loss.detach(), x.grad, metrics))
+    for loss, grad, metrics in results[1:]:
+        assert torch.allclose(loss, results[0][0], atol=1e-6) and torch.equal(grad, results[0][1])
+        assert {k: v.item() for k, v in metrics.items()} == {k: v.item() for k, v in results[0][2].items()}
+    if dtype == torch.float32:
+        x = logits.clone().requires_grad_()
+        plain = F.cross_entropy(x.reshape(-1, LAYOUT.vocab_size), labels.reshape(-1), ignore_index=IGNORE)
+        plain.backward()
+        y = logits.clone().requires_grad_()
+        ours, _ = lm_loss(y, labels, LAYOUT, LossConfig(chunk_rows=4))
+        ours.backward()
+        assert torch.allclose(ours, plain, atol=1e-6) and torch.allclose(y.grad, x.grad, atol=1e-7)
+    else:
+        assert results[0][1].dtype == torch.bfloat16  # the gradient is written in the logits' dtype

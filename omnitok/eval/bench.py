@@ -374,6 +374,48 @@ def bench_sample(args: argparse.Namespace) -> dict:
     return out
 
 
+_LOSS_PROBE = """
+import json, resource, sys, time, torch
+from omnitok.model.loss import LossConfig, lm_loss
+from omnitok.tokenizers.layout import TokenLayout
+rows, vocab, chunk = (int(a) for a in sys.argv[1:4])
+layout = TokenLayout(text_vocab_size=vocab - 64)
+torch.manual_seed(0)
+logits = torch.randn(1, rows, layout.vocab_size, dtype=torch.bfloat16).requires_grad_()
+labels = torch.randint(0, layout.text_vocab_size, (1, rows))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+loss, _ = lm_loss(logits, labels, layout, LossConfig(chunk_rows=chunk))
+loss.backward()
+seconds = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_mb": (peak - base) / 1024, "seconds": seconds, "loss": loss.item()}))
+"""
+
+
+def bench_loss(args: argparse.Namespace) -> dict:
+    """Peak memory of the loss's forward and backward beyond the bf16 logits themselves: chunked cross-entropy vs
+    the same function over all rows at once (the memory profile of the version before chunking, which kept a full
+    fp32 copy), each in a fresh process (peak resident set)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = args.batch * args.seq
+    results = {}
+    for name, chunk in (("whole", rows), ("chunked", args.chunk)):
+        out = subprocess.run([sys.executable, "-c", _LOSS_PROBE, str(rows), str(args.vocab), str(chunk)],
+                             capture_output=True, text=True, check=True)
+        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    logits_mb = rows * (args.vocab // 64 * 64 + 64) * 2 / 2**20
+    ratio = results["chunked"]["extra_mb"] / results["whole"]["extra_mb"]
+    c, w = results["chunked"], results["whole"]
+    print(f"loss on bf16 logits {args.batch}x{args.seq}x{args.vocab} ({logits_mb:.0f} MB): peak extra memory "
+          f"chunked ({args.chunk} rows) {c['extra_mb']:.0f} MB, whole {w['extra_mb']:.0f} MB -> ratio {ratio:.2f}; "
+          f"time {c['seconds']:.2f} s vs {w['seconds']:.2f} s; loss {c['loss']:.6f} vs {w['loss']:.6f}")
+    return {**results, "ratio": ratio}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m omnitok.eval.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="BENCHMARK")
@@ -415,6 +457,12 @@ def main(argv: list[str] | None = None) -> None:
     sam.add_argument("--repeats", type=int, default=2)
     sam.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sam.set_defaults(func=bench_sample)
+    lo = sub.add_parser("loss", help="peak memory of the chunked cross-entropy vs the unchunked form")
+    lo.add_argument("--batch", type=int, default=8)
+    lo.add_argument("--seq", type=int, default=1024)
+    lo.add_argument("--vocab", type=int, default=65536)
+    lo.add_argument("--chunk", type=int, default=1024)
+    lo.set_defaults(func=bench_loss)
     args = parser.parse_args(argv)
     args.func(args)
 
