@@ -120,7 +120,7 @@ def test_packing_never_cuts_images_and_resumes_exactly(tmp_path):
     cfg = StreamConfig(shards=[str(shards)], seq_len=40, cond_dropout=0.0, seed=3)
     stream = PackedStream(cfg, LAYOUT, batch_size=4)
     for _ in range(30):
-        ids, labels = stream.next_batch()
+        ids, labels, _ = stream.next_batch()
         assert ids.shape == labels.shape == (4, 40)
         for seq, lab in zip(ids.tolist(), labels):
             spans_of(seq)  # every <|boi|> in a sequence is followed by its whole grid and <|eoi|>
@@ -213,3 +213,37 @@ def test_chunked_loss_equals_the_whole_and_cross_entropy(dtype):
         assert torch.allclose(ours, plain, atol=1e-6) and torch.allclose(y.grad, x.grad, atol=1e-7)
     else:
         assert results[0][1].dtype == torch.bfloat16  # the gradient is written in the logits' dtype
+
+
+def test_a_packed_document_sees_only_itself(tmp_path):
+    """Document isolation: in a packed batch, each document gets the logits and loss it gets alone (1e-5), with
+    transformers' own masking from the packed position ids; without isolation it does not."""
+    shards = write_shards(tmp_path / "a", n_docs=40, shard_size=40)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
+                        LAYOUT).eval()
+    cfg = StreamConfig(shards=[str(shards)], seq_len=64, cond_dropout=0.0, seed=0)
+    batch = PackedStream(cfg, LAYOUT, batch_size=2).next_batch()
+    plain = PackedStream(StreamConfig(**{**cfg.__dict__, "isolate_documents": False}), LAYOUT, 2).next_batch()
+    assert torch.equal(batch.ids, plain.ids) and plain.positions is None
+    with torch.no_grad():
+        packed = model(**batch.model_inputs(torch.device("cpu"))).logits
+        mixed = model(**plain.model_inputs(torch.device("cpu"))).logits
+    checked = crossed = 0
+    for b in range(2):
+        starts = torch.nonzero(batch.positions[b] == 0).flatten().tolist() + [64]
+        for start, stop in zip(starts, starts[1:]):
+            seq = batch.ids[b, start:stop]
+            if seq[0] != 1 or seq[-1] == LAYOUT.pad_id:  # bos is 1 in these documents
+                continue  # the continued tail of a document, or padding
+            with torch.no_grad():
+                alone = model(input_ids=seq[None]).logits[0]
+            assert torch.allclose(packed[b, start:stop], alone, atol=1e-5)
+            loss_alone, _ = lm_loss(alone[None, :-1], seq[None, 1:], LAYOUT, LossConfig())
+            loss_packed, _ = lm_loss(packed[b:b + 1, start:stop - 1], batch.labels[b:b + 1, start:stop - 1], LAYOUT,
+                                     LossConfig())
+            assert torch.allclose(loss_packed, loss_alone, atol=1e-5)
+            assert batch.labels[b, stop - 1] == IGNORE  # the next document's first token is not a target
+            checked += 1
+            crossed += start > 0 and not torch.allclose(mixed[b, start:stop], alone, atol=1e-3)
+    assert checked >= 3 and crossed >= 1  # documents after others were checked, and isolation changed them

@@ -17,6 +17,11 @@
 - Packing to ``seq_len`` never cuts an image span (one that would cross the boundary starts the next sequence);
   a document longer than ``seq_len`` is split only inside text or at audio frame boundaries. Padding carries no
   loss; the padded fraction is reported.
+- Document isolation (``isolate_documents``, default on): each batch carries position ids that restart at every
+  document (and at the part of a document that continues from the previous sequence), and no token is trained to
+  predict the first token of the next document. Given position ids and no attention mask, transformers' causal LMs
+  build the block-diagonal causal mask themselves (``masking_utils.find_packed_sequence_indices``: SDPA, eager and
+  flex on CPU) or take FlashAttention's variable-length path, so attention never crosses a document.
 - ``state_dict()`` is the exact position (epochs, shards, samples, the partly filled sequence), small and JSON-able,
   saved with every checkpoint so a resumed run sees exactly the batches it would have seen.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +50,7 @@ class StreamConfig:
     cond_dropout: float = 0.1
     seed: int = 0
     lanes: int | None = None  # independent sub-streams (default: the world size); see PackedStream
+    isolate_documents: bool = True  # attention and positions restart at every packed document
 
     def __post_init__(self) -> None:
         if self.lanes is not None and self.lanes < 1:
@@ -126,6 +133,7 @@ class _Lane:
         self.weights = weights / weights.sum()
         self.documents = 0
         self.pending: list[int] = []  # the partly filled sequence
+        self.starts: list[int] = []  # where each document (or document part) begins in it
         self.rest: tuple[list[int], list] | None = None  # the part of a document not yet packed
         self.padding, self.tokens = 0, 0
 
@@ -174,8 +182,8 @@ class _Lane:
         cuts = np.flatnonzero(allowed[: min(room, length) + 1])
         return int(cuts[-1]) if len(cuts) else 0
 
-    def _sequence(self) -> list[int]:
-        """One sequence of exactly ``seq_len`` tokens (pad at the end)."""
+    def _sequence(self) -> tuple[list[int], list[int]]:
+        """One sequence of exactly ``seq_len`` tokens (pad at the end) and where its documents begin."""
         L = self.cfg.seq_len
         while True:
             if self.rest is None:
@@ -184,6 +192,7 @@ class _Lane:
             tokens, spans, long = self.rest
             room = L - len(self.pending)
             if len(tokens) <= room:
+                self.starts.append(len(self.pending))
                 self.pending += tokens
                 self.rest = None
                 if len(self.pending) == L:
@@ -192,31 +201,49 @@ class _Lane:
             cut = self._cut(spans, len(tokens), room, long)
             if cut == 0 and not self.pending:
                 cut = room  # cannot happen for valid layouts (checked at start-up); never loop forever
+            self.starts.append(len(self.pending))
             self.pending += tokens[:cut]
             # Spans keep their true start (negative once cut), so audio frame boundaries stay where they were.
             self.rest = (tokens[cut:], [[m, s - cut, e - cut] for m, s, e in spans if e > cut], long)
             return self._emit()
 
-    def _emit(self) -> list[int]:
+    def _emit(self) -> tuple[list[int], list[int]]:
         seq = self.pending + [self.layout.pad_id] * (self.cfg.seq_len - len(self.pending))
+        starts = self.starts + ([len(self.pending)] if len(self.pending) < self.cfg.seq_len else [])  # padding
         self.padding += self.cfg.seq_len - len(self.pending)
         self.tokens += self.cfg.seq_len
-        self.pending = []
-        return seq
+        self.pending, self.starts = [], []
+        return seq, starts
 
     # ---------------------------------------------------------------- position
 
     def state_dict(self) -> dict:
         rest = None if self.rest is None else [self.rest[0], self.rest[1], self.rest[2]]
         return {"sources": [s.state() for s in self.sources], "documents": self.documents,
-                "pending": list(self.pending), "rest": rest, "padding": self.padding, "tokens": self.tokens}
+                "pending": list(self.pending), "starts": list(self.starts), "rest": rest, "padding": self.padding,
+                "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
         for source, s in zip(self.sources, state["sources"]):
             source.load(s)
         self.documents, self.pending = state["documents"], list(state["pending"])
+        # positions saved before isolation existed: the partial sequence counts as one document
+        self.starts = list(state.get("starts", [0] if self.pending else []))
         self.rest = None if state["rest"] is None else (state["rest"][0], state["rest"][1], state["rest"][2])
         self.padding, self.tokens = state["padding"], state["tokens"]
+
+
+class Batch(NamedTuple):
+    ids: torch.Tensor  # (B, L) packed token ids
+    labels: torch.Tensor  # (B, L) the next token, IGNORE on padding (and across documents when isolated)
+    positions: torch.Tensor | None  # (B, L) restarting at every document; None without isolation
+
+    def model_inputs(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a transformers causal LM: no cache, so packed position ids isolate documents."""
+        inputs = {"input_ids": self.ids.to(device), "use_cache": False}
+        if self.positions is not None:
+            inputs["position_ids"] = self.positions.to(device)
+        return inputs
 
 
 class PackedStream:
@@ -243,19 +270,30 @@ class PackedStream:
             raise OmnitokError(f"micro_batch_size {batch_size} must be a multiple of the lanes per rank ({per_rank})")
         urls = [shard_urls(s, layout) for s in cfg.shards]
         self.layout, self.batch_size, self.per_lane = layout, batch_size, batch_size // per_rank
+        self.isolate = cfg.isolate_documents
         self.lanes = [_Lane(cfg, layout, urls, lane, lanes) for lane in range(rank, lanes, world)]
 
     @property
     def sources(self) -> list[_Source]:
         return [s for lane in self.lanes for s in lane.sources]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> Batch:
         rows = [lane._sequence() for lane in self.lanes for _ in range(self.per_lane)]
-        ids = torch.tensor(rows, dtype=torch.long)  # (B, L)
+        ids = torch.tensor([seq for seq, _ in rows], dtype=torch.long)  # (B, L)
         labels = torch.full_like(ids, IGNORE)
         labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
         labels[labels == self.layout.pad_id] = IGNORE
-        return ids, labels
+        if not self.isolate:
+            return Batch(ids, labels, None)
+        L = ids.shape[1]
+        positions = torch.empty_like(ids)
+        for b, (_, starts) in enumerate(rows):
+            bounds = [*starts, L]
+            for start, stop in zip(bounds, bounds[1:]):
+                positions[b, start:stop] = torch.arange(stop - start)
+                if start > 0:
+                    labels[b, start - 1] = IGNORE  # the next document's first token is not predicted
+        return Batch(ids, labels, positions)
 
     @property
     def padding_counts(self) -> tuple[int, int]:

@@ -276,19 +276,20 @@ def bench_pretrain(args: argparse.Namespace) -> dict:
         stream = PackedStream(cfg.data, layout, cfg.micro_batch_size)
         batches = [stream.next_batch() for _ in range(args.steps)]
 
-        def step(ids, labels):
-            logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        def step(batch):  # the same inputs (packed position ids when documents are isolated)
+            logits = model(**batch.model_inputs(torch.device("cpu"))).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
+                                   ignore_index=-100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
 
-        for ids, labels in batches[:measured]:  # warm-up, as the measured window of the run above
-            step(ids, labels)
+        for batch in batches[:measured]:  # warm-up, as the measured window of the run above
+            step(batch)
         start = time.perf_counter()
-        for ids, labels in batches[measured:]:
-            step(ids, labels)
+        for batch in batches[measured:]:
+            step(batch)
         plain = (args.steps - measured) * cfg.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
     params = sum(p.numel() for p in model.parameters())
     print(f"pretraining, {params / 1e6:.1f}M-parameter {cfg.model.arch}, {cfg.micro_batch_size} x {cfg.data.seq_len} "

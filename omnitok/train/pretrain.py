@@ -203,7 +203,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             cut_jsonl(out / f"{log}.jsonl", "step", start)
     eval_stream = None
     if cfg.eval.shards:
-        eval_cfg = StreamConfig(shards=cfg.eval.shards, seq_len=cfg.data.seq_len, cond_dropout=0.0, seed=cfg.seed)
+        eval_cfg = StreamConfig(shards=cfg.eval.shards, seq_len=cfg.data.seq_len, cond_dropout=0.0, seed=cfg.seed,
+                                isolate_documents=cfg.data.isolate_documents)
         eval_stream = lambda: PackedStream(eval_cfg, layout, cfg.micro_batch_size, rank, world)  # noqa: E731
 
     writer = None
@@ -221,10 +222,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     for step in progress:
         for _ in range(cfg.grad_accum):
             t0 = time.perf_counter()
-            ids, labels = stream.next_batch()
-            ids, labels = ids.to(device), labels.to(device)
+            batch = stream.next_batch()
+            inputs, labels = batch.model_inputs(device), batch.labels.to(device)
             t1 = time.perf_counter()
-            logits = engine(input_ids=ids).logits  # (B, L, V)
+            logits = engine(**inputs).logits  # (B, L, V)
             tokens = (labels != IGNORE).sum().to(torch.float64).reshape(1)
             torch.distributed.all_reduce(tokens)  # the mean is over all ranks' tokens (DeepSpeed averages grads)
             loss, metrics = lm_loss(logits, labels, layout, cfg.loss, normalizer=tokens.clamp(min=1).item() / world)
@@ -365,8 +366,8 @@ def _evaluate(engine, stream: PackedStream, cfg: PretrainConfig, layout, device,
     engine.eval()
     sums: dict[str, float] = {}
     for _ in range(cfg.eval.batches):
-        ids, labels = stream.next_batch()
-        _, metrics = lm_loss(engine(input_ids=ids.to(device)).logits, labels.to(device), layout, cfg.loss)
+        batch = stream.next_batch()
+        _, metrics = lm_loss(engine(**batch.model_inputs(device)).logits, batch.labels.to(device), layout, cfg.loss)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     engine.train()
