@@ -1,10 +1,10 @@
 """DeepSpeed checkpoints read weights-only, and the run's weights gathered into plain fp32 tensors.
 
-DeepSpeed's own checkpoint engine and ``zero_to_fp32`` unpickle with ``weights_only=False``, so a run directory
-someone shares could run code on ``--resume`` or export. omnitok therefore
+DeepSpeed's own checkpoint engine and ``zero_to_fp32`` unpickle without the weights-only restriction, so a run
+directory someone shares could run code on ``--resume`` or export. omnitok therefore
 - gives each engine a checkpoint engine whose ``load`` is ``torch.load(weights_only=True)`` with exactly the
-  DeepSpeed classes a checkpoint holds allowed (``ALLOWED``: listed from checkpoints of ZeRO 0-3 in fp32 and bf16
-  with ``torch.serialization.get_unsafe_globals_in_checkpoint``; fp16 adds the dynamic loss scaler);
+  DeepSpeed classes a checkpoint holds allowed (``allowed_classes``: listed from checkpoints of ZeRO 0-3 in fp32 and
+  bf16 with ``torch.serialization.get_unsafe_globals_in_checkpoint``; fp16 adds the dynamic loss scaler);
 - writes the full fp32 weights (the optimizer's master copy where there is one) as ``model.safetensors`` into every
   checkpoint, which ``omnitok export`` reads instead of DeepSpeed's optimizer files.
 """
