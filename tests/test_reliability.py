@@ -180,6 +180,21 @@ def test_a_moved_run_resumes_and_a_changed_setting_is_named(run, shards, tmp_pat
     assert "'optim.lr': 0.003 then, 0.01 now" in err
 
 
+def test_a_run_written_before_new_settings_existed_still_resumes(run, shards, tmp_path, capsys):
+    """run.json written by an older omnitok lacks settings added since (here data.isolate_documents and
+    loss.chunk_rows) and has an empty COMPLETE record: it resumes, and a setting it does hold is still compared."""
+    old = copy_run(run, tmp_path / "old")
+    ckpt = complete_checkpoints(old / "checkpoints")[-1]
+    saved = json.loads((ckpt / "run.json").read_text())
+    del saved["config"]["data"]["isolate_documents"], saved["config"]["loss"]["chunk_rows"]
+    (ckpt / "run.json").write_text(json.dumps(saved))
+    (ckpt / COMPLETE).write_text("")
+    assert main(["pretrain", *args(shards, old, "steps=5", "checkpoint_every=2", "zero_stage=1"), "--resume"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *args(shards, old, "steps=6", "checkpoint_every=2", "zero_stage=2"), "--resume"]) == 2
+    assert "'zero_stage': 1 then, 2 now" in one_line(capsys)
+
+
 def test_the_first_record_after_a_resume_covers_the_whole_log_window(shards, tmp_path):
     """Logged every 4 steps, checkpointed every 2: a run killed after step 2 logs at 4 what the full run logs."""
     from omnitok.train import pretrain as pretrain_module

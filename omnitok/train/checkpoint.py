@@ -125,9 +125,10 @@ MAY_CHANGE = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "lo
 def check_same_config(saved: dict, config: dict, ckpt: Path, ignored: tuple[str, ...] = ()) -> None:
     """Refuse to resume with a config that differs from the checkpoint's, naming the differing settings.
     ``MAY_CHANGE`` settings may differ; ``ignored`` ones are not part of the run's identity (the run's own location,
-    so a moved or copied run directory resumes)."""
+    so a moved or copied run directory resumes). Settings the saved config does not hold at all were added to omnitok
+    after the run was written; they take their value from the current config."""
     skip = set(MAY_CHANGE) | set(ignored)
-    differing = [k for k in _diff(saved, config) if k not in skip]
+    differing = [k for k in _diff(saved, config) if k not in skip and _has(saved, k)]
     if differing:
         said = "; ".join(f"{k!r}: {_get(saved, k)!r} then, {_get(config, k)!r} now" for k in differing[:3])
         raise OmnitokError(f"--resume: the config differs from the one {ckpt} was trained with "
@@ -138,6 +139,14 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b), key=str) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def _has(d: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
 
 
 def _get(d: Any, dotted: str) -> Any:
