@@ -188,8 +188,9 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
     check_request(tok.layout, request.sampling)
     encoded = tok.encode_batch([p.document for p in prompts])
     eos = tok.text.eos_id
-    lengths = [len(e.ids) - (1 if len(e.ids) and e.ids[-1] == eos else 0) for e in encoded]
-    budget = new_token_budget(model, request.sampling, lengths)
+    prompt_ids = [e.ids.tolist() for e in encoded]
+    prompt_ids = [x[:-1] if x and x[-1] == eos else x for x in prompt_ids]  # continue the prompt, do not end it
+    budget = new_token_budget(model, request.sampling, [len(x) for x in prompt_ids])
     for i, b in enumerate(budget):
         if b < request.sampling.max_new_tokens:
             tqdm.write(f"prompt {i + 1}: only {b} new tokens fit in the model's "
@@ -201,8 +202,7 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
     bar = tqdm(total=len(jobs), desc="sampling", unit="sample", disable=not progress)
     for start in range(0, len(jobs), request.batch_size):
         batch = list(range(start, min(start + request.batch_size, len(jobs))))
-        ids = [encoded[jobs[j][0]].ids.tolist() for j in batch]
-        ids = [x[:-1] if x and x[-1] == eos else x for x in ids]  # continue the prompt, do not end it
+        ids = [prompt_ids[jobs[j][0]] for j in batch]
         closed: dict[int, int] = {}
 
         def on_span(b: int, modality: str, span: list[int], batch=batch, closed=closed) -> None:

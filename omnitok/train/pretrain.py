@@ -408,13 +408,12 @@ def save(engine, stream: PackedStream, cfg: PretrainConfig, step: int, rank: int
     state = deepspeed_io.full_fp32_state(engine, cfg.zero_stage, rank)
     torch.save({"stream": stream.state_dict(), "rng": torch.get_rng_state(), **window}, tmp / f"rank{rank:05d}.pt")
     torch.distributed.barrier()
-    final = root / f"step_{step:08d}"
     if rank == 0:
         save_file(state, str(tmp / "model.safetensors"))
         write_json_atomic(tmp / "run.json", {"step": step, "config": to_dict(cfg)})
         finish_checkpoint(tmp, cfg.keep_checkpoints)
     torch.distributed.barrier()
-    return final
+    return root / f"step_{step:08d}"
 
 
 def export_model(engine, cfg: PretrainConfig, directory: Path, rank: int) -> None:
