@@ -108,17 +108,18 @@ def cmd_shards_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from omnitok.distributed import is_main_process
     from omnitok.train.pretrain import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(args.config, args.overrides)
     stats = pretrain(cfg, resume=args.resume)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"pretraining done: loss {stats.get('loss', float('nan')):.4f}; run in {cfg.out}, Hugging Face export "
               f"in {cfg.out}/export")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from omnitok.train.pretrain import export_run
+    from omnitok.train.export import export_run
 
     print(f"exported {export_run(args.run, args.out)} (Hugging Face model; tokenizer in {args.out}/tokenizer)")
 

@@ -53,7 +53,7 @@ def test_training_lowers_mel_distance_and_raises_si_sdr(tmp_path, sounds, capsys
     # vector-quantize-pytorch 1.32); the demo codec's 1500 steps with the same recipe reach 14 dB
     assert evals[-1]["mel_distance"] < evals[0]["mel_distance"] - 0.1
     assert evals[-1]["si_sdr"] > evals[0]["si_sdr"] + 2
-    record = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    record = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(record) == 40 and all(r["d"] > 0 for r in record[36:]) and all(r["d"] == 0 for r in record[:36])
     assert all(r["quantizers_active"] == 0 and r["commit"] == 0 for r in record[:3])  # autoencoder warm-up
     assert {r["quantizers_active"] for r in record[3:]} > {4}  # quantizer dropout: 1 to 4 codebooks per batch
@@ -79,16 +79,16 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, sounds):
     train_codec([sounds], tmp_path / "b", load_codec_config(None, [*SMALL, "steps=3", "eval_every=100",
                                                                     "checkpoint_every=3"]), device="cpu")
     train_codec([sounds], tmp_path / "b", full, resume=True, device="cpu")
-    a = (tmp_path / "a" / "losses.jsonl").read_text().splitlines()
-    b = (tmp_path / "b" / "losses.jsonl").read_text().splitlines()
+    a = (tmp_path / "a" / "train.jsonl").read_text().splitlines()
+    b = (tmp_path / "b" / "train.jsonl").read_text().splitlines()
     assert len(a) == len(b) == 6 and a == b
     # Killed after logging steps 4..6 but before the step-6 checkpoint was complete, mid-way through a line: the
     # resumed run cuts the logs back to step 3 and records steps 4..6 once.
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
-    with open(tmp_path / "b" / "losses.jsonl", "a") as f:
+    with open(tmp_path / "b" / "train.jsonl", "a") as f:
         f.write('{"step": 7, "lo')
     train_codec([sounds], tmp_path / "b", full, resume=True, device="cpu")
-    assert (tmp_path / "b" / "losses.jsonl").read_text().splitlines() == a
+    assert (tmp_path / "b" / "train.jsonl").read_text().splitlines() == a
     evals = [json.loads(line)["step"] for line in (tmp_path / "b" / "eval.jsonl").read_text().splitlines()]
     assert evals == [0, 3, 6]  # the short run ended with an evaluation at its last step
 
@@ -112,7 +112,7 @@ def test_small_cpu_config_trains_on_waveform_l2_and_mel_magnitudes(tmp_path, sou
     config = Path(__file__).parent.parent / "configs" / "codec-small-cpu.yaml"
     cfg = load_codec_config(config, ["steps=2", "eval_every=100", "checkpoint_every=100", "holdout=2"])
     train_codec([sounds], tmp_path / "c", cfg, device="cpu")
-    record = [json.loads(line) for line in (tmp_path / "c" / "losses.jsonl").read_text().splitlines()]
+    record = [json.loads(line) for line in (tmp_path / "c" / "train.jsonl").read_text().splitlines()]
     assert len(record) == 2
     for r in record:
         assert r["time_l2"] > 0 and r["mel"] > 0
@@ -124,7 +124,7 @@ def test_mel_loss_joins_after_mel_start_step(tmp_path, sounds):
                                    "mel_start_step=2",
                                    "vq_warmup_steps=10", "steps=4", "eval_every=100", "checkpoint_every=100"])
     train_codec([sounds], tmp_path / "c", cfg, device="cpu")
-    record = [json.loads(line) for line in (tmp_path / "c" / "losses.jsonl").read_text().splitlines()]
+    record = [json.loads(line) for line in (tmp_path / "c" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in record] == [1, 2, 3, 4] and all(r["mel"] > 0 and r["log_mel"] > 0 for r in record)
     for r in record:
         expected = 10 * r["time_l2"] + (2 * r["mel"] + 0.5 * r["log_mel"] if r["step"] > 2 else 0)
@@ -183,5 +183,5 @@ def test_commitment_loss_is_relative_to_a_large_embedding(sounds):
 def test_learning_rate_falls_linearly_over_the_last_steps(tmp_path, sounds):
     cfg = load_codec_config(None, [*SMALL, "steps=6", "lr_decay_steps=4", "eval_every=100", "checkpoint_every=100"])
     train_codec([sounds], tmp_path / "c", cfg, device="cpu")
-    record = [json.loads(line) for line in (tmp_path / "c" / "losses.jsonl").read_text().splitlines()]
+    record = [json.loads(line) for line in (tmp_path / "c" / "train.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in record] == pytest.approx([1e-3, 1e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3])

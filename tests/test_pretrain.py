@@ -6,6 +6,7 @@ from test_pretrain_parts import LAYOUT, write_shards
 
 from omnitok.cli import main
 from omnitok.errors import OmnitokError
+from omnitok.train import harness
 from omnitok.train import pretrain as pretrain_module
 from omnitok.train.checkpoint import complete_checkpoints
 from omnitok.train.pretrain import load_pretrain_config, pretrain
@@ -37,7 +38,7 @@ def test_loss_falls_per_modality_and_the_export_loads_with_vanilla_transformers(
 
     out = tmp_path / "run"
     assert main(["pretrain", *run_args(data, out, "steps=40", "checkpoint_every=20",
-                                       f"eval.shards=[{data / 'heldout'}]", "eval.every=20", "eval.batches=2")]) == 0
+                                       f"eval.shards=[{data / 'heldout'}]", "eval_every=20", "eval.batches=2")]) == 0
     assert "pretraining done" in capsys.readouterr().out
     train = records(out / "train.jsonl")
     assert [r["step"] for r in train] == list(range(1, 41))
@@ -47,7 +48,7 @@ def test_loss_falls_per_modality_and_the_export_loads_with_vanilla_transformers(
         train[-1])
     assert train[-1]["special_acc"] > 0.3  # the grammar's markers are the first thing a model learns
     evals = records(out / "eval.jsonl")
-    assert [e["step"] for e in evals] == [20, 40] and evals[1]["loss"] < evals[0]["loss"] + 0.2
+    assert [e["step"] for e in evals] == [0, 20, 40] and evals[2]["loss"] < evals[1]["loss"] + 0.2 < evals[0]["loss"]
     assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["step_00000020", "step_00000040"]
     assert list((out / "tb").iterdir())
     # The export is a plain Hugging Face directory with the tokenizer beside; logits equal the training model's.
@@ -66,39 +67,39 @@ def test_resume_sees_the_same_batches_and_losses(tmp_path, data, monkeypatch):
     full = load_pretrain_config(None, run_args(data, tmp_path / "a", "steps=8", "checkpoint_every=4"))
     pretrain(full)
     killed = load_pretrain_config(None, run_args(data, tmp_path / "b", "steps=8", "checkpoint_every=4"))
-    real_save = pretrain_module.save
+    real_export = pretrain_module.PretrainTask.export
 
-    def save_then_die(*args):
-        real_save(*args)
+    def export_then_die(*args):
+        real_export(*args)
         raise KeyboardInterrupt  # killed right after the step-4 checkpoint
 
-    monkeypatch.setattr(pretrain_module, "save", save_then_die)
+    monkeypatch.setattr(pretrain_module.PretrainTask, "export", export_then_die)
     with pytest.raises(KeyboardInterrupt):
         pretrain(killed)
-    monkeypatch.setattr(pretrain_module, "save", real_save)
+    monkeypatch.setattr(pretrain_module.PretrainTask, "export", real_export)
     pretrain(killed, resume=True)
     a = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "a" / "train.jsonl")]
     b = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "b" / "train.jsonl")]
     assert len(a) == len(b) == 8
     for x, y in zip(a, b):
         assert x[0] == y[0] and x[1] == pytest.approx(y[1], abs=1e-6) and x[2] == pytest.approx(y[2], abs=1e-6)
-    with pytest.raises(OmnitokError, match="already holds a run"):
+    with pytest.raises(OmnitokError, match="already holds a training run"):
         pretrain(full)
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_resumable(tmp_path, data, monkeypatch):
     cfg = load_pretrain_config(None, run_args(data, tmp_path / "k", "steps=6", "checkpoint_every=3"))
-    real = pretrain_module.write_json_atomic
+    real = harness.write_json_atomic
 
     def dies_at_step_6(path, payload):
         if "step" in payload and payload["step"] == 6:
             raise KeyboardInterrupt  # the process is killed in the middle of writing the step-6 checkpoint
         return real(path, payload)
 
-    monkeypatch.setattr(pretrain_module, "write_json_atomic", dies_at_step_6)
+    monkeypatch.setattr(harness, "write_json_atomic", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg)
-    monkeypatch.setattr(pretrain_module, "write_json_atomic", real)
+    monkeypatch.setattr(harness, "write_json_atomic", real)
     assert [p.name for p in complete_checkpoints(tmp_path / "k" / "checkpoints")] == ["step_00000003"]
     assert (tmp_path / "k" / "checkpoints" / ".tmp-step_00000006").is_dir()  # the half-written one
     pretrain(cfg, resume=True)

@@ -202,19 +202,19 @@ def test_the_first_record_after_a_resume_covers_the_whole_log_window(shards, tmp
 
     extra = ["steps=8", "checkpoint_every=2", "log_every=4"]
     pretrain(load_pretrain_config(None, args(shards, tmp_path / "a", *extra)))
-    real_save = pretrain_module.save
+    real_export = pretrain_module.PretrainTask.export
 
-    def save_then_die(*a):
-        real_save(*a)
+    def export_then_die(*a):
+        real_export(*a)
         raise KeyboardInterrupt
 
     killed = load_pretrain_config(None, args(shards, tmp_path / "b", *extra))
-    pretrain_module.save = save_then_die
+    pretrain_module.PretrainTask.export = export_then_die
     try:
         with pytest.raises(KeyboardInterrupt):
             pretrain(killed)
     finally:
-        pretrain_module.save = real_save
+        pretrain_module.PretrainTask.export = real_export
     pretrain(killed, resume=True)
     a, b = ([json.loads(x) for x in (tmp_path / d / "train.jsonl").read_text().splitlines()] for d in "ab")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8]
@@ -247,17 +247,17 @@ def test_tokenizer_trainers_refuse_payloads_and_survive_damage(tmp_path, capsys)
 
     poisoned = copy_run(out, tmp_path / "poisoned")
     ckpt = complete_checkpoints(poisoned / "checkpoints")[-1]
-    plant(ckpt / "training.pt")
+    plant(ckpt / "rank00000.pt")
     rerecord(ckpt)
     assert main(command(poisoned, 6, "--resume")) == 2
-    assert "training.pt" in one_line(capsys)
+    assert "rank00000.pt" in one_line(capsys)
 
     damaged = copy_run(out, tmp_path / "damaged")
     _truncate(next(complete_checkpoints(damaged / "checkpoints")[-1].glob("*.safetensors")))
     assert main(command(damaged, 6, "--resume")) == 0
     printed = capsys.readouterr()
     assert "checkpoint step_00000004 is damaged" in printed.out + printed.err
-    steps = [json.loads(x)["step"] for x in (damaged / "losses.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (damaged / "train.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 

@@ -33,7 +33,7 @@ def crops(tmp_path_factory):
 
 
 def losses(out):
-    return [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
 
 
 def test_training_lowers_loss_and_raises_held_out_psnr(tmp_path, crops, capsys):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import re
 import shlex
 import sys
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.data.readers import Item, read_inputs
 from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, MODALITY_COUNTS, VERSION, ShardWriter, read_manifest
+from omnitok.distributed import launched_part
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, Modality, TokenLayout
@@ -131,8 +131,9 @@ def _token_counts(layout: TokenLayout, ids: np.ndarray) -> dict[str, int]:
 
 def _part_from_env(cfg: TokenizeConfig) -> TokenizeConfig:
     """Under torchrun / deepspeed, RANK and WORLD_SIZE choose the part when --num-parts is not given."""
-    if cfg.num_parts == 1 and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        cfg.num_parts, cfg.part = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
+    launched = launched_part()
+    if cfg.num_parts == 1 and launched is not None:
+        cfg.part, cfg.num_parts = launched
     return cfg
 
 

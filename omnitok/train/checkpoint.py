@@ -120,7 +120,7 @@ def pick_checkpoint(root: Path, allowed: Sequence[Any] = ()) -> Path:
 
 
 # Settings a resumed run may change: how long it trains and how often it logs, evaluates and saves.
-MAY_CHANGE = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "eval.every")
+MAY_CHANGE = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "max_nonfinite")
 
 
 def check_same_config(saved: dict, config: dict, ckpt: Path, ignored: tuple[str, ...] = ()) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from vector_quantize_pytorch import ResidualVQ
 
+from omnitok import distributed
 from omnitok.config import apply_overrides, build, load_config_file, to_dict
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
@@ -40,8 +41,9 @@ from omnitok.eval.evaluate import usage_stats
 from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig, save_tokenizer_dir
 from omnitok.tokenizers.audio_import import encodec_model
 from omnitok.tokenizers.codebook import scale_dead_code_threshold
+from omnitok.train import harness
 from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, mel_losses
-from omnitok.train.loop import run
+from omnitok.train.harness import ModuleTask, RunSettings
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 KMEANS_VECTORS_PER_CODE = 16  # k-means initialisation draws on at least this many encoder frames per code
@@ -70,11 +72,11 @@ class CodecGANConfig:
 
 
 @dataclass
-class CodecTrainConfig:
+class CodecTrainConfig(RunSettings):
+    steps: int = 20000
     model: CodecModelConfig = field(default_factory=CodecModelConfig)
     gan: CodecGANConfig = field(default_factory=CodecGANConfig)
     bandwidth: float | None = None  # the saved tokenizer's bandwidth (default: the largest the codec has)
-    steps: int = 20000
     batch_size: int = 8
     segment_s: float = 1.0
     lr: float = 3e-4
@@ -96,15 +98,12 @@ class CodecTrainConfig:
     # vector (omnitok.tokenizers.codebook); 0: never
     holdout: int = 2  # files kept out of training for evaluation
     eval_seconds: float = 2.0
-    eval_every: int = 500
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    seed: int = 0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.steps < 1 or self.batch_size < 1 or self.holdout < 1 or self.segment_s <= 0:
-            raise OmnitokError("steps, batch_size, holdout and segment_s must be positive")
+        self.check_run_settings()
+        if self.batch_size < 1 or self.holdout < 1 or self.segment_s <= 0:
+            raise OmnitokError("batch_size, holdout and segment_s must be positive")
         if self.dead_code_share < 0:
             raise OmnitokError("dead_code_share must be >= 0 (0: never replace codes)")
         if self.lr_decay_steps < 0 or self.vq_warmup_steps < 0:
@@ -130,8 +129,10 @@ def list_audio(sources: list[str | Path]) -> list[Path]:
     return sorted(files)
 
 
-class CodecTask:
-    """EnCodec training as a task of the shared training loop (``omnitok.train.loop``)."""
+class CodecTask(ModuleTask):
+    """EnCodec training as a task of the training harness (``omnitok.train.harness``)."""
+
+    shown = ("si_sdr",)
 
     def __init__(self, sources: list[str | Path], cfg: CodecTrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -365,8 +366,7 @@ def train_codec(sources: list[str | Path], out: str | Path, cfg: CodecTrainConfi
     task = CodecTask(sources, cfg, device)
     if not cfg.gan.enabled:
         tqdm.write("training without the MS-STFT discriminator (gan.enabled=false)")
-    metrics = run(task, to_dict(cfg), Path(out), steps=cfg.steps, eval_every=cfg.eval_every,
-                  checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, resume=resume, device=device,
-                  desc="codec")
+    metrics = harness.run(task, cfg, to_dict(cfg), Path(out), world=distributed.single(device), resume=resume,
+                      desc="codec").eval
     AudioTokenizer.from_dir(out)  # the result loads as an ordinary audio tokenizer
     return metrics

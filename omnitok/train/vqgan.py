@@ -6,9 +6,9 @@ vector-quantize-pytorch), and from ``disc_start`` on a PatchGAN discriminator wi
 is scaled by the adaptive weight of Esser et al. (gradient-norm ratio at the decoder's last layer).
 
 The output directory is an image tokenizer directory (``config.json``, ``model.safetensors``, ``omnitok.json``,
-rewritten at every checkpoint and at the end) with the training record beside it: ``checkpoints/`` (resumable,
-kill-safe), ``samples/`` (PNG grids of held-out originals over reconstructions), ``tb/`` (TensorBoard),
-``losses.jsonl`` (every step), ``eval.jsonl`` and ``errors.jsonl`` (images that could not be read).
+rewritten at every checkpoint and at the end) with the training record beside it in the harness's run-directory
+layout (``omnitok.train.harness``: ``checkpoints/``, ``train.jsonl``, ``eval.jsonl``, ``errors.jsonl`` for images that
+could not be read, ``tb/``, ``loss.png``) and ``samples/`` (PNG grids of held-out originals over reconstructions).
 
 Batches are a pure function of (seed, step), so a resumed run sees exactly the batches the uninterrupted run
 would have, and with the restored RNG state reproduces its losses.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from omnitok import distributed
 from omnitok.config import build, to_dict
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
@@ -38,7 +39,8 @@ from omnitok.tokenizers.image import (
     save_tokenizer_dir,
 )
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
-from omnitok.train.loop import run
+from omnitok.train import harness
+from omnitok.train.harness import ModuleTask, RunSettings
 from omnitok.train.lpips import LPIPS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -61,12 +63,12 @@ class GANConfig:
 
 
 @dataclass
-class VQGANTrainConfig:
+class VQGANTrainConfig(RunSettings):
+    steps: int = 10000
     model: VQGANConfig = field(default_factory=VQGANConfig)
     preprocess: ImagePreprocessConfig = field(default_factory=ImagePreprocessConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     gan: GANConfig = field(default_factory=GANConfig)
-    steps: int = 10000
     batch_size: int = 8
     lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.9)
@@ -76,17 +78,14 @@ class VQGANTrainConfig:
     l2_weight: float = 1.0
     flip: bool = True  # random horizontal flips
     holdout: int = 16  # images kept out of training for evaluation
-    eval_every: int = 500
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
     num_workers: int = 2
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.preprocess.resize != "crop":
             raise OmnitokError("training batches need equal sizes: preprocess.resize must be 'crop'")
-        if self.steps < 1 or self.batch_size < 1 or self.holdout < 1:
-            raise OmnitokError("steps, batch_size and holdout must be at least 1")
+        self.check_run_settings()
+        if self.batch_size < 1 or self.holdout < 1:
+            raise OmnitokError("batch_size and holdout must be at least 1")
         self.betas = tuple(self.betas)
 
 
@@ -242,8 +241,10 @@ def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, colu
 # ---------------------------------------------------------------- training
 
 
-class VQGANTask:
-    """The VQ-GAN as a task of the shared training loop (``omnitok.train.loop``)."""
+class VQGANTask(ModuleTask):
+    """The VQ-GAN as a task of the training harness (``omnitok.train.harness``)."""
+
+    shown = ("psnr",)
 
     def __init__(self, sources: list[str | Path], cfg: VQGANTrainConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -337,9 +338,8 @@ def train_vqgan(sources: list[str | Path], out: str | Path, cfg: VQGANTrainConfi
     """Train (or resume) and return the last evaluation metrics."""
     device = torch.device(device) if device is not None else default_device()
     task = VQGANTask(sources, cfg, device)
-    return run(task, to_dict(cfg), Path(out), steps=cfg.steps, eval_every=cfg.eval_every,
-               checkpoint_every=cfg.checkpoint_every, keep=cfg.keep_checkpoints, resume=resume, device=device,
-               desc="vqgan")
+    return harness.run(task, cfg, to_dict(cfg), Path(out), world=distributed.single(device), resume=resume,
+                      desc="vqgan").eval
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> VQGANTrainConfig:

@@ -1,0 +1,148 @@
+"""The training harness every trainer runs on: one run-directory layout, one resume rule, one way of counting."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from test_codec_train import SMALL as CODEC_SMALL
+from test_pretrain import TINY as LM_TINY
+from test_pretrain_parts import LAYOUT, write_shards
+from test_reliability import one_line, rerecord
+from test_vqgan_train import TINY as VQ_TINY
+
+from omnitok import distributed
+from omnitok.cli import main
+from omnitok.errors import OmnitokError
+from omnitok.train import harness
+from omnitok.train.checkpoint import complete_checkpoints
+
+RUN_FILES = {"run_config.json", "train.jsonl", "eval.jsonl", "errors.jsonl", "tb", "checkpoints", "loss.png"}
+HARNESS_CHECKPOINT_FILES = {"run.json", "rank00000.pt", "COMPLETE"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A two-step run of each trainer, checkpointed at step 2."""
+    root = tmp_path_factory.mktemp("trainers")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
+    (root / "sounds").mkdir()
+    t = np.arange(16_000 * 2) / 16_000
+    for i in range(4):
+        sf.write(root / "sounds" / f"{i}.wav", (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32),
+                 16_000)
+    LAYOUT.save(root / "tok")
+    write_shards(root / "shards", n_docs=40, shard_size=20, seed=1)
+    short = ["steps=2", "checkpoint_every=2", "eval_every=100"]
+    commands = {
+        "vqgan": ["image-tokenizer", "train", "--images", str(root / "images"), "--out", str(root / "vqgan"),
+                  *VQ_TINY, "holdout=4", "batch_size=4", *short],
+        "codec": ["audio-tokenizer", "train", "--audio", str(root / "sounds"), "--out", str(root / "codec"),
+                  *CODEC_SMALL, "batch_size=2", *short],
+        "pretrain": ["pretrain", f"tokenizer={root / 'tok'}", f"out={root / 'pretrain'}",
+                     f"data.shards=[{root / 'shards'}]", *LM_TINY, "log_every=1", *short],
+    }
+    for name, command in commands.items():
+        assert main(command) == 0, name
+    return {name: root / name for name in commands} | {"commands": commands}
+
+
+def test_every_trainer_writes_the_same_run_directory_layout(runs):
+    for name in ("vqgan", "codec", "pretrain"):
+        out = runs[name]
+        assert RUN_FILES <= {p.name for p in out.iterdir()}, name
+        train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in train] == [1, 2] and all("loss" in r and "skipped_steps" in r for r in train), name
+        ckpts = complete_checkpoints(out / "checkpoints")
+        assert [c.name for c in ckpts] == ["step_00000002"], name
+        assert HARNESS_CHECKPOINT_FILES <= {p.name for p in ckpts[0].iterdir()}, name
+        record = json.loads((ckpts[0] / "run.json").read_text())
+        assert record["format"] == harness.FORMAT and record["step"] == 2, name
+        assert record["config"] == json.loads((out / "run_config.json").read_text()), name
+        assert list((out / "tb").iterdir()), name
+
+
+def test_a_checkpoint_from_before_the_harness_is_refused_in_one_line(runs, tmp_path, capsys):
+    import shutil
+
+    for name in ("vqgan", "pretrain"):
+        old = tmp_path / name
+        shutil.copytree(runs[name], old)
+        ckpt = complete_checkpoints(old / "checkpoints")[-1]
+        record = json.loads((ckpt / "run.json").read_text())
+        del record["format"]
+        if name == "vqgan":  # the tokenizer trainers' loop wrote state.json
+            (ckpt / "run.json").unlink()
+            (ckpt / "state.json").write_text(json.dumps(record))
+        else:
+            (ckpt / "run.json").write_text(json.dumps(record))
+        rerecord(ckpt)
+        command = [str(old) if x == str(runs[name]) else x for x in runs["commands"][name]]
+        command = [f"out={old}" if x.startswith("out=") else x for x in command]
+        assert main([*command, "--resume"]) == 2
+        assert "from before the shared training harness" in one_line(capsys), name
+
+
+class Counting(harness.ModuleTask):
+    """A linear regression whose steps can be told to fail: no usable batch (None) or a non-finite loss."""
+
+    shown = ()
+
+    def __init__(self, fail: dict[int, str]):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(3, 1)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.fail = fail
+
+    def modules(self):
+        return {"model": self.model}
+
+    def optimizers(self):
+        return {"model": self.opt}
+
+    def batches(self, start, steps):
+        for step in range(start + 1, steps + 1):
+            if self.fail.get(step) == "empty":
+                yield None, [f"step {step}: nothing readable"]
+            else:
+                g = torch.Generator().manual_seed(step)
+                yield torch.randn(8, 3, generator=g), []
+
+    def train_step(self, step, x):
+        loss = ((self.model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        if self.fail.get(step) == "nan":
+            return None
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.item(), "constant": 2.0}
+
+    def evaluate(self, step, out, writer):
+        return {}
+
+    def export(self, out: Path):
+        pass
+
+
+def _run(task, out, **settings):
+    return harness.run(task, harness.RunSettings(**settings), {"steps": settings["steps"]}, out,
+                       world=distributed.single(torch.device("cpu")), resume=False, desc="test")
+
+
+def test_records_are_window_means_and_skips_are_counted(tmp_path):
+    _run(Counting({3: "empty", 5: "nan"}), tmp_path / "a", steps=8, log_every=4, checkpoint_every=100)
+    train = [json.loads(x) for x in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train] == [4, 8]
+    assert [r["constant"] for r in train] == [2.0, 2.0] and [r["skipped_steps"] for r in train] == [1, 2]
+    errors = [json.loads(x) for x in (tmp_path / "a" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"step": 3, "error": "step 3: nothing readable"}]
+    # steps without usable input do not count towards max_nonfinite; non-finite ones in a row do
+    _run(Counting({2: "empty", 3: "empty", 4: "empty"}), tmp_path / "b", steps=6, max_nonfinite=2)
+    with pytest.raises(OmnitokError, match="2 steps in a row had a non-finite loss"):
+        _run(Counting({2: "nan", 3: "nan"}), tmp_path / "c", steps=6, max_nonfinite=2)
