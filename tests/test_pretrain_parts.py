@@ -7,8 +7,8 @@ from omnitok.data.shards import ShardWriter, write_manifest
 from omnitok.data.stream import PackedStream, StreamConfig
 from omnitok.errors import OmnitokError
 from omnitok.model.build import ModelConfig, build_model
-from omnitok.model.loss import IGNORE, LossConfig, lm_loss
-from omnitok.tokenizers.layout import Modality, TokenLayout
+from omnitok.model.loss import LossConfig, lm_loss
+from omnitok.tokenizers.layout import IGNORE, Modality, TokenLayout
 
 LAYOUT = TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4, audio_codebook_size=16,
                      audio_num_codebooks=2)

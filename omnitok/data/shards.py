@@ -24,11 +24,10 @@ import numpy as np
 
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
-from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, TokenLayout
 
 MANIFEST, ERRORS = "manifest.json", "errors.jsonl"
 FORMAT, VERSION = "omnitok.shards", 1
-MODALITY_COUNTS = ("text", "special", "image", "audio")
 
 
 def shard_name(index: int) -> str:
@@ -73,7 +72,7 @@ class ShardWriter:
                 _member(tar, f"{key}.tokens.npy", tokens)
                 _member(tar, f"{key}.meta.json", meta)
         os.replace(tmp, self.directory / name)
-        entry = {"name": name, "samples": len(self.pending), "tokens": {m: self.counts[m] for m in MODALITY_COUNTS}}
+        entry = {"name": name, "samples": len(self.pending), "tokens": {m: self.counts[m] for m in TOKEN_KINDS}}
         self.pending, self.counts, self.next_index = [], Counter(), self.next_index + 1
         return entry
 
@@ -82,7 +81,7 @@ def write_manifest(directory: Path, shards: list[dict], samples: int) -> None:
     """A complete manifest for shards written outside ``omnitok tokenize`` (synthetic data in tests, benchmarks)."""
     write_json_atomic(directory / MANIFEST, {
         "format": FORMAT, "version": VERSION, "dtype": "int32", "complete": True, "shards": shards,
-        "samples": samples, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0})
+        "samples": samples, "tokens": {m: 0 for m in TOKEN_KINDS}, "errors": {}, "error_count": 0})
 
 
 def read_manifest(directory: Path) -> dict:
@@ -165,7 +164,7 @@ def shard_stats(directory: Path, plot: Path | None = None) -> str:
     lengths = np.array([len(tokens) for _, tokens, _ in iter_samples(directory)])
     lines = [f"{directory}: {manifest['samples']} samples in {len(manifest['shards'])} shards"
              + ("" if manifest.get("complete") else " (incomplete run)"),
-             "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in MODALITY_COUNTS)
+             "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in TOKEN_KINDS)
              + f" (total {sum(manifest['tokens'].values())})",
              f"errors: {manifest['error_count']}" + ("" if not manifest["errors"] else " ("
              + ", ".join(f"{n} {r}" for r, n in sorted(manifest["errors"].items(), key=lambda kv: -kv[1])) + ")")]

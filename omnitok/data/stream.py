@@ -38,8 +38,7 @@ from braceexpand import braceexpand
 
 from omnitok.data.shards import MANIFEST, read_manifest, read_shard
 from omnitok.errors import OmnitokError
-from omnitok.model.loss import IGNORE
-from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+from omnitok.tokenizers.layout import IGNORE, LAYOUT_FILE, Span, TokenLayout, image_span_length
 
 
 @dataclass
@@ -95,7 +94,8 @@ class _Source:
         key = (self.epoch, shard_pos)
         if self._cache is None or self._cache[0] != key:
             shard = self._order()[shard_pos]
-            samples = [(tokens.astype(np.int64), meta["spans"]) for _, tokens, meta in read_shard(self.urls[shard])]
+            samples = [(tokens.astype(np.int64), [Span(*s) for s in meta["spans"]])
+                       for _, tokens, meta in read_shard(self.urls[shard])]
             perm = np.random.default_rng([self.seed, self.index, self.epoch, int(shard)]).permutation(len(samples))
             samples = [samples[i] for i in perm]
             if len(self.urls) < self.world:  # fewer shards than ranks: split by sample
@@ -150,15 +150,15 @@ class _Lane:
     def _drop_conditioning(self, tokens: np.ndarray, spans: list, rng) -> tuple[np.ndarray, list]:
         if not self.cfg.cond_dropout:
             return tokens, spans
-        drop = [i for i in range(1, len(spans)) if spans[i][0] in ("image", "audio") and spans[i - 1][0] == "text"
-                and spans[i - 1][2] == spans[i][1] and rng.random() < self.cfg.cond_dropout]
+        drop = [i for i in range(1, len(spans)) if spans[i].modality != "text" and spans[i - 1].modality == "text"
+                and spans[i - 1].stop == spans[i].start and rng.random() < self.cfg.cond_dropout]
         if not drop:
             return tokens, spans
         keep = np.ones(len(tokens), dtype=bool)
         for i in drop:
-            keep[spans[i - 1][1]:spans[i - 1][2]] = False
+            keep[spans[i - 1].start:spans[i - 1].stop] = False
         shift = np.concatenate([[0], np.cumsum(~keep)])  # tokens removed before each position
-        new_spans = [[m, int(s - shift[s]), int(e - shift[e])] for j, (m, s, e) in enumerate(spans)
+        new_spans = [Span(m, int(s - shift[s]), int(e - shift[e])) for j, (m, s, e) in enumerate(spans)
                      if j + 1 not in drop]
         return tokens[keep], new_spans
 
@@ -204,7 +204,7 @@ class _Lane:
             self.starts.append(len(self.pending))
             self.pending += tokens[:cut]
             # Spans keep their true start (negative once cut), so audio frame boundaries stay where they were.
-            self.rest = (tokens[cut:], [[m, s - cut, e - cut] for m, s, e in spans if e > cut], long)
+            self.rest = (tokens[cut:], [Span(m, s - cut, e - cut) for m, s, e in spans if e > cut], long)
             return self._emit()
 
     def _emit(self) -> tuple[list[int], list[int]]:
@@ -218,7 +218,7 @@ class _Lane:
     # ---------------------------------------------------------------- position
 
     def state_dict(self) -> dict:
-        rest = None if self.rest is None else [self.rest[0], self.rest[1], self.rest[2]]
+        rest = None if self.rest is None else [self.rest[0], [list(s) for s in self.rest[1]], self.rest[2]]
         return {"sources": [s.state() for s in self.sources], "documents": self.documents,
                 "pending": list(self.pending), "starts": list(self.starts), "rest": rest, "padding": self.padding,
                 "tokens": self.tokens}
@@ -229,7 +229,8 @@ class _Lane:
         self.documents, self.pending = state["documents"], list(state["pending"])
         # positions saved before isolation existed: the partial sequence counts as one document
         self.starts = list(state.get("starts", [0] if self.pending else []))
-        self.rest = None if state["rest"] is None else (state["rest"][0], state["rest"][1], state["rest"][2])
+        self.rest = None if state["rest"] is None else (state["rest"][0], [Span(*s) for s in state["rest"][1]],
+                                                        state["rest"][2])
         self.padding, self.tokens = state["padding"], state["tokens"]
 
 
@@ -258,7 +259,7 @@ class PackedStream:
     def __init__(self, cfg: StreamConfig, layout: TokenLayout, batch_size: int, rank: int = 0, world: int = 1):
         if not cfg.shards:
             raise OmnitokError("data.shards is empty: name at least one shard directory or pattern")
-        longest = layout.max_grid_side ** 2 + 4 if layout.has_image else 0
+        longest = image_span_length(layout.max_grid_side, layout.max_grid_side) if layout.has_image else 0
         if longest > cfg.seq_len:
             raise OmnitokError(f"data.seq_len {cfg.seq_len} cannot hold the longest image span this tokenizer makes: "
                                f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")

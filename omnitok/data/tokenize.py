@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.data.readers import Item, read_inputs
-from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, MODALITY_COUNTS, VERSION, ShardWriter, read_manifest
+from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
 from omnitok.distributed import launched_part
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, write_json_atomic
-from omnitok.tokenizers.layout import LAYOUT_FILE, Modality, TokenLayout
+from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, Modality, TokenLayout
 from omnitok.tokenizers.multimodal import ID_DTYPE, MultimodalTokenizer
 
 
@@ -126,7 +126,7 @@ def _reason(message: str, item: Item) -> str:
 
 def _token_counts(layout: TokenLayout, ids: np.ndarray) -> dict[str, int]:
     kinds = np.bincount(layout.modality_of(ids), minlength=len(Modality))
-    return {m: int(kinds[Modality[m.upper()]]) for m in MODALITY_COUNTS}
+    return {m: int(kinds[Modality[m.upper()]]) for m in TOKEN_KINDS}
 
 
 def _part_from_env(cfg: TokenizeConfig) -> TokenizeConfig:
@@ -219,7 +219,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
                 if enc is None:
                     continue
                 counts = _token_counts(tok.layout, enc.ids)
-                meta = {"source": item.source, "spans": [[s.modality, s.start, s.stop] for s in enc.spans]}
+                meta = {"source": item.source, "spans": [list(s) for s in enc.spans]}
                 finished = writer.add(item.key, enc.ids, meta, counts)
                 samples, tokens = samples + 1, tokens + len(enc.ids)
                 if finished is not None:
@@ -262,7 +262,7 @@ def _start_manifest(out: Path, cfg: TokenizeConfig, tok: MultimodalTokenizer, co
     return {"format": FORMAT, "version": VERSION, "dtype": np.dtype(ID_DTYPE).name,
             "tokenizer": {"fingerprints": dict(tok.layout.fingerprints), "vocab_size": tok.layout.vocab_size},
             "settings": cfg.identity(), "command": command or "", "complete": False, "items_done": -1,
-            "shards": [], "samples": 0, "tokens": {m: 0 for m in MODALITY_COUNTS}, "errors": {}, "error_count": 0}
+            "shards": [], "samples": 0, "tokens": {m: 0 for m in TOKEN_KINDS}, "errors": {}, "error_count": 0}
 
 
 def _restore_errors(out: Path, resume_after: int) -> list[dict]:
@@ -292,7 +292,7 @@ def summary(manifest: dict, out: str) -> str:
     return "\n".join([
         f"shards written to {out}: {manifest['samples']} samples in {len(manifest['shards'])} shards "
         f"({manifest.get('seconds', 0):.1f} s)",
-        "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in MODALITY_COUNTS),
+        "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in TOKEN_KINDS),
         f"errors: {manifest['error_count']}" + (" (" + ", ".join(f"{n} {r}" for r, n in reasons) + ")"
                                                if reasons else "") + f"; details in {out}/{ERRORS}",
     ])

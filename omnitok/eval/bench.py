@@ -310,7 +310,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     speed as a fraction of the memory-bandwidth bound (weight bytes per step / measured copy bandwidth)."""
     from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
-    from omnitok.tokenizers.layout import TokenLayout
+    from omnitok.tokenizers.layout import TokenLayout, image_span_length
 
     device = torch.device(args.device)
     layout = TokenLayout(text_vocab_size=args.text_vocab, image_codebook_size=16384, max_grid_side=args.grid,
@@ -353,7 +353,7 @@ def bench_sample(args: argparse.Namespace) -> dict:
     for batch in (1, 8):
         times = {}
         for scale in (1.0, 3.0):
-            cfg = SamplingConfig(output="image", grid=(g, g), max_new_tokens=g * g + 4,
+            cfg = SamplingConfig(output="image", grid=(g, g), max_new_tokens=image_span_length(g, g),
                                  image=ModalitySampling(top_k=1000, guidance=scale))
             times[scale] = _timed(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg),
                                   args.repeats, device)

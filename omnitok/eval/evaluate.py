@@ -23,6 +23,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
+from omnitok.tokenizers.layout import image_span_length
 
 
 def usage_stats(codes: np.ndarray | torch.Tensor, codebook_size: int) -> dict:
@@ -290,7 +291,8 @@ def eval_samples(directory: str | Path) -> dict:
                 if s["type"] == "image":
                     with Image.open(path) as img:
                         img.load()
-                    problem = "" if s["tokens"] == s["rows"] * s["cols"] + 4 else "token count does not match the grid"
+                    matches = s["tokens"] == image_span_length(s["rows"], s["cols"])
+                    problem = "" if matches else "token count does not match the grid"
                 else:
                     wave, _ = sf.read(path)
                     problem = "" if len(wave) and np.isfinite(wave).all() else "empty or non-finite waveform"

@@ -17,10 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.layout import Modality, TokenLayout
-
-IGNORE = -100
-REPORTED = ("text", "special", "image", "audio")
+from omnitok.tokenizers.layout import IGNORE, TOKEN_KINDS, Modality, TokenLayout
 
 
 @dataclass
@@ -86,7 +83,8 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: TokenLayout, cfg
     lse, ce, argmax = _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), cfg.chunk_rows)
     lse, ce, argmax = lse.view_as(targets), ce.view_as(targets), argmax.view_as(targets)  # (B, T)
     modality = layout.modality_of(targets)  # (B, T) Modality codes
-    weights = torch.tensor([cfg.text, cfg.special, cfg.image, cfg.audio, 0.0], device=ce.device)[modality] * valid
+    per_kind = [getattr(cfg, m.label, 0.0) for m in Modality]  # reserved ids have no weight: they carry no loss
+    weights = torch.tensor(per_kind, device=ce.device)[modality] * valid
     count = valid.sum().clamp(min=1) if normalizer is None else normalizer
     loss = (weights * ce).sum() / count
     if cfg.z_loss:
@@ -94,7 +92,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, layout: TokenLayout, cfg
     with torch.no_grad():
         correct = (argmax == targets) & valid
         metrics: dict[str, torch.Tensor] = {}
-        for name in REPORTED:
+        for name in TOKEN_KINDS:
             mask = valid & (modality == Modality[name.upper()])
             metrics[f"{name}_loss"] = (ce * mask).sum()
             metrics[f"{name}_tokens"] = mask.sum()

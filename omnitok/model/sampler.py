@@ -40,7 +40,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.model.decoder import Decoder
-from omnitok.tokenizers.layout import Modality, TokenLayout
+from omnitok.tokenizers.layout import Modality, TokenLayout, image_span_length
 
 TEXT, ROWS, COLS, CODES, EOI, AUDIO, DONE = range(7)
 OUTPUTS = ("any", "text", "image", "audio")
@@ -82,19 +82,26 @@ class SamplingConfig:
         if self.max_new_tokens < 1 or self.max_audio_frames < 1:
             raise OmnitokError("max_new_tokens and max_audio_frames must be at least 1")
 
+    def by_modality(self, setting: str, device: torch.device) -> torch.Tensor:
+        """``setting`` of the text / image / audio sampling settings as a tensor indexed by ``Modality`` code (other
+        modalities never sample: they get the text value)."""
+        own = {Modality.IMAGE: self.image, Modality.AUDIO: self.audio}
+        return torch.tensor([float(getattr(own.get(m, self.text), setting)) for m in Modality], device=device)
+
 
 def check_request(layout: TokenLayout, cfg: SamplingConfig) -> int:
-    """Refuses settings this layout cannot serve; returns the most image codes one image may have."""
+    """Refuses settings this layout cannot serve; returns the longest image span (ids, markers included)."""
     if cfg.output == "image" and not layout.has_image or cfg.output == "audio" and not layout.has_audio:
         raise OmnitokError(f"this model's token layout has no {cfg.output} modality")
     if cfg.grid is not None:
         rows, cols = cfg.grid
         layout.rows_id(rows), layout.cols_id(cols)  # refuses a grid the layout cannot express
-    max_codes = (cfg.grid[0] * cfg.grid[1]) if cfg.grid else layout.max_grid_side ** 2
-    if cfg.output == "image" and cfg.max_new_tokens < 3 + max_codes + 1:
-        raise OmnitokError(f"max_new_tokens {cfg.max_new_tokens} cannot hold an image of up to {max_codes} "
-                           f"codes (needs {3 + max_codes + 1} with its markers)")
-    return max_codes
+    rows, cols = cfg.grid or (layout.max_grid_side, layout.max_grid_side)
+    longest = image_span_length(rows, cols)
+    if cfg.output == "image" and cfg.max_new_tokens < longest:
+        raise OmnitokError(f"max_new_tokens {cfg.max_new_tokens} cannot hold an image of up to {rows * cols} "
+                           f"codes (needs {longest} with its markers)")
+    return longest
 
 
 class Grammar:
@@ -103,7 +110,7 @@ class Grammar:
     def __init__(self, layout: TokenLayout, eos_id: int, cfg: SamplingConfig, batch: int, device: torch.device):
         self.layout, self.eos, self.cfg = layout, eos_id, cfg
         V, n_q = layout.vocab_size, max(layout.audio_num_codebooks, 1)
-        self.max_codes = check_request(layout, cfg)
+        self.longest_image = check_request(layout, cfg)
 
         def mask(ids=(), ranges=()) -> torch.Tensor:
             m = torch.zeros(V, dtype=torch.bool)
@@ -149,7 +156,7 @@ class Grammar:
             text = torch.where(left < n_q + 3, i["text_no_media"], text)
         if self.layout.has_image:
             short = torch.where(left >= n_q + 3, i["text_no_image"], i["text_no_media"])
-            text = torch.where(left < 4 + self.max_codes + 1, short, text)
+            text = torch.where(left < self.longest_image + 1, short, text)  # room for the image and eos
         if self.cfg.output == "text" and self.first:  # text output is not empty
             text = torch.where(left > 1, i["text_not_eos"], text)
         text = torch.where(left <= 1, i["eos"], text)
@@ -176,8 +183,8 @@ class Grammar:
         new = s.clone()
         if L.has_image:
             new = torch.where((s == TEXT) & (token == L.boi_id), ROWS, new)
-            self.rows = torch.where(s == ROWS, token - L.rows_id(1) + 1, self.rows)
-            cols = token - L.cols_id(1) + 1
+            rows, cols = L.grid_sides(token)
+            self.rows = torch.where(s == ROWS, rows, self.rows)
             self.remaining = torch.where(s == COLS, self.rows * cols, self.remaining)
             new = torch.where(s == ROWS, COLS, new)
             new = torch.where(s == COLS, CODES, new)
@@ -201,9 +208,10 @@ class Grammar:
         self.first = False
 
     def modality(self) -> torch.Tensor:
-        """0 text, 1 image, 2 audio: which sampling settings each sample uses now."""
+        """The ``Modality`` code (TEXT, IMAGE or AUDIO) whose sampling settings each sample uses now."""
         s = self.state
-        return torch.where((s >= ROWS) & (s <= EOI), 1, torch.where(s == AUDIO, 2, 0))
+        return torch.where((s >= ROWS) & (s <= EOI), Modality.IMAGE,
+                           torch.where(s == AUDIO, Modality.AUDIO, Modality.TEXT))
 
 
 def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: torch.Tensor,
@@ -231,12 +239,12 @@ def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, c
     if generators is None:
         return greedy
     B, V = x.shape
-    settings = (cfg.text, cfg.image, cfg.audio)
-    temp = torch.tensor([m.temperature for m in settings], device=x.device)[modality]  # (B,)
+    temp = cfg.by_modality("temperature", x.device)[modality]  # (B,)
     x = x / torch.where(temp == 0, 1.0, temp)[:, None]
-    if any(m.top_k not in (0, V) or m.top_p < 1 for m in settings):
-        top_k = torch.tensor([m.top_k or V for m in settings], device=x.device)[modality].clamp(max=V)
-        top_p = torch.tensor([m.top_p for m in settings], device=x.device)[modality]
+    if any(m.top_k not in (0, V) or m.top_p < 1 for m in (cfg.text, cfg.image, cfg.audio)):
+        top_k = cfg.by_modality("top_k", x.device)[modality]
+        top_k = torch.where(top_k == 0, V, top_k).clamp(max=V)
+        top_p = cfg.by_modality("top_p", x.device)[modality]
         ranked = _descending(x)  # (B, V) values only
         ranked = ranked.masked_fill(torch.arange(V, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
         probs = torch.softmax(ranked, dim=-1)
@@ -320,13 +328,13 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
     budget = new_token_budget(model, cfg, [len(p) + len(opener) for p in prompts])
     grammar = Grammar(layout, eos_id, cfg, B, device)
-    if cfg.output == "image" and min(budget) < 3 + grammar.max_codes + 1:
+    if cfg.output == "image" and min(budget) < grammar.longest_image:
         raise OmnitokError(f"only {min(budget)} new tokens fit in the model's positions after the prompt: too few "
-                           f"for an image of up to {grammar.max_codes} codes")
+                           f"for an image span of up to {grammar.longest_image} tokens")
     generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    # per modality (text, image, audio): guidance scale and log plausibility floor
-    scale = torch.tensor([1.0, cfg.image.guidance, cfg.audio.guidance], device=device)
-    log_floor = torch.tensor([1.0, cfg.image.plausibility, cfg.audio.plausibility], device=device).log()
+    # per Modality code: guidance scale and log plausibility floor (text is never guided)
+    scale = cfg.by_modality("guidance", device)
+    log_floor = cfg.by_modality("plausibility", device).log()
     guided = cfg.image.guidance != 1 or cfg.audio.guidance != 1
 
     def wants_guidance() -> list[int]:

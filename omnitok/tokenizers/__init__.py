@@ -7,8 +7,8 @@ first use (PEP 562), so ``import omnitok.tokenizers`` stays light.
 
 from importlib import import_module
 
-from omnitok.tokenizers.layout import Modality, TokenLayout
-from omnitok.tokenizers.multimodal import EncodedDocument, MultimodalTokenizer, ParsedSegment, Span, assemble
+from omnitok.tokenizers.layout import Modality, Span, TokenLayout
+from omnitok.tokenizers.multimodal import EncodedDocument, MultimodalTokenizer, ParsedSegment, assemble
 from omnitok.tokenizers.protocol import AudioCodec, ImageCodec
 from omnitok.tokenizers.text import TextTokenizer
 

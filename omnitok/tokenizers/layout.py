@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +34,6 @@ Array = TypeVar("Array", np.ndarray, torch.Tensor)
 LAYOUT_FILE = "layout.json"
 FORMAT = "omnitok.layout"
 VERSION = 1
-MODALITY_NAMES = ("text", "image", "audio")
 
 
 class Modality(IntEnum):
@@ -45,6 +44,35 @@ class Modality(IntEnum):
     IMAGE = 2
     AUDIO = 3
     RESERVED = 4
+
+    @property
+    def label(self) -> str:
+        """The name used in files, metrics and span records: ``text``, ``special``, ``image``, ``audio``."""
+        return self.name.lower()
+
+
+# The kinds of id that are counted (shard manifests) and reported (training metrics): every modality but RESERVED.
+TOKEN_KINDS = tuple(m.label for m in Modality if m is not Modality.RESERVED)
+# The kinds of segment a document holds (a span's ``modality``); each media kind has a tokenizer fingerprint.
+MODALITY_NAMES = (Modality.TEXT.label, Modality.IMAGE.label, Modality.AUDIO.label)
+# The label of a position that predicts nothing (padding, a packed document's last token): transformers' convention.
+IGNORE = -100
+# An image span is <|boi|> <|rows_R|> <|cols_C|>, R x C codes, <|eoi|>: codes begin this many ids after <|boi|>.
+IMAGE_HEADER = 3
+
+
+def image_span_length(rows: int, cols: int) -> int:
+    """Ids in the span of a ``rows`` x ``cols`` image, its four markers included."""
+    return IMAGE_HEADER + rows * cols + 1
+
+
+class Span(NamedTuple):
+    """Where one segment lies in an id sequence: ``ids[start:stop]``, media markers included. Stored as the plain
+    list ``[modality, start, stop]`` (shard metadata, the training stream's saved position)."""
+
+    modality: str
+    start: int
+    stop: int
 
 
 def _bounds(x: np.ndarray | torch.Tensor) -> tuple[int, int] | None:
@@ -241,6 +269,13 @@ class TokenLayout:
         if not first <= token_id < first + self.max_grid_side:
             raise MalformedSequence(f"expected a <|cols_C|> token, got {self.describe_id(token_id)}")
         return int(token_id) - first + 1
+
+    def grid_sides(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised ``rows_of`` / ``cols_of``: the grid side each id stands for as a ``<|rows_R|>`` and as a
+        ``<|cols_C|>`` token, 0 where it is not one."""
+        r, c, g = self.rows_id(1), self.cols_id(1), self.max_grid_side
+        rows = torch.where((ids >= r) & (ids < r + g), ids - r + 1, 0)
+        return rows, torch.where((ids >= c) & (ids < c + g), ids - c + 1, 0)
 
     # ---------------------------------------------------------------- modality of ids
 

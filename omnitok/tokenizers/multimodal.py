@@ -17,20 +17,11 @@ import numpy as np
 
 from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.errors import MalformedSequence, OmnitokError
-from omnitok.tokenizers.layout import LAYOUT_FILE, Modality, TokenLayout
+from omnitok.tokenizers.layout import IMAGE_HEADER, LAYOUT_FILE, Modality, Span, TokenLayout, image_span_length
 from omnitok.tokenizers.protocol import AudioCodec, ImageCodec, load_media_part
 from omnitok.tokenizers.text import TextTokenizer
 
 ID_DTYPE = np.int32  # every layout fits (checked in MultimodalTokenizer); half the bytes of int64 in shards
-
-
-@dataclass(frozen=True)
-class Span:
-    """Where one segment lies in an id sequence: ``ids[start:stop]``, media markers included."""
-
-    modality: str
-    start: int
-    stop: int
 
 
 @dataclass
@@ -225,17 +216,18 @@ class MultimodalTokenizer:
                 out.append(ParsedSegment("text", Span("text", pos, end), ids[pos:end]))
                 pos = end
             elif layout.has_image and token == layout.boi_id:
-                if pos + 3 > stop:
+                if pos + IMAGE_HEADER > stop:
                     raise MalformedSequence(f"image at position {pos} ends before its grid size")
                 rows, cols = layout.rows_of(int(ids[pos + 1])), layout.cols_of(int(ids[pos + 2]))
-                end = pos + 3 + rows * cols
+                end = pos + image_span_length(rows, cols) - 1  # where <|eoi|> must be
                 if end >= stop or ids[end] != layout.eoi_id:
                     got = "the end of the sequence" if end >= stop else layout.describe_id(int(ids[end]))
                     raise MalformedSequence(f"image at position {pos} is {rows}x{cols}, so <|eoi|> must be at "
                                             f"position {end}; found {got}")
-                body = ids[pos + 3:end]
-                if not np.all(modality[pos + 3:end] == Modality.IMAGE):
-                    bad = pos + 3 + int(np.flatnonzero(modality[pos + 3:end] != Modality.IMAGE)[0])
+                body = ids[pos + IMAGE_HEADER:end]
+                if not np.all(modality[pos + IMAGE_HEADER:end] == Modality.IMAGE):
+                    bad = pos + IMAGE_HEADER + int(np.flatnonzero(modality[pos + IMAGE_HEADER:end]
+                                                                  != Modality.IMAGE)[0])
                     raise MalformedSequence(f"image at position {pos}: position {bad} holds "
                                             f"{layout.describe_id(int(ids[bad]))}, not an image code")
                 codes = layout.image_codes(body).reshape(rows, cols)

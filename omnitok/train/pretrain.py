@@ -25,8 +25,8 @@ from omnitok.data.stream import PackedStream, StreamConfig
 from omnitok.distributed import World
 from omnitok.errors import OmnitokError
 from omnitok.model.build import ModelConfig, build_model
-from omnitok.model.loss import IGNORE, REPORTED, LossConfig, lm_loss
-from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
+from omnitok.model.loss import LossConfig, lm_loss
+from omnitok.tokenizers.layout import IGNORE, LAYOUT_FILE, TOKEN_KINDS, TokenLayout
 from omnitok.train import deepspeed_io, harness
 from omnitok.train.export import write_hf_directory
 from omnitok.train.harness import RunResult, RunSettings
@@ -250,9 +250,9 @@ class PretrainTask:
 def summarise_losses(sums: dict[str, float]) -> dict[str, float]:
     """Per-modality loss, perplexity and accuracy from ``lm_loss``'s sums (added over steps and ranks)."""
     out = {}
-    tokens = sum(sums.get(f"{m}_tokens", 0.0) for m in REPORTED)
-    out["loss"] = sum(sums.get(f"{m}_loss", 0.0) for m in REPORTED) / max(tokens, 1.0)
-    for m in REPORTED:
+    tokens = sum(sums.get(f"{m}_tokens", 0.0) for m in TOKEN_KINDS)
+    out["loss"] = sum(sums.get(f"{m}_loss", 0.0) for m in TOKEN_KINDS) / max(tokens, 1.0)
+    for m in TOKEN_KINDS:
         n = sums.get(f"{m}_tokens", 0.0)
         if n:
             out[f"{m}_loss"] = sums[f"{m}_loss"] / n
