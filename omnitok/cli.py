@@ -200,7 +200,7 @@ def cmd_eval_samples(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from omnitok.demo.run import run_demo
 
-    run_demo(args.out, steps=args.steps, seed=args.seed)
+    run_demo(main, args.out, steps=args.steps, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import soxr
 import torch
 
 from omnitok.cli import main
-from omnitok.data.document import Audio, Document, Text
+from omnitok.document import Audio, Document, Text
 from omnitok.errors import MalformedSequence, OmnitokError
 from omnitok.tokenizers import audio as audio_module
 from omnitok.tokenizers.audio import AudioError, AudioTokenizer, AudioTokenizerConfig

@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import ChameleonVQVAE, ChameleonVQVAEConfig, JanusVQVAE, JanusVQVAEConfig
 
 from omnitok.cli import main
-from omnitok.data.document import Document, Text
-from omnitok.data.document import Image as ImageSeg
+from omnitok.document import Document, Text
+from omnitok.document import Image as ImageSeg
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.image import ImageError, ImagePreprocessConfig, ImageTokenizer, load_image
 from omnitok.tokenizers.image_import import import_image_tokenizer

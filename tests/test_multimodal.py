@@ -6,7 +6,7 @@ import pytest
 from fakes import FakeAudioTokenizer, FakeImageTokenizer
 
 from omnitok.cli import main
-from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.document import Audio, Document, Image, Text
 from omnitok.errors import LayoutMismatch, MalformedSequence, OmnitokError
 from omnitok.tokenizers import protocol
 from omnitok.tokenizers.multimodal import MultimodalTokenizer, assemble

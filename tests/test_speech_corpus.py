@@ -3,7 +3,7 @@ import shutil
 import pytest
 import soundfile as sf
 
-from omnitok.eval.speech_corpus import EVAL_SENTENCES, SENTENCES, make_speech_corpus
+from omnitok.demo.speech_corpus import EVAL_SENTENCES, SENTENCES, make_speech_corpus
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
@@ -16,7 +16,7 @@ def test_speech_corpus_holds_out_sentences(tmp_path):
 
 
 def test_speech_corpus_without_espeak_says_so(tmp_path, monkeypatch, capsys):
-    from omnitok.eval import speech_corpus
+    from omnitok.demo import speech_corpus
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit):

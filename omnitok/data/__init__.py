@@ -1,5 +1,5 @@
 """Data: interleaved documents (and, as they land, corpus readers, the shard format and the training stream)."""
 
-from omnitok.data.document import Audio, Document, Image, Segment, Text
+from omnitok.document import Audio, Document, Image, Segment, Text
 
 __all__ = ["Audio", "Document", "Image", "Segment", "Text"]

@@ -27,12 +27,11 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.data.media import media_kind, media_under
 from omnitok.data.shards import open_tar
+from omnitok.document import Audio, Document, Image, Text
 from omnitok.errors import OmnitokError
 
-IMAGE_EXT = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
-AUDIO_EXT = {"wav", "flac", "mp3", "ogg", "opus", "aiff"}
 PAIR_ORDERS = ("caption-first", "media-first", "both")
 
 
@@ -145,15 +144,14 @@ def _caption_of(stem: Path) -> tuple[str | None, str | None]:
 
 
 def read_folder(path: Path, order: str, seed: int) -> Iterator[Item]:
-    for media in sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXT | AUDIO_EXT):
+    for media in media_under(path):
         source = str(media)
         key = make_key(source, str(media.relative_to(path.parent)))
         caption, problem = _caption_of(media.with_suffix(""))
         if caption is None:
             yield Item(key, source, error=problem)
             continue
-        kind = "image" if media.suffix.lower().lstrip(".") in IMAGE_EXT else "audio"
-        yield Item(key, source, pair_document(key, _media(kind, str(media)), caption, order, seed))
+        yield Item(key, source, pair_document(key, _media(media_kind(media.name), str(media)), caption, order, seed))
 
 
 def _tar_location(url: str) -> str:
@@ -173,7 +171,7 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
     def finish(key: str, parts: dict[str, bytes]) -> Item:
         source = f"{url}:{key}"
         item_key = make_key(f"{location}:{key}", f"{name}/{key}")
-        media = next(((ext, data) for ext, data in parts.items() if ext in IMAGE_EXT | AUDIO_EXT), None)
+        media = next(((kind, data) for ext, data in parts.items() if (kind := media_kind(ext))), None)
         caption = parts.get("txt")
         if caption is None and "json" in parts:
             try:
@@ -188,8 +186,7 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
             text = caption.decode("utf-8").strip()
         except UnicodeDecodeError:
             return Item(item_key, source, error="caption is not UTF-8")
-        kind = "image" if media[0] in IMAGE_EXT else "audio"
-        return Item(item_key, source, pair_document(item_key, _media(kind, media[1]), text, order, seed))
+        return Item(item_key, source, pair_document(item_key, _media(*media), text, order, seed))
 
     current, parts = None, {}
     try:

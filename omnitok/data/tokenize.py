@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.data.readers import Item, read_inputs
 from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
 from omnitok.distributed import launched_part
+from omnitok.document import Audio, Document, Image, Text
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, Modality, TokenLayout

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from omnitok.cli import main as omnitok
 from omnitok.errors import OmnitokError
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -46,15 +46,16 @@ def pretrain_config(out: Path, steps: int) -> dict:
             "steps": steps, "micro_batch_size": 8, "zero_stage": 1, "checkpoint_every": steps, "log_every": 25}
 
 
-def _run(step: str, argv: list[str]) -> None:
-    print(f"\n== {step}: omnitok {' '.join(argv)}", flush=True)
-    if omnitok(argv) != 0:
-        raise OmnitokError(f"demo step '{step}' failed (see the message above)")
-
-
-def run_demo(out: str | Path, steps: int = 800, seed: int = 0) -> dict:
+def run_demo(omnitok: Callable[[list[str]], int], out: str | Path, steps: int = 800, seed: int = 0) -> dict:
+    """Run the demo in ``out`` through ``omnitok`` (the command line's ``main``, passed in by the ``demo`` command
+    itself so that this module does not import the command line that imports it)."""
     from omnitok.demo.corpus import make_corpus
     from omnitok.demo.measure import caption_match
+
+    def _run(step: str, argv: list[str]) -> None:
+        print(f"\n== {step}: omnitok {' '.join(argv)}", flush=True)
+        if omnitok(argv) != 0:
+            raise OmnitokError(f"demo step '{step}' failed (see the message above)")
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -52,6 +52,7 @@ def _photos(n: int, size: int) -> list[np.ndarray]:
 def bench_image(args: argparse.Namespace) -> dict:
     from transformers import JanusVQVAE, JanusVQVAEConfig
 
+    from omnitok.tokenizers.image import model_input, pixels_to_uint8
     from omnitok.tokenizers.image_import import import_image_tokenizer
 
     device = torch.device(args.device)
@@ -74,14 +75,12 @@ def bench_image(args: argparse.Namespace) -> dict:
 
     def peer_encode():
         with torch.inference_mode(), autocast(device):
-            x = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            return peer.encode(x).image_tokens.cpu()
+            return peer.encode(model_input(np.stack(arrays)).to(device)).image_tokens.cpu()
 
     def peer_decode():
         with torch.inference_mode(), autocast(device):
             tokens = torch.from_numpy(np.stack(codes)).to(device).reshape(len(codes), -1)
-            x = peer.decode(tokens)
-            return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            return pixels_to_uint8(peer.decode(tokens)).cpu()
 
     n = args.batch
     t = {"ours_encode": _timed(lambda: ours.encode_preprocessed(arrays), args.repeats, device),

@@ -23,18 +23,8 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
+from omnitok.tokenizers.codebook import usage_stats
 from omnitok.tokenizers.layout import image_span_length
-
-
-def usage_stats(codes: np.ndarray | torch.Tensor, codebook_size: int) -> dict:
-    """Fraction of the codebook used and the perplexity (exp of the entropy) of the code histogram (also what the
-    tokenizer trainers log)."""
-    codes = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
-    counts = np.bincount(codes.reshape(-1).astype(np.int64), minlength=codebook_size).astype(np.float64)
-    p = counts / max(counts.sum(), 1)
-    nz = p[p > 0]
-    return {"usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
-            "counts": counts}
 
 
 def _usage_plot(counts: list[np.ndarray], labels: list[str], path: Path) -> None:
@@ -74,8 +64,8 @@ def eval_image_tokenizer(tokenizer_dir: str | Path, images: str | Path, out: str
                          fid_features: str | Path | None = None) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+    from omnitok.data.media import ImageFiles, list_images
     from omnitok.tokenizers.image import ImageTokenizer
-    from omnitok.train.vqgan import ImageFiles, list_images
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,9 +127,9 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
     from pystoi import stoi
     from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
 
+    from omnitok.data.media import list_audio
     from omnitok.tokenizers.audio import AudioError, AudioTokenizer, load_audio
     from omnitok.train.audio_losses import mel_distance, mel_spectrogram
-    from omnitok.train.codec import list_audio
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

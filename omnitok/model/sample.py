@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from omnitok.config import apply_overrides, build, to_dict
-from omnitok.data.document import Audio, Document, Image, Text
 from omnitok.device import default_device
+from omnitok.document import Audio, Document, Image, Text
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget

@@ -1,4 +1,5 @@
-"""Dead-code replacement for vector-quantize-pytorch codebooks, scaled to the batch (the VQ-GAN and the codec).
+"""Codebook health: how much of a codebook is used (``usage_stats``, what trainers log and evaluation reports), and
+dead-code replacement for vector-quantize-pytorch codebooks scaled to the batch (the VQ-GAN and the codec).
 
 vector-quantize-pytorch, like EnCodec, replaces a code by a vector of the batch when the EMA of its uses per batch
 falls below an absolute count (EnCodec: 2). That count was set for EnCodec's batches of ~4800 frames and 1024 codes,
@@ -14,7 +15,23 @@ is replaced again, not one.
 
 from __future__ import annotations
 
-from vector_quantize_pytorch import VectorQuantize
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from vector_quantize_pytorch import VectorQuantize
+
+
+def usage_stats(codes: np.ndarray | torch.Tensor, codebook_size: int) -> dict:
+    """Fraction of the codebook used, the perplexity (exp of the entropy) of the code histogram, and the counts."""
+    codes = codes.cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    counts = np.bincount(codes.reshape(-1).astype(np.int64), minlength=codebook_size).astype(np.float64)
+    p = counts / max(counts.sum(), 1)
+    nz = p[p > 0]
+    return {"usage": float((counts > 0).mean()), "perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+            "counts": counts}
 
 
 def scale_dead_code_threshold(vq: VectorQuantize, share: float, vectors: int) -> None:

@@ -280,8 +280,7 @@ class ImageTokenizer:
                 batch = torch.from_numpy(np.stack([grids[i] for i in chunk]).astype(np.int64)).to(self.device)
                 with autocast(self.device):
                     pixels = self.model.decode(batch)  # (B, 3, H, W)
-                images = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-                for i, im in zip(chunk, images.permute(0, 2, 3, 1).cpu().numpy()):
+                for i, im in zip(chunk, pixels_to_uint8(pixels).cpu().numpy()):
                     out[i] = im
         return out
 
@@ -314,6 +313,12 @@ def model_input(images: np.ndarray, recipe: str = "omnitok") -> torch.Tensor:
     if recipe == "janus":
         return (torch.from_numpy((x.astype(np.float64) * (1 / 255.0)).astype(np.float32)) - 0.5) / 0.5
     return torch.from_numpy(x).float() / 127.5 - 1.0
+
+
+def pixels_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``model_input``: model pixels (B, 3, H, W) in [-1, 1] -> uint8 images (B, H, W, 3), rounded,
+    on the same device."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _config_dict(model: VQGANConfig, preprocess: ImagePreprocessConfig) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnitok.data.document import Audio, Document, Image, Text
+from omnitok.document import Audio, Document, Image, Text
 from omnitok.errors import MalformedSequence, OmnitokError
 from omnitok.tokenizers.layout import IMAGE_HEADER, LAYOUT_FILE, Modality, Span, TokenLayout, image_span_length
 from omnitok.tokenizers.protocol import AudioCodec, ImageCodec, load_media_part

@@ -35,17 +35,16 @@ from vector_quantize_pytorch import ResidualVQ
 
 from omnitok import distributed
 from omnitok.config import apply_overrides, build, load_config_file, to_dict
+from omnitok.data.media import list_audio
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
-from omnitok.eval.evaluate import usage_stats
 from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig, save_tokenizer_dir
 from omnitok.tokenizers.audio_import import encodec_model
-from omnitok.tokenizers.codebook import scale_dead_code_threshold
+from omnitok.tokenizers.codebook import scale_dead_code_threshold, usage_stats
 from omnitok.train import harness
 from omnitok.train.audio_losses import MultiScaleSTFTDiscriminator, mel_distance, mel_losses
 from omnitok.train.harness import ModuleTask, RunSettings
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 KMEANS_VECTORS_PER_CODE = 16  # k-means initialisation draws on at least this many encoder frames per code
 
 
@@ -112,21 +111,6 @@ class CodecTrainConfig(RunSettings):
 
 def load_codec_config(path: str | Path | None, overrides: list[str]) -> CodecTrainConfig:
     return build(CodecTrainConfig, apply_overrides(load_config_file(path), overrides))
-
-
-def list_audio(sources: list[str | Path]) -> list[Path]:
-    files: list[Path] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise OmnitokError(f"{source} is neither an audio file nor a directory")
-    if not files:
-        raise OmnitokError(f"no audio files found in {', '.join(map(str, sources))}")
-    return sorted(files)
 
 
 class CodecTask(ModuleTask):

@@ -16,10 +16,8 @@ would have, and with the restored RNG state reproduces its losses.
 
 from __future__ import annotations
 
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,21 +27,15 @@ from tqdm import tqdm
 
 from omnitok import distributed
 from omnitok.config import build, to_dict
+from omnitok.data.media import ImageFiles, list_images
 from omnitok.device import autocast, default_device
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.image import (
-    ImageError,
-    ImagePreprocessConfig,
-    model_input,
-    prepare_image,
-    save_tokenizer_dir,
-)
+from omnitok.tokenizers.codebook import usage_stats
+from omnitok.tokenizers.image import ImagePreprocessConfig, model_input, pixels_to_uint8, save_tokenizer_dir
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
 from omnitok.train import harness
 from omnitok.train.harness import ModuleTask, RunSettings
 from omnitok.train.lpips import LPIPS
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -90,48 +82,6 @@ class VQGANTrainConfig(RunSettings):
 
 
 # ---------------------------------------------------------------- data
-
-
-def list_images(sources: list[str | Path]) -> list[tuple[str, str | None]]:
-    """Image files under directories, and image members of tar shards: ``(path, member or None)``, sorted."""
-    items: list[tuple[str, str | None]] = []
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            items += [(str(p), None) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-        elif path.is_file() and path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                items += [(str(path), m.name) for m in tar.getmembers()
-                          if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
-        else:
-            raise OmnitokError(f"{source} is neither a directory of images nor a .tar shard")
-    if not items:
-        raise OmnitokError(f"no images found in {', '.join(map(str, sources))}")
-    return sorted(items)
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Item ``(index, flip)`` -> ``(index, uint8 (H, W, 3) array or the error message)``."""
-
-    def __init__(self, items: list[tuple[str, str | None]], preprocess: ImagePreprocessConfig, multiple: int):
-        self.items, self.preprocess, self.multiple = items, preprocess, multiple
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: tuple[int, bool]) -> tuple[int, np.ndarray | str]:
-        index, flip = key
-        path, member = self.items[index]
-        try:
-            if member is None:
-                source: Any = path
-            else:
-                with tarfile.open(path) as tar:
-                    source = tar.extractfile(member).read()
-            array = prepare_image(source, self.preprocess, self.multiple)
-        except ImageError as e:
-            return index, str(e)
-        return index, np.ascontiguousarray(array[:, ::-1]) if flip else array
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -205,8 +155,6 @@ def evaluate(model: VQGAN, pixels: torch.Tensor, device: torch.device, batch: in
     """PSNR / SSIM of reconstructions through the inference path (exact lookup), codebook usage and perplexity."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from omnitok.eval.evaluate import usage_stats
-
     was_training = model.training
     model.eval()
     recs, codes = [], []
@@ -233,9 +181,8 @@ def comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, colu
     """uint8 image: a row of originals over a row of reconstructions, per group of ``columns`` images."""
     n = min(len(originals), columns)
     rows = [originals[:n], reconstructions[:n]]
-    tiles = [torch.cat(list(((r + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)), dim=2) for r in rows]  # (3,H,nW)
-    grid = torch.cat(tiles, dim=1)  # (3, 2H, nW)
-    return grid.permute(1, 2, 0).numpy()
+    tiles = [torch.cat(list(pixels_to_uint8(r)), dim=1) for r in rows]  # (H, nW, 3) each
+    return torch.cat(tiles, dim=0).numpy()  # (2H, nW, 3)
 
 
 # ---------------------------------------------------------------- training

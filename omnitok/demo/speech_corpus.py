@@ -1,6 +1,6 @@
 """A small, reproducible speech + tone corpus for codec experiments on CPU.
 
-``python -m omnitok.eval.speech_corpus --out DIR`` writes
+``python -m omnitok.demo.speech_corpus --out DIR`` writes
 
 - ``DIR/train/``: espeak-ng sentences in several voices and speeds, and the demo's tones, chords and chirps;
 - ``DIR/eval/``: other sentences (never in ``train``) in the same voices, for ``omnitok eval tokenizer``.
