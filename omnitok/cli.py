@@ -181,7 +181,7 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
 def cmd_eval_lm(args: argparse.Namespace) -> None:
     from omnitok.eval.evaluate import eval_lm
 
-    r = eval_lm(args.model, args.shards, args.out, max_docs=args.max_docs)
+    r = eval_lm(args.model, args.shards, args.out, max_docs=args.max_docs, seq_len=args.seq_len)
     parts = [f"{name} {m['loss']:.3f} (ppl {m['perplexity']:.1f}, {m['tokens']} tokens)"
              for name, m in r["modalities"].items()]
     print(f"{r['documents']} documents: loss {r['all']['loss']:.3f}; " + "; ".join(parts))
@@ -360,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--shards", required=True, nargs="+", help="shard directories or URL patterns")
     el.add_argument("--out", type=Path, help="JSON report file")
     el.add_argument("--max-docs", type=int, default=1000)
+    el.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per packed sequence (default: the model's max_position_embeddings)")
     el.set_defaults(func=cmd_eval_lm)
     es = ev_cmds.add_parser("samples", help="span validity and counts of an `omnitok sample` output directory")
     es.add_argument("dir", type=Path)

@@ -6,10 +6,10 @@ import soundfile as sf
 import torch
 from conftest import ASSETS, PHOTOS
 from PIL import Image
-from test_pretrain_parts import write_shards
 from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio, short_time_objective_intelligibility
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from benchmarks.synthetic import write_shards
 from omnitok.cli import main
 from omnitok.eval.evaluate import (
     eval_audio_tokenizer,
@@ -112,13 +112,13 @@ def test_lm_report_matches_a_plain_per_token_loss(model_dir, tokdir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     layout = TokenLayout.load(tokdir / "layout.json")
-    shards = write_shards(tmp_path / "shards", 12, 5, layout=layout)
-    report = eval_lm(model_dir, [str(shards)], tmp_path / "lm.json", batch_size=5)
+    shards = write_shards(tmp_path / "shards", layout, 12, 5)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     from omnitok.data.shards import iter_samples
 
-    sums, counts = {}, {}
+    sums, counts, longest = {}, {}, 0
     for _, tokens, _ in iter_samples(shards):
+        longest = max(longest, len(tokens))
         ids = torch.from_numpy(tokens.astype(np.int64))[None]
         with torch.no_grad():
             nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="none")
@@ -126,11 +126,15 @@ def test_lm_report_matches_a_plain_per_token_loss(model_dir, tokdir, tmp_path):
             name = ["text", "special", "image", "audio", "reserved"][int(layout.modality_of(np.array(t)))]
             sums[name] = sums.get(name, 0) + loss
             counts[name] = counts.get(name, 0) + 1
-    assert report["documents"] == 12 and set(report["modalities"]) == set(counts)
-    for name, m in report["modalities"].items():
-        assert m["tokens"] == counts[name]
-        assert m["loss"] == pytest.approx(sums[name] / counts[name], rel=1e-4)
-    assert json.loads((tmp_path / "lm.json").read_text())["all"]["loss"] == pytest.approx(report["all"]["loss"])
+    # packed several documents to a sequence (the longest document fills one), each isolated: the same as alone
+    for seq_len in (None, max(longest, layout.max_grid_side ** 2 + 4)):
+        report = eval_lm(model_dir, [str(shards)], tmp_path / "lm.json", batch_size=3, seq_len=seq_len)
+        assert report["documents"] == 12 and set(report["modalities"]) == set(counts)
+        for name, m in report["modalities"].items():
+            assert m["tokens"] == counts[name]
+            assert m["loss"] == pytest.approx(sums[name] / counts[name], rel=1e-4)
+        assert json.loads((tmp_path / "lm.json").read_text())["all"]["loss"] == pytest.approx(report["all"]["loss"])
+    assert report["sequences"] < 12  # rows held several documents
 
 
 def test_samples_report_counts_and_finds_broken_files(model_dir, tmp_path, capsys):

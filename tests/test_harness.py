@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from test_codec_train import SMALL as CODEC_SMALL
 from test_pretrain import TINY as LM_TINY
-from test_pretrain_parts import LAYOUT, write_shards
+from test_pretrain_parts import LAYOUT
 from test_reliability import one_line, rerecord
 from test_vqgan_train import TINY as VQ_TINY
 
+from benchmarks.synthetic import write_shards
 from omnitok import distributed
 from omnitok.cli import main
 from omnitok.errors import OmnitokError
@@ -38,7 +39,7 @@ def runs(tmp_path_factory):
         sf.write(root / "sounds" / f"{i}.wav", (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32),
                  16_000)
     LAYOUT.save(root / "tok")
-    write_shards(root / "shards", n_docs=40, shard_size=20, seed=1)
+    write_shards(root / "shards", LAYOUT, n_docs=40, shard_size=20, seed=1)
     short = ["steps=2", "checkpoint_every=2", "eval_every=100"]
     commands = {
         "vqgan": ["image-tokenizer", "train", "--images", str(root / "images"), "--out", str(root / "vqgan"),

@@ -2,8 +2,9 @@ import json
 
 import pytest
 import torch
-from test_pretrain_parts import LAYOUT, write_shards
+from test_pretrain_parts import LAYOUT
 
+from benchmarks.synthetic import write_shards
 from omnitok.cli import main
 from omnitok.errors import OmnitokError
 from omnitok.train import harness
@@ -20,8 +21,8 @@ TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     LAYOUT.save(root / "tok")  # the trainer needs the layout; export copies the whole directory
-    write_shards(root / "train", n_docs=200, shard_size=25, seed=1)
-    write_shards(root / "heldout", n_docs=40, shard_size=20, seed=2)
+    write_shards(root / "train", LAYOUT, n_docs=200, shard_size=25, seed=1)
+    write_shards(root / "heldout", LAYOUT, n_docs=40, shard_size=20, seed=2)
     return root
 
 
@@ -81,8 +82,7 @@ def test_resume_sees_the_same_batches_and_losses(tmp_path, data, monkeypatch):
     a = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "a" / "train.jsonl")]
     b = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "b" / "train.jsonl")]
     assert len(a) == len(b) == 8
-    for x, y in zip(a, b):
-        assert x[0] == y[0] and x[1] == pytest.approx(y[1], abs=1e-6) and x[2] == pytest.approx(y[2], abs=1e-6)
+    assert a == b  # bit for bit, before and after the resume point
     with pytest.raises(OmnitokError, match="already holds a training run"):
         pretrain(full)
 
@@ -231,3 +231,34 @@ def test_continuing_a_pretrained_llm_exports_its_architecture(tmp_path, data):
     ids = torch.randint(0, LAYOUT.used_vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.allclose(a(ids).logits, b(ids).logits, atol=1e-5)
+
+
+def test_memory_and_speed_settings_train_the_same_model(tmp_path, data, capsys):
+    """Activation checkpointing and another attention kernel compute the same steps; a resumed run may switch them;
+    an unknown kernel is one line."""
+    def losses(name, *extra):
+        pretrain(load_pretrain_config(None, run_args(data, tmp_path / name, "steps=4", "checkpoint_every=2", *extra)))
+        return [r["loss"] for r in records(tmp_path / name / "train.jsonl")]
+
+    plain = losses("plain")
+    assert losses("checkpointed", "activation_checkpointing=true") == pytest.approx(plain, abs=1e-5)
+    assert losses("eager", "attention=eager") == pytest.approx(plain, abs=1e-4)
+    pretrain(load_pretrain_config(None, run_args(data, tmp_path / "eager", "steps=6", "checkpoint_every=2",
+                                                 "activation_checkpointing=true")), resume=True)
+    assert [r["step"] for r in records(tmp_path / "eager" / "train.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert main(["pretrain", *run_args(data, tmp_path / "bad", "steps=2", "attention=fast")]) == 2
+    assert "attention must be one of sdpa, eager" in capsys.readouterr().err
+
+
+def test_a_compiled_model_trains_the_same_steps(tmp_path, data):
+    """``compile`` (here the aot_eager backend: dynamo's graph capture and AOT autograd without code generation, which
+    the CPU test machine cannot afford to wait for) trains the steps the eager model trains."""
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["compile=aot_eager"])):
+        counters.clear()
+        pretrain(load_pretrain_config(None, run_args(data, tmp_path / name, "steps=3", "checkpoint_every=3", *extra)))
+        runs[name] = [r["loss"] for r in records(tmp_path / name / "train.jsonl")]
+        assert (counters["stats"]["unique_graphs"] > 0) == (name == "compiled")  # dynamo captured the model
+    assert runs["compiled"] == pytest.approx(runs["eager"], abs=1e-4)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.synthetic import write_shards
 from omnitok.data.shards import ShardWriter, write_manifest
 from omnitok.data.stream import PackedStream, StreamConfig
 from omnitok.errors import OmnitokError
@@ -12,45 +13,6 @@ from omnitok.tokenizers.layout import IGNORE, Modality, TokenLayout
 
 LAYOUT = TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4, audio_codebook_size=16,
                      audio_num_codebooks=2)
-
-
-def document(rng, layout=LAYOUT):
-    """bos text [image] text [audio] eos with random sizes; spans as the tokenizer writes them."""
-    pieces, spans, pos = [[1]], [], 1
-
-    def add(kind, ids):
-        nonlocal pos
-        pieces.append(ids)
-        spans.append([kind, pos, pos + len(ids)])
-        pos += len(ids)
-
-    add("text", list(rng.integers(3, 50, rng.integers(1, 12))))
-    if rng.random() < 0.7:
-        r, c = rng.integers(1, 5, 2)
-        add("image", [layout.boi_id, layout.rows_id(int(r)), layout.cols_id(int(c)),
-                      *layout.image_ids(rng.integers(0, 32, int(r * c))).tolist(), layout.eoi_id])
-        add("text", list(rng.integers(3, 50, rng.integers(1, 6))))
-    if rng.random() < 0.5:
-        frames = int(rng.integers(1, 20))
-        add("audio", [layout.boa_id, *layout.audio_ids(rng.integers(0, 16, (2, frames))).tolist(), layout.eoa_id])
-    pieces.append([2])
-    return np.array([t for p in pieces for t in p], dtype=np.int32), spans
-
-
-def write_shards(directory, n_docs, shard_size, seed=0, layout=LAYOUT):
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    writer, shards = ShardWriter(directory, shard_size), []
-    for i in range(n_docs):
-        tokens, spans = document(rng, layout)
-        entry = writer.add(f"doc{i:05d}", tokens, {"source": f"synthetic:{i}", "spans": spans}, {})
-        if entry:
-            shards.append(entry)
-    if (entry := writer.flush()) is not None:
-        shards.append(entry)
-    layout.save(directory)
-    write_manifest(directory, shards, n_docs)
-    return directory
 
 
 def test_build_from_scratch_for_each_architecture():
@@ -116,7 +78,7 @@ def spans_of(seq, layout=LAYOUT):
 
 
 def test_packing_never_cuts_images_and_resumes_exactly(tmp_path):
-    shards = write_shards(tmp_path / "a", n_docs=120, shard_size=16)
+    shards = write_shards(tmp_path / "a", LAYOUT, n_docs=120, shard_size=16)
     cfg = StreamConfig(shards=[str(shards)], seq_len=40, cond_dropout=0.0, seed=3)
     stream = PackedStream(cfg, LAYOUT, batch_size=4)
     for _ in range(30):
@@ -165,8 +127,8 @@ def test_long_documents_split_only_in_text_or_at_audio_frames(tmp_path):
 
 
 def test_conditioning_dropout_and_mixture(tmp_path):
-    a = write_shards(tmp_path / "a", n_docs=60, shard_size=20, seed=1)
-    b = write_shards(tmp_path / "b", n_docs=60, shard_size=20, seed=2)
+    a = write_shards(tmp_path / "a", LAYOUT, n_docs=60, shard_size=20, seed=1)
+    b = write_shards(tmp_path / "b", LAYOUT, n_docs=60, shard_size=20, seed=2)
     always = PackedStream(StreamConfig(shards=[str(a)], seq_len=64, cond_dropout=1.0), LAYOUT, 8)
     seqs = torch.cat([always.next_batch()[0] for _ in range(5)])
     for seq in seqs.tolist():
@@ -218,7 +180,7 @@ def test_chunked_loss_equals_the_whole_and_cross_entropy(dtype):
 def test_a_packed_document_sees_only_itself(tmp_path):
     """Document isolation: in a packed batch, each document gets the logits and loss it gets alone (1e-5), with
     transformers' own masking from the packed position ids; without isolation it does not."""
-    shards = write_shards(tmp_path / "a", n_docs=40, shard_size=40)
+    shards = write_shards(tmp_path / "a", LAYOUT, n_docs=40, shard_size=40)
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2),
                         LAYOUT).eval()

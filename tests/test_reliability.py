@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 from test_pretrain import TINY
-from test_pretrain_parts import LAYOUT, write_shards
+from test_pretrain_parts import LAYOUT
 
+from benchmarks.synthetic import write_shards
 from omnitok.cli import main
 from omnitok.data.shards import read_shard, shard_stats
 from omnitok.errors import OmnitokError
@@ -76,7 +77,7 @@ def one_line(capsys) -> str:
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("rel")
     LAYOUT.save(root / "tok")
-    write_shards(root / "train", n_docs=60, shard_size=20, seed=1)
+    write_shards(root / "train", LAYOUT, n_docs=60, shard_size=20, seed=1)
     return root
 
 

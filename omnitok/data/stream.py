@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -123,6 +124,99 @@ class _Source:
         self.epoch, self.shard, self.sample = state["epoch"], state["shard"], state["sample"]
 
 
+class Packer:
+    """Documents into sequences of exactly ``seq_len`` tokens (padding at the end), recording where each document (or
+    the part of one continued from the previous sequence) begins. An image span is never cut (one that would cross
+    the boundary starts the next sequence); a document longer than ``seq_len`` is cut only inside text or at an audio
+    frame boundary. ``documents()`` gives the next ``(tokens, spans)``, or None when there are no more.
+
+    Training fills every sequence, so a document may continue in the next one. With ``keep_whole`` (evaluation) a
+    document that fits in a sequence is never cut: the current sequence is padded instead, so every such document is
+    scored exactly as it would be alone."""
+
+    def __init__(self, layout: TokenLayout, seq_len: int,
+                 documents: Callable[[], tuple[np.ndarray, list[Span]] | None], keep_whole: bool = False):
+        longest = image_span_length(layout.max_grid_side, layout.max_grid_side) if layout.has_image else 0
+        if longest > seq_len:
+            raise OmnitokError(f"sequence length {seq_len} cannot hold the longest image span this tokenizer makes: "
+                               f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
+        self.layout, self.seq_len, self.documents, self.keep_whole = layout, seq_len, documents, keep_whole
+        self.pending: list[int] = []  # the partly filled sequence
+        self.starts: list[int] = []  # where each document (or document part) begins in it
+        self.rest: tuple[list[int], list[Span], bool] | None = None  # the part of a document not yet packed
+        self.padding, self.tokens = 0, 0
+
+    def _cut(self, spans: list, length: int, room: int, long: bool) -> int:
+        """The largest cut ``c <= room`` (tokens ``[0, c)`` stay) that splits no image span, and an audio span only
+        at a frame boundary of a document longer than ``seq_len``; 0 when there is none."""
+        allowed = np.ones(room + 1, dtype=bool)
+        allowed[0] = False
+        n_q = self.layout.audio_num_codebooks
+        for modality, s, e in spans:
+            lo, hi = max(s + 1, 1), min(e, room + 1)  # interior cut positions s < c < e (s < 0: span began earlier)
+            if lo >= hi:
+                continue
+            if modality == "image" or (modality == "audio" and not long):
+                allowed[lo:hi] = False
+            elif modality == "audio":
+                interior = np.arange(lo, hi)
+                allowed[lo:hi] = (interior - (s + 1)) % n_q == 0
+        cuts = np.flatnonzero(allowed[: min(room, length) + 1])
+        return int(cuts[-1]) if len(cuts) else 0
+
+    def sequence(self) -> tuple[list[int], list[int]] | None:
+        """The next sequence and where its documents begin; None once the documents have run out and all is
+        packed."""
+        L = self.seq_len
+        while True:
+            if self.rest is None:
+                document = self.documents()
+                if document is None:
+                    return self._emit() if self.pending else None
+                tokens, spans = document
+                self.rest = (tokens.tolist(), spans, len(tokens) > L)
+            tokens, spans, long = self.rest
+            room = L - len(self.pending)
+            if len(tokens) <= room:
+                self.starts.append(len(self.pending))
+                self.pending += tokens
+                self.rest = None
+                if len(self.pending) == L:
+                    return self._emit()
+                continue
+            if self.keep_whole and not long:
+                return self._emit()  # the document starts the next sequence
+            cut = self._cut(spans, len(tokens), room, long)
+            if cut == 0 and not self.pending:
+                cut = room  # cannot happen for valid layouts (checked at start-up); never loop forever
+            self.starts.append(len(self.pending))
+            self.pending += tokens[:cut]
+            # Spans keep their true start (negative once cut), so audio frame boundaries stay where they were.
+            self.rest = (tokens[cut:], [Span(m, s - cut, e - cut) for m, s, e in spans if e > cut], long)
+            return self._emit()
+
+    def _emit(self) -> tuple[list[int], list[int]]:
+        seq = self.pending + [self.layout.pad_id] * (self.seq_len - len(self.pending))
+        starts = self.starts + ([len(self.pending)] if len(self.pending) < self.seq_len else [])  # padding
+        self.padding += self.seq_len - len(self.pending)
+        self.tokens += self.seq_len
+        self.pending, self.starts = [], []
+        return seq, starts
+
+    def state_dict(self) -> dict:
+        rest = None if self.rest is None else [self.rest[0], [list(s) for s in self.rest[1]], self.rest[2]]
+        return {"pending": list(self.pending), "starts": list(self.starts), "rest": rest, "padding": self.padding,
+                "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = list(state["pending"])
+        # positions saved before isolation existed: the partial sequence counts as one document
+        self.starts = list(state.get("starts", [0] if self.pending else []))
+        self.rest = None if state["rest"] is None else (state["rest"][0], [Span(*s) for s in state["rest"][1]],
+                                                        state["rest"][2])
+        self.padding, self.tokens = state["padding"], state["tokens"]
+
+
 class _Lane:
     """One independent packed sub-stream: its share of every shard set, its own documents and packer."""
 
@@ -132,10 +226,7 @@ class _Lane:
         weights = np.array(cfg.weights or [1.0] * len(self.sources), dtype=np.float64)
         self.weights = weights / weights.sum()
         self.documents = 0
-        self.pending: list[int] = []  # the partly filled sequence
-        self.starts: list[int] = []  # where each document (or document part) begins in it
-        self.rest: tuple[list[int], list] | None = None  # the part of a document not yet packed
-        self.padding, self.tokens = 0, 0
+        self.packer = Packer(layout, cfg.seq_len, self._document)
 
     # ---------------------------------------------------------------- documents
 
@@ -162,76 +253,17 @@ class _Lane:
                      if j + 1 not in drop]
         return tokens[keep], new_spans
 
-    # ---------------------------------------------------------------- packing
-
-    def _cut(self, spans: list, length: int, room: int, long: bool) -> int:
-        """The largest cut ``c <= room`` (tokens ``[0, c)`` stay) that splits no image span, and an audio span only
-        at a frame boundary of a document longer than ``seq_len``; 0 when there is none."""
-        allowed = np.ones(room + 1, dtype=bool)
-        allowed[0] = False
-        n_q = self.layout.audio_num_codebooks
-        for modality, s, e in spans:
-            lo, hi = max(s + 1, 1), min(e, room + 1)  # interior cut positions s < c < e (s < 0: span began earlier)
-            if lo >= hi:
-                continue
-            if modality == "image" or (modality == "audio" and not long):
-                allowed[lo:hi] = False
-            elif modality == "audio":
-                interior = np.arange(lo, hi)
-                allowed[lo:hi] = (interior - (s + 1)) % n_q == 0
-        cuts = np.flatnonzero(allowed[: min(room, length) + 1])
-        return int(cuts[-1]) if len(cuts) else 0
-
-    def _sequence(self) -> tuple[list[int], list[int]]:
-        """One sequence of exactly ``seq_len`` tokens (pad at the end) and where its documents begin."""
-        L = self.cfg.seq_len
-        while True:
-            if self.rest is None:
-                tokens, spans = self._document()
-                self.rest = (tokens.tolist(), spans, len(tokens) > L)
-            tokens, spans, long = self.rest
-            room = L - len(self.pending)
-            if len(tokens) <= room:
-                self.starts.append(len(self.pending))
-                self.pending += tokens
-                self.rest = None
-                if len(self.pending) == L:
-                    return self._emit()
-                continue
-            cut = self._cut(spans, len(tokens), room, long)
-            if cut == 0 and not self.pending:
-                cut = room  # cannot happen for valid layouts (checked at start-up); never loop forever
-            self.starts.append(len(self.pending))
-            self.pending += tokens[:cut]
-            # Spans keep their true start (negative once cut), so audio frame boundaries stay where they were.
-            self.rest = (tokens[cut:], [Span(m, s - cut, e - cut) for m, s, e in spans if e > cut], long)
-            return self._emit()
-
-    def _emit(self) -> tuple[list[int], list[int]]:
-        seq = self.pending + [self.layout.pad_id] * (self.cfg.seq_len - len(self.pending))
-        starts = self.starts + ([len(self.pending)] if len(self.pending) < self.cfg.seq_len else [])  # padding
-        self.padding += self.cfg.seq_len - len(self.pending)
-        self.tokens += self.cfg.seq_len
-        self.pending, self.starts = [], []
-        return seq, starts
-
     # ---------------------------------------------------------------- position
 
     def state_dict(self) -> dict:
-        rest = None if self.rest is None else [self.rest[0], [list(s) for s in self.rest[1]], self.rest[2]]
         return {"sources": [s.state() for s in self.sources], "documents": self.documents,
-                "pending": list(self.pending), "starts": list(self.starts), "rest": rest, "padding": self.padding,
-                "tokens": self.tokens}
+                **self.packer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         for source, s in zip(self.sources, state["sources"]):
             source.load(s)
-        self.documents, self.pending = state["documents"], list(state["pending"])
-        # positions saved before isolation existed: the partial sequence counts as one document
-        self.starts = list(state.get("starts", [0] if self.pending else []))
-        self.rest = None if state["rest"] is None else (state["rest"][0], [Span(*s) for s in state["rest"][1]],
-                                                        state["rest"][2])
-        self.padding, self.tokens = state["padding"], state["tokens"]
+        self.documents = state["documents"]
+        self.packer.load_state_dict(state)
 
 
 class Batch(NamedTuple):
@@ -247,6 +279,27 @@ class Batch(NamedTuple):
         return inputs
 
 
+def batch_of(rows: list[tuple[list[int], list[int]]], layout: TokenLayout, isolate: bool) -> Batch:
+    """A batch of packed sequences and where their documents begin (``Packer.sequence``): labels are the next token,
+    IGNORE on padding; with ``isolate``, position ids restart at every document and no label crosses into the next
+    document."""
+    ids = torch.tensor([seq for seq, _ in rows], dtype=torch.long)  # (B, L)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
+    labels[labels == layout.pad_id] = IGNORE
+    if not isolate:
+        return Batch(ids, labels, None)
+    L = ids.shape[1]
+    positions = torch.empty_like(ids)
+    for b, (_, starts) in enumerate(rows):
+        bounds = [*starts, L]
+        for start, stop in zip(bounds, bounds[1:]):
+            positions[b, start:stop] = torch.arange(stop - start)
+            if start > 0:
+                labels[b, start - 1] = IGNORE  # the next document's first token is not predicted
+    return Batch(ids, labels, positions)
+
+
 class PackedStream:
     """Batches ``(input_ids (B, L), labels (B, L))`` of packed documents for one rank.
 
@@ -259,10 +312,6 @@ class PackedStream:
     def __init__(self, cfg: StreamConfig, layout: TokenLayout, batch_size: int, rank: int = 0, world: int = 1):
         if not cfg.shards:
             raise OmnitokError("data.shards is empty: name at least one shard directory or pattern")
-        longest = image_span_length(layout.max_grid_side, layout.max_grid_side) if layout.has_image else 0
-        if longest > cfg.seq_len:
-            raise OmnitokError(f"data.seq_len {cfg.seq_len} cannot hold the longest image span this tokenizer makes: "
-                               f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
         lanes = cfg.lanes or world
         if lanes % world:
             raise OmnitokError(f"data.lanes ({lanes}) must be a multiple of the world size ({world})")
@@ -279,27 +328,13 @@ class PackedStream:
         return [s for lane in self.lanes for s in lane.sources]
 
     def next_batch(self) -> Batch:
-        rows = [lane._sequence() for lane in self.lanes for _ in range(self.per_lane)]
-        ids = torch.tensor([seq for seq, _ in rows], dtype=torch.long)  # (B, L)
-        labels = torch.full_like(ids, IGNORE)
-        labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
-        labels[labels == self.layout.pad_id] = IGNORE
-        if not self.isolate:
-            return Batch(ids, labels, None)
-        L = ids.shape[1]
-        positions = torch.empty_like(ids)
-        for b, (_, starts) in enumerate(rows):
-            bounds = [*starts, L]
-            for start, stop in zip(bounds, bounds[1:]):
-                positions[b, start:stop] = torch.arange(stop - start)
-                if start > 0:
-                    labels[b, start - 1] = IGNORE  # the next document's first token is not predicted
-        return Batch(ids, labels, positions)
+        return batch_of([lane.packer.sequence() for lane in self.lanes for _ in range(self.per_lane)], self.layout,
+                        self.isolate)
 
     @property
     def padding_counts(self) -> tuple[int, int]:
         """Padding tokens and all tokens this rank has emitted (summed over ranks for a run's padding fraction)."""
-        return sum(lane.padding for lane in self.lanes), sum(lane.tokens for lane in self.lanes)
+        return sum(lane.packer.padding for lane in self.lanes), sum(lane.packer.tokens for lane in self.lanes)
 
     @property
     def padding_fraction(self) -> float:

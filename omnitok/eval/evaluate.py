@@ -24,7 +24,7 @@ import torch
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.tokenizers.codebook import usage_stats
-from omnitok.tokenizers.layout import image_span_length
+from omnitok.tokenizers.layout import TOKEN_KINDS, Span, image_span_length
 
 
 def _usage_plot(counts: list[np.ndarray], labels: list[str], path: Path) -> None:
@@ -198,54 +198,62 @@ def mel_image(wave: torch.Tensor, sample_rate: int, top: float, size: tuple[int,
 
 @torch.inference_mode()
 def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = None, max_docs: int = 1000,
-            seq_len: int = 2048, batch_size: int = 8) -> dict:
-    """Per-modality loss / perplexity of the model on documents from ``shards`` (directories or URL patterns)."""
+            seq_len: int | None = None, batch_size: int = 8) -> dict:
+    """Per-modality loss / perplexity of the model on documents from ``shards`` (directories or URL patterns), packed
+    into ``seq_len``-token sequences (default: the model's positions), each document isolated (its own positions, no
+    attention across documents) and none cut that fits in a sequence, so a document scores exactly as it would alone.
+    A document longer than ``seq_len`` is cut as training cuts it; its continuation is scored from the cut."""
     from omnitok.data.shards import read_shard
-    from omnitok.data.stream import shard_urls
+    from omnitok.data.stream import Packer, batch_of, shard_urls
+    from omnitok.model.loss import LossConfig, lm_loss
     from omnitok.model.sample import load_model
-    from omnitok.tokenizers.layout import Modality
+    from omnitok.train.pretrain import summarise_losses
 
     model, tok = load_model(model_dir)
     device = next(model.parameters()).device
     layout = tok.layout
-    docs = []
-    for spec in shards:
-        for url in shard_urls(spec, layout):
-            for _, tokens, _ in read_shard(url):
-                docs.append(np.asarray(tokens[:seq_len], dtype=np.int64))
-                if len(docs) >= max_docs:
-                    break
-            if len(docs) >= max_docs:
-                break
-    if not docs:
+    positions = model.config.max_position_embeddings
+    seq_len = seq_len or positions
+    if seq_len > positions:
+        raise OmnitokError(f"--seq-len {seq_len} is beyond the model's {positions} positions")
+
+    def documents():
+        n = 0
+        for spec in shards:
+            for url in shard_urls(spec, layout):
+                for _, tokens, meta in read_shard(url):
+                    yield tokens.astype(np.int64), [Span(*s) for s in meta["spans"]]
+                    n += 1
+                    if n >= max_docs:
+                        return
+
+    stream, read = documents(), [0]
+
+    def next_document():
+        document = next(stream, None)
+        read[0] += document is not None
+        return document
+
+    packer = Packer(layout, seq_len, next_document, keep_whole=True)
+    sums: dict[str, float] = {}
+    sequences = 0
+    while rows := [r for r in (packer.sequence() for _ in range(batch_size)) if r is not None]:
+        sequences += len(rows)
+        batch = batch_of(rows, layout, isolate=True)
+        logits = model(**batch.model_inputs(device)).logits.float()
+        _, metrics = lm_loss(logits, batch.labels.to(device), layout, LossConfig())
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    if not read[0]:
         raise OmnitokError(f"no documents in {', '.join(shards)}")
-    names = {int(m): m.name.lower() for m in Modality}
-    sums = {name: 0.0 for name in names.values()}
-    counts = {name: 0 for name in names.values()}
-    for start in range(0, len(docs), batch_size):
-        batch = docs[start:start + batch_size]
-        width = max(len(d) for d in batch)
-        ids = torch.full((len(batch), width), layout.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, d in enumerate(batch):
-            ids[i, :len(d)] = torch.from_numpy(d)
-            mask[i, :len(d)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device),
-                                                reduction="none").cpu()
-        valid = mask[:, 1:].bool()
-        groups = torch.from_numpy(layout.modality_of(ids[:, 1:].numpy()).astype(np.int64))
-        for code, name in names.items():
-            sel = valid & (groups == code)
-            sums[name] += float(nll[sel].sum())
-            counts[name] += int(sel.sum())
-    report = {"documents": len(docs), "tokens": sum(counts.values()), "modalities": {}}
-    for name in names.values():
-        if counts[name]:
-            loss = sums[name] / counts[name]
-            report["modalities"][name] = {"tokens": counts[name], "loss": loss, "perplexity": float(np.exp(loss))}
-    total = sum(sums.values()) / max(sum(counts.values()), 1)
-    report["all"] = {"loss": total, "perplexity": float(np.exp(total))}
+    stats = summarise_losses(sums)
+    report = {"documents": read[0], "tokens": int(sum(sums.get(f"{m}_tokens", 0.0) for m in TOKEN_KINDS)),
+              "seq_len": seq_len, "sequences": sequences, "modalities": {}}
+    for m in TOKEN_KINDS:
+        if f"{m}_tokens" in stats:
+            report["modalities"][m] = {"tokens": int(stats[f"{m}_tokens"]), "loss": stats[f"{m}_loss"],
+                                       "perplexity": stats[f"{m}_ppl"]}
+    report["all"] = {"loss": stats["loss"], "perplexity": float(np.exp(stats["loss"]))}
     if out is not None:
         write_json_atomic(Path(out), report)
     return report

@@ -52,16 +52,23 @@ def _hf_config(cfg: ModelConfig, vocab_size: int):
     return LlamaConfig(**common) if cfg.arch == "llama" else Qwen3Config(**common)
 
 
-def build_model(cfg: ModelConfig, layout: TokenLayout) -> torch.nn.Module:
-    """A causal LM with ``layout.vocab_size`` rows: new, or extended from ``cfg.init_from``."""
+ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def build_model(cfg: ModelConfig, layout: TokenLayout, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A causal LM with ``layout.vocab_size`` rows: new, or extended from ``cfg.init_from``, computing attention with
+    ``attn_implementation`` (one of transformers' kernels; every one of them keeps packed documents apart)."""
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation not in ATTENTION:
+        raise OmnitokError(f"attention must be one of {', '.join(ATTENTION)}, got {attn_implementation!r}")
     if cfg.init_from is None:
-        return AutoModelForCausalLM.from_config(_hf_config(cfg, layout.vocab_size))
+        return AutoModelForCausalLM.from_config(_hf_config(cfg, layout.vocab_size),
+                                                attn_implementation=attn_implementation)
     path = Path(cfg.init_from)
     if not (path / "config.json").is_file():
         raise OmnitokError(f"model.init_from {path} is not a Hugging Face model directory (no config.json)")
-    model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
+    model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32, attn_implementation=attn_implementation)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != layout.text_vocab_size:
         raise OmnitokError(f"the LLM in {path} has {rows} embedding rows but the token layout's text range has "

@@ -7,7 +7,7 @@ logsumexp), and the backward recomputes each chunk's softmax and writes the grad
 onehot * g_ce`` straight into one gradient tensor in the logits' dtype. The argmax for accuracy comes from the same
 pass; the optional z-loss (Chameleon used 1e-5) reuses the logsumexp. With bf16 logits (8 x 1024 x 64k) the loss's
 peak memory is half that of the previous version, which kept ``exp(logits - max)`` in fp32 for the backward
-(``python -m omnitok.eval.bench loss``).
+(``python -m benchmarks.loss``).
 """
 
 from __future__ import annotations

@@ -119,8 +119,10 @@ def pick_checkpoint(root: Path, allowed: Sequence[Any] = ()) -> Path:
     raise OmnitokError(f"no intact checkpoint in {root} (all {len(found)} are damaged)")
 
 
-# Settings a resumed run may change: how long it trains and how often it logs, evaluates and saves.
-MAY_CHANGE = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "max_nonfinite")
+# Settings a resumed run may change: how long it trains, how often it logs, evaluates and saves, and how the same
+# computation is fitted to the hardware (attention kernel, activation checkpointing, compilation).
+MAY_CHANGE = ("steps", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "max_nonfinite",
+              "attention", "activation_checkpointing", "compile")
 
 
 def check_same_config(saved: dict, config: dict, ckpt: Path, ignored: tuple[str, ...] = ()) -> None:

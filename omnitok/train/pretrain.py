@@ -63,6 +63,10 @@ class PretrainConfig(RunSettings):
     grad_accum: int = 1
     zero_stage: int = 1
     bf16: bool = True  # on GPU; CPU runs in fp32
+    # Memory and speed: none of these changes what is computed, so a resumed run may change them.
+    attention: str = "sdpa"  # transformers' attention kernel: sdpa, eager, flex_attention, flash_attention_2 / _3
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    compile: str | None = None  # a torch.compile backend for the model ("inductor"); None: not compiled
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config, merged over ours
 
     def __post_init__(self) -> None:
@@ -140,11 +144,15 @@ class PretrainTask:
         self.cfg, self.world, self.device = cfg, world, world.device
         self.layout = TokenLayout.load(Path(cfg.tokenizer) / LAYOUT_FILE)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, self.layout)
+        model = build_model(cfg.model, self.layout, cfg.attention)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.stream = PackedStream(cfg.data, self.layout, cfg.micro_batch_size, world.rank, world.size)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=deepspeed_config(cfg, self.device))
         deepspeed_io.read_weights_only(self.engine)
+        if cfg.compile:
+            self.engine.compile(backend=cfg.compile)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.peak = _peak_flops(self.device)
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.data.seq_len * world.size

@@ -1,0 +1,98 @@
+"""``omnitok pretrain`` training tokens/s (DeepSpeed, the packed shard stream, per-modality loss and metrics,
+logging) against a plain loop over the same Hugging Face model with the same batches already in memory, torch AdamW
+and the same dtype, in one run; plus the fraction of step time spent waiting for data:
+``python -m benchmarks.pretrain [--config configs/pretrain-tiny-cpu.yaml] [--steps 40] [KEY=VALUE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import quiet_stderr
+from benchmarks.synthetic import write_shards
+from omnitok.tokenizers.layout import TokenLayout
+
+LAYOUT = TokenLayout(text_vocab_size=4000, image_codebook_size=1024, max_grid_side=16)
+
+
+def synthetic_run_dir(root: Path) -> None:
+    """``root/tok`` (the layout) and ``root/shards``: 2000 documents of 20-200 text tokens and an 8x8 image."""
+    LAYOUT.save(root / "tok")
+    write_shards(root / "shards", LAYOUT, n_docs=2000, shard_size=200, text=(20, 200), grid=8, image_p=1.0)
+
+
+def measure(root: Path, name: str, config: str | None, steps: int, overrides: list[str]):
+    """Pretrain ``steps`` steps into ``root/name``; the config and the tokens/s and data wait of the second half."""
+    from omnitok.train.pretrain import load_pretrain_config, pretrain
+
+    cfg = load_pretrain_config(config, [
+        f"tokenizer={root / 'tok'}", f"out={root / name}", f"data.shards=[{root / 'shards'}]", f"steps={steps}",
+        f"log_every={steps // 2}", f"checkpoint_every={steps * 10}", *overrides])
+    with quiet_stderr():
+        pretrain(cfg)
+    last = [json.loads(line) for line in (root / name / "train.jsonl").read_text().splitlines()][-1]
+    return cfg, last["tokens_per_s"], last["data_wait"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch.nn.functional as F
+
+    from omnitok.data.stream import PackedStream
+    from omnitok.model.build import build_model
+
+    measured = args.steps // 2
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthetic_run_dir(root)
+        cfg, ours, wait = measure(root, "run", args.config, args.steps, args.overrides)
+
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, LAYOUT)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                weight_decay=cfg.optim.weight_decay)
+        stream = PackedStream(cfg.data, LAYOUT, cfg.micro_batch_size)
+        batches = [stream.next_batch() for _ in range(args.steps)]
+
+        def step(batch):  # the same inputs (packed position ids when documents are isolated)
+            logits = model(**batch.model_inputs(torch.device("cpu"))).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
+                                   ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+
+        for batch in batches[:measured]:  # warm-up, as the measured window of the run above
+            step(batch)
+        start = time.perf_counter()
+        for batch in batches[measured:]:
+            step(batch)
+        plain = (args.steps - measured) * cfg.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"pretraining, {params / 1e6:.1f}M-parameter {cfg.model.arch}, {cfg.micro_batch_size} x {cfg.data.seq_len} "
+          f"tokens per step, ZeRO {cfg.zero_stage}, {torch.get_num_threads()} threads; last {args.steps - measured} of "
+          f"{args.steps} steps")
+    print(f"  omnitok pretrain {ours:.0f} tokens/s, plain loop {plain:.0f} tokens/s, ratio {ours / plain:.3f}; "
+          f"data wait {wait:.2%} of step time")
+    return {"ours": ours, "plain": plain, "data_wait": wait}
+
+
+def arguments(prog: str, doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("--config", default="configs/pretrain-tiny-cpu.yaml")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(arguments("python -m benchmarks.pretrain", __doc__).parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

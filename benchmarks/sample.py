@@ -1,0 +1,101 @@
+"""Sampler decode tokens/s against transformers' ``generate`` (same model, prompt, temperature / top-p, KV cache),
+text at batch 1 and 8; the time cost of classifier-free guidance on image spans; decode speed against the
+memory-bandwidth bound: ``python -m benchmarks.sample [--size tiny|1b] [--grid 16]``."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import default_device, timed
+from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
+
+SAMPLE_SIZES = {"tiny": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
+                "1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Decode tokens/s of omnitok's sampler vs transformers' ``generate`` (same model, prompt, temperature / top-p,
+    KV cache), text mode at batch 1 and 8; then the cost of classifier-free guidance on image spans; then decode
+    speed as a fraction of the memory-bandwidth bound (weight bytes per step / measured copy bandwidth)."""
+    from omnitok.model.build import ModelConfig, build_model
+    from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
+    from omnitok.tokenizers.layout import TokenLayout, image_span_length
+
+    device = torch.device(args.device)
+    layout = TokenLayout(text_vocab_size=args.text_vocab, image_codebook_size=16384, max_grid_side=args.grid,
+                         audio_codebook_size=1024, audio_num_codebooks=4)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SAMPLE_SIZES[args.size]), layout).eval()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    eos = EOS
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 0  # so both sides generate the full length
+    prompt = [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + args.prompt_len))
+    n = args.new_tokens
+    text = ModalitySampling(temperature=0.8, top_p=0.95)
+    out: dict = {}
+    where = f"{device.type} {str(dtype).split('.')[1]}, {torch.get_num_threads()} threads"
+    params = sum(p.numel() for p in model.parameters())
+    print(f"sampling, {params / 1e6:.0f}M-parameter llama, vocab {layout.vocab_size}, {where}")
+    for batch in (1, 8):
+        prompts = [prompt] * batch
+        cfg = SamplingConfig(text=text, output="text", max_new_tokens=n)
+        ids = torch.tensor(prompts, device=device)
+        counts = {}
+
+        def ours():
+            counts["ours"] = sum(len(o) for o in generate(model, layout, prompts, eos, cfg))
+
+        def peer():
+            new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=True,
+                                 temperature=0.8, top_p=0.95, top_k=0, pad_token_id=layout.pad_id,
+                                 eos_token_id=eos)[:, ids.shape[1]:]
+            counts["peer"] = int((new != layout.pad_id).sum())
+
+        t_ours, t_peer = timed(ours, args.repeats, device), timed(peer, args.repeats, device)
+        r_ours, r_peer = counts["ours"] / t_ours, counts["peer"] / t_peer
+        out[f"batch{batch}"] = {"ours": r_ours, "peer": r_peer, "ratio": r_ours / r_peer}
+        print(f"  text, batch {batch}: omnitok {r_ours:.0f} tokens/s, transformers generate {r_peer:.0f} tokens/s, "
+              f"ratio {r_ours / r_peer:.2f}")
+    g = args.grid
+    for batch in (1, 8):
+        times = {}
+        for scale in (1.0, 3.0):
+            cfg = SamplingConfig(output="image", grid=(g, g), max_new_tokens=image_span_length(g, g),
+                                 image=ModalitySampling(top_k=1000, guidance=scale))
+            times[scale] = timed(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg),
+                                  args.repeats, device)
+        out[f"cfg_batch{batch}"] = {"s_per_image_plain": times[1.0] / batch, "s_per_image_cfg": times[3.0] / batch,
+                                    "cost": times[3.0] / times[1.0]}
+        print(f"  {g}x{g} image, batch {batch}: {times[1.0] / batch:.2f} s/image without guidance, "
+              f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time")
+    big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
+    dst = torch.empty_like(big)
+    copy_s = timed(lambda: dst.copy_(big), args.repeats + 2, device)
+    bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_token = 1 / out["batch1"]["ours"]
+    bound = weight_bytes / bandwidth
+    out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound / per_token}
+    print(f"  memory bound: {weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s copy bandwidth = "
+          f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {per_token * 1e3:.2f} ms/token: "
+          f"{bound / per_token:.1%} of the bound")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sample", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SAMPLE_SIZES), default="tiny")
+    parser.add_argument("--text-vocab", type=int, default=32000)
+    parser.add_argument("--grid", type=int, default=16, help="image grid side for the CFG timing (1b: 32)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default=default_device())
+    return run(parser.parse_args(argv))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Synthetic shards of layout-valid interleaved documents, for the training benchmarks and the tests (one maker for
+both). A document is ``BOS text [image text] [audio] EOS`` with random sizes and codes, spans recorded as the
+multimodal tokenizer writes them; media appear only where the layout has that modality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from omnitok.data.shards import ShardWriter, write_manifest
+from omnitok.tokenizers.layout import Span, TokenLayout
+
+# The text ids synthetic documents open and close with, as a SentencePiece text tokenizer numbers them (unk 0,
+# bos 1, eos 2); random text is drawn from the ids after them.
+BOS, EOS = 1, 2
+FIRST_TEXT = 3
+
+
+def document(rng: np.random.Generator, layout: TokenLayout, text: tuple[int, int] = (1, 12), grid: int | None = None,
+             image_p: float = 0.7, audio_p: float = 0.5, frames: tuple[int, int] = (1, 20)
+             ) -> tuple[np.ndarray, list[Span]]:
+    """One document: ``text`` is the range of the first text's length; an image (``grid`` x ``grid``, or a random
+    grid the layout allows) follows with probability ``image_p``, then a short text; audio (``frames`` frames) with
+    probability ``audio_p``."""
+    pieces, spans, pos = [[BOS]], [], 1
+
+    def add(kind: str, ids: list[int]) -> None:
+        nonlocal pos
+        pieces.append(ids)
+        spans.append(Span(kind, pos, pos + len(ids)))
+        pos += len(ids)
+
+    def words(lo: int, hi: int) -> list[int]:
+        return rng.integers(FIRST_TEXT, layout.text_vocab_size, rng.integers(lo, hi)).tolist()
+
+    add("text", words(*text))
+    if layout.has_image and rng.random() < image_p:
+        r, c = (grid, grid) if grid else (int(x) for x in rng.integers(1, layout.max_grid_side + 1, 2))
+        codes = layout.image_ids(rng.integers(0, layout.image_codebook_size, r * c)).tolist()
+        add("image", [layout.boi_id, layout.rows_id(r), layout.cols_id(c), *codes, layout.eoi_id])
+        add("text", words(1, 6))
+    if layout.has_audio and rng.random() < audio_p:
+        n = int(rng.integers(*frames))
+        codes = rng.integers(0, layout.audio_codebook_size, (layout.audio_num_codebooks, n))
+        add("audio", [layout.boa_id, *layout.audio_ids(codes).tolist(), layout.eoa_id])
+    pieces.append([EOS])
+    return np.array([t for p in pieces for t in p], dtype=np.int32), spans
+
+
+def write_shards(directory: Path, layout: TokenLayout, n_docs: int, shard_size: int, seed: int = 0,
+                 **shape) -> Path:
+    """A shard directory of ``n_docs`` synthetic documents (``shape``: ``document``'s size settings)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    writer, shards = ShardWriter(directory, shard_size), []
+    for i in range(n_docs):
+        tokens, spans = document(rng, layout, **shape)
+        entry = writer.add(f"doc{i:05d}", tokens, {"source": f"synthetic:{i}", "spans": [list(s) for s in spans]}, {})
+        if entry:
+            shards.append(entry)
+    if (entry := writer.flush()) is not None:
+        shards.append(entry)
+    layout.save(directory)
+    write_manifest(directory, shards, n_docs)
+    return directory
