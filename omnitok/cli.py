@@ -34,7 +34,7 @@ def cmd_tokenizer_assemble(args: argparse.Namespace) -> None:
     from omnitok.tokenizers.multimodal import assemble
 
     tok = assemble(args.text, args.out, image=args.image, audio=args.audio, text_vocab_size=args.text_vocab_size,
-                   bos_token=args.bos_token, eos_token=args.eos_token)
+                   bos_token=args.bos_token, eos_token=args.eos_token, chat=args.chat)
     print(f"tokenizer written to {args.out}\n{tok.layout.describe()}")
 
 
@@ -392,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "larger than its tokenizer (default: the tokenizer's size)")
     asm.add_argument("--bos-token", help="bos token of a bare tokenizer.json")
     asm.add_argument("--eos-token", help="eos token of a bare tokenizer.json")
+    asm.add_argument("--chat", action="store_true", help="add the role markers conversations need (<|system|>, "
+                     "<|user|>, <|assistant|>, <|eot|>) for instruction tuning")
     asm.set_defaults(func=cmd_tokenizer_assemble)
     info = tok_cmds.add_parser("info", help="print a tokenizer's token layout: id ranges and fingerprints")
     info.add_argument("dir", type=Path, help="tokenizer directory (or a layout.json)")

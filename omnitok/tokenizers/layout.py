@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import torch
 
+from omnitok.document import ROLES
 from omnitok.errors import LayoutMismatch, MalformedSequence, OmnitokError
 from omnitok.jsonfile import read_json_object, write_json_atomic
 
@@ -116,6 +117,7 @@ class TokenLayout:
     audio_num_codebooks: int = 0
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     pad_to_multiple: int = 64
+    chat: bool = False  # the role markers of conversations: <|system|> <|user|> <|assistant|> and <|eot|>
 
     def __post_init__(self) -> None:
         for name in ("text_vocab_size", "image_codebook_size", "max_grid_side", "audio_codebook_size",
@@ -125,6 +127,8 @@ class TokenLayout:
                 raise OmnitokError(f"token layout: {name} must be a non-negative integer, got {value!r}")
         if self.text_vocab_size < 1:
             raise OmnitokError("token layout: text_vocab_size must be at least 1")
+        if not isinstance(self.chat, bool):
+            raise OmnitokError(f"token layout: chat must be true or false, got {self.chat!r}")
         if self.pad_to_multiple < 1:
             raise OmnitokError("token layout: pad_to_multiple must be at least 1")
         if (self.image_codebook_size == 0) != (self.max_grid_side == 0):
@@ -146,6 +150,8 @@ class TokenLayout:
             names += [f"<|cols_{c}|>" for c in range(1, self.max_grid_side + 1)]
         if self.has_audio:
             names += ["<|boa|>", "<|eoa|>"]
+        if self.chat:
+            names += [f"<|{role}|>" for role in ROLES] + ["<|eot|>"]
         specials = {name: self.text_vocab_size + i for i, name in enumerate(names)}
         image_offset = self.text_vocab_size + len(names)
         audio_offset = image_offset + self.image_codebook_size
@@ -244,6 +250,19 @@ class TokenLayout:
     def eoa_id(self) -> int:
         self._need_audio()
         return self._specials["<|eoa|>"]
+
+    def role_id(self, role: str) -> int:
+        """The marker that opens a ``role`` turn of a conversation (``system``, ``user``, ``assistant``)."""
+        self._need_chat()
+        if role not in ROLES:
+            raise OmnitokError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        return self._specials[f"<|{role}|>"]
+
+    @property
+    def eot_id(self) -> int:
+        """The marker that ends every turn of a conversation."""
+        self._need_chat()
+        return self._specials["<|eot|>"]
 
     def rows_id(self, rows: int) -> int:
         self._need_image()
@@ -389,6 +408,7 @@ class TokenLayout:
             "audio_codebook_size": self.audio_codebook_size,
             "audio_num_codebooks": self.audio_num_codebooks,
             "pad_to_multiple": self.pad_to_multiple,
+            **({"chat": True} if self.chat else {}),  # absent in layouts without chat markers (and older files)
             "fingerprints": dict(sorted(self.fingerprints.items())),
             "vocab_size": self.vocab_size,
             "ranges": {name: list(r) for name, r in self.ranges.items()},
@@ -453,6 +473,11 @@ class TokenLayout:
     def _need_image(self) -> None:
         if not self.has_image:
             raise OmnitokError("this token layout has no image modality")
+
+    def _need_chat(self) -> None:
+        if not self.chat:
+            raise OmnitokError("this token layout has no chat markers, so it cannot hold conversations; assemble the "
+                               "tokenizer with `omnitok tokenizer assemble --chat` and fine-tune from a model on it")
 
     def _need_audio(self) -> None:
         if not self.has_audio:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnitok.document import Audio, Document, Image, Text
+from omnitok.document import Audio, Conversation, Document, Image, Segment, Text
 from omnitok.errors import MalformedSequence, OmnitokError
 from omnitok.tokenizers.layout import IMAGE_HEADER, LAYOUT_FILE, Modality, Span, TokenLayout, image_span_length
 from omnitok.tokenizers.protocol import AudioCodec, ImageCodec, load_media_part
@@ -28,6 +28,10 @@ ID_DTYPE = np.int32  # every layout fits (checked in MultimodalTokenizer); half 
 class EncodedDocument:
     ids: np.ndarray  # (L,) int32 global ids, bos ... eos
     spans: list[Span]
+    loss: np.ndarray | None = None  # (L,) bool: which ids are trained as targets (conversations); None: all
+
+
+LOSS_ON = ("assistant", "all")  # a conversation's trained tokens: the assistant's turns, or every token
 
 
 @dataclass
@@ -69,9 +73,10 @@ class MultimodalTokenizer:
 
     @classmethod
     def build(cls, text: TextTokenizer, image: ImageCodec | None = None, audio: AudioCodec | None = None,
-              text_vocab_size: int | None = None) -> MultimodalTokenizer:
+              text_vocab_size: int | None = None, chat: bool = False) -> MultimodalTokenizer:
         """Make the layout from the parts. ``text_vocab_size`` may exceed the text tokenizer's (an LLM whose
-        embedding table is padded beyond its tokenizer keeps its rows where they are)."""
+        embedding table is padded beyond its tokenizer keeps its rows where they are); ``chat`` adds the role
+        markers conversations need."""
         if text_vocab_size is not None and text_vocab_size < text.vocab_size:
             raise OmnitokError(f"text_vocab_size {text_vocab_size} is smaller than the text tokenizer's "
                                f"{text.vocab_size} ids")
@@ -87,6 +92,7 @@ class MultimodalTokenizer:
             audio_codebook_size=audio.codebook_size if audio is not None else 0,
             audio_num_codebooks=audio.num_codebooks if audio is not None else 0,
             fingerprints=fingerprints,
+            chat=chat,
         )
         return cls(layout, text, image, audio)
 
@@ -135,11 +141,55 @@ class MultimodalTokenizer:
         a text was split: tokenizers with a dummy prefix (SentencePiece, Llama) would otherwise add a space.
         """
         docs = [doc.merged() for doc in docs]
-        texts, images, sounds = [], [], []
         for d, doc in enumerate(docs):
             if not doc.segments:
                 raise OmnitokError(f"document {doc.id or d} is empty")
-            for seg in doc.segments:
+        encoded = []
+        for doc, pieces in zip(docs, self._encode_parts([doc.segments for doc in docs])):
+            ids, spans = [self.text.bos_id], []
+            for modality, piece in pieces:
+                spans.append(Span(modality, len(ids), len(ids) + len(piece)))
+                ids.extend(piece.tolist())
+            ids.append(self.text.eos_id)
+            encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans))
+        return encoded
+
+    def encode_conversations(self, conversations: list[Conversation], loss_on: str = "assistant"
+                             ) -> list[EncodedDocument]:
+        """Conversations -> ``bos, (<|role|> segment... <|eot|>)..., eos`` with a loss mask: with ``loss_on``
+        "assistant" the assistant turns' ids (media spans included) and their ``<|eot|>`` are trained, so the model
+        learns to answer and to end its turn, and nothing the user or system wrote is; "all" trains every id but bos.
+        Each turn's text is joined as in ``encode_batch``; the whole batch goes through each tokenizer once."""
+        layout = self.layout
+        if loss_on not in LOSS_ON:
+            raise OmnitokError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+        layout.eot_id  # noqa: B018 - refuses a layout without chat markers, in one line
+        turns = [Document(t.segments).merged().segments for c in conversations for t in c.check().turns]
+        parts = iter(self._encode_parts(turns))
+        encoded = []
+        for conv in conversations:
+            ids, loss, spans = [self.text.bos_id], [False], []
+            for turn in conv.turns:
+                trained = loss_on == "all" or turn.role == "assistant"
+                ids.append(layout.role_id(turn.role))
+                loss.append(loss_on == "all")  # the runtime writes the role marker that opens a turn
+                for modality, piece in next(parts):
+                    spans.append(Span(modality, len(ids), len(ids) + len(piece)))
+                    ids.extend(piece.tolist())
+                    loss.extend([trained] * len(piece))
+                ids.append(layout.eot_id)
+                loss.append(trained)
+            ids.append(self.text.eos_id)
+            loss.append(loss_on == "all")
+            encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans, np.array(loss, dtype=bool)))
+        return encoded
+
+    def _encode_parts(self, segment_lists: list[list[Segment]]) -> list[list[tuple[str, np.ndarray]]]:
+        """Each list of segments as ``(modality, ids)`` pieces (empty ones dropped), with all text, images and audio
+        of all lists batched through each tokenizer once."""
+        texts, images, sounds = [], [], []
+        for segments in segment_lists:
+            for seg in segments:
                 if isinstance(seg, Text):
                     texts.append(seg.text)
                 elif isinstance(seg, Image):
@@ -147,17 +197,14 @@ class MultimodalTokenizer:
                 elif isinstance(seg, Audio):
                     sounds.append(seg.source)
                 else:
-                    raise OmnitokError(f"document {doc.id or d}: unknown segment {seg!r:.60}")
+                    raise OmnitokError(f"unknown segment {seg!r:.60}")
         text_ids = iter(self.text.encode(texts))
         image_codes = iter(self._image().encode(images) if images else [])
         audio_codes = iter(self._audio().encode(sounds) if sounds else [])
-
-        encoded = []
-        for doc in docs:
-            pieces: list[np.ndarray] = [np.array([self.text.bos_id])]
-            spans: list[Span] = []
-            position = 1
-            for seg in doc.segments:
+        out = []
+        for segments in segment_lists:
+            pieces = []
+            for seg in segments:
                 if isinstance(seg, Text):
                     piece = self.layout.check_text(np.asarray(next(text_ids), dtype=np.int64))
                     modality = "text"
@@ -165,14 +212,10 @@ class MultimodalTokenizer:
                     piece, modality = self._image_piece(next(image_codes)), "image"
                 else:
                     piece, modality = self._audio_piece(next(audio_codes)), "audio"
-                if len(piece) == 0:
-                    continue
-                pieces.append(piece)
-                spans.append(Span(modality, position, position + len(piece)))
-                position += len(piece)
-            pieces.append(np.array([self.text.eos_id]))
-            encoded.append(EncodedDocument(np.concatenate(pieces).astype(ID_DTYPE), spans))
-        return encoded
+                if len(piece):
+                    pieces.append((modality, piece.astype(np.int64)))
+            out.append(pieces)
+        return out
 
     def _image_piece(self, codes: np.ndarray) -> np.ndarray:
         codes = np.asarray(codes)
@@ -281,11 +324,11 @@ class MultimodalTokenizer:
 
 def assemble(text: str | Path, out: str | Path, image: str | Path | None = None, audio: str | Path | None = None,
              text_vocab_size: int | None = None, bos_token: str | None = None,
-             eos_token: str | None = None) -> MultimodalTokenizer:
+             eos_token: str | None = None, chat: bool = False) -> MultimodalTokenizer:
     """``omnitok tokenizer assemble``: gather the parts into one tokenizer directory with its layout."""
     text_tok = TextTokenizer.from_path(text, bos_token=bos_token, eos_token=eos_token)
     image_tok = load_media_part(image, "image") if image is not None else None
     audio_tok = load_media_part(audio, "audio") if audio is not None else None
-    tok = MultimodalTokenizer.build(text_tok, image_tok, audio_tok, text_vocab_size=text_vocab_size)
+    tok = MultimodalTokenizer.build(text_tok, image_tok, audio_tok, text_vocab_size=text_vocab_size, chat=chat)
     tok.save(out)
     return MultimodalTokenizer.from_dir(out)  # proves the directory reloads with matching fingerprints

@@ -1,0 +1,155 @@
+"""Conversations for instruction tuning: the two JSON forms people have, the checks, the chat markers in the token
+layout, and which tokens carry loss (asserted token by token)."""
+
+import json
+
+import numpy as np
+import pytest
+from fakes import FakeAudioTokenizer, FakeImageTokenizer
+from test_multimodal import exact_audio, exact_image
+
+from omnitok.document import Conversation, Image, Text, Turn
+from omnitok.errors import OmnitokError
+from omnitok.tokenizers.layout import TokenLayout
+from omnitok.tokenizers.multimodal import MultimodalTokenizer
+
+
+@pytest.fixture
+def tok(sp_tok):
+    return MultimodalTokenizer.build(sp_tok, FakeImageTokenizer(), FakeAudioTokenizer(), chat=True)
+
+
+@pytest.fixture
+def media(tok):
+    """File names a conversation refers to, the media the fakes encode exactly, and their codes."""
+    cat_codes, cat = exact_image(tok, 3, 4, seed=1)
+    meow_codes, meow = exact_audio(tok, 5, seed=2)
+    return {"cat.png": (cat, cat_codes), "meow.wav": (meow, meow_codes)}
+
+
+def resolve(conv, media, base=""):
+    """The parsed conversation with each file name replaced by the media it stands for."""
+    def real(seg):
+        if isinstance(seg, Text):
+            return seg
+        return type(seg)(media[seg.source.removeprefix(base)][0])
+    return Conversation([Turn(t.role, [real(s) for s in t.segments]) for t in conv.turns], conv.id)
+
+
+def expected(tok, conv, media, loss_on="assistant"):
+    """The ids and loss mask built by hand from the parts: bos, (<|role|> content <|eot|>)..., eos."""
+    L = tok.layout
+    ids, loss = [tok.text.bos_id], [False]
+    for turn in conv.turns:
+        trained = loss_on == "all" or turn.role == "assistant"
+        ids.append(L.role_id(turn.role))
+        loss.append(loss_on == "all")
+        for seg in turn.segments:
+            if isinstance(seg, Text):
+                piece = tok.text.encode([seg.text])[0]
+            elif isinstance(seg, Image):
+                codes = media[seg.source][1]
+                piece = [L.boi_id, L.rows_id(codes.shape[0]), L.cols_id(codes.shape[1]),
+                         *L.image_ids(codes.reshape(-1)).tolist(), L.eoi_id]
+            else:
+                piece = [L.boa_id, *L.audio_ids(media[seg.source][1]).tolist(), L.eoa_id]
+            ids += list(piece)
+            loss += [trained] * len(piece)
+        ids.append(L.eot_id)
+        loss.append(trained)
+    return ids + [tok.text.eos_id], loss + [loss_on == "all"]
+
+
+MESSAGES = {"id": 7, "messages": [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image", "image": "cat.png"}]},
+    {"role": "assistant", "content": "A cat."},
+    {"role": "user", "content": "Let me hear it."},
+    {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "audio", "path": "meow.wav"}]},
+]}
+SHAREGPT = {"id": "s1", "image": "cat.png", "audio": ["meow.wav"], "conversations": [
+    {"from": "human", "value": "<image>\nWhat is this?"},
+    {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "And the sound?"},
+    {"from": "gpt", "value": "It says <audio> meow."},
+]}
+
+
+def test_messages_form_and_its_loss_mask_token_by_token(tok, media, tmp_path):
+    conv = Conversation.from_messages(MESSAGES["messages"], base_dir=tmp_path, conv_id=MESSAGES["id"])
+    assert conv.id == "7" and [t.role for t in conv.turns] == ["system", "user", "assistant", "user", "assistant"]
+    assert conv.turns[1].segments[1].source == str(tmp_path / "cat.png")  # relative to the file's directory
+    conv = resolve(conv, media, f"{tmp_path}/")
+    named = Conversation.from_messages(MESSAGES["messages"])  # media named by bare file names
+    for loss_on in ("assistant", "all"):
+        enc = tok.encode_conversations([conv], loss_on=loss_on)[0]
+        ids, loss = expected(tok, named, media, loss_on)
+        assert enc.ids.tolist() == ids and enc.loss.tolist() == loss, loss_on
+    enc = tok.encode_conversations([conv])[0]
+    trained = enc.ids[enc.loss]
+    L = tok.layout
+    assert L.eot_id in trained and L.role_id("assistant") not in trained and L.boa_id in trained
+    assert L.boi_id not in trained  # the user's picture carries no loss; the assistant's sound does
+    assert [s.modality for s in enc.spans] == ["text", "text", "image", "text", "text", "text", "audio"]
+    for s in enc.spans:  # spans cover exactly the content pieces, markers outside them
+        assert enc.ids[s.start] not in (L.role_id("user"), L.role_id("assistant"), L.eot_id)
+
+
+def test_sharegpt_form_with_placeholders_and_its_loss_mask(tok, media):
+    conv = Conversation.from_sharegpt(SHAREGPT)
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user", "assistant"]
+    assert [type(s).__name__ for s in conv.turns[0].segments] == ["Image", "Text"]
+    assert [type(s).__name__ for s in conv.turns[3].segments] == ["Text", "Audio", "Text"]
+    enc = tok.encode_conversations([resolve(conv, media)])[0]
+    ids, loss = expected(tok, conv, media)
+    assert enc.ids.tolist() == ids and enc.loss.tolist() == loss
+    # LLaVA's convention: media without a placeholder go before the first user text
+    bare = Conversation.from_sharegpt({"image": "cat.png", "conversations": [
+        {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A cat."}]})
+    assert [type(s).__name__ for s in bare.turns[0].segments] == ["Image", "Text"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [{"from": "human", "value": "hi"}]}, "no assistant turn"),
+    ({"conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "yo"}]}, "turn 0 is 'assistant'"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}]},
+     "turn 1 \\(assistant\\) is empty"),
+    ({"conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "x"}]},
+     "more <image> placeholders than image files"),
+    ({"image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "<image> hi"},
+                                                     {"from": "gpt", "value": "x"}]}, "more image files than"),
+    ({"conversations": [{"from": "robot", "value": "hi"}]}, "unknown speaker 'robot'"),
+])
+def test_bad_conversations_are_refused_with_the_reason(record, message):
+    with pytest.raises(OmnitokError, match=message):
+        Conversation.from_sharegpt(record)
+
+
+def test_bad_messages_are_refused_with_the_reason():
+    with pytest.raises(OmnitokError, match="turn 2 is 'user' where 'assistant' belongs"):
+        Conversation.from_messages([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                                    {"role": "user", "content": "b"}])
+    with pytest.raises(OmnitokError, match="unknown role 'robot'"):
+        Conversation.from_messages([{"role": "robot", "content": "a"}])
+    with pytest.raises(OmnitokError, match="a content part must be text, image or audio"):
+        Conversation.from_messages([{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}])
+
+
+def test_chat_markers_live_in_the_layout_and_a_layout_without_them_refuses_chat(sp_tok, tok, tmp_path):
+    L = tok.layout
+    roles = [L.role_id(r) for r in ("system", "user", "assistant")] + [L.eot_id]
+    assert roles == list(range(roles[0], roles[0] + 4)) and roles[0] > L.eoa_id  # after every older special
+    assert L.ranges["special"][0] <= roles[0] and roles[-1] < L.ranges["special"][1]
+    again = TokenLayout.from_json(json.loads(json.dumps(L.to_json())))
+    assert again == L and again.chat
+    plain = MultimodalTokenizer.build(sp_tok, FakeImageTokenizer(), FakeAudioTokenizer())
+    assert "chat" not in plain.layout.to_json()  # layouts without markers are written as before
+    markers = ("<|system|>", "<|user|>", "<|assistant|>", "<|eot|>")
+    assert plain.layout.specials == {k: v for k, v in L.specials.items() if k not in markers}
+    conv = Conversation([Turn("user", [Text("hi")]), Turn("assistant", [Text("hello")])])
+    with pytest.raises(OmnitokError, match="no chat markers.*--chat"):
+        plain.encode_conversations([conv])
+    with pytest.raises(OmnitokError, match="loss_on must be one of assistant, all"):
+        tok.encode_conversations([conv], loss_on="user")
+    np.testing.assert_array_equal(tok.encode_conversations([conv, conv])[1].ids,
+                                  tok.encode_conversations([conv])[0].ids)  # batching changes nothing
