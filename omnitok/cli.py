@@ -89,7 +89,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
     cfg = TokenizeConfig(inputs=args.input, tokenizer=str(args.tokenizer), out=str(args.out), workers=args.workers,
                          batch_size=args.batch_size, shard_size=args.shard_size, pair_order=args.pair_order,
-                         seed=args.seed, num_parts=args.num_parts, part=args.part)
+                         seed=args.seed, num_parts=args.num_parts, part=args.part, loss_on=args.loss_on)
     print(summary(tokenize(cfg, command_line()), str(args.out)))
 
 
@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     tz.add_argument("--pair-order", choices=["caption-first", "media-first", "both"], default="caption-first",
                     help="how pairs become documents (default caption-first: text to media)")
     tz.add_argument("--seed", type=int, default=0, help="for --pair-order both")
+    tz.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
+                    help="which ids of a conversation carry loss: the assistant's turns (default) or all")
     tz.add_argument("--num-parts", type=int, default=1, help="split the corpus between processes (default: "
                     "WORLD_SIZE under torchrun/deepspeed, else 1)")
     tz.add_argument("--part", type=int, default=0, help="which part this process writes (default: RANK)")

@@ -121,6 +121,11 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     id: str | None = None
 
+    @property
+    def segments(self) -> list[Segment]:
+        """Every turn's segments, in order (the conversation's text and media, roles aside)."""
+        return [s for t in self.turns for s in t.segments]
+
     def check(self) -> Conversation:
         """Refuse a conversation training cannot use, naming what is wrong; returns it otherwise."""
         if not self.turns:

@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from fakes import FakeAudioTokenizer, FakeImageTokenizer
 from test_multimodal import exact_audio, exact_image
 
 from omnitok.document import Conversation, Image, Text, Turn
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.layout import TokenLayout
+from omnitok.tokenizers.layout import Modality, TokenLayout
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 
@@ -138,14 +139,16 @@ def test_bad_messages_are_refused_with_the_reason():
 def test_chat_markers_live_in_the_layout_and_a_layout_without_them_refuses_chat(sp_tok, tok, tmp_path):
     L = tok.layout
     roles = [L.role_id(r) for r in ("system", "user", "assistant")] + [L.eot_id]
-    assert roles == list(range(roles[0], roles[0] + 4)) and roles[0] > L.eoa_id  # after every older special
-    assert L.ranges["special"][0] <= roles[0] and roles[-1] < L.ranges["special"][1]
+    assert roles == list(range(*L.ranges["chat"])) and roles[0] == L.ranges["audio"][1]  # right after the codes
+    assert (L.modality_of(np.array(roles)) == int(Modality.SPECIAL)).all()
     again = TokenLayout.from_json(json.loads(json.dumps(L.to_json())))
     assert again == L and again.chat
     plain = MultimodalTokenizer.build(sp_tok, FakeImageTokenizer(), FakeAudioTokenizer())
     assert "chat" not in plain.layout.to_json()  # layouts without markers are written as before
     markers = ("<|system|>", "<|user|>", "<|assistant|>", "<|eot|>")
     assert plain.layout.specials == {k: v for k, v in L.specials.items() if k not in markers}
+    for name in ("text", "special", "image", "audio"):  # a base model's every id means the same with chat markers
+        assert plain.layout.ranges[name] == L.ranges[name]
     conv = Conversation([Turn("user", [Text("hi")]), Turn("assistant", [Text("hello")])])
     with pytest.raises(OmnitokError, match="no chat markers.*--chat"):
         plain.encode_conversations([conv])
@@ -153,3 +156,51 @@ def test_chat_markers_live_in_the_layout_and_a_layout_without_them_refuses_chat(
         tok.encode_conversations([conv], loss_on="user")
     np.testing.assert_array_equal(tok.encode_conversations([conv, conv])[1].ids,
                                   tok.encode_conversations([conv])[0].ids)  # batching changes nothing
+
+
+@pytest.fixture(scope="module")
+def chat_tokdir(tmp_path_factory, tokdir, sp_dir):
+    """The real test tokenizer's parts assembled with the chat markers."""
+    from omnitok.cli import main
+
+    out = tmp_path_factory.mktemp("chat") / "tok"
+    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--image", str(tokdir.parent / "image"), "--audio",
+                 str(tokdir.parent / "audio"), "--out", str(out), "--chat"]) == 0
+    return out
+
+
+def test_tokenize_records_the_trained_ids_and_the_stream_trains_only_those(chat_tokdir, tmp_path):
+    import shutil
+
+    from conftest import ASSETS, PHOTOS
+    from PIL import Image as PILImage
+
+    from omnitok.data.shards import iter_samples, read_manifest
+    from omnitok.data.stream import PackedStream, StreamConfig
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+    from omnitok.tokenizers.layout import IGNORE
+
+    PILImage.fromarray(PHOTOS[0]).save(tmp_path / "cat.png")
+    shutil.copy(next(ASSETS.glob("*.wav")), tmp_path / "meow.wav")
+    lines = [MESSAGES, SHAREGPT, {"messages": [{"role": "user", "content": "hi"}]}]  # the last has no answer
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / "chats.jsonl")], tokenizer=str(chat_tokdir),
+                                       out=str(tmp_path / "shards"), workers=0))
+    assert manifest["samples"] == 2 and manifest["error_count"] == 1
+    assert "no assistant turn" in json.dumps(read_manifest(tmp_path / "shards")["errors"])
+    layout = TokenLayout.load(chat_tokdir / "layout.json")
+    assistant, eot = layout.role_id("assistant"), layout.eot_id
+    trained_total, length = 0, 0
+    for _, tokens, meta in iter_samples(tmp_path / "shards"):
+        length += len(tokens)
+        ranges = meta["trained"]
+        assert len(ranges) == 2  # the two assistant turns, each from its first id through its <|eot|>
+        for start, stop in ranges:
+            assert tokens[start - 1] == assistant and tokens[stop - 1] == eot
+            assert eot not in tokens[start:stop - 1] and layout.role_id("user") not in tokens[start:stop]
+            trained_total += stop - start
+    stream = PackedStream(StreamConfig(shards=[str(tmp_path / "shards")], seq_len=length, cond_dropout=0.0), layout, 1)
+    batch = stream.next_batch()  # exactly the two conversations in one row, each isolated
+    labelled = batch.labels != IGNORE
+    assert int(labelled.sum()) == trained_total
+    assert torch.equal(batch.labels[labelled], batch.ids[:, 1:][labelled[:, :-1]])

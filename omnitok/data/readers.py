@@ -29,7 +29,7 @@ from braceexpand import braceexpand
 
 from omnitok.data.media import media_kind, media_under
 from omnitok.data.shards import open_tar
-from omnitok.document import Audio, Document, Image, Text
+from omnitok.document import Audio, Conversation, Document, Image, Text
 from omnitok.errors import OmnitokError
 
 PAIR_ORDERS = ("caption-first", "media-first", "both")
@@ -39,7 +39,7 @@ PAIR_ORDERS = ("caption-first", "media-first", "both")
 class Item:
     key: str
     source: str  # file and line / member, for records and errors
-    doc: Document | None = None
+    doc: Document | Conversation | None = None
     error: str | None = None
 
 
@@ -91,6 +91,16 @@ def read_jsonl(path: Path, order: str, seed: int) -> Iterator[Item]:
                 continue
             doc_id = record.get("id") if isinstance(record, dict) else None
             key = make_key(source, f"{path.stem}/{doc_id}" if doc_id is not None else None)
+            if isinstance(record, dict) and ("messages" in record or "conversations" in record):
+                try:  # a conversation: the Hugging Face / OpenAI messages form or the LLaVA / ShareGPT form
+                    conv = (Conversation.from_messages(record["messages"], path.parent) if "messages" in record
+                            else Conversation.from_sharegpt(record, path.parent))
+                except OmnitokError as e:
+                    yield Item(key, source, error=str(e))
+                    continue
+                conv.id = key
+                yield Item(key, source, conv)
+                continue
             if isinstance(record, list) or (isinstance(record, dict) and "segments" in record):
                 try:
                     doc = Document.from_json(record, base_dir=path.parent)

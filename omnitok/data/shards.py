@@ -77,6 +77,21 @@ class ShardWriter:
         return entry
 
 
+def trained_ranges(mask: np.ndarray) -> list[list[int]]:
+    """A sample's loss mask (which ids are trained as targets) as ``[start, stop)`` runs: what ``meta.json`` stores
+    under ``"trained"`` for conversations (a sample without it trains every id)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
+
+
+def trained_mask(ranges: list, length: int) -> np.ndarray:
+    """The inverse of ``trained_ranges``; every id when ``ranges`` is None."""
+    mask = np.zeros(length, dtype=bool) if ranges is not None else np.ones(length, dtype=bool)
+    for start, stop in ranges or []:
+        mask[start:stop] = True
+    return mask
+
+
 def write_manifest(directory: Path, shards: list[dict], samples: int) -> None:
     """A complete manifest for shards written outside ``omnitok tokenize`` (synthetic data in tests, benchmarks)."""
     write_json_atomic(directory / MANIFEST, {

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from braceexpand import braceexpand
 
-from omnitok.data.shards import MANIFEST, read_manifest, read_shard
+from omnitok.data.shards import MANIFEST, read_manifest, read_shard, trained_mask
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.layout import IGNORE, LAYOUT_FILE, Span, TokenLayout, image_span_length
 
@@ -95,7 +95,8 @@ class _Source:
         key = (self.epoch, shard_pos)
         if self._cache is None or self._cache[0] != key:
             shard = self._order()[shard_pos]
-            samples = [(tokens.astype(np.int64), [Span(*s) for s in meta["spans"]])
+            samples = [(tokens.astype(np.int64), [Span(*s) for s in meta["spans"]],
+                        trained_mask(meta.get("trained"), len(tokens)))
                        for _, tokens, meta in read_shard(self.urls[shard])]
             perm = np.random.default_rng([self.seed, self.index, self.epoch, int(shard)]).permutation(len(samples))
             samples = [samples[i] for i in perm]
@@ -104,7 +105,7 @@ class _Source:
             self._cache = (key, samples)
         return self._cache[1]
 
-    def next(self) -> tuple[np.ndarray, list]:
+    def next(self) -> tuple[np.ndarray, list[Span], np.ndarray]:
         for _ in range(len(self.urls) * 2 + 2):  # skips empty shards; a wholly empty set fails below
             order = self._order()
             if self.shard >= len(order):
@@ -128,22 +129,25 @@ class Packer:
     """Documents into sequences of exactly ``seq_len`` tokens (padding at the end), recording where each document (or
     the part of one continued from the previous sequence) begins. An image span is never cut (one that would cross
     the boundary starts the next sequence); a document longer than ``seq_len`` is cut only inside text or at an audio
-    frame boundary. ``documents()`` gives the next ``(tokens, spans)``, or None when there are no more.
+    frame boundary. ``documents()`` gives the next ``(tokens, spans, trained)`` (``trained``: which ids are trained as
+    targets, all of them but in conversations), or None when there are no more.
 
     Training fills every sequence, so a document may continue in the next one. With ``keep_whole`` (evaluation) a
     document that fits in a sequence is never cut: the current sequence is padded instead, so every such document is
     scored exactly as it would be alone."""
 
     def __init__(self, layout: TokenLayout, seq_len: int,
-                 documents: Callable[[], tuple[np.ndarray, list[Span]] | None], keep_whole: bool = False):
+                 documents: Callable[[], tuple[np.ndarray, list[Span], np.ndarray] | None], keep_whole: bool = False):
         longest = image_span_length(layout.max_grid_side, layout.max_grid_side) if layout.has_image else 0
         if longest > seq_len:
             raise OmnitokError(f"sequence length {seq_len} cannot hold the longest image span this tokenizer makes: "
                                f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
         self.layout, self.seq_len, self.documents, self.keep_whole = layout, seq_len, documents, keep_whole
         self.pending: list[int] = []  # the partly filled sequence
+        self.trained: list[bool] = []  # which of its ids are trained as targets
         self.starts: list[int] = []  # where each document (or document part) begins in it
-        self.rest: tuple[list[int], list[Span], bool] | None = None  # the part of a document not yet packed
+        # the part of a document not yet packed: tokens, spans, longer than a sequence, trained
+        self.rest: tuple[list[int], list[Span], bool, list[bool]] | None = None
         self.padding, self.tokens = 0, 0
 
     def _cut(self, spans: list, length: int, room: int, long: bool) -> int:
@@ -164,22 +168,23 @@ class Packer:
         cuts = np.flatnonzero(allowed[: min(room, length) + 1])
         return int(cuts[-1]) if len(cuts) else 0
 
-    def sequence(self) -> tuple[list[int], list[int]] | None:
-        """The next sequence and where its documents begin; None once the documents have run out and all is
-        packed."""
+    def sequence(self) -> tuple[list[int], list[int], list[bool]] | None:
+        """The next sequence, where its documents begin and which of its ids are trained as targets; None once the
+        documents have run out and all is packed."""
         L = self.seq_len
         while True:
             if self.rest is None:
                 document = self.documents()
                 if document is None:
                     return self._emit() if self.pending else None
-                tokens, spans = document
-                self.rest = (tokens.tolist(), spans, len(tokens) > L)
-            tokens, spans, long = self.rest
+                tokens, spans, trained = document
+                self.rest = (tokens.tolist(), spans, len(tokens) > L, trained.tolist())
+            tokens, spans, long, trained = self.rest
             room = L - len(self.pending)
             if len(tokens) <= room:
                 self.starts.append(len(self.pending))
                 self.pending += tokens
+                self.trained += trained
                 self.rest = None
                 if len(self.pending) == L:
                     return self._emit()
@@ -191,29 +196,35 @@ class Packer:
                 cut = room  # cannot happen for valid layouts (checked at start-up); never loop forever
             self.starts.append(len(self.pending))
             self.pending += tokens[:cut]
+            self.trained += trained[:cut]
             # Spans keep their true start (negative once cut), so audio frame boundaries stay where they were.
-            self.rest = (tokens[cut:], [Span(m, s - cut, e - cut) for m, s, e in spans if e > cut], long)
+            self.rest = (tokens[cut:], [Span(m, s - cut, e - cut) for m, s, e in spans if e > cut], long,
+                         trained[cut:])
             return self._emit()
 
     def _emit(self) -> tuple[list[int], list[int]]:
-        seq = self.pending + [self.layout.pad_id] * (self.seq_len - len(self.pending))
+        pad = self.seq_len - len(self.pending)
+        seq, trained = self.pending + [self.layout.pad_id] * pad, self.trained + [False] * pad
         starts = self.starts + ([len(self.pending)] if len(self.pending) < self.seq_len else [])  # padding
-        self.padding += self.seq_len - len(self.pending)
+        self.padding += pad
         self.tokens += self.seq_len
-        self.pending, self.starts = [], []
-        return seq, starts
+        self.pending, self.starts, self.trained = [], [], []
+        return seq, starts, trained
 
     def state_dict(self) -> dict:
-        rest = None if self.rest is None else [self.rest[0], [list(s) for s in self.rest[1]], self.rest[2]]
-        return {"pending": list(self.pending), "starts": list(self.starts), "rest": rest, "padding": self.padding,
+        rest = None if self.rest is None else [self.rest[0], [list(s) for s in self.rest[1]], *self.rest[2:]]
+        return {"pending": list(self.pending), "trained": list(self.trained), "starts": list(self.starts),
+                "rest": rest, "padding": self.padding,
                 "tokens": self.tokens}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = list(state["pending"])
+        self.trained = list(state.get("trained", [True] * len(self.pending)))  # saved before conversations
         # positions saved before isolation existed: the partial sequence counts as one document
         self.starts = list(state.get("starts", [0] if self.pending else []))
-        self.rest = None if state["rest"] is None else (state["rest"][0], [Span(*s) for s in state["rest"][1]],
-                                                        state["rest"][2])
+        rest = state["rest"]
+        self.rest = None if rest is None else (rest[0], [Span(*s) for s in rest[1]], rest[2],
+                                               rest[3] if len(rest) > 3 else [True] * len(rest[0]))
         self.padding, self.tokens = state["padding"], state["tokens"]
 
 
@@ -230,28 +241,29 @@ class _Lane:
 
     # ---------------------------------------------------------------- documents
 
-    def _document(self) -> tuple[np.ndarray, list]:
+    def _document(self) -> tuple[np.ndarray, list[Span], np.ndarray]:
         self.documents += 1
         k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
             [self.cfg.seed, 7, self.lane, self.documents]).choice(len(self.sources), p=self.weights))
-        tokens, spans = self.sources[k].next()
-        return self._drop_conditioning(tokens, spans,
+        tokens, spans, trained = self.sources[k].next()
+        return self._drop_conditioning(tokens, spans, trained,
                                        np.random.default_rng([self.cfg.seed, 11, self.lane, self.documents]))
 
-    def _drop_conditioning(self, tokens: np.ndarray, spans: list, rng) -> tuple[np.ndarray, list]:
+    def _drop_conditioning(self, tokens: np.ndarray, spans: list, trained: np.ndarray, rng
+                           ) -> tuple[np.ndarray, list, np.ndarray]:
         if not self.cfg.cond_dropout:
-            return tokens, spans
+            return tokens, spans, trained
         drop = [i for i in range(1, len(spans)) if spans[i].modality != "text" and spans[i - 1].modality == "text"
                 and spans[i - 1].stop == spans[i].start and rng.random() < self.cfg.cond_dropout]
         if not drop:
-            return tokens, spans
+            return tokens, spans, trained
         keep = np.ones(len(tokens), dtype=bool)
         for i in drop:
             keep[spans[i - 1].start:spans[i - 1].stop] = False
         shift = np.concatenate([[0], np.cumsum(~keep)])  # tokens removed before each position
         new_spans = [Span(m, int(s - shift[s]), int(e - shift[e])) for j, (m, s, e) in enumerate(spans)
                      if j + 1 not in drop]
-        return tokens[keep], new_spans
+        return tokens[keep], new_spans, trained[keep]
 
     # ---------------------------------------------------------------- position
 
@@ -279,19 +291,20 @@ class Batch(NamedTuple):
         return inputs
 
 
-def batch_of(rows: list[tuple[list[int], list[int]]], layout: TokenLayout, isolate: bool) -> Batch:
+def batch_of(rows: list[tuple[list[int], list[int], list[bool]]], layout: TokenLayout, isolate: bool) -> Batch:
     """A batch of packed sequences and where their documents begin (``Packer.sequence``): labels are the next token,
     IGNORE on padding; with ``isolate``, position ids restart at every document and no label crosses into the next
     document."""
-    ids = torch.tensor([seq for seq, _ in rows], dtype=torch.long)  # (B, L)
+    ids = torch.tensor([seq for seq, _, _ in rows], dtype=torch.long)  # (B, L)
+    trained = torch.tensor([t for _, _, t in rows], dtype=torch.bool)
     labels = torch.full_like(ids, IGNORE)
-    labels[:, :-1] = ids[:, 1:]  # label t is the token after input t
+    labels[:, :-1] = ids[:, 1:].masked_fill(~trained[:, 1:], IGNORE)  # label t is the token after input t
     labels[labels == layout.pad_id] = IGNORE
     if not isolate:
         return Batch(ids, labels, None)
     L = ids.shape[1]
     positions = torch.empty_like(ids)
-    for b, (_, starts) in enumerate(rows):
+    for b, (_, starts, _) in enumerate(rows):
         bounds = [*starts, L]
         for start, stop in zip(bounds, bounds[1:]):
             positions[b, start:stop] = torch.arange(stop - start)

@@ -29,13 +29,13 @@ import numpy as np
 from tqdm import tqdm
 
 from omnitok.data.readers import Item, read_inputs
-from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
+from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, trained_ranges
 from omnitok.distributed import launched_part
-from omnitok.document import Audio, Document, Image, Text
+from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, Modality, TokenLayout
-from omnitok.tokenizers.multimodal import ID_DTYPE, MultimodalTokenizer
+from omnitok.tokenizers.multimodal import ID_DTYPE, LOSS_ON, MultimodalTokenizer
 
 
 @dataclass
@@ -50,18 +50,23 @@ class TokenizeConfig:
     seed: int = 0
     num_parts: int = 1
     part: int = 0
+    loss_on: str = "assistant"  # which ids of a conversation are trained: the assistant's turns, or all
 
     def __post_init__(self) -> None:
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
             raise OmnitokError(f"--part must be in [0, {self.num_parts}), got {self.part}")
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
             raise OmnitokError("--shard-size and --batch-size must be at least 1, --workers at least 0")
+        if self.loss_on not in LOSS_ON:
+            raise OmnitokError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
 
     def identity(self) -> dict:
         """What decides the output; a resumed run must match it exactly (workers and batch size do not count)."""
         d = asdict(self)
         for k in ("workers", "batch_size", "out"):
             d.pop(k)
+        if d["loss_on"] == "assistant":  # the default is left out, as in settings written before conversations
+            d.pop("loss_on")
         d["tokenizer"] = str(Path(self.tokenizer).resolve())
         return d
 
@@ -73,7 +78,7 @@ class Preprocessor:
     image: dict | None  # ImagePreprocessConfig fields and the downsampling factor
     audio: tuple[int, int] | None  # sample rate, channels
 
-    def __call__(self, job: tuple[int, Item]) -> tuple[int, Item, Document | None, str | None]:
+    def __call__(self, job: tuple[int, Item]) -> tuple[int, Item, Document | Conversation | None, str | None]:
         index, item = job
         if item.error is not None:
             return index, item, None, item.error
@@ -84,12 +89,21 @@ class Preprocessor:
         except Exception as e:  # a worker must never take the job down; the item is recorded with the reason
             return index, item, None, f"unexpected {type(e).__name__}: {e}"
 
-    def prepare(self, doc: Document) -> Document:
+    def prepare(self, doc: Document | Conversation) -> Document | Conversation:
+        """The document (or each turn of the conversation) with its media read and preprocessed."""
+        if isinstance(doc, Conversation):
+            return Conversation([Turn(t.role, self.segments(t.segments)) for t in doc.turns], doc.id)
+        segments = self.segments(doc.segments)
+        if not any(not isinstance(s, Text) or s.text for s in segments):
+            raise OmnitokError("empty document")
+        return Document(segments, doc.id)
+
+    def segments(self, given: list) -> list:
         from omnitok.tokenizers.audio import load_audio
         from omnitok.tokenizers.image import ImagePreprocessConfig, prepare_image
 
         segments = []
-        for seg in doc.segments:
+        for seg in given:
             if isinstance(seg, Text):
                 if not isinstance(seg.text, str):
                     raise OmnitokError("text segment is not a string")
@@ -104,9 +118,7 @@ class Preprocessor:
                     raise OmnitokError("document has audio but the tokenizer has no audio tokenizer")
                 rate, channels = self.audio
                 segments.append(Audio((load_audio(seg.source, rate, channels), rate)))
-        if not any(not isinstance(s, Text) or s.text for s in segments):
-            raise OmnitokError("empty document")
-        return Document(segments, doc.id)
+        return segments
 
 
 def _reason(message: str, item: Item) -> str:
@@ -203,15 +215,22 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
             error_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             error_file.flush()
 
-        def encode(batch: list[tuple[int, Item, Document]]) -> None:
+        def encode_all(docs: list) -> list:
+            """Documents and conversations of one batch, each kind batched through the tokenizers once."""
+            convs = [d for d in docs if isinstance(d, Conversation)]
+            plain = iter(tok.encode_batch([d for d in docs if not isinstance(d, Conversation)]))
+            chats = iter(tok.encode_conversations(convs, cfg.loss_on) if convs else [])
+            return [next(chats) if isinstance(d, Conversation) else next(plain) for d in docs]
+
+        def encode(batch: list[tuple[int, Item, Document | Conversation]]) -> None:
             nonlocal samples, tokens
             try:
-                encoded = tok.encode_batch([doc for _, _, doc in batch])
+                encoded = encode_all([doc for _, _, doc in batch])
             except OmnitokError:  # find the document that broke the batch; keep the others
                 encoded = []
                 for index, item, doc in batch:
                     try:
-                        encoded.extend(tok.encode_batch([doc]))
+                        encoded.extend(encode_all([doc]))
                     except OmnitokError as e:
                         record_error(index, item, str(e))
                         encoded.append(None)
@@ -220,6 +239,8 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
                     continue
                 counts = _token_counts(tok.layout, enc.ids)
                 meta = {"source": item.source, "spans": [list(s) for s in enc.spans]}
+                if enc.loss is not None:
+                    meta["trained"] = trained_ranges(enc.loss)
                 finished = writer.add(item.key, enc.ids, meta, counts)
                 samples, tokens = samples + 1, tokens + len(enc.ids)
                 if finished is not None:

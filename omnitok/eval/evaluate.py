@@ -203,7 +203,7 @@ def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = N
     into ``seq_len``-token sequences (default: the model's positions), each document isolated (its own positions, no
     attention across documents) and none cut that fits in a sequence, so a document scores exactly as it would alone.
     A document longer than ``seq_len`` is cut as training cuts it; its continuation is scored from the cut."""
-    from omnitok.data.shards import read_shard
+    from omnitok.data.shards import read_shard, trained_mask
     from omnitok.data.stream import Packer, batch_of, shard_urls
     from omnitok.model.loss import LossConfig, lm_loss
     from omnitok.model.sample import load_model
@@ -221,8 +221,9 @@ def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = N
         n = 0
         for spec in shards:
             for url in shard_urls(spec, layout):
-                for _, tokens, meta in read_shard(url):
-                    yield tokens.astype(np.int64), [Span(*s) for s in meta["spans"]]
+                for _, tokens, meta in read_shard(url):  # a conversation scores the ids training trains
+                    yield (tokens.astype(np.int64), [Span(*s) for s in meta["spans"]],
+                           trained_mask(meta.get("trained"), len(tokens)))
                     n += 1
                     if n >= max_docs:
                         return

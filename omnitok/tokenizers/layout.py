@@ -8,6 +8,8 @@ Chameleon's ``inference/vocab.py``; docs/ARCHITECTURE.md, Token layout). The voc
                           image modality, then <|boa|> <|eoa|> when there is an audio modality
     [I, I + K)            image codes
     [A + q*C, A + (q+1)*C) audio codes of codebook q, for q in [0, n_q)
+    [E, E + 4)            with ``chat``: <|system|> <|user|> <|assistant|> <|eot|> (special ids, after every code so
+                          that a layout with them keeps every id of the same layout without them)
     [A + n_q*C, V)        reserved: padding of the vocabulary to a multiple of 64 (for the model's matmuls);
                           no id here belongs to any modality
 
@@ -150,21 +152,26 @@ class TokenLayout:
             names += [f"<|cols_{c}|>" for c in range(1, self.max_grid_side + 1)]
         if self.has_audio:
             names += ["<|boa|>", "<|eoa|>"]
-        if self.chat:
-            names += [f"<|{role}|>" for role in ROLES] + ["<|eot|>"]
         specials = {name: self.text_vocab_size + i for i, name in enumerate(names)}
         image_offset = self.text_vocab_size + len(names)
         audio_offset = image_offset + self.image_codebook_size
-        used = audio_offset + self.audio_codebook_size * self.audio_num_codebooks
+        codes_end = audio_offset + self.audio_codebook_size * self.audio_num_codebooks
+        # The chat markers come after every code, so a layout with them keeps every id of the same layout without
+        # them: a base model pretrained on the one is fine-tuned on the other with the same rows.
+        chat = [f"<|{role}|>" for role in ROLES] + ["<|eot|>"] if self.chat else []
+        specials.update({name: codes_end + i for i, name in enumerate(chat)})
+        used = codes_end + len(chat)
         vocab = -(-used // self.pad_to_multiple) * self.pad_to_multiple
         object.__setattr__(self, "_specials", specials)
         object.__setattr__(self, "_special_names", {i: n for n, i in specials.items()})
         object.__setattr__(self, "_image_offset", image_offset)
         object.__setattr__(self, "_audio_offset", audio_offset)
         object.__setattr__(self, "_used", used)
+        object.__setattr__(self, "_codes_end", codes_end)
         object.__setattr__(self, "_vocab", vocab)
-        # Upper ends of the ranges in Modality order; searchsorted(side="right") maps an id to its Modality.
-        object.__setattr__(self, "_ends", np.array([self.text_vocab_size, image_offset, audio_offset, used],
+        # Upper ends of the ranges in Modality order; searchsorted(side="right") maps an id to its Modality (the chat
+        # markers after the codes are special ids too: modality_of says so).
+        object.__setattr__(self, "_ends", np.array([self.text_vocab_size, image_offset, audio_offset, codes_end],
                                                    dtype=np.int64))
 
     # ---------------------------------------------------------------- sizes and ranges
@@ -194,7 +201,8 @@ class TokenLayout:
             "text": (0, self.text_vocab_size),
             "special": (self.text_vocab_size, self._image_offset),
             "image": (self._image_offset, self._audio_offset),
-            "audio": (self._audio_offset, self._used),
+            "audio": (self._audio_offset, self._codes_end),
+            **({"chat": (self._codes_end, self._used)} if self.chat else {}),  # role markers: special ids
             "reserved": (self._used, self._vocab),
         }
 
@@ -303,9 +311,11 @@ class TokenLayout:
         ids = _as_index_array(ids)
         _check_in(ids, 0, self._vocab, f"token ids (vocab_size {self._vocab})")
         if isinstance(ids, torch.Tensor):
-            ends = torch.as_tensor(self._ends, device=ids.device)
-            return torch.bucketize(ids, ends, right=True)
-        return np.searchsorted(self._ends, ids, side="right")
+            kind = torch.bucketize(ids, torch.as_tensor(self._ends, device=ids.device), right=True)
+            chat = (ids >= self._codes_end) & (ids < self._used)
+            return torch.where(chat, int(Modality.SPECIAL), kind)
+        kind = np.searchsorted(self._ends, ids, side="right")
+        return np.where((ids >= self._codes_end) & (ids < self._used), int(Modality.SPECIAL), kind)
 
     def check_text(self, ids: Array) -> Array:
         """Return ``ids`` after checking that every one is a text id."""
@@ -361,7 +371,7 @@ class TokenLayout:
         if ids.shape[0] % n_q:
             raise MalformedSequence(f"audio span of {ids.shape[0]} ids is not a whole number of frames "
                                     f"({n_q} codebooks per frame)")
-        _check_in(ids, self._audio_offset, self._used, "audio code ids")
+        _check_in(ids, self._audio_offset, self._codes_end, "audio code ids")
         position = torch.arange(ids.shape[0], device=ids.device) if isinstance(ids, torch.Tensor) \
             else np.arange(ids.shape[0])
         wrong = (ids - self._audio_offset) // size != position % n_q
@@ -485,7 +495,7 @@ class TokenLayout:
 
     def describe_id(self, token_id: int) -> str:
         if 0 <= token_id < self._vocab:
-            kind = Modality(int(np.searchsorted(self._ends, token_id, side="right"))).name.lower()
+            kind = Modality(int(self.modality_of(np.array([token_id]))[0])).label
             if kind == "special":
                 return f"{self._special_names[int(token_id)]} (id {token_id})"
             return f"a {kind} id ({token_id})"
@@ -521,8 +531,9 @@ def _check_specials(specials: Any, ranges: Any, source: str) -> None:
         names = [n for n, i in specials.items() if i == dup]
         raise OmnitokError(f"{source}: special tokens {names} share id {dup}")
     if isinstance(ranges, dict) and "special" in ranges:
-        start, stop = ranges["special"]
+        inside = [ranges[k] for k in ("special", "chat") if k in ranges]
         for name, i in specials.items():
-            if not start <= i < stop:
+            if not any(start <= i < stop for start, stop in inside):
+                start, stop = ranges["special"]
                 raise OmnitokError(f"{source}: special token {name!r} has id {i}, outside the special range "
                                    f"[{start}, {stop})")
