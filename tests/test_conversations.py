@@ -175,19 +175,22 @@ def test_tokenize_records_the_trained_ids_and_the_stream_trains_only_those(chat_
     from conftest import ASSETS, PHOTOS
     from PIL import Image as PILImage
 
-    from omnitok.data.shards import iter_samples, read_manifest
+    from omnitok.data.shards import iter_samples
     from omnitok.data.stream import PackedStream, StreamConfig
     from omnitok.data.tokenize import TokenizeConfig, tokenize
     from omnitok.tokenizers.layout import IGNORE
 
     PILImage.fromarray(PHOTOS[0]).save(tmp_path / "cat.png")
     shutil.copy(next(ASSETS.glob("*.wav")), tmp_path / "meow.wav")
-    lines = [MESSAGES, SHAREGPT, {"messages": [{"role": "user", "content": "hi"}]}]  # the last has no answer
+    missing = {"messages": [{"role": "user", "content": [{"type": "image", "image": "nowhere.png"}]},
+                            {"role": "assistant", "content": "a cat"}]}
+    lines = [MESSAGES, SHAREGPT, {"messages": [{"role": "user", "content": "hi"}]}, missing]  # 2 good, 2 bad
     (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / "chats.jsonl")], tokenizer=str(chat_tokdir),
                                        out=str(tmp_path / "shards"), workers=0))
-    assert manifest["samples"] == 2 and manifest["error_count"] == 1
-    assert "no assistant turn" in json.dumps(read_manifest(tmp_path / "shards")["errors"])
+    assert manifest["samples"] == 2 and manifest["error_count"] == 2
+    errors = [json.loads(x) for x in (tmp_path / "shards" / "errors.jsonl").read_text().splitlines()]
+    assert "no assistant turn" in errors[0]["error"] and "nowhere.png" in errors[1]["error"]
     layout = TokenLayout.load(chat_tokdir / "layout.json")
     assistant, eot = layout.role_id("assistant"), layout.eot_id
     trained_total, length = 0, 0

@@ -21,9 +21,10 @@ import hashlib
 import json
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from braceexpand import braceexpand
 
@@ -75,6 +76,17 @@ def _pair_from_record(record: dict, base: Path) -> tuple[str, str, str] | None:
     return kind, path, caption
 
 
+def _parse_record(record: Any, base: Path) -> Callable[[], Document | Conversation] | None:
+    """How to read a JSONL record that is a document or a conversation (None for anything else, e.g. a pair)."""
+    if isinstance(record, dict) and "messages" in record:  # the Hugging Face / OpenAI chat form
+        return lambda: Conversation.from_messages(record["messages"], base)
+    if isinstance(record, dict) and "conversations" in record:  # the LLaVA / ShareGPT form
+        return lambda: Conversation.from_sharegpt(record, base)
+    if isinstance(record, list) or (isinstance(record, dict) and "segments" in record):
+        return lambda: Document.from_json(record, base_dir=base)
+    return None
+
+
 def read_jsonl(path: Path, order: str, seed: int) -> Iterator[Item]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -91,19 +103,10 @@ def read_jsonl(path: Path, order: str, seed: int) -> Iterator[Item]:
                 continue
             doc_id = record.get("id") if isinstance(record, dict) else None
             key = make_key(source, f"{path.stem}/{doc_id}" if doc_id is not None else None)
-            if isinstance(record, dict) and ("messages" in record or "conversations" in record):
-                try:  # a conversation: the Hugging Face / OpenAI messages form or the LLaVA / ShareGPT form
-                    conv = (Conversation.from_messages(record["messages"], path.parent) if "messages" in record
-                            else Conversation.from_sharegpt(record, path.parent))
-                except OmnitokError as e:
-                    yield Item(key, source, error=str(e))
-                    continue
-                conv.id = key
-                yield Item(key, source, conv)
-                continue
-            if isinstance(record, list) or (isinstance(record, dict) and "segments" in record):
+            parsed = _parse_record(record, path.parent)
+            if parsed is not None:
                 try:
-                    doc = Document.from_json(record, base_dir=path.parent)
+                    doc = parsed()
                 except OmnitokError as e:
                     yield Item(key, source, error=str(e))
                     continue
