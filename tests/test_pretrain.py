@@ -262,3 +262,37 @@ def test_a_compiled_model_trains_the_same_steps(tmp_path, data):
         runs[name] = [r["loss"] for r in records(tmp_path / name / "train.jsonl")]
         assert (counters["stats"]["unique_graphs"] > 0) == (name == "compiled")  # dynamo captured the model
     assert runs["compiled"] == pytest.approx(runs["eager"], abs=1e-4)
+
+
+def test_an_export_continues_on_its_layout_with_chat_markers(tmp_path, data, capsys):
+    """Instruction tuning starts from a pretrained export on the same layout plus the chat markers: every learned row
+    is kept bit for bit (new rows for the markers), training continues from the trained weights, and a layout whose
+    ids mean something else is refused in one line."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from omnitok.model.build import ModelConfig, build_model
+
+    base = tmp_path / "base"
+    pretrain(load_pretrain_config(None, run_args(data, base, "steps=30", "checkpoint_every=30")))
+    chat = dataclasses.replace(LAYOUT, chat=True)
+    chat.save(tmp_path / "chat" / "layout.json")
+    model = build_model(ModelConfig(init_from=str(base / "export")), chat)
+    trained = AutoModelForCausalLM.from_pretrained(base / "export").get_input_embeddings().weight
+    rows = model.get_input_embeddings().weight
+    assert rows.shape[0] == chat.vocab_size > trained.shape[0]
+    assert torch.equal(rows[: trained.shape[0]], trained)  # every learned row as it was
+    args = [a for a in run_args(data, tmp_path / "sft", "steps=2", "checkpoint_every=2")
+            if not a.startswith("tokenizer=")]
+    pretrain(load_pretrain_config(None, [f"tokenizer={tmp_path / 'chat'}", *args,
+                                         f"model.init_from={base / 'export'}"]))
+    # it starts from the trained weights: well below an untrained model (which starts near ln(vocab)), though above
+    # where the base run ended, since the 64 new rows are mean-initialised and take some probability at first
+    assert records(tmp_path / "sft" / "train.jsonl")[0]["loss"] < records(base / "train.jsonl")[0]["loss"] - 0.3
+    other = dataclasses.replace(LAYOUT, image_codebook_size=16)
+    other.save(tmp_path / "other" / "layout.json")
+    kept = [a for a in args if not a.startswith("out=")]
+    assert main(["pretrain", f"tokenizer={tmp_path / 'other'}", f"out={tmp_path / 'x'}", *kept,
+                 f"model.init_from={base / 'export'}"]) == 2
+    assert "image_codebook_size is 32 there and 16 here" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def shard_urls(spec: str, layout: TokenLayout | None = None) -> list[str]:
     if path.is_dir():
         if (path / MANIFEST).is_file():
             if layout is not None:
-                layout.check_same(TokenLayout.load(path / LAYOUT_FILE), "the model's tokenizer", str(path))
+                layout.check_reads(TokenLayout.load(path / LAYOUT_FILE), "the model's tokenizer", str(path))
             return [str(path / s["name"]) for s in read_manifest(path)["shards"]]
         raise OmnitokError(f"{path} is not a shard directory (no {MANIFEST})")
     urls = list(braceexpand(spec)) if not spec.startswith("pipe:") else [spec]

@@ -3,7 +3,9 @@
 From scratch: ``ModelConfig`` names the architecture (``llama``; ``qwen3`` for Chameleon-style QK-norm) and its sizes.
 From a pretrained LLM (``init_from``): its local directory is loaded and the embedding and output rows for the layout's
 specials and media codes are added, mean-initialised as AnyGPT does with ``resize_token_embeddings``; the layout's text
-range must equal the LLM's vocabulary (its embedding rows), so every original row keeps its id.
+range must equal the LLM's vocabulary (its embedding rows), so every original row keeps its id. From an omnitok
+export (``init_from`` holding ``tokenizer/layout.json``): the model continues as it is, on its own layout or on that
+layout with the chat markers added (instruction tuning), which keeps every id it learned.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.layout import TokenLayout
+from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
 from omnitok.weights import from_pretrained
 
 ARCHITECTURES = ("llama", "qwen3")
@@ -56,7 +58,9 @@ ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_atte
 
 
 def build_model(cfg: ModelConfig, layout: TokenLayout, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """A causal LM with ``layout.vocab_size`` rows: new, or extended from ``cfg.init_from``, computing attention with
+    """A causal LM with ``layout.vocab_size`` rows: new; or from ``cfg.init_from``, either a text LLM whose rows are
+    extended with the layout's specials and codes, or an omnitok export (its ``tokenizer/layout.json`` beside it)
+    continued as it is (instruction tuning: the same layout with chat markers). Attention is computed with
     ``attn_implementation`` (one of transformers' kernels; every one of them keeps packed documents apart)."""
     from transformers import AutoModelForCausalLM
 
@@ -70,6 +74,12 @@ def build_model(cfg: ModelConfig, layout: TokenLayout, attn_implementation: str 
         raise OmnitokError(f"model.init_from {path} is not a Hugging Face model directory (no config.json)")
     model = from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32, attn_implementation=attn_implementation)
     rows = model.get_input_embeddings().weight.shape[0]
+    trained_on = path / "tokenizer" / LAYOUT_FILE
+    if trained_on.is_file():  # an omnitok export: continue it on its own layout, or on it with chat markers added
+        layout.check_reads(TokenLayout.load(trained_on), "this tokenizer", f"the model in {path}")
+        if rows != layout.vocab_size:  # the markers did not fit in the padding: new rows, mean-initialised
+            model.resize_token_embeddings(layout.vocab_size, mean_resizing=True)
+        return model
     if rows != layout.text_vocab_size:
         raise OmnitokError(f"the LLM in {path} has {rows} embedding rows but the token layout's text range has "
                            f"{layout.text_vocab_size}; assemble the tokenizer from this LLM with --text-vocab-size "

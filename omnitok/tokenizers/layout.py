@@ -405,6 +405,13 @@ class TokenLayout:
                 raise LayoutMismatch(f"the token layout of {theirs} differs from that of {mine}: {f.name} is {b!r} "
                                      f"there and {a!r} here")
 
+    def check_reads(self, written: TokenLayout, mine: str, theirs: str) -> None:
+        """Refuse ids written under ``written`` (shards, a model's rows) unless they mean the same here: the same
+        layout, or the same layout without the chat markers this one adds (they sit after every code)."""
+        if self.chat and not written.chat:
+            written = dataclasses.replace(written, chat=True)
+        self.check_same(written, mine, theirs)
+
     # ---------------------------------------------------------------- file form
 
     def to_json(self) -> dict[str, Any]:
