@@ -207,3 +207,30 @@ def test_tokenize_records_the_trained_ids_and_the_stream_trains_only_those(chat_
     labelled = batch.labels != IGNORE
     assert int(labelled.sum()) == trained_total
     assert torch.equal(batch.labels[labelled], batch.ids[:, 1:][labelled[:, :-1]])
+
+
+def test_guidance_dropout_empties_the_request_before_a_media_answer(tok, media, tmp_path):
+    """With conditioning dropout, the user turn before an assistant turn that opens with a picture loses its content
+    (markers kept): the unconditional case guidance samples from. The assistant's ids stay trained."""
+    from omnitok.data.shards import ShardWriter, trained_ranges, write_manifest
+    from omnitok.data.stream import PackedStream, StreamConfig
+    from omnitok.tokenizers.layout import IGNORE
+
+    cat = media["cat.png"][0]
+    conv = Conversation([Turn("user", [Text("Draw a cat.")]), Turn("assistant", [Image(cat), Text("Done.")])])
+    enc = tok.encode_conversations([conv])[0]
+    (tmp_path / "s").mkdir()
+    writer = ShardWriter(tmp_path / "s", 10)
+    writer.add("c0", enc.ids, {"spans": [list(s) for s in enc.spans], "trained": trained_ranges(enc.loss)}, {})
+    write_manifest(tmp_path / "s", [writer.flush()], 1)
+    tok.layout.save(tmp_path / "s" / "layout.json")
+    L = tok.layout
+    request = len(tok.text.encode(["Draw a cat."])[0])
+    ids = enc.ids.tolist()
+    for dropout, want in ((0.0, ids), (1.0, ids[:2] + ids[2 + request:])):  # bos <|user|> | "Draw a cat." | <|eot|>
+        cfg = StreamConfig(shards=[str(tmp_path / "s")], seq_len=128, cond_dropout=dropout)
+        batch = PackedStream(cfg, L, 1).next_batch()  # the conversation first in the row
+        n = len(want)
+        assert batch.ids[0, :n].tolist() == want
+        labelled = batch.ids[0, 1:n][batch.labels[0, :n - 1] != IGNORE].tolist()
+        assert labelled == enc.ids[1:][enc.loss[1:]].tolist()  # the same ids trained either way

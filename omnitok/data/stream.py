@@ -251,19 +251,38 @@ class _Lane:
 
     def _drop_conditioning(self, tokens: np.ndarray, spans: list, trained: np.ndarray, rng
                            ) -> tuple[np.ndarray, list, np.ndarray]:
+        """With probability ``cond_dropout`` each, drop the text right before a media span, and in a conversation
+        the content of the user turn right before an assistant turn that opens with media (its role marker and
+        end-of-turn stay): what the sampler's unconditional row holds."""
         if not self.cfg.cond_dropout:
             return tokens, spans, trained
-        drop = [i for i in range(1, len(spans)) if spans[i].modality != "text" and spans[i - 1].modality == "text"
-                and spans[i - 1].stop == spans[i].start and rng.random() < self.cfg.cond_dropout]
-        if not drop:
+        p = self.cfg.cond_dropout
+        cut = [(spans[i - 1].start, spans[i - 1].stop) for i in range(1, len(spans))
+               if spans[i].modality != "text" and spans[i - 1].modality == "text"
+               and spans[i - 1].stop == spans[i].start and rng.random() < p]
+        cut += [prompt for prompt in self._media_requests(tokens) if rng.random() < p]
+        if not cut:
             return tokens, spans, trained
         keep = np.ones(len(tokens), dtype=bool)
-        for i in drop:
-            keep[spans[i - 1].start:spans[i - 1].stop] = False
+        for start, stop in cut:
+            keep[start:stop] = False
         shift = np.concatenate([[0], np.cumsum(~keep)])  # tokens removed before each position
-        new_spans = [Span(m, int(s - shift[s]), int(e - shift[e])) for j, (m, s, e) in enumerate(spans)
-                     if j + 1 not in drop]
+        new_spans = [Span(m, int(s - shift[s]), int(e - shift[e])) for m, s, e in spans if keep[s:e].any()]
         return tokens[keep], new_spans, trained[keep]
+
+    def _media_requests(self, tokens: np.ndarray) -> list[tuple[int, int]]:
+        """``[start, stop)`` of each user turn's content that an assistant turn opening with media answers."""
+        L = self.layout
+        if not L.chat:
+            return []
+        media = [L.boi_id] * L.has_image + [L.boa_id] * L.has_audio
+        users = np.flatnonzero(tokens == L.role_id("user"))
+        out = []
+        for a in np.flatnonzero(tokens[:-1] == L.role_id("assistant")):
+            before = users[users < a]
+            if tokens[a + 1] in media and len(before) and tokens[a - 1] == L.eot_id and a - 1 > before[-1] + 1:
+                out.append((int(before[-1]) + 1, int(a) - 1))
+        return out
 
     # ---------------------------------------------------------------- position
 
