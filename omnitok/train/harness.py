@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,17 +196,17 @@ def mean_window(window: dict[str, float]) -> dict[str, float]:
     return {k: v / steps for k, v in window.items() if k != "_steps"}
 
 
-class ModuleTask:
+class ModuleTask(ABC):
     """Save and load for a one-process task made of modules and optimizers: each module as safetensors, the
     optimizers' state in the rank file."""
 
     shown: Sequence[str] = ()
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        raise NotImplementedError
+    @abstractmethod
+    def modules(self) -> dict[str, torch.nn.Module]: ...
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        raise NotImplementedError
+    @abstractmethod
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
 
     def summarise(self, window: dict[str, float], seconds: float) -> dict[str, float]:
         return mean_window(window)
