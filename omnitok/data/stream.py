@@ -202,7 +202,7 @@ class Packer:
                          trained[cut:])
             return self._emit()
 
-    def _emit(self) -> tuple[list[int], list[int]]:
+    def _emit(self) -> tuple[list[int], list[int], list[bool]]:
         pad = self.seq_len - len(self.pending)
         seq, trained = self.pending + [self.layout.pad_id] * pad, self.trained + [False] * pad
         starts = self.starts + ([len(self.pending)] if len(self.pending) < self.seq_len else [])  # padding
