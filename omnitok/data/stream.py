@@ -140,7 +140,8 @@ class Packer:
                  documents: Callable[[], tuple[np.ndarray, list[Span], np.ndarray] | None], keep_whole: bool = False):
         longest = image_span_length(layout.max_grid_side, layout.max_grid_side) if layout.has_image else 0
         if longest > seq_len:
-            raise OmnitokError(f"sequence length {seq_len} cannot hold the longest image span this tokenizer makes: "
+            raise OmnitokError(f"sequence length {seq_len} (data.seq_len; --seq-len of eval lm) cannot hold the "
+                               "longest image span this tokenizer makes: "
                                f"{layout.max_grid_side}x{layout.max_grid_side} codes + 4 markers = {longest} tokens")
         self.layout, self.seq_len, self.documents, self.keep_whole = layout, seq_len, documents, keep_whole
         self.pending: list[int] = []  # the partly filled sequence

@@ -228,11 +228,12 @@ def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = N
                     if n >= max_docs:
                         return
 
-    stream, read = documents(), [0]
+    stream, read = documents(), 0
 
     def next_document():
+        nonlocal read
         document = next(stream, None)
-        read[0] += document is not None
+        read += document is not None
         return document
 
     packer = Packer(layout, seq_len, next_document, keep_whole=True)
@@ -241,14 +242,14 @@ def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = N
     while rows := [r for r in (packer.sequence() for _ in range(batch_size)) if r is not None]:
         sequences += len(rows)
         batch = batch_of(rows, layout, isolate=True)
-        logits = model(**batch.model_inputs(device)).logits.float()
+        logits = model(**batch.model_inputs(device)).logits  # the chunked loss makes no full fp32 copy
         _, metrics = lm_loss(logits, batch.labels.to(device), layout, LossConfig())
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    if not read[0]:
+    if not read:
         raise OmnitokError(f"no documents in {', '.join(shards)}")
     stats = summarise_losses(sums)
-    report = {"documents": read[0], "tokens": int(sum(sums.get(f"{m}_tokens", 0.0) for m in TOKEN_KINDS)),
+    report = {"documents": read, "tokens": int(sum(sums.get(f"{m}_tokens", 0.0) for m in TOKEN_KINDS)),
               "seq_len": seq_len, "sequences": sequences, "modalities": {}}
     for m in TOKEN_KINDS:
         if f"{m}_tokens" in stats:

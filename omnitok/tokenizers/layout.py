@@ -261,7 +261,7 @@ class TokenLayout:
 
     def role_id(self, role: str) -> int:
         """The marker that opens a ``role`` turn of a conversation (``system``, ``user``, ``assistant``)."""
-        self._need_chat()
+        self.need_chat()
         if role not in ROLES:
             raise OmnitokError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         return self._specials[f"<|{role}|>"]
@@ -269,7 +269,7 @@ class TokenLayout:
     @property
     def eot_id(self) -> int:
         """The marker that ends every turn of a conversation."""
-        self._need_chat()
+        self.need_chat()
         return self._specials["<|eot|>"]
 
     def rows_id(self, rows: int) -> int:
@@ -312,10 +312,13 @@ class TokenLayout:
         _check_in(ids, 0, self._vocab, f"token ids (vocab_size {self._vocab})")
         if isinstance(ids, torch.Tensor):
             kind = torch.bucketize(ids, torch.as_tensor(self._ends, device=ids.device), right=True)
-            chat = (ids >= self._codes_end) & (ids < self._used)
-            return torch.where(chat, int(Modality.SPECIAL), kind)
-        kind = np.searchsorted(self._ends, ids, side="right")
-        return np.where((ids >= self._codes_end) & (ids < self._used), int(Modality.SPECIAL), kind)
+        else:
+            kind = np.searchsorted(self._ends, ids, side="right")
+        if not self.chat:
+            return kind
+        markers = (ids >= self._codes_end) & (ids < self._used)  # after the codes, but special ids
+        return torch.where(markers, int(Modality.SPECIAL), kind) if isinstance(ids, torch.Tensor) else \
+            np.where(markers, int(Modality.SPECIAL), kind)
 
     def check_text(self, ids: Array) -> Array:
         """Return ``ids`` after checking that every one is a text id."""
@@ -491,7 +494,8 @@ class TokenLayout:
         if not self.has_image:
             raise OmnitokError("this token layout has no image modality")
 
-    def _need_chat(self) -> None:
+    def need_chat(self) -> None:
+        """Refuse, in one line, a layout without the chat markers conversations need."""
         if not self.chat:
             raise OmnitokError("this token layout has no chat markers, so it cannot hold conversations; assemble the "
                                "tokenizer with `omnitok tokenizer assemble --chat` and fine-tune from a model on it")

@@ -163,7 +163,7 @@ class MultimodalTokenizer:
         layout = self.layout
         if loss_on not in LOSS_ON:
             raise OmnitokError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
-        layout.eot_id  # noqa: B018 - refuses a layout without chat markers, in one line
+        layout.need_chat()
         turns = [Document(t.segments).merged().segments for c in conversations for t in c.check().turns]
         parts = iter(self._encode_parts(turns))
         encoded = []
