@@ -1,6 +1,8 @@
 """Synthetic shards of layout-valid interleaved documents, for the training benchmarks and the tests (one maker for
 both). A document is ``BOS text [image text] [audio] EOS`` with random sizes and codes, spans recorded as the
-multimodal tokenizer writes them; media appear only where the layout has that modality."""
+multimodal tokenizer writes them; media appear only where the layout has that modality. With ``chat``, each sample is
+a conversation (``BOS <|user|> request <|eot|> <|assistant|> document <|eot|> EOS``) whose loss mask is the
+assistant's turn, recorded as ``omnitok tokenize`` records it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnitok.data.shards import ShardWriter, write_manifest
+from omnitok.data.shards import ShardWriter, trained_ranges, write_manifest
 from omnitok.tokenizers.layout import Span, TokenLayout
 
 # The text ids synthetic documents open and close with, as a SentencePiece text tokenizer numbers them (unk 0,
@@ -48,16 +50,39 @@ def document(rng: np.random.Generator, layout: TokenLayout, text: tuple[int, int
     return np.array([t for p in pieces for t in p], dtype=np.int32), spans
 
 
+def conversation(rng: np.random.Generator, layout: TokenLayout, **shape) -> tuple[np.ndarray, list[Span], np.ndarray]:
+    """One exchange: a user request of a few text ids, and the assistant's answer, a synthetic document's content
+    whose text, when it opens with text, starts with the request's first id (so the answer depends on the request);
+    the loss mask marks the answer and its ``<|eot|>``."""
+    body, spans = document(rng, layout, **shape)
+    request = rng.integers(FIRST_TEXT, layout.text_vocab_size, rng.integers(1, 5))
+    if spans[0].stop > spans[0].start:  # an answer that opens with text repeats the request's first id
+        body[1] = request[0]
+    head = [BOS, layout.role_id("user"), *request.tolist(), layout.eot_id, layout.role_id("assistant")]
+    tokens = np.array([*head, *body[1:-1].tolist(), layout.eot_id, EOS], dtype=np.int32)
+    shift = len(head) - 1
+    loss = np.zeros(len(tokens), dtype=bool)
+    loss[len(head):-1] = True
+    spans = [Span("text", 2, 2 + len(request)), *(Span(s.modality, s.start + shift, s.stop + shift) for s in spans)]
+    return tokens, spans, loss
+
+
 def write_shards(directory: Path, layout: TokenLayout, n_docs: int, shard_size: int, seed: int = 0,
-                 **shape) -> Path:
-    """A shard directory of ``n_docs`` synthetic documents (``shape``: ``document``'s size settings)."""
+                 chat: bool = False, **shape) -> Path:
+    """A shard directory of ``n_docs`` synthetic documents, or with ``chat`` conversations (``shape``:
+    ``document``'s size settings)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     writer, shards = ShardWriter(directory, shard_size), []
     for i in range(n_docs):
-        tokens, spans = document(rng, layout, **shape)
-        entry = writer.add(f"doc{i:05d}", tokens, {"source": f"synthetic:{i}", "spans": [list(s) for s in spans]}, {})
+        meta = {"source": f"synthetic:{i}"}
+        if chat:
+            tokens, spans, loss = conversation(rng, layout, **shape)
+            meta["trained"] = trained_ranges(loss)
+        else:
+            tokens, spans = document(rng, layout, **shape)
+        entry = writer.add(f"doc{i:05d}", tokens, {**meta, "spans": [list(s) for s in spans]}, {})
         if entry:
             shards.append(entry)
     if (entry := writer.flush()) is not None:

@@ -118,10 +118,24 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
               f"in {cfg.out}/export")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from omnitok.distributed import is_main_process
+    from omnitok.train.finetune import finetune, load_finetune_config
+
+    cfg = load_finetune_config(args.config, args.overrides)
+    stats = finetune(cfg, resume=args.resume)
+    if is_main_process():
+        print(f"fine-tuning done ({cfg.method}): loss {stats.get('loss', float('nan')):.4f}; run in {cfg.out}, "
+              f"Hugging Face export in {cfg.out}/export" + (" (adapter in export/adapter)"
+                                                            if (Path(cfg.out) / "export" / "adapter").is_dir() else ""))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from omnitok.train.export import export_run
 
-    print(f"exported {export_run(args.run, args.out)} (Hugging Face model; tokenizer in {args.out}/tokenizer)")
+    what = "PEFT adapter" if args.adapter else "Hugging Face model"
+    print(f"exported {export_run(args.run, args.out, adapter=args.adapter)} ({what}; tokenizer in "
+          f"{args.out}/tokenizer)")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -316,9 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     # the deepspeed launcher appends --local_rank=N; the rank is read from LOCAL_RANK, which it also sets
     pt.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     pt.set_defaults(func=cmd_pretrain)
+    ft = commands.add_parser("finetune", help="instruction-tune an exported model on conversation shards (LoRA or "
+                             "full)", description="Fine-tune an omnitok export (model.init_from) on shards of "
+                             "conversations: LoRA through PEFT (method=lora, default) or every weight (method=full), "
+                             "with DeepSpeed ZeRO 0-3, under deepspeed / torchrun for many processes.")
+    ft.add_argument("--config", type=Path, help="YAML run config (see configs/finetune-*.yaml)")
+    ft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ft.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.init_from=runs/base/export "
+                    "method=full lora.r=8 lora.token_rows=all")
+    ft.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    ft.set_defaults(func=cmd_finetune)
     ex = commands.add_parser("export", help="write a run's newest checkpoint as a Hugging Face model directory")
-    ex.add_argument("run", type=Path, help="the run directory (pretrain's out)")
+    ex.add_argument("run", type=Path, help="the run directory (pretrain's or finetune's out)")
     ex.add_argument("--out", required=True, type=Path)
+    ex.add_argument("--adapter", action="store_true", help="a LoRA run's adapter alone (PEFT's directory), not the "
+                    "merged model")
     ex.set_defaults(func=cmd_export)
 
     sa = commands.add_parser("sample", help="sample interleaved text / image / audio from a model",

@@ -57,6 +57,22 @@ def _hf_config(cfg: ModelConfig, vocab_size: int):
 ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
+def empty_model(cfg: ModelConfig, layout: TokenLayout) -> torch.nn.Module:
+    """The architecture ``build_model`` returns for ``cfg`` and ``layout``, with fresh weights: the frame that full
+    weights saved from training are loaded into (the continued LLM's own architecture when ``init_from`` names one).
+    Its random initialisation leaves the global RNG as it was: a run that writes one at a checkpoint draws the same
+    numbers afterwards as a run resumed from that checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.init_from is None:
+        hf_config = _hf_config(cfg, layout.vocab_size)
+    else:
+        hf_config = AutoConfig.from_pretrained(cfg.init_from, local_files_only=True)
+        hf_config.vocab_size = layout.vocab_size
+    with torch.random.fork_rng(devices=[]):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
 def build_model(cfg: ModelConfig, layout: TokenLayout, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A causal LM with ``layout.vocab_size`` rows: new; or from ``cfg.init_from``, either a text LLM whose rows are
     extended with the layout's specials and codes, or an omnitok export (its ``tokenizer/layout.json`` beside it)

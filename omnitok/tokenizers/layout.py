@@ -415,6 +415,14 @@ class TokenLayout:
             written = dataclasses.replace(written, chat=True)
         self.check_same(written, mine, theirs)
 
+    def added_ids(self, base: TokenLayout | None) -> list[int]:
+        """The ids this layout uses that a model trained on ``base`` never learned: the chat markers when ``base`` is
+        this layout without them (``check_reads`` holds), or every non-text id when ``base`` is None (a text LLM)."""
+        if base is None:
+            return list(range(self.text_vocab_size, self._used))
+        self.check_reads(base, "this tokenizer", "the base model")
+        return list(range(base.used_vocab_size, self._used))
+
     # ---------------------------------------------------------------- file form
 
     def to_json(self) -> dict[str, Any]:

@@ -144,11 +144,10 @@ class PretrainTask:
         self.cfg, self.world, self.device = cfg, world, world.device
         self.layout = TokenLayout.load(Path(cfg.tokenizer) / LAYOUT_FILE)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, self.layout, cfg.attention)
-        if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = self.make_model()
         self.stream = PackedStream(cfg.data, self.layout, cfg.micro_batch_size, world.rank, world.size)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=trained,
                                                                  config=deepspeed_config(cfg, self.device))
         deepspeed_io.read_weights_only(self.engine)
         if cfg.compile:
@@ -157,6 +156,17 @@ class PretrainTask:
         self.peak = _peak_flops(self.device)
         self.tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * cfg.data.seq_len * world.size
         self.state: dict[str, torch.Tensor] | None = None  # the fp32 weights of the last checkpoint (rank 0)
+
+    def make_model(self) -> torch.nn.Module:
+        """The module DeepSpeed trains (its parameters with ``requires_grad``)."""
+        model = build_model(self.cfg.model, self.layout, self.cfg.attention)
+        if self.cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def hf_state(self, state: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+        """The trained module's full fp32 state as the plain Hugging Face model's (here they are one)."""
+        return state
 
     def batches(self, start: int, steps: int):
         """Each step's ``grad_accum`` micro-batches on the device, with the seconds spent reading them."""
@@ -239,8 +249,9 @@ class PretrainTask:
         from safetensors.torch import save_file
 
         self.engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-        self.state = deepspeed_io.full_fp32_state(self.engine, self.cfg.zero_stage, self.world.rank)
+        state = deepspeed_io.full_fp32_state(self.engine, self.cfg.zero_stage, self.world.rank)
         if self.world.main:
+            self.state = self.hf_state(state, directory)
             save_file(self.state, str(directory / "model.safetensors"))
         return {"stream": self.stream.state_dict()}
 

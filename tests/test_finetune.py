@@ -1,0 +1,174 @@
+"""`omnitok finetune`: instruction tuning from an export on conversation shards, LoRA through PEFT or every weight,
+on pretraining's harness (resume, ranks) and exported as a plain Hugging Face model or as PEFT's adapter."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from benchmarks.synthetic import write_shards
+from omnitok.cli import main
+from omnitok.tokenizers.layout import TokenLayout
+from omnitok.train import finetune as finetune_module
+from omnitok.train.finetune import finetune, load_finetune_config
+from omnitok.train.pretrain import load_pretrain_config, pretrain
+
+# 123 ids used, so the 4 chat markers fit in the padding to 128: the base export has the chat layout's rows
+BASE = TokenLayout(text_vocab_size=46, image_codebook_size=32, max_grid_side=4, audio_codebook_size=16,
+                   audio_num_codebooks=2)
+CHAT = dataclasses.replace(BASE, chat=True)
+TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "data.seq_len=64", "micro_batch_size=4", "optim.warmup_steps=2", "log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A base model pretrained on documents, and conversation shards on the same layout with chat markers."""
+    root = tmp_path_factory.mktemp("sft")
+    BASE.save(root / "tok")
+    CHAT.save(root / "chat_tok")
+    write_shards(root / "docs", BASE, n_docs=100, shard_size=25, seed=1)
+    write_shards(root / "chats", CHAT, n_docs=120, shard_size=30, seed=2, chat=True)
+    pretrain(load_pretrain_config(None, [f"tokenizer={root / 'tok'}", f"out={root / 'base'}",
+                                         f"data.shards=[{root / 'docs'}]", *TINY, "optim.lr=0.003", "steps=20",
+                                         "checkpoint_every=20"]))
+    assert CHAT.vocab_size == BASE.vocab_size
+    return root
+
+
+def args(sft, out, *extra):
+    return [f"tokenizer={sft / 'chat_tok'}", f"out={out}", f"data.shards=[{sft / 'chats'}]",
+            f"model.init_from={sft / 'base' / 'export'}", *TINY, *extra]
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_lora_trains_adapters_and_added_rows_only_and_the_merged_export_equals_the_adapter(sft, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    assert main(["finetune", *args(sft, out, "steps=24", "checkpoint_every=12", "optim.lr=0.01",
+                                   "lora.dropout=0.0")]) == 0
+    assert "fine-tuning done (lora)" in capsys.readouterr().out
+    losses = [r["loss"] for r in records(out / "train.jsonl")]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.15  # random answers: the grammar and the markers
+    base = AutoModelForCausalLM.from_pretrained(sft / "base" / "export").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "export").eval()  # vanilla transformers
+    assert type(merged) is type(base)
+    b, m = base.state_dict(), merged.state_dict()
+    added = list(range(BASE.used_vocab_size, CHAT.used_vocab_size))  # the chat markers
+    assert added == [CHAT.role_id("system"), CHAT.role_id("user"), CHAT.role_id("assistant"), CHAT.eot_id]
+    others = torch.ones(CHAT.vocab_size, dtype=torch.bool)
+    others[added] = False
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(m[key][others], b[key][others])  # rows of tokens not trained: bit for bit
+        assert not torch.equal(m[key][added], b[key][added])  # the markers' rows were trained
+    for key in b:
+        if "norm" in key:
+            assert torch.equal(m[key], b[key])  # frozen
+        elif "proj" in key:
+            assert not torch.equal(m[key], b[key])  # the LoRA update, merged
+    # The adapter alone, applied by PEFT to the base on disk, gives the merged model's logits.
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft / "base" / "export"),
+                                        out / "export" / "adapter").eval()
+    ids = torch.randint(0, CHAT.used_vocab_size, (2, 30))
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-5)
+    assert main(["export", str(out), "--out", str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "tokenizer" / "layout.json").is_file()
+    assert main(["export", str(out), "--out", str(tmp_path / "merged")]) == 0
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, merged(ids).logits)
+
+
+def test_lora_resumes_exactly(sft, tmp_path, monkeypatch):
+    common = ("steps=6", "checkpoint_every=3", "optim.lr=0.01")  # with LoRA dropout: its RNG resumes too
+    finetune(load_finetune_config(None, args(sft, tmp_path / "a", *common)))
+    killed = load_finetune_config(None, args(sft, tmp_path / "b", *common))
+    real_export = finetune_module.FinetuneTask.export
+
+    def export_then_die(*a):
+        real_export(*a)
+        raise KeyboardInterrupt  # killed right after the step-3 checkpoint
+
+    monkeypatch.setattr(finetune_module.FinetuneTask, "export", export_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(killed)
+    monkeypatch.setattr(finetune_module.FinetuneTask, "export", real_export)
+    finetune(killed, resume=True)
+    a, b = ([(r["step"], r["loss"]) for r in records(tmp_path / d / "train.jsonl")] for d in ("a", "b"))
+    assert len(a) == 6 and a == b
+
+
+def test_full_fine_tuning_and_what_each_method_trains(sft, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    counts = {}
+    for method, extra in (("full", []), ("lora", []), ("lora", ["lora.token_rows=all"]), ("lora", ["lora.r=2"])):
+        cfg = load_finetune_config(None, args(sft, tmp_path / "x", f"method={method}", *extra))
+        task = finetune_module.FinetuneTask(cfg, finetune_module.distributed.join())
+        counts[(method, *extra)] = sum(p.numel() for p in task.engine.module.parameters() if p.requires_grad)
+    total = counts[("full",)]
+    assert total == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sft / "base" / "export").parameters())
+    h, v, layers, inter = 64, CHAT.vocab_size, 2, 128
+    # rank 16 times (in + out) for q, o (h -> h), k, v (h -> 32: 2 kv heads), gate, up (h -> inter), down
+    lora_per_layer = 16 * (2 * (h + h) + 2 * (h + 32) + 2 * (h + inter) + (inter + h))
+    assert counts[("lora",)] == layers * lora_per_layer + 2 * 4 * h  # + 4 marker rows in embed_tokens and lm_head
+    assert counts[("lora", "lora.token_rows=all")] == layers * lora_per_layer + 2 * v * h
+    assert counts[("lora", "lora.r=2")] == layers * lora_per_layer // 8 + 2 * 4 * h
+    finetune(load_finetune_config(None, args(sft, tmp_path / "full", "method=full", "steps=3", "checkpoint_every=3")))
+    base = AutoModelForCausalLM.from_pretrained(sft / "base" / "export").state_dict()
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "export").state_dict()
+    assert all(not torch.equal(full[k], base[k]) for k in base if "norm" in k)  # every weight moved
+    assert not (tmp_path / "full" / "export" / "adapter").exists()
+
+
+def test_wrong_usage_is_one_line(sft, tmp_path, capsys):
+    common = [a for a in args(sft, tmp_path / "w", "steps=1") if not a.startswith("model.init_from")]
+    for extra, message in (([], "'model.init_from' (the exported model directory to fine-tune) is required"),
+                           ([f"model.init_from={sft / 'base' / 'export'}", "lora.targets=[qkv]"],
+                            "lora.targets qkv name no module"),
+                           ([f"model.init_from={sft / 'base' / 'export'}", "method=qlora"], "method must be lora")):
+        assert main(["finetune", *common, *extra]) == 2
+        err = capsys.readouterr().err  # after transformers' loading bar, where the model was loaded
+        assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert main(["export", str(sft / "base"), "--out", str(tmp_path / "e"), "--adapter"]) == 2
+    assert "is not a LoRA fine-tuning run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_lora_under_zero_3_matches_one_process(sft, tmp_path):
+    """2 ranks over gloo with micro batch 2 = 1 rank with micro batch 4: the same global batches, the same losses
+    (LoRA dropout off: its masks are drawn per rank)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    common = [a for a in args(sft, tmp_path / "x", "steps=4", "checkpoint_every=4", "data.lanes=2", "zero_stage=3",
+                              "lora.dropout=0.0", "optim.lr=0.01")
+              if not a.startswith(("out=", "micro_batch_size="))]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONUNBUFFERED": "1"}
+    one = subprocess.run([sys.executable, "-m", "omnitok", "finetune", *common, f"out={tmp_path / 'one'}",
+                          "micro_batch_size=4"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "-m", "omnitok", "finetune", *common, f"out={tmp_path / 'two'}",
+                          "micro_batch_size=2"], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ([r["loss"] for r in records(tmp_path / d / "train.jsonl")] for d in ("one", "two"))
+    assert len(a) == len(b) == 4 and a == pytest.approx(b, rel=1e-4) and a[-1] < a[0]
+    from safetensors.torch import load_file
+
+    w1, w2 = (load_file(tmp_path / d / "export" / "model.safetensors") for d in ("one", "two"))
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
