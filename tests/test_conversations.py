@@ -234,3 +234,19 @@ def test_guidance_dropout_empties_the_request_before_a_media_answer(tok, media, 
         assert batch.ids[0, :n].tolist() == want
         labelled = batch.ids[0, 1:n][batch.labels[0, :n - 1] != IGNORE].tolist()
         assert labelled == enc.ids[1:][enc.loss[1:]].tolist()  # the same ids trained either way
+
+
+@pytest.mark.parametrize("layout", [TokenLayout(text_vocab_size=40, image_codebook_size=16, max_grid_side=3, chat=True),
+                                    TokenLayout(text_vocab_size=40, audio_codebook_size=8, audio_num_codebooks=2,
+                                                chat=True)])
+def test_guidance_dropout_on_a_layout_with_one_media_modality(layout, tmp_path):
+    """Conversations on an image-only or audio-only layout: every request before a media answer is emptied."""
+    from benchmarks.synthetic import write_shards
+    from omnitok.data.stream import PackedStream, StreamConfig
+
+    write_shards(tmp_path / "s", layout, n_docs=20, shard_size=10, chat=True, image_p=1.0, audio_p=1.0, text=(0, 1))
+    stream = PackedStream(StreamConfig(shards=[str(tmp_path / "s")], seq_len=64, cond_dropout=1.0), layout, 4)
+    ids = stream.next_batch().ids
+    user, eot = layout.role_id("user"), layout.eot_id
+    opens = np.flatnonzero(ids.flatten().numpy() == user)
+    assert len(opens) > 4 and all(ids.flatten()[i + 1] == eot for i in opens if i + 1 < ids.numel())

@@ -276,7 +276,7 @@ class _Lane:
         L = self.layout
         if not L.chat:
             return []
-        media = [L.boi_id] * L.has_image + [L.boa_id] * L.has_audio
+        media = ([L.boi_id] if L.has_image else []) + ([L.boa_id] if L.has_audio else [])
         users = np.flatnonzero(tokens == L.role_id("user"))
         out = []
         for a in np.flatnonzero(tokens[:-1] == L.role_id("assistant")):
