@@ -138,29 +138,35 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{args.out}/tokenizer)")
 
 
-def cmd_sample(args: argparse.Namespace) -> None:
-    from omnitok.model.sample import (
-        SampleRequest,
-        check_media,
-        load_model,
-        parse_prompt,
-        read_prompt_file,
-        sample,
-        sampling_config,
-    )
+def _sampling(args: argparse.Namespace):
+    from omnitok.model.sample import sampling_config
 
-    if not args.prompt and not args.prompts:
-        raise OmnitokError("give --prompt TEXT (repeatable) or --prompts FILE")
     grid = None
     if args.grid:
         rows, x, cols = args.grid.lower().partition("x")
         if not x or not rows.isdigit() or not cols.isdigit():
             raise OmnitokError(f"--grid must look like 16x16, got {args.grid!r}")
         grid = [int(rows), int(cols)]
-    cfg = sampling_config(args.overrides, output=args.output_modality, max_new_tokens=args.max_new_tokens, grid=grid,
-                          greedy=args.greedy or None)
-    request = SampleRequest(cfg, args.num_samples, args.seed, args.batch_size)
-    prompts = [parse_prompt(p) for p in args.prompt] + (read_prompt_file(args.prompts) if args.prompts else [])
+    return sampling_config(args.overrides, output=args.output_modality, max_new_tokens=args.max_new_tokens,
+                           grid=grid, greedy=args.greedy or None)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from omnitok.model.sample import (
+        SampleRequest,
+        check_media,
+        load_model,
+        parse_chat_prompt,
+        parse_prompt,
+        read_prompt_file,
+        sample,
+    )
+
+    if not args.prompt and not args.prompts:
+        raise OmnitokError("give --prompt TEXT (repeatable) or --prompts FILE")
+    request = SampleRequest(_sampling(args), args.num_samples, args.seed, args.batch_size, chat=args.chat)
+    parse = parse_chat_prompt if args.chat else parse_prompt
+    prompts = [parse(p) for p in args.prompt] + (read_prompt_file(args.prompts, args.chat) if args.prompts else [])
     for p in prompts:
         check_media(p)
     model, tok = load_model(args.model, args.tokenizer)
@@ -168,6 +174,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
     kinds = [s["type"] for r in records for s in r["segments"]]
     print(f"{len(records)} samples in {args.out}: {kinds.count('text')} text, {kinds.count('image')} image and "
           f"{kinds.count('audio')} audio segments; open {Path(args.out) / 'index.html'}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from omnitok.model.chat import ChatSession, chat_loop
+    from omnitok.model.sample import load_model
+
+    sampling = _sampling(args)
+    model, tok = load_model(args.model, args.tokenizer)
+    session = ChatSession(model, tok, args.out, sampling, seed=args.seed)
+
+    def lines():
+        while True:
+            try:
+                yield input("you> ")
+            except EOFError:
+                return
+
+    chat_loop(session, lines(), print)
 
 
 def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
@@ -367,8 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
     sa.add_argument("--greedy", action="store_true", help="argmax decoding")
     sa.add_argument("--batch-size", type=int, default=8)
+    sa.add_argument("--chat", action="store_true", help="prompts are chat requests (text as the user's turn, or "
+                    "JSON with 'messages' ending with a user turn); each sample is the assistant's answer")
     sa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.top_k=500")
     sa.set_defaults(func=cmd_sample)
+
+    ch = commands.add_parser("chat", help="talk with an instruction-tuned model in the terminal",
+                             description="A multi-turn conversation: type text with <image:PATH> / <audio:PATH> "
+                             "references; answers print their text and the paths of the images and sounds they hold "
+                             "(written under --out). /reset forgets the history, /save PATH writes it as chat JSON, "
+                             "/quit ends.")
+    ch.add_argument("--model", required=True, type=Path, help="an `omnitok finetune` export (a chat layout)")
+    ch.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
+    ch.add_argument("--out", type=Path, default=Path("chat"), help="where answers' media go (default ./chat)")
+    ch.add_argument("--seed", type=int, default=0, help="answer k uses seed + k")
+    ch.add_argument("--max-new-tokens", type=int, default=1024)
+    ch.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
+                    help=argparse.SUPPRESS)
+    ch.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
+    ch.add_argument("--greedy", action="store_true", help="argmax decoding")
+    ch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.guidance=3")
+    ch.set_defaults(func=cmd_chat)
 
     ev = commands.add_parser("eval", help="evaluate tokenizers, a model, or a sample directory")
     ev_cmds = ev.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -126,8 +126,10 @@ class Conversation:
         """Every turn's segments, in order (the conversation's text and media, roles aside)."""
         return [s for t in self.turns for s in t.segments]
 
-    def check(self) -> Conversation:
-        """Refuse a conversation training cannot use, naming what is wrong; returns it otherwise."""
+    def check(self, prompt: bool = False) -> Conversation:
+        """Refuse a conversation training cannot use, naming what is wrong; returns it otherwise. With ``prompt``, it
+        is a request for the assistant's next turn: it must end with a user turn and need not hold an assistant
+        turn."""
         if not self.turns:
             raise OmnitokError("conversation has no turns")
         roles = [t.role for t in self.turns]
@@ -141,7 +143,9 @@ class Conversation:
                 at = i + (len(roles) - len(body))
                 raise OmnitokError(f"conversation: turn {at} is {role!r} where {want!r} belongs (an optional system "
                                    "turn first, then user and assistant alternating, starting with the user)")
-        if "assistant" not in body:
+        if prompt and body[-1:] != ["user"]:
+            raise OmnitokError("a chat prompt must end with a user turn (the assistant answers it)")
+        if not prompt and "assistant" not in body:
             raise OmnitokError("conversation has no assistant turn: there is nothing to learn from it")
         for i, turn in enumerate(self.turns):
             if not any(not isinstance(s, Text) or s.text.strip() for s in turn.segments):
@@ -149,10 +153,12 @@ class Conversation:
         return self
 
     @classmethod
-    def from_messages(cls, messages: Any, base_dir: str | Path | None = None, conv_id: Any = None) -> Conversation:
+    def from_messages(cls, messages: Any, base_dir: str | Path | None = None, conv_id: Any = None,
+                      prompt: bool = False) -> Conversation:
         """The Hugging Face / OpenAI chat form: ``[{"role": ..., "content": str or [parts]}]``, a part being
         ``{"type": "text", "text": ...}``, ``{"type": "image", "image"|"path"|"url": ...}``, ``{"type": "audio",
-        "audio"|"path"|"url": ...}`` or OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``."""
+        "audio"|"path"|"url": ...}`` or OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``. Checked as
+        training data, or with ``prompt`` as a chat request (``check``)."""
         if not isinstance(messages, list):
             raise OmnitokError("'messages' must be a list of {\"role\": ..., \"content\": ...}")
         turns = []
@@ -164,10 +170,10 @@ class Conversation:
             if not isinstance(parts, list):
                 raise OmnitokError(f"message {i}: 'content' must be a string or a list of parts")
             turns.append(Turn(str(m["role"]), [_part(p, i, base_dir) for p in parts]))
-        return cls(turns, None if conv_id is None else str(conv_id)).check()
+        return cls(turns, None if conv_id is None else str(conv_id)).check(prompt)
 
     @classmethod
-    def from_sharegpt(cls, record: dict, base_dir: str | Path | None = None) -> Conversation:
+    def from_sharegpt(cls, record: dict, base_dir: str | Path | None = None, prompt: bool = False) -> Conversation:
         """The LLaVA / ShareGPT form: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "image":
         path or [paths], "audio": ...}``; ``<image>`` / ``<audio>`` in the values stand for the media in order. Media
         without any placeholder go before the first user text (LLaVA's convention)."""
@@ -204,7 +210,7 @@ class Conversation:
         left = [k.__name__.lower() for k, v in pending.items() if v]
         if left:
             raise OmnitokError(f"conversation: more {left[0]} files than <{left[0]}> placeholders")
-        return cls(turns, None if record.get("id") is None else str(record["id"])).check()
+        return cls(turns, None if record.get("id") is None else str(record["id"])).check(prompt)
 
 
 def _media_path(value: Any, base_dir: str | Path | None) -> str:

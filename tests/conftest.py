@@ -138,3 +138,31 @@ def model_dir(tmp_path_factory, tokdir):
     model.save_pretrained(str(root))
     shutil.copytree(tokdir, root / "tokenizer")
     return root
+
+
+@pytest.fixture(scope="session")
+def chat_tokdir(tmp_path_factory, tokdir, sp_dir):
+    """The real test tokenizer's parts assembled with the chat markers."""
+    out = tmp_path_factory.mktemp("chat") / "tok"
+    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--image", str(tokdir.parent / "image"), "--audio",
+                 str(tokdir.parent / "audio"), "--out", str(out), "--chat"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory, chat_tokdir):
+    """A random-weight model on the chat layout, laid out like an `omnitok finetune` export; its output rows favour
+    media openers and <|eot|>, so answers are short and hold media."""
+    root = tmp_path_factory.mktemp("chat_model") / "export"
+    layout = TokenLayout.load(chat_tokdir / "layout.json")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
+                        layout)
+    with torch.no_grad():
+        favoured = [layout.boi_id, layout.boa_id, layout.eot_id]
+        model.lm_head.weight[favoured] *= 0
+        model.lm_head.weight[favoured, 0] = 2.0
+        model.model.embed_tokens.weight[:, 0] = 1.0
+    model.save_pretrained(str(root))
+    shutil.copytree(chat_tokdir, root / "tokenizer")
+    return root

@@ -158,17 +158,6 @@ def test_chat_markers_live_in_the_layout_and_a_layout_without_them_refuses_chat(
                                   tok.encode_conversations([conv])[0].ids)  # batching changes nothing
 
 
-@pytest.fixture(scope="module")
-def chat_tokdir(tmp_path_factory, tokdir, sp_dir):
-    """The real test tokenizer's parts assembled with the chat markers."""
-    from omnitok.cli import main
-
-    out = tmp_path_factory.mktemp("chat") / "tok"
-    assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--image", str(tokdir.parent / "image"), "--audio",
-                 str(tokdir.parent / "audio"), "--out", str(out), "--chat"]) == 0
-    return out
-
-
 def test_tokenize_records_the_trained_ids_and_the_stream_trains_only_those(chat_tokdir, tmp_path):
     import shutil
 
@@ -250,3 +239,51 @@ def test_guidance_dropout_on_a_layout_with_one_media_modality(layout, tmp_path):
     user, eot = layout.role_id("user"), layout.eot_id
     opens = np.flatnonzero(ids.flatten().numpy() == user)
     assert len(opens) > 4 and all(ids.flatten()[i + 1] == eot for i in opens if i + 1 < ids.numel())
+
+
+def test_conversations_in_webdataset_tars_tokenize_as_their_jsonl_twins(chat_tokdir, tmp_path):
+    """A tar sample's json member with messages (media named by member extension) or ShareGPT conversations
+    (placeholders for the sample's media members) gives the same ids and loss mask as the same conversation in JSONL
+    with files; a reference to a member the sample lacks is recorded and the job goes on."""
+    import io
+    import shutil
+    import tarfile
+
+    from conftest import ASSETS, PHOTOS
+    from PIL import Image as PILImage
+
+    from omnitok.data.shards import iter_samples
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+
+    PILImage.fromarray(PHOTOS[0]).save(tmp_path / "cat.png")
+    PILImage.fromarray(PHOTOS[3]).save(tmp_path / "rocket.jpg")
+    shutil.copy(next(ASSETS.glob("*.wav")), tmp_path / "meow.wav")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image",
+                                                                                      "image": "{cat}"}]},
+                {"role": "assistant", "content": "A cat."}]
+    sharegpt = [{"from": "human", "value": "<image>\nDescribe the rocket."},
+                {"from": "gpt", "value": "A rocket, and its sound: <audio>"}]
+    as_files = [{"id": "a", "messages": json.loads(json.dumps(messages).replace("{cat}", "cat.png"))},
+                {"id": "b", "conversations": sharegpt, "image": "rocket.jpg", "audio": "meow.wav"}]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(x) for x in as_files) + "\n")
+    members = [("a.json", json.dumps({"messages": json.loads(json.dumps(messages).replace("{cat}", "png"))})),
+               ("a.png", tmp_path / "cat.png"), ("b.json", json.dumps({"conversations": sharegpt})),
+               ("b.jpg", tmp_path / "rocket.jpg"), ("b.wav", tmp_path / "meow.wav"),
+               ("c.json", json.dumps({"messages": json.loads(json.dumps(messages).replace("{cat}", "webp"))})),
+               ("c.png", tmp_path / "cat.png")]
+    with tarfile.open(tmp_path / "chats.tar", "w") as tar:
+        for name, body in members:
+            data = body.read_bytes() if isinstance(body, type(tmp_path)) else body.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = {}
+    for name in ("chats.jsonl", "chats.tar"):
+        manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / name)], tokenizer=str(chat_tokdir),
+                                           out=str(tmp_path / f"shards-{name}"), workers=0))
+        out[name] = [(tokens.tolist(), meta["trained"]) for _, tokens, meta in iter_samples(tmp_path /
+                                                                                           f"shards-{name}")]
+        assert manifest["samples"] == 2 and manifest["error_count"] == (name == "chats.tar")
+    assert out["chats.jsonl"] == out["chats.tar"]
+    error = json.loads((tmp_path / "shards-chats.tar" / "errors.jsonl").read_text().splitlines()[0])["error"]
+    assert "member 'webp', which this sample does not hold (its media members: png)" in error

@@ -303,7 +303,7 @@ def eval_samples(directory: str | Path) -> dict:
                 problems.append(f"{r['id']}/{s['file']}: {problem}")
     report = {"samples": len(records), "new_tokens": tokens, "segments": counts,
               "valid": {k: (valid[k] / counts[k] if counts[k] else None) for k in valid},
-              "stopped": {k: sum(r["stopped"] == k for r in records) for k in ("eos", "span", "max_new_tokens")},
+              "stopped": {k: sum(r["stopped"] == k for r in records) for k in ("eos", "eot", "span", "max_new_tokens")},
               "problems": problems}
     write_json_atomic(directory / "eval_samples.json", report)
     return report

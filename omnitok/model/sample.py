@@ -26,7 +26,7 @@ import torch
 
 from omnitok.config import apply_overrides, build, to_dict
 from omnitok.device import default_device
-from omnitok.document import Audio, Document, Image, Text
+from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
@@ -40,8 +40,32 @@ _REFERENCE = re.compile(r"<(image|audio):([^<>]+)>")
 @dataclass
 class Prompt:
     label: str  # as the user wrote it
-    document: Document
+    document: Document  # a chat prompt's: every turn's segments, for the media checks
     source: str = "prompt"
+    conversation: Conversation | None = None  # a chat prompt: the conversation the assistant answers next
+
+
+def parse_chat_prompt(text: str, base_dir: str | Path | None = None, label: str | None = None) -> Prompt:
+    """A chat request: JSON with ``messages`` (or ShareGPT ``conversations``) ending with a user turn, or text with
+    media references as the one user turn."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise OmnitokError(f"prompt {label or stripped[:40]!r} looks like JSON but is not: {e.msg}") from None
+        if not isinstance(data, dict) or not ("messages" in data or "conversations" in data):
+            raise OmnitokError(f"chat prompt {label or stripped[:40]!r}: a JSON chat prompt holds 'messages'")
+        conv = (Conversation.from_messages(data["messages"], base_dir, prompt=True) if "messages" in data
+                else Conversation.from_sharegpt(data, base_dir, prompt=True))
+        last = next((t for t in reversed(conv.turns) if t.role == "user"), None)
+        shown = "".join(s.text if isinstance(s, Text) else f"<{type(s).__name__.lower()}>"
+                        for s in (last.segments if last else []))
+    else:
+        conv = Conversation([Turn("user", parse_prompt(text, base_dir).document.segments)])
+        shown = text
+    conv.check(prompt=True)
+    return Prompt(label or shown, Document(conv.segments), conversation=conv)
 
 
 def parse_prompt(text: str, base_dir: str | Path | None = None, label: str | None = None) -> Prompt:
@@ -67,14 +91,16 @@ def parse_prompt(text: str, base_dir: str | Path | None = None, label: str | Non
     return Prompt(label or text, Document(segments))
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
+def read_prompt_file(path: str | Path, chat: bool = False) -> list[Prompt]:
+    """One prompt per non-empty line (text or JSON); with ``chat``, chat requests (``parse_chat_prompt``)."""
+    parse = parse_chat_prompt if chat else parse_prompt
     path = Path(path)
     if not path.is_file():
         raise OmnitokError(f"prompt file {path} does not exist")
     prompts = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
-            prompts.append(parse_prompt(line, path.parent, label=line.strip()))
+            prompts.append(parse(line, path.parent, label=None if chat else line.strip()))
             prompts[-1].source = f"{path.name}:{n}"
     if not prompts:
         raise OmnitokError(f"prompt file {path} holds no prompt")
@@ -163,6 +189,7 @@ class SampleRequest:
     num_samples: int = 1  # per prompt, seeds seed, seed+1, ...
     seed: int = 0
     batch_size: int = 8
+    chat: bool = False  # prompts are conversations; each sample is the assistant's next turn, ending at <|eot|>
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch_size < 1:
@@ -186,10 +213,7 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
 
     out = Path(out)
     check_request(tok.layout, request.sampling)
-    encoded = tok.encode_batch([p.document for p in prompts])
-    eos = tok.text.eos_id
-    prompt_ids = [e.ids.tolist() for e in encoded]
-    prompt_ids = [x[:-1] if x and x[-1] == eos else x for x in prompt_ids]  # continue the prompt, do not end it
+    prompt_ids, end, forbidden = prompt_tokens(tok, prompts, request.chat)
     budget = new_token_budget(model, request.sampling, [len(x) for x in prompt_ids])
     for i, b in enumerate(budget):
         if b < request.sampling.max_new_tokens:
@@ -210,28 +234,43 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
             closed[job] = closed.get(job, 0) + 1
             decoder.submit((job, closed[job] - 1), modality, span)
 
-        new = generate(model, tok.layout, ids, eos, request.sampling,
-                       seeds=[request.seed + j for j in batch], on_span=on_span)
+        new = generate(model, tok.layout, ids, end, request.sampling,
+                       seeds=[request.seed + j for j in batch], on_span=on_span, forbidden=forbidden,
+                       nonempty=request.chat)
         results.update(zip(batch, new))
         bar.update(len(batch))
     bar.close()
     media = decoder.finish()
-    records = [_write_sample(out, j, prompts[i], request.seed + j, results[j], media, tok, budget[i],
-                             budget[i] < request.sampling.max_new_tokens) for j, (i, _) in enumerate(jobs)]
+    records = [write_sample(out, j, prompts[i], request.seed + j, results[j], media, tok, end, budget[i],
+                            budget[i] < request.sampling.max_new_tokens) for j, (i, _) in enumerate(jobs)]
     write_json_atomic(out / "samples.json", {"sampling": to_dict(request.sampling), "samples": records})
     (out / "index.html").write_text(_html(records), encoding="utf-8")
     return records
 
 
-def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int], media: dict, tok, max_new: int,
-                  by_context: bool):
+def prompt_tokens(tok: MultimodalTokenizer, prompts: list[Prompt], chat: bool
+                  ) -> tuple[list[list[int]], int, list[int]]:
+    """Each prompt's ids, the id that ends a sample and the ids a sample may not write: documents are continued
+    (not ended) and end at eos; chat requests open the assistant's turn, which ends at ``<|eot|>``."""
+    if chat:
+        tok.layout.need_chat()
+        encoded = tok.encode_conversations([p.conversation for p in prompts], prompt=True)
+        return [e.ids.tolist() for e in encoded], tok.layout.eot_id, [tok.text.bos_id, tok.text.eos_id]
+    eos = tok.text.eos_id
+    ids = [e.ids.tolist() for e in tok.encode_batch([p.document for p in prompts])]
+    return [x[:-1] if x and x[-1] == eos else x for x in ids], eos, []
+
+
+def write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int], media: dict, tok, end: int,
+                 max_new: int, by_context: bool) -> dict:
+    """Sample ``job``'s files in ``out/NNN`` (text, PNG, WAV, sample.json) from its new ids (ending at ``end``
+    when it ended) and its decoded media (``media[(job, k)]``: its k-th span); returns its record."""
     import soundfile as sf
     from PIL import Image as PILImage
 
     folder = out / f"{job:03d}"
     folder.mkdir(parents=True, exist_ok=True)
-    eos = tok.text.eos_id
-    body = ids[:-1] if ids and ids[-1] == eos else ids
+    body = ids[:-1] if ids and ids[-1] == end else ids
     segments, text, span = [], [], 0
     for k, part in enumerate(tok.parse(np.asarray(body, dtype=np.int64)), 1):
         tokens = part.span.stop - part.span.start
@@ -252,8 +291,9 @@ def _write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int]
             segments.append({"type": "audio", "file": name, "frames": int(part.ids.shape[1]),
                              "seconds": round(np.asarray(data).shape[-1] / rate, 3), "tokens": tokens})
         text.append(f"[{part.modality}: {name}]")
-    stopped = "eos" if ids and ids[-1] == eos else ("span" if len(ids) < max_new else
-                                                    "context" if by_context else "max_new_tokens")
+    ended = "eot" if end != tok.text.eos_id else "eos"  # the assistant's turn ended, or the document
+    stopped = (ended if ids and ids[-1] == end else
+               "span" if len(ids) < max_new else "context" if by_context else "max_new_tokens")
     record = {"id": f"{job:03d}", "prompt": prompt.label, "source": prompt.source, "seed": seed,
               "new_tokens": len(ids), "stopped": stopped, "segments": segments}
     write_json_atomic(folder / "sample.json", record)

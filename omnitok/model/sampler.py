@@ -3,7 +3,8 @@
 Every sample carries a grammar state, and the tokens each state allows come as vectorised masks built from the
 token layout (no per-token Python callbacks):
 
-    TEXT   text ids; <|boi|> / <|boa|> when the output may hold images / audio; eos ends the sample
+    TEXT   text ids; <|boi|> / <|boa|> when the output may hold images / audio; eos ends the sample (in a chat,
+           <|eot|> ends the assistant's turn and the text bos / eos are never written)
     ROWS   a <|rows_R|> token (or the fixed grid's)      COLS  a <|cols_C|> token
     CODES  image codes, exactly R*C of them               EOI   <|eoi|>, forced
     AUDIO  codes of codebook q = position in the frame; <|eoa|> only at a frame boundary, forced at the duration
@@ -32,7 +33,7 @@ id, so a prompt gives the same output alone or in any batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,8 +108,10 @@ def check_request(layout: TokenLayout, cfg: SamplingConfig) -> int:
 class Grammar:
     """Per-sample decoding states and the masks of allowed next tokens, all as tensors over the batch."""
 
-    def __init__(self, layout: TokenLayout, eos_id: int, cfg: SamplingConfig, batch: int, device: torch.device):
+    def __init__(self, layout: TokenLayout, eos_id: int, cfg: SamplingConfig, batch: int, device: torch.device,
+                 forbidden: Sequence[int] = (), nonempty: bool = False):
         self.layout, self.eos, self.cfg = layout, eos_id, cfg
+        self.nonempty = nonempty or cfg.output == "text"  # the first token may not end the sample
         V, n_q = layout.vocab_size, max(layout.audio_num_codebooks, 1)
         self.longest_image = check_request(layout, cfg)
 
@@ -122,9 +125,13 @@ class Grammar:
         text = layout.ranges["text"]
         starts = [layout.boi_id] * (layout.has_image and cfg.output == "any") + \
                  [layout.boa_id] * (layout.has_audio and cfg.output == "any")
-        masks = {"text": mask(starts, [text]), "text_no_image": mask(starts[1:] if layout.has_image else starts,
-                                                                     [text]),
-                 "text_no_media": mask((), [text]), "eos": mask([eos_id]), "pad": mask([layout.pad_id])}
+        # text, and the id that ends the sample (eos; <|eot|> in a chat), without the ids a sample must not write
+        masks = {"text": mask([*starts, eos_id], [text]),
+                 "text_no_image": mask([*(starts[1:] if layout.has_image else starts), eos_id], [text]),
+                 "text_no_media": mask([eos_id], [text])}
+        for m in masks.values():
+            m[list(forbidden)] = False
+        masks.update({"eos": mask([eos_id]), "pad": mask([layout.pad_id])})
         masks["text_not_eos"] = masks["text_no_media"] & ~masks["eos"]
         if layout.has_image:
             rows1, cols1, G = layout.rows_id(1), layout.cols_id(1), layout.max_grid_side
@@ -157,7 +164,7 @@ class Grammar:
         if self.layout.has_image:
             short = torch.where(left >= n_q + 3, i["text_no_image"], i["text_no_media"])
             text = torch.where(left < self.longest_image + 1, short, text)  # room for the image and eos
-        if self.cfg.output == "text" and self.first:  # text output is not empty
+        if self.nonempty and self.first:  # text output, an assistant's turn: not empty
             text = torch.where(left > 1, i["text_not_eos"], text)
         text = torch.where(left <= 1, i["eos"], text)
         choice = torch.full_like(s, i["pad"])
@@ -270,7 +277,16 @@ def _descending(x: torch.Tensor) -> torch.Tensor:
 
 def unconditional(prefix: list[int], layout: TokenLayout) -> list[int]:
     """The unconditional version of a sequence about to open a media span: the text right before the span dropped
-    (back to the previous media span or to bos), as conditioning dropout does in training."""
+    (back to the previous media span or to bos), as conditioning dropout does in training; in a conversation, the
+    content of the last user turn (its markers kept), as conditioning dropout does to a request answered with
+    media."""
+    if layout.chat:
+        user = layout.role_id("user")
+        opens = [i for i, t in enumerate(prefix) if t == user]
+        if opens:
+            start = opens[-1] + 1
+            end = next((i for i in range(start, len(prefix)) if prefix[i] == layout.eot_id), len(prefix))
+            return prefix[:start] + prefix[end:]
     modality = layout.modality_of(np.asarray(prefix[1:], dtype=np.int64))
     kept = np.flatnonzero(modality != Modality.TEXT)
     return prefix[: 2 + int(kept[-1])] if len(kept) else prefix[:1]
@@ -309,9 +325,12 @@ def new_token_budget(model, cfg: SamplingConfig, prompt_lengths: list[int]) -> l
 
 @torch.inference_mode()
 def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig,
-             seeds: list[int] | None = None, on_span: SpanCallback | None = None) -> list[list[int]]:
-    """Continue each prompt (ids, normally starting with bos); returns the new ids of each, ending at eos or when
-    ``max_new_tokens`` are used, always with every media span complete.
+             seeds: list[int] | None = None, on_span: SpanCallback | None = None,
+             forbidden: Sequence[int] = (), nonempty: bool = False) -> list[list[int]]:
+    """Continue each prompt (ids, normally starting with bos); returns the new ids of each, ending at ``eos_id``
+    (the text eos; ``<|eot|>`` for an assistant's turn) or when ``max_new_tokens`` are used, always with every media
+    span complete. ``forbidden`` ids are never sampled (in a chat: the text bos and eos); with ``nonempty`` the
+    first new token does not end the sample (an assistant's turn is never empty).
 
     ``seeds[b]`` seeds sample ``b`` (default ``0, 1, 2, ...``). ``on_span(b, modality, ids)`` is called as soon as
     a span of sample ``b`` closes (its ids from the opening marker to the closing one), so media can be decoded while
@@ -327,7 +346,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     opener = {"image": [layout.boi_id] if cfg.output == "image" else [],
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
     budget = new_token_budget(model, cfg, [len(p) + len(opener) for p in prompts])
-    grammar = Grammar(layout, eos_id, cfg, B, device)
+    grammar = Grammar(layout, eos_id, cfg, B, device, forbidden, nonempty)
     if cfg.output == "image" and min(budget) < grammar.longest_image:
         raise OmnitokError(f"only {min(budget)} new tokens fit in the model's positions after the prompt: too few "
                            f"for an image span of up to {grammar.longest_image} tokens")

@@ -154,17 +154,20 @@ class MultimodalTokenizer:
             encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans))
         return encoded
 
-    def encode_conversations(self, conversations: list[Conversation], loss_on: str = "assistant"
-                             ) -> list[EncodedDocument]:
+    def encode_conversations(self, conversations: list[Conversation], loss_on: str = "assistant",
+                             prompt: bool = False) -> list[EncodedDocument]:
         """Conversations -> ``bos, (<|role|> segment... <|eot|>)..., eos`` with a loss mask: with ``loss_on``
         "assistant" the assistant turns' ids (media spans included) and their ``<|eot|>`` are trained, so the model
         learns to answer and to end its turn, and nothing the user or system wrote is; "all" trains every id but bos.
-        Each turn's text is joined as in ``encode_batch``; the whole batch goes through each tokenizer once."""
+        Each turn's text is joined as in ``encode_batch``; the whole batch goes through each tokenizer once.
+
+        With ``prompt`` each conversation ends with a user turn and is encoded as the request for the next answer:
+        ``bos, (<|role|> ... <|eot|>)..., <|assistant|>``, where sampling continues."""
         layout = self.layout
         if loss_on not in LOSS_ON:
             raise OmnitokError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
         layout.need_chat()
-        turns = [Document(t.segments).merged().segments for c in conversations for t in c.check().turns]
+        turns = [Document(t.segments).merged().segments for c in conversations for t in c.check(prompt).turns]
         parts = iter(self._encode_parts(turns))
         encoded = []
         for conv in conversations:
@@ -179,7 +182,7 @@ class MultimodalTokenizer:
                     loss.extend([trained] * len(piece))
                 ids.append(layout.eot_id)
                 loss.append(trained)
-            ids.append(self.text.eos_id)
+            ids.append(layout.role_id("assistant") if prompt else self.text.eos_id)
             loss.append(loss_on == "all")
             encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans, np.array(loss, dtype=bool)))
         return encoded
