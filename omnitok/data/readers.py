@@ -7,7 +7,12 @@ Specs (``omnitok tokenize --input``):
 - ``pairs.csv``: the same pair columns;
 - a directory: media files with a same-stem ``.txt`` caption (or ``.json`` with ``text``/``caption``);
 - WebDataset tars as img2dataset and audio datasets write them (``jpg``/``png``/``webp`` or ``wav``/``flac``/...
-  with ``txt``/``json``): a local path, a brace pattern (``data/{000..009}.tar``) or a ``pipe:`` command.
+  with ``txt``/``json``): a local path, a brace pattern (``data/{000..009}.tar``) or a ``pipe:`` command;
+- conversations (instruction tuning): JSONL lines with ``messages`` (the Hugging Face / OpenAI form) or
+  ``conversations`` (LLaVA / ShareGPT), media paths relative to the file; in a tar, a sample whose ``json`` member
+  holds either form, its media references naming the sample's members by extension (``{"type": "image", "image":
+  "jpg"}``, ``"0.png"``), and ShareGPT's ``<image>`` / ``<audio>`` placeholders standing for the sample's media
+  members in name order when the record lists none.
 
 Pairs become documents in the chosen order: ``caption-first`` (text-to-media), ``media-first`` (captioning), or
 ``both``, each pair drawn one way or the other by a hash of its key and the seed (as AnyGPT renders pairs both
@@ -30,7 +35,7 @@ from braceexpand import braceexpand
 
 from omnitok.data.media import media_kind, media_under
 from omnitok.data.shards import open_tar
-from omnitok.document import Audio, Conversation, Document, Image, Text
+from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 
 PAIR_ORDERS = ("caption-first", "media-first", "both")
@@ -189,10 +194,14 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
         if caption is None and "json" in parts:
             try:
                 record = json.loads(parts["json"].decode("utf-8"))
+                if isinstance(record, dict) and ("messages" in record or "conversations" in record):
+                    return Item(item_key, source, _tar_conversation(record, parts, item_key))
                 caption = record.get("text", record.get("caption")) if isinstance(record, dict) else None
                 caption = caption.encode() if isinstance(caption, str) else None
             except (UnicodeDecodeError, json.JSONDecodeError):
                 return Item(item_key, source, error="json member is not valid UTF-8 JSON")
+            except OmnitokError as e:
+                return Item(item_key, source, error=str(e))
         if media is None or caption is None:
             return Item(item_key, source, error="sample needs an image or audio member and a txt or json caption")
         try:
@@ -220,6 +229,30 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
             yield finish(current, parts)
     except (tarfile.TarError, OSError, EOFError) as e:
         yield Item(make_key(f"{url}:broken"), url, error=f"cannot read tar: truncated, corrupt or missing ({e})")
+
+
+def _tar_conversation(record: dict, parts: dict[str, bytes], key: str) -> Conversation:
+    """A conversation from a tar sample's json member, each media reference replaced by the member it names."""
+    if "conversations" in record and not any(k in record for k in ("image", "images", "audio", "audios")):
+        record = dict(record)
+        for kind in ("image", "audio"):  # placeholders stand for the sample's media members in name order
+            members = sorted(ext for ext in parts if media_kind(ext) == kind)
+            if members:
+                record[kind + "s"] = members
+    conv = (Conversation.from_messages(record["messages"]) if "messages" in record
+            else Conversation.from_sharegpt(record))
+
+    def member(seg):
+        if isinstance(seg, Text):
+            return seg
+        name = str(seg.source).lower()
+        if name not in parts or media_kind(name) is None:
+            held = ", ".join(sorted(e for e in parts if media_kind(e))) or "none"
+            raise OmnitokError(f"conversation refers to member {seg.source!r}, which this sample does not hold "
+                               f"(its media members: {held})")
+        return type(seg)(parts[name])
+
+    return Conversation([Turn(t.role, [member(s) for s in t.segments]) for t in conv.turns], key)
 
 
 def read_inputs(specs: list[str], order: str = "caption-first", seed: int = 0) -> Iterator[Item]:
