@@ -238,7 +238,7 @@ def cmd_eval_samples(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from omnitok.demo.run import run_demo
 
-    run_demo(main, args.out, steps=args.steps, seed=args.seed)
+    run_demo(main, args.out, steps=args.steps, seed=args.seed, sft_steps=args.sft_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,10 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole pipeline on a small generated corpus, in minutes on a CPU",
                                description="Make a corpus of captioned shapes and sounds, build tokenizers, tokenize "
-                               "to shards, pretrain a tiny LM with DeepSpeed, sample images, audio and text, and "
-                               "write a gallery (index.html) and a summary.")
+                               "to shards, pretrain a tiny LM with DeepSpeed, sample images, audio and text, "
+                               "instruction-tune it with LoRA and measure it on held-out requests against the "
+                               "pretrained model, and write a gallery (index.html) and a summary.")
     demo.add_argument("--out", type=Path, default=Path("omnitok-demo"), help="new directory (default ./omnitok-demo)")
     demo.add_argument("--steps", type=int, default=800, help="pretraining steps (default 800)")
+    demo.add_argument("--sft-steps", type=int, default=150, help="instruction-tuning steps (default 150)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

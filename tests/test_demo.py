@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -34,3 +35,44 @@ def test_corpus_is_deterministic_and_well_formed(tmp_path):
     wave = synth_sound("a high tone", np.random.default_rng(0), seconds=1.0)
     spectrum = np.abs(np.fft.rfft(wave))
     assert abs(np.argmax(spectrum) - 880) < 30  # 1 s at 24 kHz: bin = Hz
+
+
+def test_the_sound_checker_reads_every_corpus_sound_right():
+    from omnitok.demo.corpus import SAMPLE_RATE, SOUNDS
+    from omnitok.demo.measure import classify_sound
+
+    rng = np.random.default_rng(3)
+    for kind in SOUNDS:
+        for _ in range(5):
+            wave = synth_sound(kind, rng)
+            assert classify_sound(wave, SAMPLE_RATE) == kind
+            assert classify_sound(np.stack([wave, wave]), SAMPLE_RATE) == kind  # (channels, samples)
+    assert classify_sound(np.zeros(12000), SAMPLE_RATE) is None
+
+
+def test_conversations_train_on_some_phrasings_and_hold_the_others_out(tmp_path):
+    from omnitok.demo.chat_corpus import PHRASINGS, conversations, held_out_requests, phrasing_text
+    from omnitok.document import Conversation
+
+    make_corpus(tmp_path, per_shape=3, per_sound=2, mixed=0)
+    n = conversations(tmp_path)
+    lines = (tmp_path / "chats.jsonl").read_text().splitlines()
+    assert n == len(lines) == 12 * 3 + 12 + 12 + 5 * 2 * 2  # draw every picture; describe, follow a third; sounds x2
+    texts = []
+    for line in lines:
+        conv = Conversation.from_messages(json.loads(line)["messages"], tmp_path)  # a valid training conversation
+        for seg in conv.segments:
+            if hasattr(seg, "text"):
+                texts.append(seg.text)
+            else:
+                assert Path(seg.source).is_file()  # paths relative to the file, resolved
+    held = held_out_requests(tmp_path)
+    assert {r["kind"] for r in held} == {"draw", "describe", "play", "follow"}
+    for r in held:
+        asked = [p["text"] for m in r["messages"] if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
+        assert asked[-1] not in texts  # the measured phrasing was never trained on
+        assert asked[-1] in r["prompt"]  # the base model gets the same request
+    for kind, (_, held_out) in PHRASINGS.items():
+        assert not any(p.split("{")[0] and p.split("{")[0] in t for p in held_out for t in texts), kind
+    words = set(" ".join(phrasing_text()).split())
+    assert {"Paint", "Change", "Tell", "chirp", "triangle"} <= words

@@ -8,6 +8,8 @@ the model, not the checker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -51,3 +53,65 @@ def caption_match(images: list[np.ndarray], colour: str, shape: str) -> dict:
     return {"images": n, "colour": sum(c == colour for c, _ in found), "shape": sum(s == shape for _, s in found),
             "both": sum(c == colour and s == shape for c, s in found),
             "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES), "both": 1 / (len(COLOURS) * len(SHAPES))}}
+
+
+def classify_sound(wave: np.ndarray, rate: int) -> str | None:
+    """Which of the demo's sounds a clip is, from its spectrum: a glide of the dominant frequency over time is a
+    chirp (rising or falling); otherwise several strong peaks make a chord, and one peak a low or a high tone. None
+    for silence."""
+    wave = np.asarray(wave, dtype=np.float64)
+    wave = wave if wave.ndim == 1 else wave.mean(axis=0)  # (channels, samples): their mean
+    n, hop = 1024, 256
+    if len(wave) < n or np.sqrt(np.mean(wave ** 2)) < 1e-3:
+        return None
+    frames = np.stack([wave[i:i + n] * np.hanning(n) for i in range(0, len(wave) - n + 1, hop)])
+    spectra = np.abs(np.fft.rfft(frames, axis=-1))
+    freqs = np.fft.rfftfreq(n, 1 / rate)
+    loud = spectra.max(axis=-1) > 0.1 * spectra.max()
+    peak = freqs[spectra.argmax(axis=-1)][loud]
+    if len(peak) >= 3:
+        t = np.arange(len(peak))
+        slope = np.polyfit(t, np.log2(np.maximum(peak, 20.0)), 1)[0] * len(peak)  # octaves over the clip
+        if abs(slope) > 1.0:
+            return "a rising chirp" if slope > 0 else "a falling chirp"
+    mean = spectra[loud].mean(axis=0)
+    strong = (mean > 0.35 * mean.max()) & (mean >= np.roll(mean, 1)) & (mean >= np.roll(mean, -1))
+    if strong.sum() >= 2:
+        return "a chord"
+    return "a low tone" if freqs[mean.argmax()] < 500 else "a high tone"
+
+
+def instruction_following(samples: str | Path, requests: list[dict]) -> dict:
+    """How many answers in an ``omnitok sample`` directory (one sample per request, in order) do what their request
+    asked (``chat_corpus.held_out_requests``): draw / follow, the first picture shows the colour and the shape (each
+    also counted alone); describe, the answer's text names both; play, the first clip is the sound asked for."""
+    import json
+
+    import soundfile as sf
+
+    samples = Path(samples)
+    records = json.loads((samples / "samples.json").read_text())["samples"]
+    if len(records) != len(requests):
+        raise ValueError(f"{samples} holds {len(records)} answers for {len(requests)} requests")
+    out: dict[str, dict[str, int]] = {}
+    for request, record in zip(requests, records):
+        kind = request["kind"]
+        tally = out.setdefault(kind, {"requests": 0, "right": 0} | ({"colour": 0, "shape": 0}
+                                                                    if kind in ("draw", "follow") else {}))
+        tally["requests"] += 1
+        first = {t: next((s for s in record["segments"] if s["type"] == t), None) for t in ("image", "audio")}
+        folder = samples / record["id"]
+        if kind in ("draw", "follow"):
+            if first["image"] is None:
+                continue
+            colour, shape = classify(np.asarray(Image.open(folder / first["image"]["file"]).convert("RGB")))
+            tally["colour"] += colour == request["colour"]
+            tally["shape"] += shape == request["shape"]
+            tally["right"] += colour == request["colour"] and shape == request["shape"]
+        elif kind == "describe":
+            text = " ".join(s["text"] for s in record["segments"] if s["type"] == "text").lower()
+            tally["right"] += request["colour"] in text and request["shape"] in text
+        elif first["audio"] is not None:
+            wave, rate = sf.read(folder / first["audio"]["file"], always_2d=True)
+            tally["right"] += classify_sound(wave.T, rate) == request["sound"]
+    return out

@@ -9,7 +9,11 @@
 4. pretrain a tiny Llama with DeepSpeed in one process (``omnitok pretrain``), which exports a Hugging Face model;
 5. sample text -> image, text -> audio, image -> text and interleaved output (``omnitok sample``), check the
    samples (``omnitok eval samples``) and measure whether pictures of "a red circle" show a red circle;
-6. write a gallery page and print a one-screen summary.
+6. instruction-tune the model on conversations built from the corpus (``omnitok.demo.chat_corpus``: the tokenizer
+   assembled ``--chat``, ``omnitok tokenize`` on chat JSONL, ``omnitok finetune`` with LoRA), then ask the tuned
+   model (``omnitok sample --chat``) and the pretrained one (the same requests as plain prompts) requests phrased in
+   ways training never used, and measure how often each answers with the right picture, caption or sound;
+7. write a gallery page and print a one-screen summary.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ SECTIONS = {  # name: (prompts, output modality, samples per prompt)
     "interleaved": (["a yellow square and a chord", "a red triangle and a rising chirp"], "any", 2),
 }
 RED_CIRCLES = 32
+TITLES = {"asked_tuned": "held-out requests: instruction-tuned model (chat)",
+          "asked_base": "held-out requests: pretrained model (the same requests as plain prompts)"}
+FOLLOWING = {"draw": "right picture", "describe": "names colour and shape", "play": "right sound",
+             "follow": "follow-up: right picture"}
 
 
 def pretrain_config(out: Path, steps: int) -> dict:
@@ -46,9 +54,21 @@ def pretrain_config(out: Path, steps: int) -> dict:
             "steps": steps, "micro_batch_size": 8, "zero_stage": 1, "checkpoint_every": steps, "log_every": 25}
 
 
-def run_demo(omnitok: Callable[[list[str]], int], out: str | Path, steps: int = 800, seed: int = 0) -> dict:
+def finetune_config(out: Path, steps: int) -> dict:
+    """LoRA on every projection of the demo's model, with trainable rows for the chat markers."""
+    return {"tokenizer": str(out / "chat_tokenizer"), "out": str(out / "sft"),
+            "model": {"init_from": str(out / "run" / "export")},
+            "data": {"shards": [str(out / "chat_shards")], "seq_len": 256, "cond_dropout": 0.1},
+            "method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "token_rows": "added"},
+            "optim": {"lr": 3e-3, "warmup_steps": 10, "weight_decay": 0.0},
+            "steps": steps, "micro_batch_size": 8, "zero_stage": 1, "checkpoint_every": steps, "log_every": 25}
+
+
+def run_demo(omnitok: Callable[[list[str]], int], out: str | Path, steps: int = 800, seed: int = 0,
+             sft_steps: int = 150) -> dict:
     """Run the demo in ``out`` through ``omnitok`` (the command line's ``main``, passed in by the ``demo`` command
     itself so that this module does not import the command line that imports it)."""
+    from omnitok.demo.chat_corpus import phrasing_text
     from omnitok.demo.corpus import make_corpus
     from omnitok.demo.measure import caption_match
 
@@ -73,6 +93,8 @@ def run_demo(omnitok: Callable[[list[str]], int], out: str | Path, steps: int = 
     counts = make_corpus(corpus, seed=seed)
     print(f"== corpus: {counts['images']} shape pictures, {counts['sounds']} sound clips, {counts['documents']} "
           f"documents in {corpus}")
+    with open(corpus / "captions.txt", "a", encoding="utf-8") as f:  # the conversations' words too
+        f.write("\n".join(phrasing_text()) + "\n")
     lap("corpus")
     _run("text tokenizer", ["text-tokenizer", "train", "--input", str(corpus / "captions.txt"), "--vocab-size", "320",
                             "--out", str(out / "tokenizers" / "text")])
@@ -102,27 +124,66 @@ def run_demo(omnitok: Callable[[list[str]], int], out: str | Path, steps: int = 
     for name in [*SECTIONS, "red_circle"]:
         _run(f"check {name}", ["eval", "samples", str(out / "samples" / name)])
     lap("sample")
+    chats, following = instruction_tuning(_run, out, seed, sft_steps)
+    lap("finetune")
     from PIL import Image
 
     pngs = sorted((out / "samples" / "red_circle").rglob("*.png"))
     pictures = [np.asarray(Image.open(p).convert("RGB")) for p in pngs]
     match = caption_match(pictures, "red", "circle")
-    summary = _summary(out, match, times, counts)
+    summary = _summary(out, match, times, {**counts, "conversations": chats})
+    summary["instruction_following"] = following
     _gallery(out, match)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _print_summary(out, summary)
     return summary
 
 
+def instruction_tuning(run: Callable[[str, list[str]], None], out: Path, seed: int, steps: int
+                       ) -> tuple[int, dict]:
+    """The demo's second stage on its pretrained model: conversations from the corpus, the tokenizer with chat
+    markers, shards with loss masks, LoRA fine-tuning, and the held-out requests put to the tuned model (as chats)
+    and to the pretrained one (as plain prompts). Returns the number of conversations and, per model, how often
+    each kind of request was answered right (``measure.instruction_following``)."""
+    from omnitok.demo.chat_corpus import conversations, held_out_requests
+    from omnitok.demo.measure import instruction_following
+
+    corpus = out / "corpus"
+    chats = conversations(corpus, seed)
+    run("assemble --chat", ["tokenizer", "assemble", "--text", str(out / "tokenizers" / "text"), "--image",
+                            str(out / "tokenizers" / "image"), "--audio", str(out / "tokenizers" / "audio"),
+                            "--out", str(out / "chat_tokenizer"), "--chat"])
+    run("tokenize conversations", ["tokenize", "--input", str(corpus / "chats.jsonl"), "--tokenizer",
+                                   str(out / "chat_tokenizer"), "--out", str(out / "chat_shards"), "--workers", "1",
+                                   "--shard-size", "500"])
+    config = out / "finetune.yaml"
+    config.write_text(yaml.safe_dump(finetune_config(out, steps), sort_keys=False))
+    run("finetune", ["finetune", "--config", str(config)])
+    requests = held_out_requests(corpus)
+    (corpus / "requests_chat.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n"
+                                                        for r in requests), encoding="utf-8")
+    (corpus / "requests_plain.txt").write_text("".join(r["prompt"] + "\n" for r in requests), encoding="utf-8")
+    asked = {"tuned": ["--chat", "--model", str(out / "sft" / "export"), "--prompts",
+                       str(corpus / "requests_chat.jsonl")],
+             "base": ["--model", str(out / "run" / "export"), "--prompts", str(corpus / "requests_plain.txt")]}
+    for name, argv in asked.items():
+        run(f"held-out requests, {name} model", ["sample", *argv, "--out", str(out / "samples" / f"asked_{name}"),
+                                                 "--seed", str(seed), "--max-new-tokens", "160",
+                                                 "text.temperature=0.7"])
+    return chats, {name: instruction_following(out / "samples" / f"asked_{name}", requests) for name in asked}
+
+
 def _summary(out: Path, match: dict, times: dict, counts: dict) -> dict:
     log = [json.loads(line) for line in (out / "run" / "train.jsonl").read_text().splitlines()]
     first, last = log[0], log[-1]
+    sft = [json.loads(line) for line in (out / "sft" / "train.jsonl").read_text().splitlines()]
     sections = {}
     for name in [*SECTIONS, "red_circle"]:
         report = json.loads((out / "samples" / name / "eval_samples.json").read_text())
         sections[name] = {"samples": report["samples"], "segments": report["segments"], "valid": report["valid"]}
     return {"corpus": counts, "loss": {"first": first["loss"], "last": last["loss"], "steps": last["step"],
                                        "by_modality": {k[:-5]: v for k, v in last.items() if k.endswith("_loss")}},
+            "finetune": {"first": sft[0]["loss"], "last": sft[-1]["loss"], "steps": sft[-1]["step"]},
             "samples": sections, "red_circle": match, "seconds": times}
 
 
@@ -133,9 +194,9 @@ def _gallery(out: Path, match: dict) -> None:
              f"<p>Pictures for \"a red circle\": {match['colour']}/{match['images']} red, {match['shape']}/"
              f"{match['images']} circles, {match['both']}/{match['images']} both (chance: "
              f"{match['chance']['both']:.0%} both).</p>", "<p><img src='run/loss.png' style='width:480px'></p>"]
-    for name in [*SECTIONS, "red_circle"]:
+    for name in [*SECTIONS, "red_circle", "asked_tuned", "asked_base"]:
         records = json.loads((out / "samples" / name / "samples.json").read_text())["samples"]
-        parts.append(f"<h2>{name.replace('_', ' ')}</h2>")
+        parts.append(f"<h2>{TITLES.get(name, name.replace('_', ' '))}</h2>")
         parts.append(records_html(records, prefix=f"samples/{name}/"))
     (out / "index.html").write_text("\n".join(parts), encoding="utf-8")
 
@@ -155,5 +216,14 @@ def _print_summary(out: Path, s: dict) -> None:
     lines += [f"red circle    {m['colour']}/{m['images']} red, {m['shape']}/{m['images']} circles, {m['both']}/"
               f"{m['images']} both; chance {m['chance']['colour']:.0%} / {m['chance']['shape']:.0%} / "
               f"{m['chance']['both']:.0%}",
-              f"gallery       {out / 'index.html'}", "=" * 72]
+              f"finetune      {s['corpus']['conversations']} conversations, LoRA: loss {s['finetune']['first']:.2f} -> "
+              f"{s['finetune']['last']:.2f} over {s['finetune']['steps']} steps; model in {out / 'sft' / 'export'}",
+              "held-out phrasings, pretrained -> instruction-tuned model:"]
+    base, tuned = s["instruction_following"]["base"], s["instruction_following"]["tuned"]
+    for kind, what in FOLLOWING.items():
+        b, t = base[kind], tuned[kind]
+        extra = (f" (colour {b['colour']} -> {t['colour']}, shape {b['shape']} -> {t['shape']})"
+                 if "colour" in t else "")
+        lines.append(f"  {kind:<12}{what}: {b['right']}/{b['requests']} -> {t['right']}/{t['requests']}{extra}")
+    lines += [f"gallery       {out / 'index.html'}", "=" * 72]
     print("\n".join(lines))
