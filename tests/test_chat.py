@@ -1,6 +1,7 @@
 """Chat with an instruction-tuned model: the grammar that ends the assistant's turn at <|eot|>, guidance's
 unconditional row, `omnitok sample --chat`, and `omnitok chat`'s session (history, /reset, /save, bad lines)."""
 
+import dataclasses
 import json
 import shutil
 
@@ -46,6 +47,11 @@ def test_an_answer_ends_at_its_eot_and_never_writes_document_or_role_markers(cha
     assert ended > 40  # most answers close their turn within the budget
     media = {p.modality for new in answers for p in tok.parse(np.asarray(new[:-1], dtype=np.int64))}
     assert {"image", "audio"} <= media
+    # the first token of an answer may open a span (this model favours the openers and <|eot|>, which may not come
+    # first): greedy answers start with a picture or a sound
+    greedy = generate(model, L, ids[:3], end, dataclasses.replace(SAMPLING, greedy=True), forbidden=forbidden,
+                      nonempty=True)
+    assert all(new[0] in (L.boi_id, L.boa_id) for new in greedy)
 
 
 def test_guidance_drops_the_last_user_turn_as_training_dropout_does(chat, tmp_path):

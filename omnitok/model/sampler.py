@@ -132,7 +132,6 @@ class Grammar:
         for m in masks.values():
             m[list(forbidden)] = False
         masks.update({"eos": mask([eos_id]), "pad": mask([layout.pad_id])})
-        masks["text_not_eos"] = masks["text_no_media"] & ~masks["eos"]
         if layout.has_image:
             rows1, cols1, G = layout.rows_id(1), layout.cols_id(1), layout.max_grid_side
             masks["rows"] = mask([layout.rows_id(cfg.grid[0])]) if cfg.grid else mask((), [(rows1, rows1 + G)])
@@ -164,8 +163,6 @@ class Grammar:
         if self.layout.has_image:
             short = torch.where(left >= n_q + 3, i["text_no_image"], i["text_no_media"])
             text = torch.where(left < self.longest_image + 1, short, text)  # room for the image and eos
-        if self.nonempty and self.first:  # text output, an assistant's turn: not empty
-            text = torch.where(left > 1, i["text_not_eos"], text)
         text = torch.where(left <= 1, i["eos"], text)
         choice = torch.full_like(s, i["pad"])
         choice = torch.where(s == TEXT, text, choice)
@@ -182,7 +179,10 @@ class Grammar:
             audio = torch.where(may_end, i["audio0_or_eoa"], audio)
             audio = torch.where(must_end, i["eoa"], audio)
             choice = torch.where(s == AUDIO, audio, choice)
-        return self.masks[choice]
+        allowed = self.masks[choice]  # a copy
+        if self.nonempty and self.first:  # text output, an assistant's turn: the first token does not end it
+            allowed[:, self.eos] &= ~((s == TEXT) & (left > 1))
+        return allowed
 
     def advance(self, token: torch.Tensor) -> None:
         """Move every sample's state past its new token (B,)."""
