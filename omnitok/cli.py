@@ -250,11 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on a small generated corpus, in minutes on a CPU",
                                description="Make a corpus of captioned shapes and sounds, build tokenizers, tokenize "
                                "to shards, pretrain a tiny LM with DeepSpeed, sample images, audio and text, "
-                               "instruction-tune it with LoRA and measure it on held-out requests against the "
+                               "instruction-tune it and measure it on held-out requests against the "
                                "pretrained model, and write a gallery (index.html) and a summary.")
     demo.add_argument("--out", type=Path, default=Path("omnitok-demo"), help="new directory (default ./omnitok-demo)")
-    demo.add_argument("--steps", type=int, default=800, help="pretraining steps (default 800)")
-    demo.add_argument("--sft-steps", type=int, default=150, help="instruction-tuning steps (default 150)")
+    demo.add_argument("--steps", type=int, default=700, help="pretraining steps (default 700)")
+    demo.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps (default 120)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 

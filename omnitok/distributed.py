@@ -48,6 +48,14 @@ class World:
         torch.distributed.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
+    def gather_lines(self, lines: list[str]) -> list[str]:
+        """Every rank's ``lines``, in rank order, on every rank."""
+        if not self.grouped:
+            return list(lines)
+        gathered: list = [None] * self.size
+        torch.distributed.all_gather_object(gathered, list(lines))
+        return [line for part in gathered for line in part]
+
     def broadcast(self, value: int) -> int:
         """Rank 0's ``value`` on every rank."""
         if not self.grouped:

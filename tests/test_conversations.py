@@ -287,3 +287,28 @@ def test_conversations_in_webdataset_tars_tokenize_as_their_jsonl_twins(chat_tok
     assert out["chats.jsonl"] == out["chats.tar"]
     error = json.loads((tmp_path / "shards-chats.tar" / "errors.jsonl").read_text().splitlines()[0])["error"]
     assert "member 'webp', which this sample does not hold (its media members: png)" in error
+
+
+def test_the_stream_skips_conversations_longer_than_a_sequence_and_still_cuts_documents(tmp_path):
+    from benchmarks.synthetic import write_shards
+    from omnitok.data.shards import iter_samples
+    from omnitok.data.stream import PackedStream, StreamConfig
+
+    layout = TokenLayout(text_vocab_size=40, image_codebook_size=16, max_grid_side=3, chat=True)
+    write_shards(tmp_path / "c", layout, n_docs=30, shard_size=10, chat=True, text=(1, 30))
+    write_shards(tmp_path / "d", layout, n_docs=30, shard_size=10, text=(1, 30))
+    seq = 32
+    long = sum(len(t) > seq for _, t, _ in iter_samples(tmp_path / "c"))
+    assert 0 < long < 30
+    stream = PackedStream(StreamConfig(shards=[str(tmp_path / "c")], seq_len=seq, cond_dropout=0.0), layout, 2)
+    user, assistant = layout.role_id("user"), layout.role_id("assistant")
+    for _ in range(40):  # over an epoch: every long conversation met at least once
+        for row in stream.next_batch().ids:
+            assert (row == user).sum() == (row == assistant).sum()  # no exchange split between sequences
+    problems = stream.take_problems()
+    assert stream.skipped == len(problems) >= long and stream.take_problems() == []
+    assert all(f"does not fit in data.seq_len {seq}; skipped" in p and "shard-" in p for p in problems)
+    documents = PackedStream(StreamConfig(shards=[str(tmp_path / "d")], seq_len=seq, cond_dropout=0.0), layout, 2)
+    for _ in range(40):
+        documents.next_batch()
+    assert documents.skipped == 0 and documents.take_problems() == []  # documents are cut, as before

@@ -143,16 +143,17 @@ def test_wrong_usage_is_one_line(sft, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_process_lora_under_zero_3_matches_one_process(sft, tmp_path):
+@pytest.mark.parametrize("zero", [0, 2, 3])
+def test_two_process_lora_matches_one_process(sft, tmp_path, zero):
     """2 ranks over gloo with micro batch 2 = 1 rank with micro batch 4: the same global batches, the same losses
-    (LoRA dropout off: its masks are drawn per rank)."""
+    and weights, with frozen base weights under each ZeRO stage (LoRA dropout off: its masks are drawn per rank)."""
     import os
     import socket
     import subprocess
     import sys
 
-    common = [a for a in args(sft, tmp_path / "x", "steps=4", "checkpoint_every=4", "data.lanes=2", "zero_stage=3",
-                              "lora.dropout=0.0", "optim.lr=0.01")
+    common = [a for a in args(sft, tmp_path / "x", "steps=4", "checkpoint_every=4", "data.lanes=2",
+                              f"zero_stage={zero}", "lora.dropout=0.0", "optim.lr=0.01")
               if not a.startswith(("out=", "micro_batch_size="))]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,3 +173,16 @@ def test_two_process_lora_under_zero_3_matches_one_process(sft, tmp_path):
 
     w1, w2 = (load_file(tmp_path / d / "export" / "model.safetensors") for d in ("one", "two"))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_conversations_longer_than_a_sequence_are_skipped_and_recorded(sft, tmp_path):
+    """Cut, a conversation's answer would be trained without its request: it is skipped, named in errors.jsonl and
+    counted in the train records; the run goes on."""
+    out = tmp_path / "short"
+    finetune(load_finetune_config(None, [*args(sft, out, "steps=3", "checkpoint_every=3"), "data.seq_len=40"]))
+    errors = records(out / "errors.jsonl")
+    train = records(out / "train.jsonl")
+    assert errors and all("does not fit in data.seq_len 40; skipped" in e["error"] for e in errors)
+    assert all("chats/shard-" in e["error"] and " sample " in e["error"] for e in errors)
+    assert train[-1]["conversations_skipped"] == len(errors)
+    assert [r["step"] for r in train] == [1, 2, 3]

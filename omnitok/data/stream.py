@@ -118,6 +118,10 @@ class _Source:
             self.shard, self.sample = self.shard + 1, 0
         raise OmnitokError(f"shard set {self.index} holds no samples for rank {self.rank}")
 
+    def where(self) -> str:
+        """The shard and sample ``next`` returned last."""
+        return f"{self.urls[self._order()[self.shard]]} sample {self.sample - 1}"
+
     def state(self) -> dict:
         return {"epoch": self.epoch, "shard": self.shard, "sample": self.sample}
 
@@ -132,9 +136,10 @@ class Packer:
     frame boundary. ``documents()`` gives the next ``(tokens, spans, trained)`` (``trained``: which ids are trained as
     targets, all of them but in conversations), or None when there are no more.
 
-    Training fills every sequence, so a document may continue in the next one. With ``keep_whole`` (evaluation) a
-    document that fits in a sequence is never cut: the current sequence is padded instead, so every such document is
-    scored exactly as it would be alone."""
+    Training fills every sequence, so a document may continue in the next one. A conversation is never cut (the
+    part continued in the next sequence would hold answers without their request): the current sequence is padded
+    instead (the stream skips conversations longer than a sequence). With ``keep_whole`` (evaluation) the same holds
+    for every document that fits in a sequence, so each is scored exactly as it would be alone."""
 
     def __init__(self, layout: TokenLayout, seq_len: int,
                  documents: Callable[[], tuple[np.ndarray, list[Span], np.ndarray] | None], keep_whole: bool = False):
@@ -190,7 +195,7 @@ class Packer:
                 if len(self.pending) == L:
                     return self._emit()
                 continue
-            if self.keep_whole and not long:
+            if (self.keep_whole or not all(trained)) and not long:  # a conversation never trains its bos
                 return self._emit()  # the document starts the next sequence
             cut = self._cut(spans, len(tokens), room, long)
             if cut == 0 and not self.pending:
@@ -238,17 +243,27 @@ class _Lane:
         weights = np.array(cfg.weights or [1.0] * len(self.sources), dtype=np.float64)
         self.weights = weights / weights.sum()
         self.documents = 0
+        self.skipped = 0  # conversations longer than a sequence, since the start
+        self.problems: list[str] = []  # why, since the caller last took them
         self.packer = Packer(layout, cfg.seq_len, self._document)
 
     # ---------------------------------------------------------------- documents
 
     def _document(self) -> tuple[np.ndarray, list[Span], np.ndarray]:
-        self.documents += 1
-        k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
-            [self.cfg.seed, 7, self.lane, self.documents]).choice(len(self.sources), p=self.weights))
-        tokens, spans, trained = self.sources[k].next()
-        return self._drop_conditioning(tokens, spans, trained,
-                                       np.random.default_rng([self.cfg.seed, 11, self.lane, self.documents]))
+        """The next document or conversation. A conversation longer than a sequence is skipped and recorded: cut,
+        its later answers would be trained without the requests they answer."""
+        while True:
+            self.documents += 1
+            k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
+                [self.cfg.seed, 7, self.lane, self.documents]).choice(len(self.sources), p=self.weights))
+            tokens, spans, trained = self.sources[k].next()
+            if len(tokens) > self.cfg.seq_len and not trained.all():  # a conversation: its bos is never trained
+                self.skipped += 1
+                self.problems.append(f"{self.sources[k].where()}: a conversation of {len(tokens)} tokens does not fit "
+                                     f"in data.seq_len {self.cfg.seq_len}; skipped")
+                continue
+            return self._drop_conditioning(tokens, spans, trained,
+                                           np.random.default_rng([self.cfg.seed, 11, self.lane, self.documents]))
 
     def _drop_conditioning(self, tokens: np.ndarray, spans: list, trained: np.ndarray, rng
                            ) -> tuple[np.ndarray, list, np.ndarray]:
@@ -359,6 +374,18 @@ class PackedStream:
     @property
     def sources(self) -> list[_Source]:
         return [s for lane in self.lanes for s in lane.sources]
+
+    def take_problems(self) -> list[str]:
+        """What this rank's lanes skipped since the last call, with the reasons."""
+        problems = [p for lane in self.lanes for p in lane.problems]
+        for lane in self.lanes:
+            lane.problems = []
+        return problems
+
+    @property
+    def skipped(self) -> int:
+        """Conversations this rank skipped since the start (longer than a sequence)."""
+        return sum(lane.skipped for lane in self.lanes)
 
     def next_batch(self) -> Batch:
         return batch_of([lane.packer.sequence() for lane in self.lanes for _ in range(self.per_lane)], self.layout,
