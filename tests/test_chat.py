@@ -158,6 +158,8 @@ def test_chat_session_keeps_history_and_its_commands_work(chat, chat_model_dir, 
     first = list(again.ids)
     again.ask("What is this? <image:cat.png>")
     assert again.ids[: len(first)] == first
+    again.ask("{braces} and [brackets] are text in a chat, not JSON")
+    assert len(again.messages) == 6
 
 
 def test_chat_command_reads_the_terminal_and_refuses_a_model_without_markers(chat_model_dir, model_dir, tmp_path,

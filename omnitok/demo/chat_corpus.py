@@ -18,12 +18,16 @@ import numpy as np
 from omnitok.demo.corpus import COLOURS, SHAPES, SOUNDS
 
 PHRASINGS = {  # kind: (trained on, held out)
+    # Trained phrasings of pictures and sounds share their openings ("Please", "Can you", "Let me", "Make"), so the
+    # request's content words, not its first word, must decide between a picture and a sound.
     "draw": (["Draw a {colour} {shape}.", "Please draw a {colour} {shape}.", "Show me a {colour} {shape}.",
-              "Can you draw a {colour} {shape}?", "I would like a picture of a {colour} {shape}."],
+              "Can you draw a {colour} {shape}?", "Let me see a {colour} {shape}.",
+              "Make a picture of a {colour} {shape}.", "I would like a picture of a {colour} {shape}."],
              ["Could you show me a {colour} {shape}?", "Paint a {colour} {shape} for me."]),
     "describe": (["What shape is this?", "Describe this picture.", "What is in this image?"],
                  ["Tell me what you see.", "What is drawn here?"]),
-    "play": (["Play {sound}.", "Let me hear {sound}.", "Make the sound of {sound}."],
+    "play": (["Play {sound}.", "Please play {sound}.", "Can you play {sound}?", "Let me hear {sound}.",
+              "Make the sound of {sound}."],
              ["Could you play {sound} for me?", "I want to hear {sound}."]),
     "follow": (["Now make it {colour}.", "Make it {colour} instead."], ["Change it to {colour}."]),
 }

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from omnitok.document import Image, Text
+from omnitok.document import Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
-from omnitok.model.sample import SpanDecoder, check_media, parse_chat_prompt, write_sample
+from omnitok.model.sample import Prompt, SpanDecoder, check_media, segments_of, write_sample
 from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
@@ -42,7 +42,8 @@ class ChatSession:
         """The assistant's answer to the user turn ``line``: its record (``sample.json``'s form, files in
         ``out/NNN``)."""
         tok, layout = self.tok, self.tok.layout
-        prompt = parse_chat_prompt(line, Path.cwd())
+        turn = Conversation([Turn("user", segments_of(line, Path.cwd()))]).check(prompt=True)  # text, never JSON
+        prompt = Prompt(line, Document(turn.segments), conversation=turn)
         check_media(prompt)
         turn = tok.encode_conversations([prompt.conversation], prompt=True)[0].ids.tolist()[1:]  # after bos
         ids = self.ids + turn

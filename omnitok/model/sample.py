@@ -62,7 +62,7 @@ def parse_chat_prompt(text: str, base_dir: str | Path | None = None, label: str 
         shown = "".join(s.text if isinstance(s, Text) else f"<{type(s).__name__.lower()}>"
                         for s in (last.segments if last else []))
     else:
-        conv = Conversation([Turn("user", parse_prompt(text, base_dir).document.segments)])
+        conv = Conversation([Turn("user", segments_of(text, base_dir))])
         shown = text
     conv.check(prompt=True)
     return Prompt(label or shown, Document(conv.segments), conversation=conv)
@@ -77,6 +77,11 @@ def parse_prompt(text: str, base_dir: str | Path | None = None, label: str | Non
         except json.JSONDecodeError as e:
             raise OmnitokError(f"prompt {label or stripped[:40]!r} looks like JSON but is not: {e.msg}") from None
         return Prompt(label or stripped, Document.from_json(data, base_dir))
+    return Prompt(label or text, Document(segments_of(text, base_dir)))
+
+
+def segments_of(text: str, base_dir: str | Path | None = None) -> list:
+    """Text with ``<image:path>`` / ``<audio:path>`` references as segments (paths relative to ``base_dir``)."""
     segments, pos = [], 0
     for match in _REFERENCE.finditer(text):
         if match.start() > pos:
@@ -88,7 +93,7 @@ def parse_prompt(text: str, base_dir: str | Path | None = None, label: str | Non
         pos = match.end()
     if pos < len(text):
         segments.append(Text(text[pos:]))
-    return Prompt(label or text, Document(segments))
+    return segments
 
 
 def read_prompt_file(path: str | Path, chat: bool = False) -> list[Prompt]:
