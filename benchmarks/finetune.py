@@ -15,12 +15,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import quiet_stderr
+from benchmarks.common import plain_loop_tokens_per_s, quiet_stderr
 from benchmarks.synthetic import write_shards
 from omnitok.tokenizers.layout import TokenLayout
 
@@ -96,8 +95,6 @@ def rss_mb() -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch.nn.functional as F
-
     from omnitok.data.stream import PackedStream
     from omnitok.model.build import build_model
     from omnitok.train.finetune import finetune, wrap_lora
@@ -123,26 +120,9 @@ def run(args: argparse.Namespace) -> dict:
 
         torch.manual_seed(cfg.seed)
         model = wrap_lora(build_model(cfg.model, CHAT), cfg, CHAT)
-        trained = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trained, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
         stream = PackedStream(cfg.data, CHAT, cfg.micro_batch_size)
         batches = [stream.next_batch() for _ in range(args.steps)]
-
-        def step(batch):  # the same inputs (packed position ids when documents are isolated) and labels
-            logits = model(**batch.model_inputs(torch.device("cpu"))).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
-                                   ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip)
-            opt.step()
-
-        for batch in batches[:measured]:  # warm-up, as the measured window of the run above
-            step(batch)
-        start = time.perf_counter()
-        for batch in batches[measured:]:
-            step(batch)
-        plain = (args.steps - measured) * cfg.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+        plain = plain_loop_tokens_per_s(model, batches, cfg.optim, cfg.micro_batch_size * cfg.data.seq_len)
     lora, full = memory["lora"], memory["full"]
     print(f"fine-tuning with LoRA r={cfg.lora.r}, {full['total'] / 1e6:.1f}M-parameter model, {cfg.micro_batch_size} x "
           f"{cfg.data.seq_len} tokens per step, ZeRO {cfg.zero_stage}, {torch.get_num_threads()} threads; last "

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import quiet_stderr
+from benchmarks.common import plain_loop_tokens_per_s, quiet_stderr
 from benchmarks.synthetic import write_shards
 from omnitok.tokenizers.layout import TokenLayout
 
@@ -40,8 +39,6 @@ def measure(root: Path, name: str, config: str | None, steps: int, overrides: li
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch.nn.functional as F
-
     from omnitok.data.stream import PackedStream
     from omnitok.model.build import build_model
 
@@ -53,26 +50,9 @@ def run(args: argparse.Namespace) -> dict:
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, LAYOUT)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                weight_decay=cfg.optim.weight_decay)
         stream = PackedStream(cfg.data, LAYOUT, cfg.micro_batch_size)
         batches = [stream.next_batch() for _ in range(args.steps)]
-
-        def step(batch):  # the same inputs (packed position ids when documents are isolated)
-            logits = model(**batch.model_inputs(torch.device("cpu"))).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
-                                   ignore_index=-100)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-
-        for batch in batches[:measured]:  # warm-up, as the measured window of the run above
-            step(batch)
-        start = time.perf_counter()
-        for batch in batches[measured:]:
-            step(batch)
-        plain = (args.steps - measured) * cfg.micro_batch_size * cfg.data.seq_len / (time.perf_counter() - start)
+        plain = plain_loop_tokens_per_s(model, batches, cfg.optim, cfg.micro_batch_size * cfg.data.seq_len)
     params = sum(p.numel() for p in model.parameters())
     print(f"pretraining, {params / 1e6:.1f}M-parameter {cfg.model.arch}, {cfg.micro_batch_size} x {cfg.data.seq_len} "
           f"tokens per step, ZeRO {cfg.zero_stage}, {torch.get_num_threads()} threads; last {args.steps - measured} of "

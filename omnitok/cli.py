@@ -138,6 +138,17 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{args.out}/tokenizer)")
 
 
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling flags and KEY=VALUE settings `sample` and `chat` share (read back by `_sampling`)."""
+    parser.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
+                        help="image / audio: the output is one span of that kind; text: text only, never empty")
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.top_k=500 "
+                        "image.guidance=3 text.temperature=0.7")
+
+
 def _sampling(args: argparse.Namespace):
     from omnitok.model.sample import sampling_config
 
@@ -384,18 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "references, or a JSON document; repeatable")
     sa.add_argument("--prompts", type=Path, help="a file of prompts, one per line (text or JSON)")
     sa.add_argument("--out", required=True, type=Path)
-    sa.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
-                    help="image / audio: the output is one span of that kind; text: text only, "
-                    "never empty")
     sa.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     sa.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-    sa.add_argument("--max-new-tokens", type=int, default=1024)
-    sa.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
-    sa.add_argument("--greedy", action="store_true", help="argmax decoding")
     sa.add_argument("--batch-size", type=int, default=8)
     sa.add_argument("--chat", action="store_true", help="prompts are chat requests (text as the user's turn, or "
                     "JSON with 'messages' ending with a user turn); each sample is the assistant's answer")
-    sa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.top_k=500")
+    _sampling_arguments(sa)
     sa.set_defaults(func=cmd_sample)
 
     ch = commands.add_parser("chat", help="talk with an instruction-tuned model in the terminal",
@@ -407,12 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
     ch.add_argument("--out", type=Path, default=Path("chat"), help="where answers' media go (default ./chat)")
     ch.add_argument("--seed", type=int, default=0, help="answer k uses seed + k")
-    ch.add_argument("--max-new-tokens", type=int, default=1024)
-    ch.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
-                    help=argparse.SUPPRESS)
-    ch.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
-    ch.add_argument("--greedy", action="store_true", help="argmax decoding")
-    ch.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.guidance=3")
+    _sampling_arguments(ch)
     ch.set_defaults(func=cmd_chat)
 
     ev = commands.add_parser("eval", help="evaluate tokenizers, a model, or a sample directory")

@@ -166,3 +166,42 @@ def chat_model_dir(tmp_path_factory, chat_tokdir):
     model.save_pretrained(str(root))
     shutil.copytree(chat_tokdir, root / "tokenizer")
     return root
+
+
+def killed_after_first_checkpoint_then_resumed(monkeypatch, task_cls, train, cfg) -> None:
+    """Run ``train(cfg)`` until its first checkpoint is exported, kill it there, then ``train(cfg, resume=True)``."""
+    real = task_cls.export
+
+    def export_then_die(*args):
+        real(*args)
+        raise KeyboardInterrupt  # killed right after the checkpoint
+
+    monkeypatch.setattr(task_cls, "export", export_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(task_cls, "export", real)
+    train(cfg, resume=True)
+
+
+def one_and_two_processes(command: str, settings: list[str], root: Path, micro_batch: int) -> tuple[Path, Path]:
+    """``omnitok COMMAND`` in one process with ``micro_batch`` sequences per step (``root/one``) and in two processes
+    over gloo with half as many each (``root/two``): the same global batch. Returns the two run directories."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONUNBUFFERED": "1"}
+    runs = {"one": [sys.executable, "-m", "omnitok"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                    "-m", "omnitok"]}
+    for name, launch in runs.items():
+        batch = micro_batch if name == "one" else micro_batch // 2
+        done = subprocess.run([*launch, command, *settings, f"out={root / name}", f"micro_batch_size={batch}"],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return root / "one", root / "two"

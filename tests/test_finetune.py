@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import killed_after_first_checkpoint_then_resumed, one_and_two_processes
 
 from benchmarks.synthetic import write_shards
 from omnitok.cli import main
@@ -91,17 +92,7 @@ def test_lora_resumes_exactly(sft, tmp_path, monkeypatch):
     common = ("steps=6", "checkpoint_every=3", "optim.lr=0.01")  # with LoRA dropout: its RNG resumes too
     finetune(load_finetune_config(None, args(sft, tmp_path / "a", *common)))
     killed = load_finetune_config(None, args(sft, tmp_path / "b", *common))
-    real_export = finetune_module.FinetuneTask.export
-
-    def export_then_die(*a):
-        real_export(*a)
-        raise KeyboardInterrupt  # killed right after the step-3 checkpoint
-
-    monkeypatch.setattr(finetune_module.FinetuneTask, "export", export_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(killed)
-    monkeypatch.setattr(finetune_module.FinetuneTask, "export", real_export)
-    finetune(killed, resume=True)
+    killed_after_first_checkpoint_then_resumed(monkeypatch, finetune_module.FinetuneTask, finetune, killed)
     a, b = ([(r["step"], r["loss"]) for r in records(tmp_path / d / "train.jsonl")] for d in ("a", "b"))
     assert len(a) == 6 and a == b
 
@@ -147,26 +138,10 @@ def test_wrong_usage_is_one_line(sft, tmp_path, capsys):
 def test_two_process_lora_matches_one_process(sft, tmp_path, zero):
     """2 ranks over gloo with micro batch 2 = 1 rank with micro batch 4: the same global batches, the same losses
     and weights, with frozen base weights under each ZeRO stage (LoRA dropout off: its masks are drawn per rank)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     common = [a for a in args(sft, tmp_path / "x", "steps=4", "checkpoint_every=4", "data.lanes=2",
                               f"zero_stage={zero}", "lora.dropout=0.0", "optim.lr=0.01")
               if not a.startswith(("out=", "micro_batch_size="))]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONUNBUFFERED": "1"}
-    one = subprocess.run([sys.executable, "-m", "omnitok", "finetune", *common, f"out={tmp_path / 'one'}",
-                          "micro_batch_size=4"], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "omnitok", "finetune", *common, f"out={tmp_path / 'two'}",
-                          "micro_batch_size=2"], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    one_and_two_processes("finetune", common, tmp_path, micro_batch=4)
     a, b = ([r["loss"] for r in records(tmp_path / d / "train.jsonl")] for d in ("one", "two"))
     assert len(a) == len(b) == 4 and a == pytest.approx(b, rel=1e-4) and a[-1] < a[0]
     from safetensors.torch import load_file

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import killed_after_first_checkpoint_then_resumed, one_and_two_processes
 from test_pretrain_parts import LAYOUT
 
 from benchmarks.synthetic import write_shards
@@ -68,17 +69,7 @@ def test_resume_sees_the_same_batches_and_losses(tmp_path, data, monkeypatch):
     full = load_pretrain_config(None, run_args(data, tmp_path / "a", "steps=8", "checkpoint_every=4"))
     pretrain(full)
     killed = load_pretrain_config(None, run_args(data, tmp_path / "b", "steps=8", "checkpoint_every=4"))
-    real_export = pretrain_module.PretrainTask.export
-
-    def export_then_die(*args):
-        real_export(*args)
-        raise KeyboardInterrupt  # killed right after the step-4 checkpoint
-
-    monkeypatch.setattr(pretrain_module.PretrainTask, "export", export_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(killed)
-    monkeypatch.setattr(pretrain_module.PretrainTask, "export", real_export)
-    pretrain(killed, resume=True)
+    killed_after_first_checkpoint_then_resumed(monkeypatch, pretrain_module.PretrainTask, pretrain, killed)
     a = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "a" / "train.jsonl")]
     b = [(r["step"], r["loss"], r["text_loss"]) for r in records(tmp_path / "b" / "train.jsonl")]
     assert len(a) == len(b) == 8
@@ -124,26 +115,9 @@ def test_ranks_read_disjoint_samples(data):
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_two_process_deepspeed_matches_one_process(tmp_path, data, zero):
     """2 ranks over gloo with micro batch 4 = 1 rank with micro batch 8: the same global batches, the same losses."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    common = [*run_args(data, tmp_path / "x", "steps=5", "checkpoint_every=100", "data.lanes=2",
-                        f"zero_stage={zero}")]
-    common = [a for a in common if not a.startswith("out=")]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # set by in-process runs above
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONUNBUFFERED": "1"}
-    one = subprocess.run([sys.executable, "-m", "omnitok", "pretrain", *common, f"out={tmp_path / 'one'}",
-                          "micro_batch_size=8"], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "-m", "omnitok", "pretrain", *common, f"out={tmp_path / 'two'}",
-                          "micro_batch_size=4"], env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    common = [a for a in run_args(data, tmp_path / "x", "steps=5", "checkpoint_every=100", "data.lanes=2",
+                                  f"zero_stage={zero}") if not a.startswith(("out=", "micro_batch_size="))]
+    one_and_two_processes("pretrain", common, tmp_path, micro_batch=8)
     a = [r["loss"] for r in records(tmp_path / "one" / "train.jsonl")]
     b = [r["loss"] for r in records(tmp_path / "two" / "train.jsonl")]
     assert len(a) == len(b) == 5
