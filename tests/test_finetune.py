@@ -134,10 +134,11 @@ def test_wrong_usage_is_one_line(sft, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [0, 2, 3])
+@pytest.mark.parametrize("zero", [2, 3])
 def test_two_process_lora_matches_one_process(sft, tmp_path, zero):
     """2 ranks over gloo with micro batch 2 = 1 rank with micro batch 4: the same global batches, the same losses
-    and weights, with frozen base weights under each ZeRO stage (LoRA dropout off: its masks are drawn per rank)."""
+    and weights, with frozen base weights partitioned by ZeRO 2 and 3 (LoRA dropout off: its masks are drawn per
+    rank)."""
     common = [a for a in args(sft, tmp_path / "x", "steps=4", "checkpoint_every=4", "data.lanes=2",
                               f"zero_stage={zero}", "lora.dropout=0.0", "optim.lr=0.01")
               if not a.startswith(("out=", "micro_batch_size="))]
