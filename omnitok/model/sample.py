@@ -2,6 +2,9 @@
 
 - Prompts: text with media references (``A cat <image:cat.png> says``), a JSON document (``{"segments": [...]}`` or a
   list of segments), or a file of prompts, one per line, either form (media paths relative to the file).
+- Chat requests (``--chat``, a model whose layout has the chat markers): text as the user's turn, or JSON lines with
+  ``messages`` (or ShareGPT ``conversations``) ending with a user turn; each sample is the assistant's answer, which
+  ends at ``<|eot|>`` (``prompt_tokens``; ``chat.py`` holds the terminal session).
 - The model directory is an ``omnitok export`` (a Hugging Face directory with ``tokenizer/`` beside the weights), or
   any causal-LM directory given with ``--tokenizer``; the model's vocabulary and the tokenizer's layout must agree.
 - Media is decoded while sampling goes on: each span is handed to a decoder thread the moment it closes; the thread
