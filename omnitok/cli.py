@@ -138,6 +138,11 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"{args.out}/tokenizer)")
 
 
+def _model_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--model", required=True, type=Path, help=what)
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """The sampling flags and KEY=VALUE settings `sample` and `chat` share (read back by `_sampling`)."""
     parser.add_argument("--output-modality", default="any", choices=["any", "text", "image", "audio"],
@@ -389,8 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "sample and an index.html. Sampling settings as KEY=VALUE: text.temperature=0.7 "
                              "image.top_k=1000 image.guidance=3 image.plausibility=0.1 audio.guidance=3 "
                              "max_audio_frames=750.")
-    sa.add_argument("--model", required=True, type=Path, help="an `omnitok export` directory")
-    sa.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
+    _model_arguments(sa, "an `omnitok export` directory")
     sa.add_argument("--prompt", action="append", default=[], help="text with <image:PATH> / <audio:PATH> "
                     "references, or a JSON document; repeatable")
     sa.add_argument("--prompts", type=Path, help="a file of prompts, one per line (text or JSON)")
@@ -408,8 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "references; answers print their text and the paths of the images and sounds they hold "
                              "(written under --out). /reset forgets the history, /save PATH writes it as chat JSON, "
                              "/quit ends.")
-    ch.add_argument("--model", required=True, type=Path, help="an `omnitok finetune` export (a chat layout)")
-    ch.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL/tokenizer)")
+    _model_arguments(ch, "an `omnitok finetune` export (a chat layout)")
     ch.add_argument("--out", type=Path, default=Path("chat"), help="where answers' media go (default ./chat)")
     ch.add_argument("--seed", type=int, default=0, help="answer k uses seed + k")
     _sampling_arguments(ch)

@@ -9,6 +9,7 @@ import torch
 from conftest import killed_after_first_checkpoint_then_resumed, one_and_two_processes
 
 from benchmarks.synthetic import write_shards
+from omnitok import distributed
 from omnitok.cli import main
 from omnitok.tokenizers.layout import TokenLayout
 from omnitok.train import finetune as finetune_module
@@ -103,7 +104,7 @@ def test_full_fine_tuning_and_what_each_method_trains(sft, tmp_path):
     counts = {}
     for method, extra in (("full", []), ("lora", []), ("lora", ["lora.token_rows=all"]), ("lora", ["lora.r=2"])):
         cfg = load_finetune_config(None, args(sft, tmp_path / "x", f"method={method}", *extra))
-        task = finetune_module.FinetuneTask(cfg, finetune_module.distributed.join())
+        task = finetune_module.FinetuneTask(cfg, distributed.join())
         counts[(method, *extra)] = sum(p.numel() for p in task.engine.module.parameters() if p.requires_grad)
     total = counts[("full",)]
     assert total == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(sft / "base" / "export").parameters())

@@ -129,6 +129,11 @@ class _Source:
         self.epoch, self.shard, self.sample = state["epoch"], state["shard"], state["sample"]
 
 
+def is_conversation(trained) -> bool:
+    """Whether a sample's loss mask is a conversation's: a document trains every id, a conversation never its bos."""
+    return not all(trained) if isinstance(trained, list) else not bool(trained.all())
+
+
 class Packer:
     """Documents into sequences of exactly ``seq_len`` tokens (padding at the end), recording where each document (or
     the part of one continued from the previous sequence) begins. An image span is never cut (one that would cross
@@ -195,7 +200,7 @@ class Packer:
                 if len(self.pending) == L:
                     return self._emit()
                 continue
-            if (self.keep_whole or not all(trained)) and not long:  # a conversation never trains its bos
+            if (self.keep_whole or is_conversation(trained)) and not long:
                 return self._emit()  # the document starts the next sequence
             cut = self._cut(spans, len(tokens), room, long)
             if cut == 0 and not self.pending:
@@ -257,7 +262,7 @@ class _Lane:
             k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
                 [self.cfg.seed, 7, self.lane, self.documents]).choice(len(self.sources), p=self.weights))
             tokens, spans, trained = self.sources[k].next()
-            if len(tokens) > self.cfg.seq_len and not trained.all():  # a conversation: its bos is never trained
+            if len(tokens) > self.cfg.seq_len and is_conversation(trained):
                 self.skipped += 1
                 self.problems.append(f"{self.sources[k].where()}: a conversation of {len(tokens)} tokens does not fit "
                                      f"in data.seq_len {self.cfg.seq_len}; skipped")

@@ -25,14 +25,12 @@ from pathlib import Path
 
 import torch
 
-from omnitok import distributed
-from omnitok.config import apply_overrides, build, load_config_file, to_dict
+from omnitok.config import apply_overrides, build, load_config_file
 from omnitok.errors import OmnitokError
 from omnitok.model.build import empty_model
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
-from omnitok.train import deepspeed_io, harness
 from omnitok.train.checkpoint import complete_checkpoints
-from omnitok.train.pretrain import PretrainConfig, PretrainTask
+from omnitok.train.pretrain import PretrainConfig, PretrainTask, run_lm_task
 
 ADAPTER_DIR = "adapter"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -73,11 +71,7 @@ def load_finetune_config(path: str | Path | None, overrides: list[str]) -> Finet
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """Fine-tune; returns the last train record (on every rank)."""
-    world = distributed.join()
-    task = FinetuneTask(cfg, world)
-    result = harness.run(task, cfg, to_dict(cfg), Path(cfg.out), world=world, resume=resume, desc="finetune",
-                         allowed=deepspeed_io.allowed_classes())
-    return result.train
+    return run_lm_task(FinetuneTask, cfg, resume, "finetune")
 
 
 def base_layout(model_dir: str | Path) -> TokenLayout | None:

@@ -126,10 +126,14 @@ def _peak_flops(device: torch.device) -> float | None:
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Train; returns the last train record (on every rank)."""
+    return run_lm_task(PretrainTask, cfg, resume, "pretrain")
+
+
+def run_lm_task(task_class: type, cfg: PretrainConfig, resume: bool, desc: str) -> dict:
+    """``task_class`` (pretraining's task or one built on it) on the harness; the last train record, every rank."""
     world = distributed.join()
-    task = PretrainTask(cfg, world)
-    result: RunResult = harness.run(task, cfg, to_dict(cfg), Path(cfg.out), world=world, resume=resume,
-                                    desc="pretrain", allowed=deepspeed_io.allowed_classes())
+    result: RunResult = harness.run(task_class(cfg, world), cfg, to_dict(cfg), Path(cfg.out), world=world,
+                                    resume=resume, desc=desc, allowed=deepspeed_io.allowed_classes())
     return result.train
 
 
