@@ -50,10 +50,12 @@ def document(rng: np.random.Generator, layout: TokenLayout, text: tuple[int, int
     return np.array([t for p in pieces for t in p], dtype=np.int32), spans
 
 
-def conversation(rng: np.random.Generator, layout: TokenLayout, **shape) -> tuple[np.ndarray, list[Span], np.ndarray]:
+def conversation(rng: np.random.Generator, layout: TokenLayout, **shape
+                 ) -> tuple[np.ndarray, list[Span], np.ndarray, list]:
     """One exchange: a user request of a few text ids, and the assistant's answer, a synthetic document's content
     whose text, when it opens with text, starts with the request's first id (so the answer depends on the request);
-    the loss mask marks the answer and its ``<|eot|>``."""
+    the loss mask marks the answer and its ``<|eot|>``; the request is one dropout may drop when the answer opens
+    with media."""
     body, spans = document(rng, layout, **shape)
     request = rng.integers(FIRST_TEXT, layout.text_vocab_size, rng.integers(1, 5))
     if spans[0].stop > spans[0].start:  # an answer that opens with text repeats the request's first id
@@ -63,8 +65,9 @@ def conversation(rng: np.random.Generator, layout: TokenLayout, **shape) -> tupl
     shift = len(head) - 1
     loss = np.zeros(len(tokens), dtype=bool)
     loss[len(head):-1] = True
+    requests = [[2, 2 + len(request), []]] if spans[0].stop == spans[0].start or spans[0].modality != "text" else []
     spans = [Span("text", 2, 2 + len(request)), *(Span(s.modality, s.start + shift, s.stop + shift) for s in spans)]
-    return tokens, spans, loss
+    return tokens, spans, loss, requests
 
 
 def write_shards(directory: Path, layout: TokenLayout, n_docs: int, shard_size: int, seed: int = 0,
@@ -78,8 +81,10 @@ def write_shards(directory: Path, layout: TokenLayout, n_docs: int, shard_size: 
     for i in range(n_docs):
         meta = {"source": f"synthetic:{i}"}
         if chat:
-            tokens, spans, loss = conversation(rng, layout, **shape)
+            tokens, spans, loss, requests = conversation(rng, layout, **shape)
             meta["trained"] = trained_ranges(loss)
+            if requests:
+                meta["requests"] = requests
         else:
             tokens, spans = document(rng, layout, **shape)
         entry = writer.add(f"doc{i:05d}", tokens, {**meta, "spans": [list(s) for s in spans]}, {})

@@ -36,6 +36,9 @@ def cmd_tokenizer_assemble(args: argparse.Namespace) -> None:
     tok = assemble(args.text, args.out, image=args.image, audio=args.audio, text_vocab_size=args.text_vocab_size,
                    bos_token=args.bos_token, eos_token=args.eos_token, chat=args.chat)
     print(f"tokenizer written to {args.out}\n{tok.layout.describe()}")
+    if tok.chat is not None:
+        print("chat: " + ("the role markers" if tok.chat.kind == "markers" else
+                          f"the text tokenizer's own template, a turn ends with {tok.text.decode([tok.chat.end_id])}"))
 
 
 def cmd_tokenizer_info(args: argparse.Namespace) -> None:
@@ -468,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "larger than its tokenizer (default: the tokenizer's size)")
     asm.add_argument("--bos-token", help="bos token of a bare tokenizer.json")
     asm.add_argument("--eos-token", help="eos token of a bare tokenizer.json")
-    asm.add_argument("--chat", action="store_true", help="add the role markers conversations need (<|system|>, "
-                     "<|user|>, <|assistant|>, <|eot|>) for instruction tuning")
+    asm.add_argument("--chat", action="store_true", help="hold conversations for instruction tuning: add the role "
+                     "markers (<|system|>, <|user|>, <|assistant|>, <|eot|>), unless the text tokenizer is an instruct "
+                     "LLM's with its own chat template, which is then used instead")
     asm.set_defaults(func=cmd_tokenizer_assemble)
     info = tok_cmds.add_parser("info", help="print a tokenizer's token layout: id ranges and fingerprints")
     info.add_argument("dir", type=Path, help="tokenizer directory (or a layout.json)")

@@ -43,7 +43,16 @@ class Audio:
     source: Any
 
 
-Segment = Text | Image | Audio
+@dataclass(frozen=True)
+class Tokens:
+    """Ids already made: text ids or one whole media span (markers included) that a model wrote or a tokenizer
+    encoded earlier (a chat's history). Encoding puts them in unchanged."""
+
+    ids: tuple[int, ...]
+    modality: str  # text, image or audio
+
+
+Segment = Text | Image | Audio | Tokens
 _KEYS = {"text": Text, "image": Image, "audio": Audio}
 
 

@@ -30,10 +30,10 @@ def test_an_answer_ends_at_its_eot_and_never_writes_document_or_role_markers(cha
     model, tok = chat
     L = tok.layout
     prompts = [parse_chat_prompt(t) for t in ("Draw a red circle.", "Play a rising chirp.", "Hello")] * 20
-    ids, end, forbidden = prompt_tokens(tok, prompts, chat=True)
+    ids, end, forbidden, requests = prompt_tokens(tok, prompts, chat=True)
     assert end == L.eot_id and ids[0][-1] == L.role_id("assistant") and ids[0][1] == L.role_id("user")
     answers = generate(model, L, ids, end, SAMPLING, seeds=list(range(len(ids))), forbidden=forbidden,
-                       nonempty=True)
+                       nonempty=True, requests=requests)
     ended = 0
     for new in answers:
         body = new[:-1] if new[-1] == L.eot_id else new
@@ -57,7 +57,7 @@ def test_an_answer_ends_at_its_eot_and_never_writes_document_or_role_markers(cha
 def test_guidance_drops_the_last_user_turn_as_training_dropout_does(chat, tmp_path):
     """The sampler's unconditional row of a chat equals what conditioning dropout trains for the same conversation:
     the content of the user turn before an answer that opens with media, markers kept; earlier turns stay."""
-    from omnitok.data.shards import ShardWriter, trained_ranges, write_manifest
+    from omnitok.data.shards import ShardWriter, sample_meta, write_manifest
     from omnitok.data.stream import PackedStream, StreamConfig
 
     _, tok = chat
@@ -71,12 +71,14 @@ def test_guidance_drops_the_last_user_turn_as_training_dropout_does(chat, tmp_pa
     boi = ids.index(L.boi_id)
     (tmp_path / "s").mkdir()
     writer = ShardWriter(tmp_path / "s", 10)
-    writer.add("c0", enc.ids, {"spans": [list(s) for s in enc.spans], "trained": trained_ranges(enc.loss)}, {})
+    writer.add("c0", enc.ids, sample_meta(enc), {})
     write_manifest(tmp_path / "s", [writer.flush()], 1)
     L.save(tmp_path / "s" / "layout.json")
     dropped = PackedStream(StreamConfig(shards=[str(tmp_path / "s")], seq_len=256, cond_dropout=1.0), L, 1)
     trained_on = dropped.next_batch().ids[0].tolist()
-    uncond = unconditional(ids[:boi], L)
+    asked = tok.encode_conversations([Conversation(conv.turns[:-1])], prompt=True)[0]
+    assert asked.ids.tolist() == ids[:boi]
+    uncond = unconditional(ids[:boi], L, asked.requests[-1])
     assert trained_on[: len(uncond) + 1] == uncond + [L.boi_id]
     first_user = ids.index(L.role_id("user"))
     request = len(tok.text.encode(["Draw a red circle."])[0])
@@ -135,7 +137,7 @@ def test_chat_session_keeps_history_and_its_commands_work(chat, chat_model_dir, 
     answers = [s for s in shown if not s.startswith(("type a message", "error:", "("))]
     assert len(answers) == session.replies == 4 and session.ids[0] == tok.text.bos_id
     assert session.ids.count(tok.layout.role_id("user")) == 1  # after /reset, one exchange
-    assert session.ids[-1] == tok.layout.eot_id
+    assert session.ids[-2:] == [tok.layout.eot_id, tok.text.eos_id]
     for k in range(4):
         record = json.loads((tmp_path / "answers" / f"{k:03d}" / "sample.json").read_text())
         assert record["seed"] == 3 + k
@@ -155,7 +157,7 @@ def test_chat_session_keeps_history_and_its_commands_work(chat, chat_model_dir, 
     # the ids of the second exchange continue the first's exactly
     again = ChatSession(model, tok, tmp_path / "again", SAMPLING, seed=3)
     again.ask("Draw a red circle.")
-    first = list(again.ids)
+    first = again.ids[:-1]  # all but the eos that closes it
     again.ask("What is this? <image:cat.png>")
     assert again.ids[: len(first)] == first
     again.ask("{braces} and [brackets] are text in a chat, not JSON")

@@ -201,7 +201,7 @@ def test_tokenize_records_the_trained_ids_and_the_stream_trains_only_those(chat_
 def test_guidance_dropout_empties_the_request_before_a_media_answer(tok, media, tmp_path):
     """With conditioning dropout, the user turn before an assistant turn that opens with a picture loses its content
     (markers kept): the unconditional case guidance samples from. The assistant's ids stay trained."""
-    from omnitok.data.shards import ShardWriter, trained_ranges, write_manifest
+    from omnitok.data.shards import ShardWriter, sample_meta, write_manifest
     from omnitok.data.stream import PackedStream, StreamConfig
     from omnitok.tokenizers.layout import IGNORE
 
@@ -210,7 +210,7 @@ def test_guidance_dropout_empties_the_request_before_a_media_answer(tok, media, 
     enc = tok.encode_conversations([conv])[0]
     (tmp_path / "s").mkdir()
     writer = ShardWriter(tmp_path / "s", 10)
-    writer.add("c0", enc.ids, {"spans": [list(s) for s in enc.spans], "trained": trained_ranges(enc.loss)}, {})
+    writer.add("c0", enc.ids, sample_meta(enc), {})
     write_manifest(tmp_path / "s", [writer.flush()], 1)
     tok.layout.save(tmp_path / "s" / "layout.json")
     L = tok.layout

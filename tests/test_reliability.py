@@ -338,7 +338,7 @@ def test_every_sample_is_counted_alike_by_manifest_stats_and_one_epoch_of_traini
     source = _Source(urls, 0, seed=0, rank=0, world=1)
     epoch = []
     while source.epoch == 0:
-        tokens, _, _ = source.next()
+        tokens = source.next()[0]
         if source.epoch == 0:
             epoch.append(tokens.tolist())
     assert len(epoch) == 6 and len({tuple(t) for t in epoch}) == 6

@@ -84,6 +84,19 @@ def trained_ranges(mask: np.ndarray) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
 
 
+def sample_meta(encoded, source: str | None = None) -> dict[str, Any]:
+    """``meta.json`` of an encoded document or conversation (``EncodedDocument``): its spans, and for a conversation
+    the trained ranges and the requests conditioning dropout may drop (``tokenizers/chat.py``)."""
+    meta: dict[str, Any] = {"spans": [[m, int(a), int(b)] for m, a, b in encoded.spans]}
+    if source is not None:
+        meta["source"] = source
+    if encoded.loss is not None:
+        meta["trained"] = trained_ranges(encoded.loss)
+    if encoded.requests:
+        meta["requests"] = [[int(a), int(b), [int(i) for i in r]] for a, b, r in encoded.requests]
+    return meta
+
+
 def trained_mask(ranges: list, length: int) -> np.ndarray:
     """The inverse of ``trained_ranges``; every id when ``ranges`` is None."""
     mask = np.zeros(length, dtype=bool) if ranges is not None else np.ones(length, dtype=bool)

@@ -13,7 +13,8 @@
   equally often in expectation (``tests/test_reliability.py`` counts it).
 - Mixture: each document comes from shard set ``k`` with probability ``weights[k]`` (seeded per document).
 - Conditioning dropout (ARCHITECTURE.md): text right before an image or audio span is dropped with probability
-  ``cond_dropout``, so the model also learns the unconditional case that classifier-free guidance samples from.
+  ``cond_dropout``, so the model also learns the unconditional case that classifier-free guidance samples from; in a
+  conversation, the content of a user turn answered with media (the requests its shard sample records).
 - Packing to ``seq_len`` never cuts an image span (one that would cross the boundary starts the next sequence);
   a document longer than ``seq_len`` is split only inside text or at audio frame boundaries. Padding carries no
   loss; the padded fraction is reported.
@@ -96,7 +97,7 @@ class _Source:
         if self._cache is None or self._cache[0] != key:
             shard = self._order()[shard_pos]
             samples = [(tokens.astype(np.int64), [Span(*s) for s in meta["spans"]],
-                        trained_mask(meta.get("trained"), len(tokens)))
+                        trained_mask(meta.get("trained"), len(tokens)), meta.get("requests", []))
                        for _, tokens, meta in read_shard(self.urls[shard])]
             perm = np.random.default_rng([self.seed, self.index, self.epoch, int(shard)]).permutation(len(samples))
             samples = [samples[i] for i in perm]
@@ -105,7 +106,7 @@ class _Source:
             self._cache = (key, samples)
         return self._cache[1]
 
-    def next(self) -> tuple[np.ndarray, list[Span], np.ndarray]:
+    def next(self) -> tuple[np.ndarray, list[Span], np.ndarray, list]:
         for _ in range(len(self.urls) * 2 + 2):  # skips empty shards; a wholly empty set fails below
             order = self._order()
             if self.shard >= len(order):
@@ -261,49 +262,31 @@ class _Lane:
             self.documents += 1
             k = 0 if len(self.sources) == 1 else int(np.random.default_rng(
                 [self.cfg.seed, 7, self.lane, self.documents]).choice(len(self.sources), p=self.weights))
-            tokens, spans, trained = self.sources[k].next()
+            tokens, spans, trained, requests = self.sources[k].next()
             if len(tokens) > self.cfg.seq_len and is_conversation(trained):
                 self.skipped += 1
                 self.problems.append(f"{self.sources[k].where()}: a conversation of {len(tokens)} tokens does not fit "
                                      f"in data.seq_len {self.cfg.seq_len}; skipped")
                 continue
-            return self._drop_conditioning(tokens, spans, trained,
+            return self._drop_conditioning(tokens, spans, trained, requests,
                                            np.random.default_rng([self.cfg.seed, 11, self.lane, self.documents]))
 
-    def _drop_conditioning(self, tokens: np.ndarray, spans: list, trained: np.ndarray, rng
+    def _drop_conditioning(self, tokens: np.ndarray, spans: list, trained: np.ndarray, requests: list, rng
                            ) -> tuple[np.ndarray, list, np.ndarray]:
-        """With probability ``cond_dropout`` each, drop the text right before a media span, and in a conversation
-        the content of the user turn right before an assistant turn that opens with media (its role marker and
-        end-of-turn stay): what the sampler's unconditional row holds."""
+        """With probability ``cond_dropout`` each: in a document, drop the text right before a media span; in a
+        conversation, apply each of its requests (``tokenizers/chat.py``: the content of a user turn that an assistant
+        turn opening with media answers, emptied as the chat format writes an empty turn). Either is exactly what
+        the sampler's unconditional row holds."""
         if not self.cfg.cond_dropout:
             return tokens, spans, trained
         p = self.cfg.cond_dropout
-        cut = [(spans[i - 1].start, spans[i - 1].stop) for i in range(1, len(spans))
-               if spans[i].modality != "text" and spans[i - 1].modality == "text"
-               and spans[i - 1].stop == spans[i].start and rng.random() < p]
-        cut += [prompt for prompt in self._media_requests(tokens) if rng.random() < p]
-        if not cut:
-            return tokens, spans, trained
-        keep = np.ones(len(tokens), dtype=bool)
-        for start, stop in cut:
-            keep[start:stop] = False
-        shift = np.concatenate([[0], np.cumsum(~keep)])  # tokens removed before each position
-        new_spans = [Span(m, int(s - shift[s]), int(e - shift[e])) for m, s, e in spans if keep[s:e].any()]
-        return tokens[keep], new_spans, trained[keep]
-
-    def _media_requests(self, tokens: np.ndarray) -> list[tuple[int, int]]:
-        """``[start, stop)`` of each user turn's content that an assistant turn opening with media answers."""
-        L = self.layout
-        if not L.chat:
-            return []
-        media = ([L.boi_id] if L.has_image else []) + ([L.boa_id] if L.has_audio else [])
-        users = np.flatnonzero(tokens == L.role_id("user"))
-        out = []
-        for a in np.flatnonzero(tokens[:-1] == L.role_id("assistant")):
-            before = users[users < a]
-            if tokens[a + 1] in media and len(before) and tokens[a - 1] == L.eot_id and a - 1 > before[-1] + 1:
-                out.append((int(before[-1]) + 1, int(a) - 1))
-        return out
+        if is_conversation(trained):
+            edits = [(start, stop, replacement) for start, stop, replacement in requests if rng.random() < p]
+        else:
+            edits = [(spans[i - 1].start, spans[i - 1].stop, []) for i in range(1, len(spans))
+                     if spans[i].modality != "text" and spans[i - 1].modality == "text"
+                     and spans[i - 1].stop == spans[i].start and rng.random() < p]
+        return edited(tokens, spans, trained, edits) if edits else (tokens, spans, trained)
 
     # ---------------------------------------------------------------- position
 
@@ -316,6 +299,39 @@ class _Lane:
             source.load(s)
         self.documents = state["documents"]
         self.packer.load_state_dict(state)
+
+
+def edited(tokens: np.ndarray, spans: list, trained: np.ndarray, edits: list
+           ) -> tuple[np.ndarray, list, np.ndarray]:
+    """A sample with each ``(start, stop, replacement)`` of ``edits`` (disjoint) applied: ``tokens[start:stop]``
+    replaced by ``replacement``, which is never trained. Spans inside an edited range go; a text span across an
+    edge keeps its outer part and the replacement."""
+    edits = sorted(edits)
+    pieces, masks, pos = [], [], 0
+    for start, stop, replacement in edits:
+        pieces += [tokens[pos:start], np.asarray(replacement, dtype=tokens.dtype)]
+        masks += [trained[pos:start], np.zeros(len(replacement), dtype=bool)]
+        pos = stop
+    pieces.append(tokens[pos:])
+    masks.append(trained[pos:])
+
+    def moved(p: int, end: bool) -> int:
+        shift = 0
+        for start, stop, replacement in edits:
+            if p >= stop:
+                shift += len(replacement) - (stop - start)
+            elif p > start:  # inside an edit: to its far edge, replacement included
+                return (start if not end else start + len(replacement)) + shift
+        return p + shift
+
+    new_spans = []
+    for m, s, e in spans:
+        if any(start <= s and e <= stop for start, stop, _ in edits):
+            continue
+        s2, e2 = moved(s, False), moved(e, True)
+        if e2 > s2:
+            new_spans.append(Span(m, s2, e2))
+    return np.concatenate(pieces), new_spans, np.concatenate(masks)
 
 
 class Batch(NamedTuple):

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from omnitok.data.readers import Item, read_inputs
-from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, trained_ranges
+from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, sample_meta
 from omnitok.distributed import launched_part
 from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
@@ -238,10 +238,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
                 if enc is None:
                     continue
                 counts = _token_counts(tok.layout, enc.ids)
-                meta = {"source": item.source, "spans": [list(s) for s in enc.spans]}
-                if enc.loss is not None:
-                    meta["trained"] = trained_ranges(enc.loss)
-                finished = writer.add(item.key, enc.ids, meta, counts)
+                finished = writer.add(item.key, enc.ids, sample_meta(enc, item.source), counts)
                 samples, tokens = samples + 1, tokens + len(enc.ids)
                 if finished is not None:
                     _shard_done(out, manifest, finished, index, errors)

@@ -1,12 +1,14 @@
 """``omnitok chat``: a conversation with an instruction-tuned model in the terminal.
 
 Each line the user types is a user turn (text with ``<image:PATH>`` / ``<audio:PATH>`` references); the model answers
-with the assistant's turn, sampled with the grammar that ends it at ``<|eot|>`` and guidance whose unconditional row is
-the conversation with the last user turn's content dropped (``sampler.py``). Text is printed; each image and sound
-the answer holds is written to ``OUT/NNN/KK.png`` / ``.wav`` and its path printed. The history is kept as the ids the
-model saw and wrote (its own codes, not a re-encoding of the decoded media), so every turn continues the same
-sequence. Commands: ``/reset`` forgets the history, ``/save PATH`` writes the conversation as chat JSON (the
-``messages`` form that ``omnitok tokenize`` and ``omnitok sample --chat`` read), ``/quit`` ends the session.
+with the assistant's turn, sampled with the grammar that ends it at the end of its turn (``<|eot|>``, or the chat
+template's) and guidance whose unconditional row is the conversation with the last user turn's content dropped
+(``sampler.py``). Text is printed; each image and sound the answer holds is written to ``OUT/NNN/KK.png`` / ``.wav``
+and its path printed. The history is kept as turns whose media and answers are the ids the model saw and wrote (its
+own codes, not a re-encoding of decoded media); each question encodes that conversation in the tokenizer's chat
+format, so a chat template sees every turn as it would in training. Commands: ``/reset`` forgets the history,
+``/save PATH`` writes the conversation as chat JSON (the ``messages`` form that ``omnitok tokenize`` and
+``omnitok sample --chat`` read), ``/quit`` ends the session.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from omnitok.document import Conversation, Document, Image, Text, Turn
+import numpy as np
+
+from omnitok.document import Conversation, Document, Image, Text, Tokens, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.model.sample import Prompt, SpanDecoder, check_media, segments_of, write_sample
@@ -28,25 +32,31 @@ class ChatSession:
     """One conversation: the ids so far, and its turns as chat messages for ``/save``."""
 
     def __init__(self, model, tok: MultimodalTokenizer, out: str | Path, sampling: SamplingConfig, seed: int = 0):
-        tok.layout.need_chat()
+        self.format = tok.need_chat()
         check_request(tok.layout, sampling)
         self.model, self.tok, self.out, self.sampling, self.seed = model, tok, Path(out), sampling, seed
         self.replies = 0  # numbers the answers' folders across resets
         self.reset()
 
     def reset(self) -> None:
-        self.ids: list[int] = [self.tok.text.bos_id]
+        self.turns: list[Turn] = []  # media and answers as ids (Tokens)
         self.messages: list[dict] = []
+
+    @property
+    def ids(self) -> list[int]:
+        """The conversation so far as ids, closed as a training conversation is (empty before the first answer)."""
+        return self.tok.encode_conversations([Conversation(self.turns)])[0].ids.tolist() if self.turns else []
 
     def ask(self, line: str) -> dict:
         """The assistant's answer to the user turn ``line``: its record (``sample.json``'s form, files in
         ``out/NNN``)."""
-        tok, layout = self.tok, self.tok.layout
+        tok, end = self.tok, self.format.end_id
         turn = Conversation([Turn("user", segments_of(line, Path.cwd()))]).check(prompt=True)  # text, never JSON
         prompt = Prompt(line, Document(turn.segments), conversation=turn)
         check_media(prompt)
-        turn = tok.encode_conversations([prompt.conversation], prompt=True)[0].ids.tolist()[1:]  # after bos
-        ids = self.ids + turn
+        user = Turn("user", tok.encode_media(turn.turns[0].segments))
+        encoded = tok.encode_conversations([Conversation([*self.turns, user])], prompt=True)[0]
+        ids = encoded.ids.tolist()
         try:
             budget = new_token_budget(self.model, self.sampling, [len(ids)])[0]
         except OmnitokError:
@@ -59,12 +69,15 @@ class ChatSession:
             decoder.submit((job, spans[0]), modality, span)
             spans[0] += 1
 
-        new = generate(self.model, layout, [ids], layout.eot_id, self.sampling, seeds=[seed], on_span=on_span,
-                       forbidden=[tok.text.bos_id, tok.text.eos_id], nonempty=True)[0]
-        record = write_sample(self.out, job, prompt, seed, new, decoder.finish(), tok, layout.eot_id, budget,
+        new = generate(self.model, tok.layout, [ids], end, self.sampling, seeds=[seed], on_span=on_span,
+                       forbidden=self.format.forbidden, nonempty=True, requests=[encoded.requests[-1]])[0]
+        record = write_sample(self.out, job, prompt, seed, new, decoder.finish(), tok, end, budget,
                               budget < self.sampling.max_new_tokens)
         self.replies += 1
-        self.ids = ids + new + ([layout.eot_id] if new[-1:] != [layout.eot_id] else [])  # a closed turn
+        body = new[:-1] if new[-1:] == [end] else new  # the chat format closes the turn
+        answer = [Tokens(tuple(body[p.span.start:p.span.stop]), p.modality)
+                  for p in tok.parse(np.asarray(body, dtype=np.int64))]
+        self.turns += [user, Turn("assistant", answer)]
         folder = self.out / record["id"]
         self.messages += [{"role": "user", "content": [_part(s) for s in prompt.conversation.turns[0].segments]},
                           {"role": "assistant", "content": [

@@ -2,9 +2,10 @@
 
 - Prompts: text with media references (``A cat <image:cat.png> says``), a JSON document (``{"segments": [...]}`` or a
   list of segments), or a file of prompts, one per line, either form (media paths relative to the file).
-- Chat requests (``--chat``, a model whose layout has the chat markers): text as the user's turn, or JSON lines with
-  ``messages`` (or ShareGPT ``conversations``) ending with a user turn; each sample is the assistant's answer, which
-  ends at ``<|eot|>`` (``prompt_tokens``; ``chat.py`` holds the terminal session).
+- Chat requests (``--chat``, a model whose tokenizer holds conversations: chat markers or the text LLM's own chat
+  template): text as the user's turn, or JSON lines with ``messages`` (or ShareGPT ``conversations``) ending with a
+  user turn; each sample is the assistant's answer, which ends at the end of its turn (``prompt_tokens``;
+  ``chat.py`` holds the terminal session).
 - The model directory is an ``omnitok export`` (a Hugging Face directory with ``tokenizer/`` beside the weights), or
   any causal-LM directory given with ``--tokenizer``; the model's vocabulary and the tokenizer's layout must agree.
 - Media is decoded while sampling goes on: each span is handed to a decoder thread the moment it closes; the thread
@@ -23,6 +24,7 @@ import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
+from omnitok.tokenizers.chat import Request
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 from omnitok.weights import from_pretrained
@@ -197,7 +200,7 @@ class SampleRequest:
     num_samples: int = 1  # per prompt, seeds seed, seed+1, ...
     seed: int = 0
     batch_size: int = 8
-    chat: bool = False  # prompts are conversations; each sample is the assistant's next turn, ending at <|eot|>
+    chat: bool = False  # prompts are conversations; each sample is the assistant's next turn
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch_size < 1:
@@ -221,7 +224,7 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
 
     out = Path(out)
     check_request(tok.layout, request.sampling)
-    prompt_ids, end, forbidden = prompt_tokens(tok, prompts, request.chat)
+    prompt_ids, end, forbidden, requests = prompt_tokens(tok, prompts, request.chat)
     budget = new_token_budget(model, request.sampling, [len(x) for x in prompt_ids])
     for i, b in enumerate(budget):
         if b < request.sampling.max_new_tokens:
@@ -244,7 +247,7 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
 
         new = generate(model, tok.layout, ids, end, request.sampling,
                        seeds=[request.seed + j for j in batch], on_span=on_span, forbidden=forbidden,
-                       nonempty=request.chat)
+                       nonempty=request.chat, requests=[requests[jobs[j][0]] for j in batch])
         results.update(zip(batch, new))
         bar.update(len(batch))
     bar.close()
@@ -256,17 +259,24 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
     return records
 
 
-def prompt_tokens(tok: MultimodalTokenizer, prompts: list[Prompt], chat: bool
-                  ) -> tuple[list[list[int]], int, list[int]]:
-    """Each prompt's ids, the id that ends a sample and the ids a sample may not write: documents are continued
-    (not ended) and end at eos; chat requests open the assistant's turn, which ends at ``<|eot|>``."""
+class PromptTokens(NamedTuple):
+    ids: list[list[int]]  # each prompt's ids
+    end: int  # the id that ends a sample
+    forbidden: list[int]  # ids a sample may not write
+    requests: list[Request | None]  # what guidance's unconditional row drops from each (chat prompts)
+
+
+def prompt_tokens(tok: MultimodalTokenizer, prompts: list[Prompt], chat: bool) -> PromptTokens:
+    """Each prompt's ids and how its samples end: documents are continued (not ended) and end at eos; chat requests
+    open the assistant's turn, which ends at the chat format's end of turn (``<|eot|>``, or the template's)."""
     if chat:
-        tok.layout.need_chat()
+        fmt = tok.need_chat()
         encoded = tok.encode_conversations([p.conversation for p in prompts], prompt=True)
-        return [e.ids.tolist() for e in encoded], tok.layout.eot_id, [tok.text.bos_id, tok.text.eos_id]
+        return PromptTokens([e.ids.tolist() for e in encoded], fmt.end_id, list(fmt.forbidden),
+                            [e.requests[-1] for e in encoded])
     eos = tok.text.eos_id
     ids = [e.ids.tolist() for e in tok.encode_batch([p.document for p in prompts])]
-    return [x[:-1] if x and x[-1] == eos else x for x in ids], eos, []
+    return PromptTokens([x[:-1] if x and x[-1] == eos else x for x in ids], eos, [], [None] * len(ids))
 
 
 def write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int], media: dict, tok, end: int,
@@ -299,7 +309,7 @@ def write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int],
             segments.append({"type": "audio", "file": name, "frames": int(part.ids.shape[1]),
                              "seconds": round(np.asarray(data).shape[-1] / rate, 3), "tokens": tokens})
         text.append(f"[{part.modality}: {name}]")
-    ended = "eot" if end != tok.text.eos_id else "eos"  # the assistant's turn ended, or the document
+    ended = "eot" if prompt.conversation is not None else "eos"  # the assistant's turn ended, or the document
     stopped = (ended if ids and ids[-1] == end else
                "span" if len(ids) < max_new else "context" if by_context else "max_new_tokens")
     record = {"id": f"{job:03d}", "prompt": prompt.label, "source": prompt.source, "seed": seed,

@@ -21,7 +21,8 @@ With ``output`` "image" or "audio" the span opens at once and the sample ends wh
 
 Classifier-free guidance (per modality, ``guidance`` != 1): while a sample is inside an image or audio span, an
 unconditional row runs in the same forward pass with its own KV cache rows: the sample's sequence with the text right
-before the span dropped, exactly what conditioning dropout trains (ARCHITECTURE.md). The logits used are
+before the span dropped (in a chat, the last user turn's content), exactly what conditioning dropout trains
+(ARCHITECTURE.md). The logits used are
 ``u + guidance * (c - u)`` over the tokens the conditional row finds plausible (``plausibility``, the adaptive
 plausibility constraint of contrastive decoding, Li et al. 2023). The row joins when the span opens (a short prefill
 spliced into the batch cache) and leaves when it closes, so samples in text pay nothing and a batch may mix samples in
@@ -41,6 +42,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.model.decoder import Decoder
+from omnitok.tokenizers.chat import Request
 from omnitok.tokenizers.layout import Modality, TokenLayout, image_span_length
 
 TEXT, ROWS, COLS, CODES, EOI, AUDIO, DONE = range(7)
@@ -275,18 +277,13 @@ def _descending(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1, descending=True).values
 
 
-def unconditional(prefix: list[int], layout: TokenLayout) -> list[int]:
-    """The unconditional version of a sequence about to open a media span: the text right before the span dropped
-    (back to the previous media span or to bos), as conditioning dropout does in training; in a conversation, the
-    content of the last user turn (its markers kept), as conditioning dropout does to a request answered with
-    media."""
-    if layout.chat:
-        user = layout.role_id("user")
-        opens = [i for i, t in enumerate(prefix) if t == user]
-        if opens:
-            start = opens[-1] + 1
-            end = next((i for i in range(start, len(prefix)) if prefix[i] == layout.eot_id), len(prefix))
-            return prefix[:start] + prefix[end:]
+def unconditional(prefix: list[int], layout: TokenLayout, request: Request | None = None) -> list[int]:
+    """The unconditional version of a sequence about to open a media span, as conditioning dropout makes it in
+    training: in a conversation, its ``request`` applied (the last user turn's content emptied, ``chat.py``);
+    otherwise the text right before the span dropped (back to the previous media span or to bos)."""
+    if request is not None:
+        start, stop, replacement = request
+        return prefix[:start] + list(replacement) + prefix[stop:]
     modality = layout.modality_of(np.asarray(prefix[1:], dtype=np.int64))
     kept = np.flatnonzero(modality != Modality.TEXT)
     return prefix[: 2 + int(kept[-1])] if len(kept) else prefix[:1]
@@ -326,11 +323,13 @@ def new_token_budget(model, cfg: SamplingConfig, prompt_lengths: list[int]) -> l
 @torch.inference_mode()
 def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig,
              seeds: list[int] | None = None, on_span: SpanCallback | None = None,
-             forbidden: Sequence[int] = (), nonempty: bool = False) -> list[list[int]]:
+             forbidden: Sequence[int] = (), nonempty: bool = False,
+             requests: Sequence[Request | None] | None = None) -> list[list[int]]:
     """Continue each prompt (ids, normally starting with bos); returns the new ids of each, ending at ``eos_id``
-    (the text eos; ``<|eot|>`` for an assistant's turn) or when ``max_new_tokens`` are used, always with every media
-    span complete. ``forbidden`` ids are never sampled (in a chat: the text bos and eos); with ``nonempty`` the
-    first new token does not end the sample (an assistant's turn is never empty).
+    (the text eos; the end of an assistant's turn in a chat) or when ``max_new_tokens`` are used, always with every
+    media span complete. ``forbidden`` ids are never sampled (in a chat: bos, eos, other control tokens); with
+    ``nonempty`` the first new token does not end the sample (an assistant's turn is never empty). ``requests[b]``:
+    what guidance's unconditional row drops from chat prompt ``b`` (``unconditional``).
 
     ``seeds[b]`` seeds sample ``b`` (default ``0, 1, 2, ...``). ``on_span(b, modality, ids)`` is called as soon as
     a span of sample ``b`` closes (its ids from the opening marker to the closing one), so media can be decoded while
@@ -341,8 +340,9 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     decoder = Decoder(model)
     device, B = decoder.device, len(prompts)
     seeds = list(range(B)) if seeds is None else seeds
-    if len(seeds) != B:
-        raise OmnitokError(f"{len(seeds)} seeds for {B} prompts")
+    requests = [None] * B if requests is None else list(requests)
+    if len(seeds) != B or len(requests) != B:
+        raise OmnitokError(f"{len(seeds)} seeds and {len(requests)} requests for {B} prompts")
     opener = {"image": [layout.boi_id] if cfg.output == "image" else [],
               "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
     budget = new_token_budget(model, cfg, [len(p) + len(opener) for p in prompts])
@@ -363,7 +363,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         return torch.nonzero(scale[grammar.modality()] != 1).flatten().tolist()
 
     uncond_of = wants_guidance()  # the sample of each unconditional row (rows B, B+1, ...)
-    seqs = [list(p) + opener for p in prompts] + [unconditional(prompts[b], layout) + opener for b in uncond_of]
+    seqs = [list(p) + opener for p in prompts] + [unconditional(prompts[b], layout, requests[b]) + opener
+                                                 for b in uncond_of]
     cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + max(budget))
     ids, valid, positions = _left_padded(seqs, layout.pad_id, device)
     logits = decoder.forward(cache, ids, valid, positions)
@@ -405,7 +406,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
             uncond_of = [uncond_of[j] for j in keep]
             if joining:  # prefill their unconditional prefixes, then splice them in
                 # what the conditional row has been fed so far: all but the opener just sampled
-                prefixes = [unconditional(list(prompts[b]) + opener + new[b][:-1], layout) for b in joining]
+                prefixes = [unconditional(list(prompts[b]) + opener + new[b][:-1], layout, requests[b])
+                            for b in joining]
                 extra = decoder.new_cache(len(joining), capacity=max(len(p) for p in prefixes))
                 ids, valid, positions = _left_padded(prefixes, layout.pad_id, device)
                 decoder.forward(extra, ids, valid, positions)

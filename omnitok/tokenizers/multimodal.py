@@ -10,13 +10,15 @@ A tokenizer directory holds ``layout.json``, ``text/`` and, when present, ``imag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from omnitok.document import Audio, Conversation, Document, Image, Segment, Text
+from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Tokens
 from omnitok.errors import MalformedSequence, OmnitokError
+from omnitok.tokenizers.chat import RESERVED, SLOT, ChatFormat, ChatTemplate, Request, request_of
 from omnitok.tokenizers.layout import IMAGE_HEADER, LAYOUT_FILE, Modality, Span, TokenLayout, image_span_length
 from omnitok.tokenizers.protocol import AudioCodec, ImageCodec, load_media_part
 from omnitok.tokenizers.text import TextTokenizer
@@ -29,6 +31,7 @@ class EncodedDocument:
     ids: np.ndarray  # (L,) int32 global ids, bos ... eos
     spans: list[Span]
     loss: np.ndarray | None = None  # (L,) bool: which ids are trained as targets (conversations); None: all
+    requests: list[Request] = field(default_factory=list)  # conversations: user turns dropout may drop (chat.py)
 
 
 LOSS_ON = ("assistant", "all")  # a conversation's trained tokens: the assistant's turns, or every token
@@ -75,8 +78,8 @@ class MultimodalTokenizer:
     def build(cls, text: TextTokenizer, image: ImageCodec | None = None, audio: AudioCodec | None = None,
               text_vocab_size: int | None = None, chat: bool = False) -> MultimodalTokenizer:
         """Make the layout from the parts. ``text_vocab_size`` may exceed the text tokenizer's (an LLM whose
-        embedding table is padded beyond its tokenizer keeps its rows where they are); ``chat`` adds the role
-        markers conversations need."""
+        embedding table is padded beyond its tokenizer keeps its rows where they are). ``chat`` adds the role
+        markers conversations need, unless the text tokenizer has its own chat template: that is used instead."""
         if text_vocab_size is not None and text_vocab_size < text.vocab_size:
             raise OmnitokError(f"text_vocab_size {text_vocab_size} is smaller than the text tokenizer's "
                                f"{text.vocab_size} ids")
@@ -92,7 +95,7 @@ class MultimodalTokenizer:
             audio_codebook_size=audio.codebook_size if audio is not None else 0,
             audio_num_codebooks=audio.num_codebooks if audio is not None else 0,
             fingerprints=fingerprints,
-            chat=chat,
+            chat=chat and text.chat_template is None,
         )
         return cls(layout, text, image, audio)
 
@@ -154,37 +157,128 @@ class MultimodalTokenizer:
             encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans))
         return encoded
 
+    @cached_property
+    def chat(self) -> ChatFormat | None:
+        """How this tokenizer writes conversations (``chat.py``): the layout's role markers, or else the text
+        tokenizer's own chat template; None when it has neither."""
+        if self.layout.chat:
+            return ChatFormat("markers", self.layout.eot_id, (self.text.bos_id, self.text.eos_id))
+        if self.text.chat_template is not None:
+            end = ChatTemplate(self.text).end_id
+            forbidden = {*self.text.special_ids, self.text.bos_id, self.text.eos_id} - {end}
+            return ChatFormat("template", end, tuple(sorted(forbidden)))
+        return None
+
+    def need_chat(self) -> ChatFormat:
+        """The chat format, or a one-line refusal for a tokenizer that cannot hold conversations."""
+        if self.chat is None:
+            raise OmnitokError("this tokenizer cannot hold conversations: its layout has no chat markers and its text "
+                               "tokenizer no chat template; assemble it with `omnitok tokenizer assemble --chat` and "
+                               "fine-tune from a model on it")
+        return self.chat
+
+    def encode_media(self, segments: list[Segment]) -> list[Segment]:
+        """The segments with each image and sound replaced by its ids (``Tokens``), e.g. to keep a chat's history
+        without encoding its media again."""
+        media = [s for s in segments if isinstance(s, Image | Audio)]
+        pieces = iter(self._encode_parts([media])[0])
+        return [Tokens(tuple(next(pieces)[1].tolist()), "image" if isinstance(s, Image) else "audio")
+                if isinstance(s, Image | Audio) else s for s in segments]
+
     def encode_conversations(self, conversations: list[Conversation], loss_on: str = "assistant",
                              prompt: bool = False) -> list[EncodedDocument]:
-        """Conversations -> ``bos, (<|role|> segment... <|eot|>)..., eos`` with a loss mask: with ``loss_on``
-        "assistant" the assistant turns' ids (media spans included) and their ``<|eot|>`` are trained, so the model
-        learns to answer and to end its turn, and nothing the user or system wrote is; "all" trains every id but bos.
-        Each turn's text is joined as in ``encode_batch``; the whole batch goes through each tokenizer once.
+        """Conversations -> ids with a loss mask and requests (``chat.py``), in this tokenizer's chat format: with
+        ``loss_on`` "assistant" the assistant turns' ids (media spans included) and what ends them (``<|eot|>``, or
+        the template's end of turn) are trained, so the model learns to answer and to end its turn, and nothing the
+        user or system wrote is; "all" trains every id but the first. Each turn's text is joined as in
+        ``encode_batch``; the whole batch's media go through each tokenizer once.
 
         With ``prompt`` each conversation ends with a user turn and is encoded as the request for the next answer:
-        ``bos, (<|role|> ... <|eot|>)..., <|assistant|>``, where sampling continues."""
-        layout = self.layout
+        it ends where the assistant's answer begins (``<|assistant|>``; the template's generation prompt)."""
         if loss_on not in LOSS_ON:
             raise OmnitokError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
-        layout.need_chat()
-        turns = [Document(t.segments).merged().segments for c in conversations for t in c.check(prompt).turns]
-        parts = iter(self._encode_parts(turns))
+        chat = self.need_chat()
+        turns = [[s for s in Document(t.segments).merged().segments if not (isinstance(s, Tokens) and not s.ids)]
+                 for c in conversations for t in c.check(prompt).turns]
+        if chat.kind == "markers":
+            return self._encode_with_markers(conversations, turns, loss_on, prompt)
+        return self._encode_with_template(conversations, turns, loss_on, prompt)
+
+    def _encode_with_markers(self, conversations: list[Conversation], turns: list[list[Segment]], loss_on: str,
+                             prompt: bool) -> list[EncodedDocument]:
+        """``bos, (<|role|> segment... <|eot|>)..., eos`` (a prompt ends ``<|assistant|>`` instead of eos)."""
+        layout = self.layout
+        parts, segments = iter(self._encode_parts(turns)), iter(turns)
         encoded = []
         for conv in conversations:
-            ids, loss, spans = [self.text.bos_id], [False], []
-            for turn in conv.turns:
+            ids, loss, spans, requests = [self.text.bos_id], [False], [], []
+            conv_segments = [next(segments) for _ in conv.turns]
+            for i, turn in enumerate(conv.turns):
                 trained = loss_on == "all" or turn.role == "assistant"
                 ids.append(layout.role_id(turn.role))
                 loss.append(loss_on == "all")  # the runtime writes the role marker that opens a turn
+                start = len(ids)
                 for modality, piece in next(parts):
                     spans.append(Span(modality, len(ids), len(ids) + len(piece)))
                     ids.extend(piece.tolist())
                     loss.extend([trained] * len(piece))
+                if _is_request(conv, conv_segments, i, prompt):
+                    requests.append((start, len(ids), []))
                 ids.append(layout.eot_id)
                 loss.append(trained)
             ids.append(layout.role_id("assistant") if prompt else self.text.eos_id)
             loss.append(loss_on == "all")
-            encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans, np.array(loss, dtype=bool)))
+            encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans, np.array(loss, dtype=bool),
+                                           requests))
+        return encoded
+
+    def _encode_with_template(self, conversations: list[Conversation], turns: list[list[Segment]], loss_on: str,
+                              prompt: bool) -> list[EncodedDocument]:
+        """The text tokenizer's chat template, media spans in place of placeholders; the answers found by rendering
+        the conversation up to each assistant turn with and without it (``chat.py``)."""
+        template = ChatTemplate(self.text)
+        media = iter(self._encode_parts([[s for s in segs if not isinstance(s, Text)] for segs in turns]))
+        segments = iter(turns)
+        encoded = []
+        for conv in conversations:
+            slots, kinds, messages = [], [], []
+            conv_segments = [next(segments) for _ in conv.turns]
+            for turn, segs in zip(conv.turns, conv_segments):
+                turn_media, content = iter(next(media)), []
+                for seg in segs:
+                    if isinstance(seg, Text):
+                        if any(r in seg.text for r in RESERVED):
+                            raise OmnitokError("a turn's text holds U+E000 or U+E001, which omnitok reserves for "
+                                               "media in chat templates")
+                        content.append(seg.text)
+                    else:
+                        modality, ids = next(turn_media)
+                        content.append(SLOT.format(len(slots)))
+                        slots.append(ids.tolist())
+                        kinds.append(modality)
+                messages.append({"role": turn.role, "content": "".join(content)})
+            ids, placed = template.ids(messages, prompt, slots)
+            if sorted(k for k, _, _ in placed if k != "text") != list(range(len(slots))):
+                raise OmnitokError("the chat template does not write each message's content exactly once")
+            loss = np.zeros(len(ids), dtype=bool)
+            if loss_on == "all":
+                loss[1:] = True
+            for i, turn in enumerate(conv.turns):
+                if turn.role != "assistant" or loss_on == "all":
+                    continue
+                before = template.ids(messages[:i], True, slots)[0]
+                after = template.ids(messages[: i + 1], False, slots)[0]
+                if after[: len(before)] != before or ids[: len(after)] != after:
+                    raise OmnitokError(f"the chat template writes turn {i} differently once later turns follow, so "
+                                       "its answer cannot be told apart from the rest")
+                loss[len(before):len(after)] = True
+            requests = []
+            for i in range(len(conv.turns)):
+                if _is_request(conv, conv_segments, i, prompt):
+                    emptied = [dict(m, content="") if j == i else m for j, m in enumerate(messages)]
+                    requests.append(request_of(ids, template.ids(emptied, prompt, slots)[0]))
+            spans = [Span("text" if k == "text" else kinds[k], start, stop) for k, start, stop in placed]
+            encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans, loss, requests))
         return encoded
 
     def _encode_parts(self, segment_lists: list[list[Segment]]) -> list[list[tuple[str, np.ndarray]]]:
@@ -199,7 +293,7 @@ class MultimodalTokenizer:
                     images.append(seg.source)
                 elif isinstance(seg, Audio):
                     sounds.append(seg.source)
-                else:
+                elif not isinstance(seg, Tokens):
                     raise OmnitokError(f"unknown segment {seg!r:.60}")
         text_ids = iter(self.text.encode(texts))
         image_codes = iter(self._image().encode(images) if images else [])
@@ -213,6 +307,8 @@ class MultimodalTokenizer:
                     modality = "text"
                 elif isinstance(seg, Image):
                     piece, modality = self._image_piece(next(image_codes)), "image"
+                elif isinstance(seg, Tokens):
+                    piece, modality = np.asarray(seg.ids, dtype=np.int64), seg.modality
                 else:
                     piece, modality = self._audio_piece(next(audio_codes)), "audio"
                 if len(piece):
@@ -335,3 +431,14 @@ def assemble(text: str | Path, out: str | Path, image: str | Path | None = None,
     tok = MultimodalTokenizer.build(text_tok, image_tok, audio_tok, text_vocab_size=text_vocab_size, chat=chat)
     tok.save(out)
     return MultimodalTokenizer.from_dir(out)  # proves the directory reloads with matching fingerprints
+
+
+def _is_request(conv: Conversation, segments: list[list[Segment]], i: int, prompt: bool) -> bool:
+    """Whether user turn ``i`` (``segments``: each turn's, merged) is one conditioning dropout may drop: the last
+    turn of a prompt, or one answered by an assistant turn that opens with media."""
+    if conv.turns[i].role != "user":
+        return False
+    if i == len(conv.turns) - 1:
+        return prompt
+    first = segments[i + 1][0] if segments[i + 1] else None
+    return isinstance(first, Image | Audio) or (isinstance(first, Tokens) and first.modality != "text")

@@ -8,22 +8,27 @@ Accepted sources (``TextTokenizer.from_path``):
 - a SentencePiece ``.model`` file,
 - a Hugging Face ``tokenizer.json`` file (bos/eos tokens named by the caller, or found among common names),
 - a pretrained LLM's directory (``tokenizer.json`` or ``tokenizer.model`` with ``tokenizer_config.json``), so a
-  model can start from an existing LLM's vocabulary.
+  model can start from an existing LLM's vocabulary. An instruct LLM's chat template comes along (kept as
+  ``chat_template.json``, part of the fingerprint): conversations are then written the way the LLM learned them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
 import tokenizers
 
 from omnitok.errors import OmnitokError
+from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.tokenizers.protocol import PART_FILE, fingerprint, read_part_info, write_part_info
 
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
+CHAT_FILE = "chat_template.json"  # an instruct LLM's chat template and the special tokens it may name
 # Tried in order when a bare tokenizer.json does not say which tokens are bos and eos.
 _COMMON_BOS_EOS = [("<s>", "</s>"), ("<|begin_of_text|>", "<|end_of_text|>"), ("<bos>", "<eos>"),
                    ("<|endoftext|>", "<|endoftext|>"), ("<|im_start|>", "<|im_end|>")]
@@ -62,7 +67,8 @@ class _SentencePiece:
 class _HuggingFace:
     name = "hf"
 
-    def __init__(self, tok: tokenizers.Tokenizer, bos: str | None, eos: str | None, source: str):
+    def __init__(self, tok: tokenizers.Tokenizer, bos: str | None, eos: str | None, source: str,
+                 chat: dict | None = None):
         # A tokenizer.json may carry truncation/padding settings; ids must never be cut or padded here.
         tok.no_truncation()
         tok.no_padding()
@@ -85,18 +91,33 @@ class _HuggingFace:
                 raise OmnitokError(f"{source}: token {token!r} is not in the vocabulary")
         vocab = tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
+        self.special_ids = sorted(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self.chat = chat
+        if chat is not None and not (isinstance(chat.get("template"), str) and isinstance(chat.get("tokens"), dict)):
+            raise OmnitokError(f"{source}: {CHAT_FILE} must hold a 'template' string and a 'tokens' object")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    @cached_property
+    def chat_renderer(self):
+        from transformers import PreTrainedTokenizerFast  # slow import; only chat templates need it
+
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(self.tok.to_str()),
+                                       chat_template=self.chat["template"], **self.chat["tokens"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
 
     def fingerprint(self) -> str:
-        return fingerprint({"backend": self.name, "bos": self.bos, "eos": self.eos}, blobs=[self.tok.to_str().encode()])
+        chat = [json.dumps(self.chat, sort_keys=True).encode()] if self.chat is not None else []
+        return fingerprint({"backend": self.name, "bos": self.bos, "eos": self.eos},
+                           blobs=[self.tok.to_str().encode(), *chat])
 
     def save(self, directory: Path) -> None:
         self.tok.save(str(directory / HF_FILE))
+        if self.chat is not None:
+            write_json_atomic(directory / CHAT_FILE, self.chat)
         write_part_info(directory, "text", self.name, bos_token=self.bos, eos_token=self.eos)
 
 
@@ -122,6 +143,28 @@ class TextTokenizer:
     @property
     def eos_id(self) -> int:
         return self._backend.eos_id
+
+    @property
+    def chat_template(self) -> dict | None:
+        """An instruct LLM's own chat template: ``{"template": jinja source, "tokens": {"bos_token": ..., ...}}`` (the
+        special tokens its template may name), or None."""
+        return getattr(self._backend, "chat", None)
+
+    def render_chat(self, messages: list[dict], generation_prompt: bool) -> str:
+        """The chat template's text for ``messages`` (``{"role", "content": str}``), rendered by transformers in its
+        sandbox (a template cannot run code); a template error (a role it refuses, say) is one line."""
+        if self.chat_template is None:
+            raise OmnitokError("this text tokenizer has no chat template")
+        try:
+            return self._backend.chat_renderer.apply_chat_template(messages, tokenize=False,
+                                                                   add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2's TemplateError (and the template's raise_exception), SecurityError
+            raise OmnitokError(f"the chat template refuses this conversation: {e}") from None
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of the control tokens a Hugging Face tokenizer declares special (none for SentencePiece)."""
+        return getattr(self._backend, "special_ids", [])
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Batch of strings -> lists of text ids, without bos/eos."""
@@ -163,7 +206,8 @@ class TextTokenizer:
                 tok = tokenizers.Tokenizer.from_file(str(directory / HF_FILE))
             except Exception as e:  # tokenizers raises plain Exception subclasses for bad files
                 raise OmnitokError(f"{directory / HF_FILE} is not a Hugging Face tokenizer.json: {e}") from None
-            return cls(_HuggingFace(tok, info.get("bos_token"), info.get("eos_token"), str(directory)))
+            chat = read_json_object(directory / CHAT_FILE, "") if (directory / CHAT_FILE).is_file() else None
+            return cls(_HuggingFace(tok, info.get("bos_token"), info.get("eos_token"), str(directory), chat))
         raise OmnitokError(f"{directory}: unknown text tokenizer type {info.get('type')!r}")
 
     @classmethod
@@ -199,7 +243,11 @@ class TextTokenizer:
             raise OmnitokError(f"{path} gives a slow (Python) tokenizer; omnitok needs a fast one (tokenizer.json)")
         bos = bos_token if bos_token is not None else hf.bos_token
         eos = eos_token if eos_token is not None else hf.eos_token
-        return cls(_HuggingFace(hf.backend_tokenizer, bos, eos, str(path)))
+        template = hf.chat_template.get("default") if isinstance(hf.chat_template, dict) else hf.chat_template
+        chat = None if not template else {
+            "template": template,  # rendered later in transformers' sandbox, with the tokens the LLM declares
+            "tokens": {k: v for k, v in hf.special_tokens_map.items() if isinstance(v, str)}}
+        return cls(_HuggingFace(hf.backend_tokenizer, bos, eos, str(path), chat))
 
     def __repr__(self) -> str:
         return (f"TextTokenizer({self.backend}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "

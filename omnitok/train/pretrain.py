@@ -179,7 +179,7 @@ class PretrainTask:
             micro = [(b.model_inputs(self.device), b.labels.to(self.device))
                      for b in (self.stream.next_batch() for _ in range(self.cfg.grad_accum))]
             problems = self.stream.take_problems()  # conversations skipped (every rank's, recorded by rank 0)
-            if self.layout.chat and self.world.any(bool(problems)):
+            if self.world.any(bool(problems)):
                 problems = self.world.gather_lines(problems)
             yield (micro, time.perf_counter() - t0), problems
 
@@ -222,14 +222,13 @@ class PretrainTask:
 
     def summarise(self, window: dict[str, float], seconds: float) -> dict[str, float]:
         padding, emitted = self.stream.padding_counts  # totals since the start, summed over ranks below
-        skipped = {"_skipped": self.stream.skipped} if self.layout.chat else {}
-        summed = self.world.sum({**window, "_padding": padding, "_emitted": emitted, **skipped})
+        summed = self.world.sum({**window, "_padding": padding, "_emitted": emitted, "_skipped": self.stream.skipped})
         stats = summarise_losses(summed)
         stats["tokens_per_s"] = self.tokens_per_step * window.get("_steps", 0.0) / max(seconds, 1e-9)
         busy = summed.get("_wait", 0.0) + summed.get("_compute", 0.0)
         stats["data_wait"] = summed.get("_wait", 0.0) / max(busy, 1e-9)
         stats["padding"] = summed["_padding"] / max(summed["_emitted"], 1.0)  # all ranks' sequences
-        if skipped:
+        if summed["_skipped"]:
             stats["conversations_skipped"] = summed["_skipped"]  # longer than a sequence, since the start
         stats["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler is not None else float("nan")
         if self.peak:
