@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "instruction-tune it and measure it on held-out requests against the "
                                "pretrained model, and write a gallery (index.html) and a summary.")
     demo.add_argument("--out", type=Path, default=Path("omnitok-demo"), help="new directory (default ./omnitok-demo)")
-    demo.add_argument("--steps", type=int, default=700, help="pretraining steps (default 700)")
+    demo.add_argument("--steps", type=int, default=250, help="pretraining steps (default 250)")
     demo.add_argument("--sft-steps", type=int, default=120, help="instruction-tuning steps (default 120)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)

@@ -48,7 +48,9 @@ def draw_shape(colour: str, shape: str, rng: np.random.Generator, size: int = IM
 def synth_sound(kind: str, rng: np.random.Generator, seconds: float = SOUND_SECONDS,
                 rate: int = SAMPLE_RATE) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
-    jitter = rng.uniform(0.97, 1.03)
+    # Three pitches per kind, for the reason the shapes come in three sizes: with a free jitter (uniform 0.97-1.03)
+    # the tiny LM spent its minutes memorising 150 distinct code sequences (audio loss 2.0 after 300 steps).
+    jitter = rng.choice([0.97, 1.0, 1.03])
     if kind == "a low tone":
         wave = np.sin(2 * np.pi * 220 * jitter * t)
     elif kind == "a high tone":
