@@ -208,3 +208,52 @@ def test_a_chat_session_on_a_template_continues_the_same_sequence(instruct, tmp_
     assert len(answer) == first["new_tokens"] - (first["stopped"] == "eot")
     assert prompts[1][:len(prompts[0]) + len(answer) + 1] == prompts[0] + answer + [tok.chat.end_id]
     assert prompts[1][-3:] == tok.text.encode(["<|im_start|>assistant\n"])[0][-3:]
+
+
+def test_an_instruct_llms_template_carries_tokenize_finetune_and_chat_end_to_end(instruct, tokdir, tmp_path):
+    """The real image and audio tokenizers beside an instruct LLM's text side with its template: conversations
+    tokenize with requests for the media answers, fine-tuning learns them, and `sample --chat` answers a request
+    with a picture that ends at the template's end of turn."""
+    import shutil
+
+    from conftest import PHOTOS
+    from PIL import Image as PILImage
+
+    from omnitok.data.shards import iter_samples
+    from omnitok.model.build import ModelConfig, build_model
+    from omnitok.tokenizers.layout import TokenLayout
+
+    tok_dir = tmp_path / "tok"
+    assert main(["tokenizer", "assemble", "--text", str(instruct / "chatml"), "--image", str(tokdir.parent / "image"),
+                 "--audio", str(tokdir.parent / "audio"), "--out", str(tok_dir), "--chat"]) == 0
+    for k in range(2):
+        PILImage.fromarray(PHOTOS[k]).resize((32, 32)).save(tmp_path / f"p{k}.png")
+    chats = []
+    for i in range(12):
+        k = i % 2
+        chats.append({"messages": [{"role": "user", "content": f"Draw picture {k}."},
+                                   {"role": "assistant", "content": [{"type": "image", "image": f"p{k}.png"}]}]})
+        chats.append({"messages": [{"role": "user", "content": [{"type": "image", "image": f"p{k}.png"},
+                                                                {"type": "text", "text": "Which is it?"}]},
+                                   {"role": "assistant", "content": f"Picture {k}."}]})
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    assert main(["tokenize", "--input", str(tmp_path / "chats.jsonl"), "--tokenizer", str(tok_dir), "--out",
+                 str(tmp_path / "shards"), "--workers", "0"]) == 0
+    metas = [meta for _, _, meta in iter_samples(tmp_path / "shards")]
+    assert len(metas) == 24 and sum("requests" in m for m in metas) == 12  # the drawings' requests
+    layout = TokenLayout.load(tok_dir / "layout.json")
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    build_model(ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
+                layout).save_pretrained(str(base))
+    shutil.copytree(tok_dir, base / "tokenizer")
+    assert main(["finetune", f"tokenizer={tok_dir}", f"out={tmp_path / 'sft'}", f"data.shards=[{tmp_path / 'shards'}]",
+                 f"model.init_from={base}", "method=full", "data.seq_len=128", "micro_batch_size=4", "steps=60",
+                 "checkpoint_every=60", "log_every=5", "optim.lr=0.01", "optim.warmup_steps=2"]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] / 3
+    assert main(["sample", "--chat", "--model", str(tmp_path / "sft" / "export"), "--prompt", "Draw picture 1.",
+                 "--out", str(tmp_path / "answers"), "--num-samples", "4", "--max-new-tokens", "100"]) == 0
+    records = json.loads((tmp_path / "answers" / "samples.json").read_text())["samples"]
+    assert all(r["stopped"] == "eot" for r in records)  # every answer closed its turn with <|im_end|>
+    assert sum([s["type"] for s in r["segments"]] == ["image"] for r in records) >= 2
