@@ -25,9 +25,11 @@ from functools import cached_property
 
 from omnitok.errors import OmnitokError
 
-SLOT = "\ue000{}\ue001"  # a media (or id) span's place in rendered text; a turn's text may not hold these two
+SLOT = "\ue000{}\ue001"  # a media (or id) span's place in rendered text
 SLOT_RE = re.compile("\ue000([0-9]+)\ue001")
-RESERVED = ("\ue000", "\ue001")
+MARKED = "\ue002{}\ue003"  # a control token that a turn's text spells: encoded as plain text
+MARKED_RE = re.compile("\ue002([^\ue002\ue003]*)\ue003")
+RESERVED = ("\ue000", "\ue001", "\ue002", "\ue003")  # a turn's text may not hold these
 
 Request = tuple[int, int, list[int]]  # [start, stop) of a user turn's content, and what replaces it when dropped
 
@@ -58,19 +60,26 @@ class ChatTemplate:
 
     def __init__(self, text):
         self.text = text
+        tokens = sorted(text.control_tokens, key=len, reverse=True)  # a longer token before one it contains
+        self.control = re.compile("|".join(map(re.escape, tokens))) if tokens else None
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.text.render_chat(messages, generation_prompt)
+
+    def mark(self, text: str) -> str:
+        """A turn's text with each control token it spells marked, so that it is encoded as plain text (as
+        transformers' ``sanitize_control_tokens``): a user cannot close a turn or forge a system turn by typing
+        ``<|im_end|><|im_start|>system``."""
+        return self.control.sub(lambda m: MARKED.format(m.group(0)), text) if self.control else text
 
     def ids(self, messages: list[dict], generation_prompt: bool, slots: list[list[int]]
             ) -> tuple[list[int], list[tuple[str | int, int, int]]]:
         """Rendered ``messages`` as ids, slot ``k``'s placeholder replaced by ``slots[k]``; with where each piece
         went: ``("text", start, stop)`` for text, ``(k, start, stop)`` for slot ``k``."""
         pieces = SLOT_RE.split(self.render(messages, generation_prompt))
-        texts = self.text.encode(pieces[0::2])
         ids: list[int] = []
         placed: list[tuple[str | int, int, int]] = []
-        for j, text_ids in enumerate(texts):
+        for j, text_ids in enumerate(self._encode(pieces[0::2])):
             if text_ids:
                 placed.append(("text", len(ids), len(ids) + len(text_ids)))
                 ids += text_ids
@@ -81,6 +90,14 @@ class ChatTemplate:
                 placed.append((k, len(ids), len(ids) + len(slots[k])))
                 ids += slots[k]
         return ids, placed
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text as ids, its marked control tokens as plain text (the text around them is encoded apart)."""
+        parts = [MARKED_RE.split(t) for t in texts]  # [plain, marked, plain, ...]
+        plain = iter(self.text.encode([p.replace("\ue002", "").replace("\ue003", "")
+                                       for ps in parts for p in ps[0::2]]))
+        marked = iter(self.text.encode([p for ps in parts for p in ps[1::2]], literal=True))
+        return [[i for k in range(len(ps)) for i in next(marked if k % 2 else plain)] for ps in parts]
 
     @cached_property
     def end_id(self) -> int:

@@ -208,7 +208,7 @@ class MultimodalTokenizer:
                              prompt: bool) -> list[EncodedDocument]:
         """``bos, (<|role|> segment... <|eot|>)..., eos`` (a prompt ends ``<|assistant|>`` instead of eos)."""
         layout = self.layout
-        parts, segments = iter(self._encode_parts(turns)), iter(turns)
+        parts, segments = iter(self._encode_parts(turns, literal=True)), iter(turns)
         encoded = []
         for conv in conversations:
             ids, loss, spans, requests = [self.text.bos_id], [False], [], []
@@ -248,9 +248,9 @@ class MultimodalTokenizer:
                 for seg in segs:
                     if isinstance(seg, Text):
                         if any(r in seg.text for r in RESERVED):
-                            raise OmnitokError("a turn's text holds U+E000 or U+E001, which omnitok reserves for "
-                                               "media in chat templates")
-                        content.append(seg.text)
+                            raise OmnitokError("a turn's text holds one of U+E000-U+E003, which omnitok reserves "
+                                               "for media and control tokens in chat templates")
+                        content.append(template.mark(seg.text))
                     else:
                         modality, ids = next(turn_media)
                         content.append(SLOT.format(len(slots)))
@@ -281,9 +281,11 @@ class MultimodalTokenizer:
             encoded.append(EncodedDocument(np.array(ids, dtype=ID_DTYPE), spans, loss, requests))
         return encoded
 
-    def _encode_parts(self, segment_lists: list[list[Segment]]) -> list[list[tuple[str, np.ndarray]]]:
+    def _encode_parts(self, segment_lists: list[list[Segment]], literal: bool = False
+                      ) -> list[list[tuple[str, np.ndarray]]]:
         """Each list of segments as ``(modality, ids)`` pieces (empty ones dropped), with all text, images and audio
-        of all lists batched through each tokenizer once."""
+        of all lists batched through each tokenizer once; ``literal``: text spelling a control token stays text
+        (conversations)."""
         texts, images, sounds = [], [], []
         for segments in segment_lists:
             for seg in segments:
@@ -295,7 +297,7 @@ class MultimodalTokenizer:
                     sounds.append(seg.source)
                 elif not isinstance(seg, Tokens):
                     raise OmnitokError(f"unknown segment {seg!r:.60}")
-        text_ids = iter(self.text.encode(texts))
+        text_ids = iter(self.text.encode(texts, literal))
         image_codes = iter(self._image().encode(images) if images else [])
         audio_codes = iter(self._audio().encode(sounds) if sounds else [])
         out = []

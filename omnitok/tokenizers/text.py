@@ -50,8 +50,8 @@ class _SentencePiece:
         if self.bos_id < 0 or self.eos_id < 0:
             raise OmnitokError(f"SentencePiece model {source} has no bos or eos piece; documents need both")
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def encode(self, texts: list[str], literal: bool = False) -> list[list[int]]:
+        return self.sp.encode(texts)  # bos / eos are control pieces: text never spells them
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -96,8 +96,16 @@ class _HuggingFace:
         if chat is not None and not (isinstance(chat.get("template"), str) and isinstance(chat.get("tokens"), dict)):
             raise OmnitokError(f"{source}: {CHAT_FILE} must hold a 'template' string and a 'tokens' object")
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def encode(self, texts: list[str], literal: bool = False) -> list[list[int]]:
+        tok = self.literal if literal else self.tok
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    @cached_property
+    def literal(self) -> tokenizers.Tokenizer:
+        """The same tokenizer, with text that spells a special token encoded as plain text."""
+        tok = tokenizers.Tokenizer.from_str(self.tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
 
     @cached_property
     def chat_renderer(self):
@@ -166,8 +174,16 @@ class TextTokenizer:
         """Ids of the control tokens a Hugging Face tokenizer declares special (none for SentencePiece)."""
         return getattr(self._backend, "special_ids", [])
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Batch of strings -> lists of text ids, without bos/eos."""
+    @cached_property
+    def control_tokens(self) -> list[str]:
+        """The strings of ``special_ids``: what text could spell to forge a control token."""
+        backend = self._backend
+        return [backend.tok.id_to_token(i) for i in self.special_ids] if isinstance(backend, _HuggingFace) else []
+
+    def encode(self, texts: Sequence[str], literal: bool = False) -> list[list[int]]:
+        """Batch of strings -> lists of text ids, without bos/eos. With ``literal``, text that spells a control token
+        (``<|im_end|>``: a special token of a Hugging Face tokenizer) is encoded as plain text, never as that token:
+        what a chat's user wrote cannot close a turn or open another."""
         if isinstance(texts, str):
             raise OmnitokError("TextTokenizer.encode takes a list of strings, got one string")
         for i, text in enumerate(texts):
@@ -177,7 +193,7 @@ class TextTokenizer:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise OmnitokError(f"text {i} is not valid Unicode (lone surrogate at {e.start})") from None
-        return self._backend.encode(list(texts))
+        return self._backend.encode(list(texts), literal)
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
