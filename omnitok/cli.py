@@ -213,6 +213,26 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(session, lines(), print)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    import uvicorn
+
+    from omnitok.model.sample import load_model
+    from omnitok.serve.app import ServeConfig, ServeLimits, create_app
+
+    key = args.api_key or os.environ.get("OMNITOK_API_KEY") or None
+    limits = ServeLimits(max_tokens=args.max_tokens, max_n=args.max_n, request_timeout=args.request_timeout)
+    cfg = ServeConfig(name=args.model.resolve().name, api_key=key, max_rows=args.max_rows, max_queue=args.max_queue,
+                      limits=limits, sampling=_sampling(args))
+    model, tok = load_model(args.model, args.tokenizer)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use the model",
+              file=sys.stderr)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)", flush=True)
+    uvicorn.run(create_app(model, tok, cfg), host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     from omnitok.eval.evaluate import eval_audio_tokenizer, eval_image_tokenizer
 
@@ -420,6 +440,24 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0, help="answer k uses seed + k")
     _sampling_arguments(ch)
     ch.set_defaults(func=cmd_chat)
+
+    sv = commands.add_parser("serve", help="an HTTP server: OpenAI-style API with continuous batching, a chat page",
+                             description="Serve a model over HTTP: POST /v1/chat/completions (stream: true for "
+                             "server-sent events), POST /v1/images/generations, GET /v1/models, /health, /metrics, "
+                             "and a chat page at /. Media come inline (data URLs, base64 WAV); no path in a request "
+                             "is ever read.")
+    _model_arguments(sv, "an `omnitok export` (a chat model, or a base model served as continuation)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on every route but /health; "
+                    "default: $OMNITOK_API_KEY, else none")
+    sv.add_argument("--max-rows", type=int, default=16, help="requests decoded at once (continuous batching)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting; beyond, 503 with Retry-After")
+    sv.add_argument("--max-tokens", type=int, default=4096, help="the most new tokens a request may ask for")
+    sv.add_argument("--max-n", type=int, default=8, help="the most images one /v1/images/generations request asks")
+    sv.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take")
+    _sampling_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
 
     ev = commands.add_parser("eval", help="evaluate tokenizers, a model, or a sample directory")
     ev_cmds = ev.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)

@@ -71,9 +71,10 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
     def extend(self, other: KVCache) -> None:
-        """Append ``other``'s rows, right-aligned to this cache's length (their left is padding)."""
+        """Append ``other``'s rows, right-aligned to this cache's length (their left is padding; when they are
+        longer, this cache's rows get padding on their left instead)."""
         if other.length > self.length:
-            raise ValueError("rows that join must not be longer than the cache")
+            self._pad_left(other.length - self.length)
         offset, n = self.length - other.length, other.length
 
         def joined(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,32 @@ class KVCache:
         valid = self.valid.new_zeros((other.rows, self.capacity))
         valid[:, offset:offset + n] = other.valid[:, :n]
         self.valid = torch.cat([self.valid, valid])
+
+
+    def _pad_left(self, n: int) -> None:
+        """``n`` columns of padding before every row (positions are explicit, so nothing else moves)."""
+        def padded(t: torch.Tensor, dim: int) -> torch.Tensor:
+            new = t.new_zeros((*t.shape[:dim], self.length + n + max(self.capacity - self.length, 0),
+                               *t.shape[dim + 1:]))
+            new.narrow(dim, n, self.length).copy_(t.narrow(dim, 0, self.length))
+            return new
+
+        self.keys = [padded(k, 2) for k in self.keys]
+        self.values = [padded(v, 2) for v in self.values]
+        self.valid = padded(self.valid, 1)
+        self.length += n
+
+    def trim(self) -> None:
+        """Drop the leading columns no row uses any more (rows that left took their positions with them), so a
+        cache that rows keep joining and leaving does not grow without end."""
+        used = self.valid[:, : self.length].any(0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.length
+        if first == 0:
+            return
+        self.keys = [k[:, :, first:].contiguous() for k in self.keys]
+        self.values = [v[:, :, first:].contiguous() for v in self.values]
+        self.valid = self.valid[:, first:].contiguous()
+        self.length -= first
 
 
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,10 @@ import queue
 import re
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -153,17 +154,19 @@ def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None, d
 
 
 class SpanDecoder:
-    """Decodes closed media spans on a background thread, batching whatever is waiting."""
+    """Decodes closed media spans on a background thread, batching whatever is waiting. Results are kept for
+    ``finish``, or with ``on_done`` handed to it as they come: ``on_done(key, array)``, or ``on_done(key, error)``
+    for the spans of a batch that failed (the thread goes on)."""
 
-    def __init__(self, tok: MultimodalTokenizer):
-        self.tok = tok
+    def __init__(self, tok: MultimodalTokenizer, on_done: Callable[[Any, Any], None] | None = None):
+        self.tok, self.on_done = tok, on_done
         self.todo: queue.Queue = queue.Queue()
         self.done: dict[tuple[int, int], np.ndarray] = {}
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def submit(self, key: tuple[int, int], modality: str, ids: list[int]) -> None:
+    def submit(self, key: Any, modality: str, ids: list[int]) -> None:
         self.todo.put((key, modality, ids))
 
     def _run(self) -> None:
@@ -172,17 +175,24 @@ class SpanDecoder:
             while not self.todo.empty():
                 items.append(self.todo.get())
             stop = any(item is None for item in items)
-            try:
-                for modality in ("image", "audio"):
-                    batch = [(key, ids) for key, m, ids in (i for i in items if i is not None) if m == modality]
-                    if not batch:
-                        continue
+            for modality in ("image", "audio"):
+                batch = [(key, ids) for key, m, ids in (i for i in items if i is not None) if m == modality]
+                if not batch:
+                    continue
+                try:
                     codes = [self.tok.parse(np.asarray(ids))[0].ids for _, ids in batch]
                     codec = self.tok.image if modality == "image" else self.tok.audio
-                    for (key, _), out in zip(batch, codec.decode(codes)):
+                    results = list(zip([key for key, _ in batch], codec.decode(codes)))
+                except Exception as e:  # handed to finish(), or to on_done for each span of the batch
+                    if self.on_done is None:
+                        self.error = e
+                        continue
+                    results = [(key, e) for key, _ in batch]
+                for key, out in results:
+                    if self.on_done is not None:
+                        self.on_done(key, out)
+                    else:
                         self.done[key] = out
-            except BaseException as e:  # handed to the main thread in finish()
-                self.error = e
             if stop:
                 return
 

@@ -1,0 +1,330 @@
+"""The serving engine: one model in memory, continuous batching.
+
+Requests (``Job``) wait in a bounded queue. Between any two decoding steps the engine admits waiting jobs into the
+running batch (their prompts prefilled in a small KV cache that is spliced into the batch's, the way guidance rows
+join in ``sampler.generate``) and retires the ones that finished, were cancelled or ran out of time, within limits
+on rows and on cached tokens. Each job keeps its own sampling settings, grammar, end id, seed, guidance and chat
+request, and draws from its own generator, so its output is exactly ``sampler.generate``'s (``omnitok sample``'s)
+for that seed, alone or among any others (tested). Media spans are decoded on a background thread the moment they
+close, and handed to the job as events.
+
+A job's events (``Job.events``, a thread-safe queue): ``("token", id)`` for every new id, ``("media", k, modality,
+array_or_waveform)`` when its k-th span is decoded, then ``("done", stopped)`` once everything is delivered;
+``stopped`` is "end" (it wrote its end id), "length" (``max_new_tokens`` or the model's positions), "cancelled",
+"timeout" or "error: ..." .
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from omnitok.errors import OmnitokError
+from omnitok.model.decoder import Decoder
+from omnitok.model.sample import SpanDecoder
+from omnitok.model.sampler import (
+    AUDIO,
+    DONE,
+    EOI,
+    ROWS,
+    TEXT,
+    Grammar,
+    SamplingConfig,
+    _guided,
+    _left_padded,
+    _pick,
+    check_request,
+    new_token_budget,
+    unconditional,
+)
+from omnitok.tokenizers.chat import Request
+from omnitok.tokenizers.multimodal import MultimodalTokenizer
+
+
+class QueueFull(OmnitokError):
+    """The engine's queue holds ``max_queue`` jobs: the caller should come back later."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: a prompt's ids and how to continue it (``sampler.generate``'s arguments for one sample)."""
+
+    prompt: list[int]
+    cfg: SamplingConfig
+    seed: int
+    end_id: int
+    forbidden: tuple[int, ...] = ()
+    nonempty: bool = False
+    request: Request | None = None  # a chat prompt's last request: what guidance's unconditional row drops
+    timeout: float | None = None  # seconds from submission
+    events: queue.Queue = field(default_factory=queue.Queue)
+    output: list[int] = field(default_factory=list)  # the opener (image / audio output) and the new ids
+    stopped: str | None = None
+    submitted: float = 0.0
+    first_token: float | None = None  # when the first new id came (time to first token)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop at the next step (a client that went away); the job ends with ``stopped`` "cancelled"."""
+        self.cancelled = True
+
+
+class _Running:
+    """A job's decoding state while it is in the batch."""
+
+    def __init__(self, job: Job, key: int, engine: Engine, budget: int):
+        cfg, device = job.cfg, engine.decoder.device
+        self.job, self.key, self.budget = job, key, budget
+        self.grammar = Grammar(engine.layout, job.end_id, cfg, 1, device, job.forbidden, job.nonempty)
+        self.generator = None if cfg.greedy else torch.Generator(device=device).manual_seed(job.seed)
+        self.scale = cfg.by_modality("guidance", device)
+        self.log_floor = cfg.by_modality("plausibility", device).log()
+        layout = engine.layout
+        self.opener = {"image": [layout.boi_id], "audio": [layout.boa_id]}.get(cfg.output, [])
+        self.new: list[int] = []
+        self.span_start = 0
+        self.spans = 0  # spans closed so far
+        self.pending = 0  # spans submitted for decoding and not yet delivered
+        self.finished = False
+        self.logits: torch.Tensor | None = None  # (1, V) after the last fed token
+        self.uncond: torch.Tensor | None = None  # (1, V) of its unconditional row, while it has one
+        self.lock = threading.Lock()
+
+    def guided(self) -> bool:
+        return bool(self.scale[self.grammar.modality()][0] != 1)
+
+
+class Engine:
+    """Continuous batching over one model. ``submit`` from any thread; ``start`` runs the loop on a thread of its
+    own (or call ``step`` yourself, as the tests do)."""
+
+    def __init__(self, model, tok: MultimodalTokenizer, max_rows: int = 16, max_tokens: int = 1 << 16,
+                 max_queue: int = 64):
+        if max_rows < 1 or max_tokens < 1 or max_queue < 1:
+            raise OmnitokError("max_rows, max_tokens and max_queue must be at least 1")
+        self.model, self.tok, self.layout = model, tok, tok.layout
+        self.decoder = Decoder(model)
+        self.max_rows, self.max_tokens, self.max_queue = max_rows, max_tokens, max_queue
+        self.waiting: deque[Job] = deque()
+        self.running: list[_Running] = []
+        self.rows: list[tuple[_Running, bool]] = []  # the cache's rows: (job, is its unconditional row)
+        self.positions: list[int] = []  # each row's next position
+        self.cache = None
+        self.keys = itertools.count()
+        self.wake = threading.Condition()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        self.spans = SpanDecoder(tok, on_done=self._span_done)
+        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "rejected": 0}
+
+    # ---------------------------------------------------------------- the caller's side
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job (checked first: a request the layout cannot serve is refused here, in one line)."""
+        check_request(self.layout, job.cfg)
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                self.stats["rejected"] += 1
+                raise QueueFull(f"the queue holds {self.max_queue} requests; try again shortly")
+            job.submitted = time.monotonic()
+            self.waiting.append(job)
+            self.stats["requests"] += 1
+            self.wake.notify()
+        return job
+
+    def start(self) -> Engine:
+        self.thread = threading.Thread(target=self._loop, name="omnitok-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join()
+        self.spans.finish()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_rows(self) -> int:
+        return len(self.rows)
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.closed and not self.waiting and not self.running:
+                    self.wake.wait()
+                if self.closed:
+                    return
+            self.step()
+
+    # ---------------------------------------------------------------- one decoding step
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting jobs, pick every running job's next token, retire the finished, let unconditional rows
+        join or leave, and run the batch's forward pass."""
+        self._admit()
+        now = time.monotonic()
+        for r in self.running:
+            job = r.job
+            if job.cancelled or (job.timeout is not None and now - job.submitted > job.timeout):
+                self._finish(r, "cancelled" if job.cancelled else "timeout")
+            else:
+                self._pick(r)
+        self._retire()
+        self._guidance()
+        if self.rows:
+            self._forward()
+
+    def _admit(self) -> None:
+        with self.wake:
+            admitted = []
+            used = sum(r.budget + len(r.job.prompt) for r in self.running)
+            while self.waiting and len(self.running) + len(admitted) < self.max_rows:
+                job = self.waiting[0]
+                if used + len(job.prompt) + job.cfg.max_new_tokens > self.max_tokens and (self.running or admitted):
+                    break  # it waits for room (alone it is admitted whatever its size, or it would wait forever)
+                self.waiting.popleft()
+                admitted.append(job)
+                used += len(job.prompt) + job.cfg.max_new_tokens
+        new, seqs = [], []
+        for job in admitted:
+            try:
+                opener = {"image": [self.layout.boi_id], "audio": [self.layout.boa_id]}.get(job.cfg.output, [])
+                budget = new_token_budget(self.model, job.cfg, [len(job.prompt) + len(opener)])[0]
+                if job.cfg.output == "image" and budget < check_request(self.layout, job.cfg):
+                    raise OmnitokError(f"only {budget} new tokens fit after the prompt: too few for an image")
+            except OmnitokError as e:
+                job.stopped = f"error: {e}"
+                job.events.put(("done", job.stopped))
+                continue
+            r = _Running(job, next(self.keys), self, budget)
+            job.output = list(r.opener)
+            new.append(r)
+            seqs.append((r, False, job.prompt + r.opener))
+            if r.guided():  # image / audio output opens its span at once: its unconditional row starts too
+                seqs.append((r, True, unconditional(job.prompt, self.layout, job.request) + r.opener))
+        if seqs:
+            self._prefill(seqs)
+            self.running += new
+
+    def _prefill(self, seqs: list[tuple[_Running, bool, list[int]]]) -> None:
+        """New rows: their ids fed in a cache of their own, spliced into the batch's; their logits kept."""
+        cache = self.decoder.new_cache(len(seqs), capacity=max(len(s) for _, _, s in seqs))
+        ids, valid, positions = _left_padded([s for _, _, s in seqs], self.layout.pad_id, self.decoder.device)
+        logits = self.decoder.forward(cache, ids, valid, positions)
+        for i, (r, uncond, _) in enumerate(seqs):
+            if uncond:
+                r.uncond = logits[i:i + 1]
+            else:
+                r.logits = logits[i:i + 1]
+        if self.cache is None or not self.rows:
+            self.cache = cache
+        else:
+            self.cache.extend(cache)
+        self.rows += [(r, uncond) for r, uncond, _ in seqs]
+        self.positions += (positions[:, -1] + 1).tolist()
+
+    def _pick(self, r: _Running) -> None:
+        """The job's next token, exactly as ``generate`` picks it for this sample."""
+        job, grammar = r.job, r.grammar
+        allowed = grammar.allowed(r.budget - len(r.new))
+        logits = r.logits
+        if r.uncond is not None:
+            m = grammar.modality()[:, None]
+            logits = _guided(logits, r.uncond, allowed, r.scale[m], r.log_floor[m])
+        old = int(grammar.state[0])
+        token = _pick(logits, allowed, grammar.modality(), job.cfg, None if r.generator is None else [r.generator])
+        grammar.advance(token)
+        t, state = int(token[0]), int(grammar.state[0])
+        r.new.append(t)
+        job.output.append(t)
+        if job.first_token is None:
+            job.first_token = time.monotonic()
+        self.stats["tokens"] += 1
+        job.events.put(("token", t))
+        if old == TEXT and state in (ROWS, AUDIO):
+            r.span_start = len(r.opener) + len(r.new) - 1
+        elif old in (EOI, AUDIO) and state in (TEXT, DONE):
+            with r.lock:
+                r.pending += 1
+            kind = "image" if old == EOI else "audio"
+            self.spans.submit((r, r.spans, kind), kind, job.output[r.span_start:])
+            r.spans += 1
+        if state == DONE or len(r.new) >= r.budget:
+            self._finish(r, "end" if t == job.end_id else "length")
+
+    def _finish(self, r: _Running, stopped: str) -> None:
+        r.finished = True
+        with r.lock:
+            r.job.stopped = stopped
+            if r.pending == 0:
+                self._done(r)
+
+    def _done(self, r: _Running) -> None:
+        self.stats["finished"] += 1
+        r.job.events.put(("done", r.job.stopped))
+
+    def _span_done(self, key: tuple[_Running, int, str], out) -> None:
+        r, k, kind = key
+        r.job.events.put(("media", k, kind, out))
+        with r.lock:
+            r.pending -= 1
+            if r.finished and r.pending == 0:
+                self._done(r)
+
+    def _retire(self) -> None:
+        self.running = [r for r in self.running if not r.finished]
+        keep = [i for i, (r, _) in enumerate(self.rows) if not r.finished]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        if keep:
+            self.cache.select(torch.tensor(keep, device=self.decoder.device))
+            self.cache.trim()
+        self.rows = [self.rows[i] for i in keep]
+        self.positions = [self.positions[i] for i in keep]
+
+    def _guidance(self) -> None:
+        """Unconditional rows join the jobs that entered a guided span and leave those that left one."""
+        leaving = [i for i, (r, uncond) in enumerate(self.rows) if uncond and not r.guided()]
+        for i in leaving:
+            self.rows[i][0].uncond = None
+        if leaving:
+            self._keep([i for i in range(len(self.rows)) if i not in set(leaving)])
+        has = {id(r) for r, uncond in self.rows if uncond}
+        joining = [r for r in self.running if r.guided() and id(r) not in has]
+        if joining:  # what the conditional row has been fed so far: all but the token just picked
+            self._prefill([(r, True, unconditional(r.job.prompt + r.opener + r.new[:-1], self.layout,
+                                                   r.job.request)) for r in joining])
+
+    def _forward(self) -> None:
+        ids = torch.tensor([[r.new[-1]] for r, _ in self.rows], device=self.decoder.device)
+        positions = torch.tensor(self.positions, device=self.decoder.device)[:, None]
+        logits = self.decoder.forward(self.cache, ids, torch.ones_like(ids, dtype=torch.bool), positions)
+        for i, (r, uncond) in enumerate(self.rows):
+            if uncond:
+                r.uncond = logits[i:i + 1]
+            else:
+                r.logits = logits[i:i + 1]
+        self.positions = [p + 1 for p in self.positions]
+
+
+def run_alone(engine: Engine, job: Job) -> Job:
+    """Submit ``job`` and step the engine until it is done (no thread): for tests and one-off use."""
+    engine.submit(job)
+    while job.stopped is None or any(r.job is job for r in engine.running):
+        engine.step()
+    return job

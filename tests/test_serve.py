@@ -1,0 +1,144 @@
+"""`omnitok serve`'s engine: continuous batching gives every request exactly what `omnitok sample` (the sampler's
+`generate`) gives it with the same seed, whatever joins or leaves the batch around it; limits, cancellation,
+timeouts and a full queue."""
+
+import queue
+
+import numpy as np
+import pytest
+
+from omnitok.document import Document, Text
+from omnitok.errors import OmnitokError
+from omnitok.model.sample import load_model, parse_chat_prompt, prompt_tokens
+from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
+from omnitok.serve.engine import Engine, Job, QueueFull
+
+SETTINGS = [SamplingConfig(max_new_tokens=60, max_audio_frames=5, image=ModalitySampling(top_k=50, guidance=2.0),
+                           audio=ModalitySampling(guidance=1.5)),
+            SamplingConfig(output="image", max_new_tokens=80, image=ModalitySampling(top_k=20, guidance=3.0)),
+            SamplingConfig(output="audio", max_new_tokens=40, max_audio_frames=6),
+            SamplingConfig(max_new_tokens=30, greedy=True),
+            SamplingConfig(output="text", max_new_tokens=25, text=ModalitySampling(temperature=0.9, top_k=40))]
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    return load_model(model_dir)
+
+
+def plain_jobs(tok, n):
+    texts = ["a red circle", "a low tone and a chord", "hello", "Return the value of x. " * 6]
+    prompts = [e.ids.tolist()[:-1] for e in tok.encode_batch([Document([Text(t)]) for t in texts])]
+    return [Job(prompts[i % len(prompts)], SETTINGS[i % len(SETTINGS)], seed=100 + i, end_id=tok.text.eos_id)
+            for i in range(n)]
+
+
+def reference(model, tok, job):
+    return generate(model, tok.layout, [job.prompt], job.end_id, job.cfg, seeds=[job.seed], forbidden=job.forbidden,
+                    nonempty=job.nonempty, requests=[job.request])[0]
+
+
+def run(engine, jobs, every=3):
+    """Submit the first jobs, then one more every ``every`` steps, and step until all are done."""
+    waiting, steps = list(jobs[1:]), 0
+    engine.submit(jobs[0])
+    while waiting or engine.running or engine.waiting:
+        engine.step()
+        steps += 1
+        if waiting and steps % every == 0:
+            engine.submit(waiting.pop(0))
+    return steps
+
+
+def events(job):
+    out = []
+    while True:
+        e = job.events.get(timeout=30)
+        out.append(e)
+        if e[0] == "done":
+            return out
+
+
+def test_every_request_gets_exactly_samples_output_whatever_joins_it(served):
+    model, tok = served
+    jobs = plain_jobs(tok, 12)
+    engine = Engine(model, tok, max_rows=4)  # at most 4 jobs at once: the others wait their turn
+    run(engine, jobs, every=2)
+    for job in jobs:
+        assert job.output == reference(model, tok, job), job.cfg
+        got = events(job)
+        assert [t for kind, t, *_ in got if kind == "token"] == job.output[1 if job.cfg.output in ("image", "audio")
+                                                                           else 0:]
+        spans = [p for p in tok.parse(np.asarray(job.output[:-1] if job.stopped == "end" else job.output))
+                 if p.modality != "text"]
+        media = [e for e in got if e[0] == "media"]
+        assert [(k, kind) for _, k, kind, _ in media] == [(k, p.modality) for k, p in enumerate(spans)]
+        assert got[-1] == ("done", job.stopped) and job.stopped in ("end", "length")
+    assert engine.stats["finished"] == 12 and engine.batch_rows == 0
+
+
+def test_chat_requests_with_guidance_are_exact_in_a_batch(chat_model_dir):
+    model, tok = load_model(chat_model_dir)
+    prompts = [parse_chat_prompt(t) for t in ("Draw a red circle.", "Play a rising chirp.", "Hello", "Again?")]
+    ids, end, forbidden, requests = prompt_tokens(tok, prompts, chat=True)
+    cfg = SamplingConfig(max_new_tokens=90, max_audio_frames=6, image=ModalitySampling(top_k=50, guidance=2.0),
+                         audio=ModalitySampling(guidance=1.5))
+    jobs = [Job(ids[i % 4], cfg, seed=i, end_id=end, forbidden=tuple(forbidden), nonempty=True,
+                request=requests[i % 4]) for i in range(8)]
+    run(Engine(model, tok, max_rows=3), jobs, every=4)
+    for job in jobs:
+        assert job.output == reference(model, tok, job)
+
+
+def test_cancelled_and_timed_out_requests_leave_and_the_others_are_untouched(served):
+    model, tok = served
+    jobs = plain_jobs(tok, 6)
+    jobs[1].timeout = 0.0
+    engine = Engine(model, tok)
+    for job in jobs:
+        engine.submit(job)
+    for _ in range(3):
+        engine.step()
+    jobs[2].cancel()
+    while engine.running or engine.waiting:
+        engine.step()
+    assert jobs[1].stopped == "timeout" and jobs[2].stopped == "cancelled"
+    assert len(jobs[2].output) < len(reference(model, tok, jobs[2]))
+    for job in (jobs[0], *jobs[3:]):
+        assert job.output == reference(model, tok, job)
+    assert events(jobs[2])[-1] == ("done", "cancelled")
+
+
+def test_a_full_queue_and_bad_requests_are_refused_at_once(served):
+    model, tok = served
+    engine = Engine(model, tok, max_queue=2)
+    jobs = plain_jobs(tok, 3)
+    engine.submit(jobs[0])
+    engine.submit(jobs[1])
+    with pytest.raises(QueueFull, match="queue holds 2 requests"):
+        engine.submit(jobs[2])
+    with pytest.raises(OmnitokError, match="grid"):
+        engine.submit(Job([1, 2], SamplingConfig(output="image", grid=(99, 99)), 0, tok.text.eos_id))
+    # a prompt that leaves no room in the model's positions ends with an error, and the engine goes on
+    long = Job([tok.text.bos_id] * (model.config.max_position_embeddings + 5), SamplingConfig(), 0, tok.text.eos_id)
+    engine.max_queue = 10
+    engine.submit(long)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert long.stopped.startswith("error: a prompt of") and jobs[0].output == reference(model, tok, jobs[0])
+
+
+def test_the_engine_thread_serves_requests_submitted_from_other_threads(served):
+    model, tok = served
+    engine = Engine(model, tok, max_rows=8).start()
+    try:
+        jobs = plain_jobs(tok, 6)
+        for job in jobs:
+            engine.submit(job)
+        for job in jobs:
+            assert events(job)[-1][0] == "done"
+            assert job.output == reference(model, tok, job)
+    finally:
+        engine.close()
+    with pytest.raises(queue.Empty):
+        jobs[0].events.get_nowait()
