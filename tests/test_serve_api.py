@@ -3,6 +3,7 @@ streamed), image generations, models, health, metrics, the API key, and bad requ
 the server down."""
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -53,6 +54,19 @@ def sse(response) -> list[dict]:
             events.append(json.loads(block[6:]))
     assert response.text.rstrip().endswith("data: [DONE]")
     return events
+
+
+def huge_png_header(side: int = 20000) -> bytes:
+    """A PNG that says it is ``side`` x ``side`` pixels (its header, and a token of data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
 
 
 def ask(client, content, seed, **extra):
@@ -143,8 +157,18 @@ def test_models_health_metrics_and_the_page(client):
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "omnitok": {"image.top_q": 3}}, 400, "top_q"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                                                      + "{bomb}"}}]}]},
+     413, "over the pixel limit"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "{broken_wav}"}}]}]},
+     400, "not a sound file"),
 ])
 def test_bad_chat_requests_get_a_4xx_naming_the_problem(client, body, status, message):
+    if isinstance(body, dict):  # a 20000 x 20000 PNG (its header: nothing is decoded) and a WAV with a broken header
+        wav = next(ASSETS.glob("*.wav")).read_bytes()
+        body = json.loads(json.dumps(body).replace("{bomb}", base64.b64encode(huge_png_header()).decode()).replace(
+            "{broken_wav}", base64.b64encode(b"RIFX" + wav[4:12] + b"junk" + wav[16:]).decode()))
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = client.post("/v1/chat/completions", **kwargs)
     assert r.status_code == status and message in r.json()["error"]["message"], r.text
@@ -158,7 +182,7 @@ def test_limits_routes_and_a_full_queue_are_refused_and_the_server_goes_on(clien
     assert r.status_code == 413 and "body is over the limit" in r.json()["error"]["message"]
     assert client.get("/v1/nothing").status_code == 404
     assert client.get("/v1/chat/completions").status_code == 405
-    for bad in ({"prompt": ""}, {"prompt": "x", "n": 99}, {"prompt": "x", "size": "big"},
+    for bad in ({"prompt": ""}, {"prompt": "x", "n": 10000}, {"prompt": "x", "size": "big"}, {"prompt": "x", "q": 1},
                 {"prompt": "x", "size": "99x99"}, {"prompt": "x", "response_format": "url"}):
         assert client.post("/v1/images/generations", json=bad).status_code == 400
     engine = client.app.state.engine
@@ -204,31 +228,145 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_real_server_process_answers_a_real_http_client(chat_model_dir, tmp_path):
+@contextlib.contextmanager
+def running_server(model_dir, tmp_path, *args, env=None):
+    """`omnitok serve` in a process of its own on a free loopback port: yields its URL and its process."""
     import httpx
 
     port = free_port()
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "omnitok", "serve", "--model", str(chat_model_dir), "--port",
-                               str(port), "--max-new-tokens", "60"], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMNITOK_API_KEY": "k"})
+    server = subprocess.Popen([sys.executable, "-m", "omnitok", "serve", "--model", str(model_dir), "--port",
+                               str(port), *args], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **(env or {})})
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(120):
+        for _ in range(240):
             try:
                 if httpx.get(url + "/health").status_code == 200:
                     break
             except httpx.TransportError:
+                if server.poll() is not None:
+                    break
                 time.sleep(0.5)
         else:
-            raise AssertionError((tmp_path / "server.log").read_text())
+            raise AssertionError("the server did not start")
+        assert server.poll() is None, (tmp_path / "server.log").read_text()
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_the_real_server_process_answers_a_real_http_client(chat_model_dir, tmp_path):
+    import httpx
+
+    with running_server(chat_model_dir, tmp_path, "--max-new-tokens", "60", env={"OMNITOK_API_KEY": "k"}) as (url, _):
         headers = {"Authorization": "Bearer k"}
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key came from the environment
         r = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=60,
                        json={"messages": [{"role": "user", "content": "Draw a red circle."}], "seed": 3})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         assert httpx.post(url + "/v1/chat/completions", content=b"{", headers=headers).status_code == 400
         assert httpx.get(url + "/v1/models", headers=headers).status_code == 200  # still serving
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+
+
+def rss_mib(pid: int) -> float:
+    status = open(f"/proc/{pid}/status").read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+@pytest.mark.slow
+def test_load_mixed_concurrent_requests_with_cancellations_and_malformed_ones(chat_model_dir, tmp_path):
+    """32 requests at once: 22 valid (chats with text, pictures and sounds in and out, streamed or not, and image
+    generations), 5 cancelled midway by their clients, 5 malformed. Every valid one gets what it gets alone, the
+    malformed get a 4xx, the cancelled leave the batch, nothing hangs, and another round does not grow the memory."""
+    import asyncio
+
+    import httpx
+
+    photo = png_url(np.asarray(PILImage.fromarray(PHOTOS[2]).resize((32, 32))))
+    asks = ["Draw a red circle.", "Play a rising chirp.", "Hello",
+            [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": photo}}],
+            [{"type": "input_audio", "input_audio": {"data": wav_b64()}}, {"type": "text", "text": "And this?"}]]
+    valid = []
+    for i in range(22):
+        if i % 6 == 5:
+            valid.append(("/v1/images/generations", {"prompt": "Draw a blue square.", "seed": i}))
+        else:
+            valid.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": asks[i % 5]}],
+                                                   "seed": i, "stream": i % 2 == 0}))
+    malformed = [b"{", {"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                   "image_url": {"url": "/etc/passwd"}}]}]},
+                 {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": 1},
+                 {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9},
+                 {"messages": "hi"}]
+
+    async def one(client, url, path, body):
+        if body.get("stream"):
+            async with client.stream("POST", url + path, json=body) as r:
+                events = [json.loads(line[6:]) async for line in r.aiter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events
+                           if isinstance(e["choices"][0]["delta"].get("content"), str))
+            media = [p for e in events if isinstance(e["choices"][0]["delta"].get("content"), list)
+                     for p in e["choices"][0]["delta"]["content"]]
+            return r.status_code, {"text": text, "media": media, "end": events[-1]["choices"][0]["finish_reason"]}
+        r = await client.post(url + path, json=body)
+        if path.endswith("completions") and r.status_code == 200:
+            parts = r.json()["choices"][0]["message"]["content"]
+            return r.status_code, {"text": "".join(p["text"] for p in parts if p["type"] == "text"),
+                                   "media": [p for p in parts if p["type"] != "text"],
+                                   "end": r.json()["choices"][0]["finish_reason"]}
+        return r.status_code, r.json()["data"]  # the pictures and their seeds
+
+    async def cancelled(client, url, seed):
+        body = {"messages": [{"role": "user", "content": "Draw a red circle."}], "seed": seed, "stream": True,
+                "max_tokens": 200}
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    break  # the client goes away midway
+        return r.status_code
+
+    async def bad(client, url, body):
+        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        return (await client.post(url + "/v1/chat/completions", **kwargs)).status_code
+
+    async def all_at_once(url):
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.wait_for(asyncio.gather(
+                *(one(client, url, path, body) for path, body in valid),
+                *(cancelled(client, url, 100 + k) for k in range(5)),
+                *(bad(client, url, body) for body in malformed)), 600)
+
+    async def solo(url):
+        async with httpx.AsyncClient(timeout=300) as client:
+            return [await one(client, url, path, body) for path, body in valid]
+
+    def settled(url):
+        for _ in range(120):  # the cancelled requests leave the batch, nothing is left waiting
+            m = {line.split()[0]: float(line.split()[1]) for line in httpx.get(url + "/metrics").text.splitlines()
+                 if not line.startswith("#")}
+            if m["omnitok_batch_rows"] == 0 and m["omnitok_queue_depth"] == 0 and \
+                    m["omnitok_requests_finished_total"] == m["omnitok_requests_total"]:
+                return m
+            time.sleep(0.5)
+        raise AssertionError(f"the server did not settle: {m}")
+
+    settings = ["--max-new-tokens", "100", "--max-rows", "8", "image.guidance=2", "image.top_k=50",
+                "audio.guidance=1.5", "max_audio_frames=6"]
+    with running_server(chat_model_dir, tmp_path, *settings) as (url, server):
+        alone = asyncio.run(solo(url))
+        assert all(status == 200 for status, _ in alone)
+        assert {p["type"] for _, r in alone if "media" in r for p in r["media"]} >= {"image_url", "audio"}
+        idle = rss_mib(server.pid)
+        for round in (1, 2):
+            results = asyncio.run(all_at_once(url))
+            for (status, got), (_, want) in zip(results[:22], alone):
+                assert status == 200 and got == want
+            assert all(status == 200 for status in results[22:27])
+            assert [status for status in results[27:]] == [400] * 5
+            assert settled(url)["omnitok_requests_cancelled_total"] == 5 * round  # they stopped midway
+            after = rss_mib(server.pid)
+        assert after < idle * 1.25 + 50, (idle, after)  # no growth that stays

@@ -41,6 +41,9 @@ from omnitok.model.sampler import SamplingConfig
 from omnitok.serve.engine import Engine, Job, QueueFull
 from omnitok.tokenizers.layout import Modality
 
+CHAT_FIELDS = {"messages", "model", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+               "n", "omnitok", "user"}
+IMAGE_FIELDS = {"prompt", "model", "n", "size", "seed", "response_format", "omnitok", "user"}
 _DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+|audio/[a-z0-9.+-]+|application/octet-stream);base64,(.*)", re.S)
 
 
@@ -104,8 +107,11 @@ def _image(url: Any, limits: ServeLimits) -> Image:
                             "or URLs")
     data = _decode_base64(match.group(2), "the image data URL")
     try:
-        with PILImage.open(io.BytesIO(data)) as img:
+        with PILImage.open(io.BytesIO(data)) as img:  # reads the header only
             width, height = img.size
+    except PILImage.DecompressionBombError as e:  # PIL's own refusal, far beyond any limit here
+        raise ApiError(413, f"the image is over the pixel limit of {limits.max_image_pixels}: {e}", "too_large") \
+            from None
     except Exception:  # PIL raises several types for data that is not an image
         raise ApiError(400, "the image data URL holds no image PIL can read") from None
     if width * height > limits.max_image_pixels:
@@ -312,7 +318,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
             return JSONResponse({"error": {"message": f"internal error: {type(e).__name__}: {e}",
                                            "type": "internal"}}, 500)
 
-    async def read_json(request: Request) -> dict:
+    async def read_json(request: Request, known: set[str]) -> dict:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -324,6 +330,10 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
             raise ApiError(400, f"the body is not JSON: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the body must be a JSON object")
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ApiError(400, f"unknown or unsupported field {unknown[0]!r}; this route takes "
+                                f"{', '.join(sorted(known))}")
         return data
 
     def submit(job: Job) -> Job:
@@ -371,6 +381,10 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
         lines = ["# TYPE omnitok_requests_total counter", f"omnitok_requests_total {s['requests']}",
                  "# TYPE omnitok_requests_finished_total counter", f"omnitok_requests_finished_total {s['finished']}",
                  "# TYPE omnitok_requests_rejected_total counter", f"omnitok_requests_rejected_total {s['rejected']}",
+                 "# TYPE omnitok_requests_cancelled_total counter",
+                 f"omnitok_requests_cancelled_total {s['cancelled']}",
+                 "# TYPE omnitok_requests_timed_out_total counter",
+                 f"omnitok_requests_timed_out_total {s['timed_out']}",
                  "# TYPE omnitok_queue_depth gauge", f"omnitok_queue_depth {engine.queue_depth}",
                  "# TYPE omnitok_batch_rows gauge", f"omnitok_batch_rows {engine.batch_rows}",
                  "# TYPE omnitok_tokens_generated_total counter", f"omnitok_tokens_generated_total {s['tokens']}",
@@ -383,7 +397,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, CHAT_FIELDS)
         conversation = conversation_of(body.get("messages"), limits)
         if body.get("n", 1) != 1:
             raise ApiError(400, "n must be 1 for chat completions (ask /v1/images/generations for several images)")
@@ -453,7 +467,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
 
     @app.post("/v1/images/generations")
     async def images(request: Request):
-        body = await read_json(request)
+        body = await read_json(request, IMAGE_FIELDS)
         prompt_text = body.get("prompt")
         if not isinstance(prompt_text, str) or not prompt_text.strip():
             raise ApiError(400, "'prompt' must be a non-empty string")

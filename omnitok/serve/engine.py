@@ -121,7 +121,7 @@ class Engine:
         self.closed = False
         self.thread: threading.Thread | None = None
         self.spans = SpanDecoder(tok, on_done=self._span_done)
-        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "rejected": 0}
+        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "rejected": 0, "cancelled": 0, "timed_out": 0}
 
     # ---------------------------------------------------------------- the caller's side
 
@@ -267,6 +267,8 @@ class Engine:
 
     def _finish(self, r: _Running, stopped: str) -> None:
         r.finished = True
+        if stopped in ("cancelled", "timeout"):
+            self.stats["cancelled" if stopped == "cancelled" else "timed_out"] += 1
         with r.lock:
             r.job.stopped = stopped
             if r.pending == 0:
