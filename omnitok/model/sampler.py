@@ -151,7 +151,7 @@ class Grammar:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         self.state = zeros + {"any": TEXT, "text": TEXT, "image": ROWS, "audio": AUDIO}[cfg.output]
         self.remaining, self.rows, self.q, self.frames = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-        self.first = True  # no token sampled yet
+        self.first = torch.ones(batch, dtype=torch.bool, device=device)  # no token sampled yet
 
     def allowed(self, steps_left: int | torch.Tensor) -> torch.Tensor:
         """(B, V) boolean mask of the tokens each sample may take next, given the new tokens each may still add
@@ -182,8 +182,8 @@ class Grammar:
             audio = torch.where(must_end, i["eoa"], audio)
             choice = torch.where(s == AUDIO, audio, choice)
         allowed = self.masks[choice]  # a copy
-        if self.nonempty and self.first:  # text output, an assistant's turn: the first token does not end it
-            allowed[:, self.eos] &= ~((s == TEXT) & (left > 1))
+        if self.nonempty:  # text output, an assistant's turn: the first token does not end it
+            allowed[:, self.eos] &= ~((s == TEXT) & (left > 1) & self.first)
         return allowed
 
     def advance(self, token: torch.Tensor) -> None:
@@ -214,7 +214,19 @@ class Grammar:
             new = torch.where((new == TEXT) & (s != TEXT), DONE, new)
         new = torch.where((s == TEXT) & (token == self.eos), DONE, new)
         self.state = new
-        self.first = False
+        self.first = torch.zeros_like(self.first)
+
+    _ROW_STATE = ("state", "remaining", "rows", "q", "frames", "first")
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these samples, in this order (a server's batch after some requests finished)."""
+        for name in self._ROW_STATE:
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def extend(self, other: Grammar) -> None:
+        """Append ``other``'s samples (same layout, end id and settings: the masks are shared)."""
+        for name in self._ROW_STATE:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
 
     def modality(self) -> torch.Tensor:
         """The ``Modality`` code (TEXT, IMAGE or AUDIO) whose sampling settings each sample uses now."""

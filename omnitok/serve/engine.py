@@ -81,6 +81,8 @@ class _Running:
     def __init__(self, job: Job, key: int, engine: Engine, budget: int):
         cfg, device = job.cfg, engine.decoder.device
         self.job, self.key, self.budget = job, key, budget
+        # jobs with equal settings share one grammar and pick their tokens together
+        self.settings = repr((cfg, job.end_id, job.forbidden, job.nonempty))
         self.grammar = Grammar(engine.layout, job.end_id, cfg, 1, device, job.forbidden, job.nonempty)
         self.generator = None if cfg.greedy else torch.Generator(device=device).manual_seed(job.seed)
         self.scale = cfg.by_modality("guidance", device)
@@ -95,9 +97,37 @@ class _Running:
         self.logits: torch.Tensor | None = None  # (1, V) after the last fed token
         self.uncond: torch.Tensor | None = None  # (1, V) of its unconditional row, while it has one
         self.lock = threading.Lock()
+        self.state = int(self.grammar.state[0])
 
     def guided(self) -> bool:
-        return bool(self.scale[self.grammar.modality()][0] != 1)
+        """Whether the job is inside a span its settings guide (what ``generate``'s ``wants_guidance`` asks),
+        from its grammar state as a plain int (this is asked for every job at every step)."""
+        state, cfg = self.state, self.job.cfg
+        if ROWS <= state <= EOI:
+            return cfg.image.guidance != 1
+        return state == AUDIO and cfg.audio.guidance != 1
+
+
+class _Group:
+    """Running jobs with the same settings: one grammar over all their rows, their tokens picked together."""
+
+    def __init__(self):
+        self.members: list[_Running] = []
+        self.grammar: Grammar | None = None
+
+    def add(self, r: _Running) -> None:
+        if self.grammar is None:
+            self.grammar = r.grammar
+        else:
+            self.grammar.extend(r.grammar)
+        self.members.append(r)
+
+    def retire(self) -> None:
+        keep = [i for i, r in enumerate(self.members) if not r.finished]
+        if len(keep) < len(self.members):
+            self.members = [self.members[i] for i in keep]
+            if keep:
+                self.grammar.select(torch.tensor(keep, device=self.grammar.state.device))
 
 
 class Engine:
@@ -113,6 +143,7 @@ class Engine:
         self.max_rows, self.max_tokens, self.max_queue = max_rows, max_tokens, max_queue
         self.waiting: deque[Job] = deque()
         self.running: list[_Running] = []
+        self.groups: dict[str, _Group] = {}
         self.rows: list[tuple[_Running, bool]] = []  # the cache's rows: (job, is its unconditional row)
         self.positions: list[int] = []  # each row's next position
         self.cache = None
@@ -180,8 +211,9 @@ class Engine:
             job = r.job
             if job.cancelled or (job.timeout is not None and now - job.submitted > job.timeout):
                 self._finish(r, "cancelled" if job.cancelled else "timeout")
-            else:
-                self._pick(r)
+        self._retire()
+        for group in self.groups.values():
+            self._pick(group)
         self._retire()
         self._guidance()
         if self.rows:
@@ -218,6 +250,8 @@ class Engine:
         if seqs:
             self._prefill(seqs)
             self.running += new
+            for r in new:
+                self.groups.setdefault(r.settings, _Group()).add(r)
 
     def _prefill(self, seqs: list[tuple[_Running, bool, list[int]]]) -> None:
         """New rows: their ids fed in a cache of their own, spliced into the batch's; their logits kept."""
@@ -236,18 +270,30 @@ class Engine:
         self.rows += [(r, uncond) for r, uncond, _ in seqs]
         self.positions += (positions[:, -1] + 1).tolist()
 
-    def _pick(self, r: _Running) -> None:
-        """The job's next token, exactly as ``generate`` picks it for this sample."""
-        job, grammar = r.job, r.grammar
-        allowed = grammar.allowed(r.budget - len(r.new))
-        logits = r.logits
-        if r.uncond is not None:
-            m = grammar.modality()[:, None]
-            logits = _guided(logits, r.uncond, allowed, r.scale[m], r.log_floor[m])
-        old = int(grammar.state[0])
-        token = _pick(logits, allowed, grammar.modality(), job.cfg, None if r.generator is None else [r.generator])
-        grammar.advance(token)
-        t, state = int(token[0]), int(grammar.state[0])
+    def _pick(self, group: _Group) -> None:
+        """The next token of every job of a group, picked together, each row from its own logits, grammar state
+        and generator: exactly as ``generate`` picks it for that sample."""
+        members, grammar = group.members, group.grammar
+        cfg, scale, log_floor = members[0].job.cfg, members[0].scale, members[0].log_floor
+        device = grammar.state.device
+        allowed = grammar.allowed(torch.tensor([r.budget - len(r.new) for r in members], device=device))
+        logits = torch.cat([r.logits for r in members])
+        modality = grammar.modality()
+        guided = [i for i, r in enumerate(members) if r.uncond is not None]
+        if guided:
+            rows = torch.tensor(guided, device=device)
+            m = modality[rows][:, None]
+            mixed = _guided(logits[rows], torch.cat([members[i].uncond for i in guided]), allowed[rows], scale[m],
+                            log_floor[m])
+            logits = logits.index_copy(0, rows, mixed)
+        tokens = _pick(logits, allowed, modality, cfg, None if cfg.greedy else [r.generator for r in members])
+        grammar.advance(tokens)
+        for r, token, state in zip(members, tokens.tolist(), grammar.state.tolist()):
+            self._advance(r, token, state)
+
+    def _advance(self, r: _Running, t: int, state: int) -> None:
+        job, old = r.job, r.state
+        r.state = state
         r.new.append(t)
         job.output.append(t)
         if job.first_token is None:
@@ -288,6 +334,10 @@ class Engine:
 
     def _retire(self) -> None:
         self.running = [r for r in self.running if not r.finished]
+        for key, group in list(self.groups.items()):
+            group.retire()
+            if not group.members:
+                del self.groups[key]
         keep = [i for i, (r, _) in enumerate(self.rows) if not r.finished]
         if len(keep) < len(self.rows):
             self._keep(keep)
