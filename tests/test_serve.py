@@ -142,3 +142,20 @@ def test_the_engine_thread_serves_requests_submitted_from_other_threads(served):
         engine.close()
     with pytest.raises(queue.Empty):
         jobs[0].events.get_nowait()
+
+
+def test_a_failing_step_ends_the_batch_with_an_error_and_the_engine_goes_on(served, monkeypatch):
+    model, tok = served
+    engine = Engine(model, tok).start()
+    try:
+        broken = plain_jobs(tok, 2)
+        original = Engine._forward
+        monkeypatch.setattr(Engine, "_forward", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
+        for job in broken:
+            engine.submit(job)
+        assert all(events(job)[-1] == ("done", "error: the engine failed (RuntimeError: boom)") for job in broken)
+        monkeypatch.setattr(Engine, "_forward", original)
+        job = engine.submit(plain_jobs(tok, 1)[0])
+        assert events(job)[-1][0] == "done" and job.output == reference(model, tok, job)
+    finally:
+        engine.close()

@@ -491,8 +491,15 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
         prompt = Prompt(prompt_text, Document([Text(prompt_text)]), "request", turn)
         ids, end, forbidden, requests = await encode(prompt)
         loop = asyncio.get_running_loop()
-        jobs = [submit(Job(ids[0], sampling, seed + i, end, tuple(forbidden), False, requests[0],
-                           limits.request_timeout, events=_Events(loop))) for i in range(n)]
+        jobs: list[Job] = []
+        try:
+            for i in range(n):
+                jobs.append(submit(Job(ids[0], sampling, seed + i, end, tuple(forbidden), False, requests[0],
+                                       limits.request_timeout, events=_Events(loop))))
+        except ApiError:
+            for job in jobs:  # the queue filled midway: the ones already in are not wanted any more
+                job.cancel()
+            raise
         results = [await finished(job, request) for job in jobs]
         data = []
         for job, media in zip(jobs, results):

@@ -197,7 +197,17 @@ class Engine:
                     self.wake.wait()
                 if self.closed:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug costs the jobs in the batch, never the server
+                self._fail_all(f"error: the engine failed ({type(e).__name__}: {e})")
+
+    def _fail_all(self, why: str) -> None:
+        """End every running job with ``why`` and start again from an empty batch."""
+        for r in self.running:
+            if not r.finished:
+                self._finish(r, why)
+        self.running, self.groups, self.rows, self.positions, self.cache = [], {}, [], [], None
 
     # ---------------------------------------------------------------- one decoding step
 
