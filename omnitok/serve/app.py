@@ -350,9 +350,8 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
         except OmnitokError as e:
             raise ApiError(400, str(e)) from None
 
-    async def finished(job: Job, request: Request) -> dict[int, Any]:
-        """Wait for the job's end; cancels it if the client goes away. Returns its decoded media."""
-        media: dict[int, Any] = {}
+    async def events_of(job: Job, request: Request):
+        """The job's events until it is done; the job is cancelled if the client goes away meanwhile."""
         while True:
             try:
                 event = await job.events.get(timeout=0.5)
@@ -360,11 +359,14 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
                 if await request.is_disconnected():
                     job.cancel()
                 continue
-            if event[0] == "media":
-                media[event[1]] = event[3]
-            elif event[0] == "done":
+            yield event
+            if event[0] == "done":
                 metrics.record_ttft(job)
-                return media
+                return
+
+    async def finished(job: Job, request: Request) -> dict[int, Any]:
+        """Wait for the job's end; returns its decoded media by span."""
+        return {event[1]: event[3] async for event in events_of(job, request) if event[0] == "media"}
 
     @app.get("/health")
     async def health():
@@ -433,13 +435,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
         text_ids: list[int] = []  # the current text segment's ids, decoded whole so multi-byte characters join
         sent = ""
         try:
-            while True:
-                try:
-                    event = await job.events.get(timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                    continue
+            async for event in events_of(job, request):
                 if event[0] == "token":
                     t = event[1]
                     if t == end or tok.layout.modality_of(np.asarray([t]))[0] != Modality.TEXT:  # the segment closes
@@ -457,10 +453,8 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
                     else:
                         yield chunk({"content": [media_part(tok, kind, data)], "media_index": k})
                 else:
-                    metrics.record_ttft(job)
                     yield chunk({}, _finish_reason(job.stopped))
                     yield "data: [DONE]\n\n"
-                    return
         finally:
             if job.stopped is None:  # the client went away mid-stream
                 job.cancel()
