@@ -111,6 +111,32 @@ def test_chat_completions_answer_with_text_pictures_and_sounds_the_same_way_stre
     assert {"image_url", "audio"} <= kinds  # this model favours pictures and sounds
 
 
+def test_a_seeded_request_answers_what_omnitok_sample_writes_for_that_seed(client, chat_model_dir, tmp_path):
+    import soundfile as sf
+
+    from omnitok.cli import main
+
+    assert main(["sample", "--chat", "--model", str(chat_model_dir), "--out", str(tmp_path / "s"), "--seed", "7",
+                 "--num-samples", "3", "--max-new-tokens", "100", "max_audio_frames=6", "image.top_k=50",
+                 "image.guidance=2", "audio.guidance=1.5", "--prompt", "Draw a red circle."]) == 0
+    for k in range(3):  # sample k has seed 7 + k
+        record = json.loads((tmp_path / "s" / f"{k:03d}" / "sample.json").read_text())
+        parts = ask(client, "Draw a red circle.", 7 + k).json()["choices"][0]["message"]["content"]
+        assert [p["type"] for p in parts] == [{"image": "image_url", "audio": "audio"}.get(s["type"], "text")
+                                              for s in record["segments"]]
+        for part, seg in zip(parts, record["segments"]):
+            if seg["type"] == "text":
+                assert part["text"] == seg["text"]
+            elif seg["type"] == "image":
+                png = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                ours = np.asarray(PILImage.open(io.BytesIO(png)))
+                assert np.array_equal(ours, np.asarray(PILImage.open(tmp_path / "s" / f"{k:03d}" / seg["file"])))
+            else:
+                ours, _ = sf.read(io.BytesIO(base64.b64decode(part["audio"]["data"])))
+                theirs, _ = sf.read(tmp_path / "s" / f"{k:03d}" / seg["file"])
+                assert np.array_equal(ours, theirs)
+
+
 def test_image_generations_give_n_pictures_of_the_asked_grid(client):
     r = client.post("/v1/images/generations", json={"prompt": "Draw a red circle.", "n": 3, "size": "4x6",
                                                     "seed": 5})
