@@ -16,7 +16,6 @@ array_or_waveform)`` when its k-th span is decoded, then ``("done", stopped)`` o
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -78,17 +77,15 @@ class Job:
 class _Running:
     """A job's decoding state while it is in the batch."""
 
-    def __init__(self, job: Job, key: int, engine: Engine, budget: int):
+    def __init__(self, job: Job, engine: Engine, opener: list[int], budget: int):
         cfg, device = job.cfg, engine.decoder.device
-        self.job, self.key, self.budget = job, key, budget
+        self.job, self.opener, self.budget = job, opener, budget
         # jobs with equal settings share one grammar and pick their tokens together
         self.settings = repr((cfg, job.end_id, job.forbidden, job.nonempty))
         self.grammar = Grammar(engine.layout, job.end_id, cfg, 1, device, job.forbidden, job.nonempty)
         self.generator = None if cfg.greedy else torch.Generator(device=device).manual_seed(job.seed)
         self.scale = cfg.by_modality("guidance", device)
         self.log_floor = cfg.by_modality("plausibility", device).log()
-        layout = engine.layout
-        self.opener = {"image": [layout.boi_id], "audio": [layout.boa_id]}.get(cfg.output, [])
         self.new: list[int] = []
         self.span_start = 0
         self.spans = 0  # spans closed so far
@@ -147,7 +144,6 @@ class Engine:
         self.rows: list[tuple[_Running, bool]] = []  # the cache's rows: (job, is its unconditional row)
         self.positions: list[int] = []  # each row's next position
         self.cache = None
-        self.keys = itertools.count()
         self.wake = threading.Condition()
         self.closed = False
         self.thread: threading.Thread | None = None
@@ -249,9 +245,10 @@ class Engine:
                     raise OmnitokError(f"only {budget} new tokens fit after the prompt: too few for an image")
             except OmnitokError as e:
                 job.stopped = f"error: {e}"
+                self.stats["finished"] += 1
                 job.events.put(("done", job.stopped))
                 continue
-            r = _Running(job, next(self.keys), self, budget)
+            r = _Running(job, self, opener, budget)
             job.output = list(r.opener)
             new.append(r)
             seqs.append((r, False, job.prompt + r.opener))
@@ -383,10 +380,3 @@ class Engine:
                 r.logits = logits[i:i + 1]
         self.positions = [p + 1 for p in self.positions]
 
-
-def run_alone(engine: Engine, job: Job) -> Job:
-    """Submit ``job`` and step the engine until it is done (no thread): for tests and one-off use."""
-    engine.submit(job)
-    while job.stopped is None or any(r.job is job for r in engine.running):
-        engine.step()
-    return job
