@@ -13,6 +13,7 @@ LAYERS = [
     {"omnitok.tokenizers"},
     {"omnitok.data"},
     {"omnitok.model"},
+    {"omnitok.serve"},
     {"omnitok.train"},
     {"omnitok.eval"},
     {"omnitok.demo", "omnitok.cli", "omnitok.__main__"},
