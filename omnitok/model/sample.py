@@ -218,9 +218,11 @@ class SampleRequest:
                                f"{self.batch_size}")
 
 
-def sampling_config(overrides: list[str], **flags) -> SamplingConfig:
-    """``SamplingConfig`` from ``key=value`` overrides (``image.top_k=500``) plus the CLI's flags."""
-    data = apply_overrides({k: v for k, v in flags.items() if v is not None}, overrides)
+def sampling_config(overrides: list[str], base: SamplingConfig | None = None, **flags) -> SamplingConfig:
+    """``SamplingConfig`` from ``key=value`` overrides (``image.top_k=500``) plus the CLI's flags, over ``base``
+    (default: the defaults)."""
+    data = {**(to_dict(base) if base is not None else {}), **{k: v for k, v in flags.items() if v is not None}}
+    data = apply_overrides(data, overrides)
     cfg = build(SamplingConfig, data, "sampling.")
     if cfg.grid is not None:
         cfg = replace(cfg, grid=tuple(cfg.grid))

@@ -26,17 +26,16 @@ import re
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from omnitok.config import apply_overrides, build, to_dict
 from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Turn
 from omnitok.errors import OmnitokError
-from omnitok.model.sample import Prompt, prompt_tokens
+from omnitok.model.sample import Prompt, prompt_tokens, sampling_config
 from omnitok.model.sampler import SamplingConfig
 from omnitok.serve.engine import Engine, Job, QueueFull
 from omnitok.tokenizers.layout import Modality
@@ -178,25 +177,21 @@ def sampling_of(body: dict, base: SamplingConfig, limits: ServeLimits, **fixed) 
     overrides = body.get("omnitok", {})
     if not isinstance(overrides, dict):
         raise ApiError(400, "'omnitok' must be an object of sampling settings, e.g. {\"image.guidance\": 3}")
-    data = to_dict(base)
+    settings = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is not None:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limits.max_tokens:
             raise ApiError(400, f"max_tokens must be an integer from 1 to {limits.max_tokens}")
-        data["max_new_tokens"] = max_tokens
+        fixed.setdefault("max_new_tokens", max_tokens)
     for key in ("temperature", "top_p"):
         if body.get(key) is not None:
             if not isinstance(body[key], int | float) or isinstance(body[key], bool):
                 raise ApiError(400, f"{key} must be a number")
-            data["text"][key] = float(body[key])
-    data.update(fixed)
+            settings.insert(0, f"text.{key}={float(body[key])}")
     try:
-        data = apply_overrides(data, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-        cfg = build(SamplingConfig, data, "sampling.")
+        cfg = sampling_config(settings, base, **fixed)
     except OmnitokError as e:
         raise ApiError(400, str(e)) from None
-    if cfg.grid is not None:
-        cfg = replace(cfg, grid=tuple(cfg.grid))
     if cfg.max_new_tokens > limits.max_tokens:
         raise ApiError(400, f"max_new_tokens must be at most {limits.max_tokens}")
     return cfg
