@@ -277,3 +277,16 @@ def test_an_instruct_llms_template_carries_tokenize_finetune_and_chat_end_to_end
     records = json.loads((tmp_path / "answers" / "samples.json").read_text())["samples"]
     assert all(r["stopped"] == "eot" for r in records)  # every answer closed its turn with <|im_end|>
     assert sum([s["type"] for s in r["segments"]] == ["image"] for r in records) >= 2
+    # served, the template writes the conversation and ends the answer: the API gives what sample wrote
+    from fastapi.testclient import TestClient
+
+    from omnitok.model.sample import load_model
+    from omnitok.serve.app import create_app
+
+    with TestClient(create_app(*load_model(tmp_path / "sft" / "export"))) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Draw picture 1."}],
+                                                          "seed": 0, "max_tokens": 100}).json()
+    assert client.app.state.engine.tok.chat.kind == "template"
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert [p["type"] for p in reply["choices"][0]["message"]["content"]] == [
+        {"image": "image_url"}.get(s["type"], s["type"]) for s in records[0]["segments"]]
