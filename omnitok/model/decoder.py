@@ -88,12 +88,10 @@ class KVCache:
         valid[:, offset:offset + n] = other.valid[:, :n]
         self.valid = torch.cat([self.valid, valid])
 
-
     def _pad_left(self, n: int) -> None:
         """``n`` columns of padding before every row (positions are explicit, so nothing else moves)."""
         def padded(t: torch.Tensor, dim: int) -> torch.Tensor:
-            new = t.new_zeros((*t.shape[:dim], self.length + n + max(self.capacity - self.length, 0),
-                               *t.shape[dim + 1:]))
+            new = t.new_zeros((*t.shape[:dim], self.capacity + n, *t.shape[dim + 1:]))
             new.narrow(dim, n, self.length).copy_(t.narrow(dim, 0, self.length))
             return new
 

@@ -301,6 +301,11 @@ def unconditional(prefix: list[int], layout: TokenLayout, request: Request | Non
     return prefix[: 2 + int(kept[-1])] if len(kept) else prefix[:1]
 
 
+def span_opener(layout: TokenLayout, cfg: SamplingConfig) -> list[int]:
+    """The ids a sample starts with: the span's opener when the output is one image or one sound, else none."""
+    return {"image": [layout.boi_id], "audio": [layout.boa_id]}.get(cfg.output, [])
+
+
 def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     width = max(len(r) for r in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
@@ -355,8 +360,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     requests = [None] * B if requests is None else list(requests)
     if len(seeds) != B or len(requests) != B:
         raise OmnitokError(f"{len(seeds)} seeds and {len(requests)} requests for {B} prompts")
-    opener = {"image": [layout.boi_id] if cfg.output == "image" else [],
-              "audio": [layout.boa_id] if cfg.output == "audio" else []}.get(cfg.output, [])
+    opener = span_opener(layout, cfg)
     budget = new_token_budget(model, cfg, [len(p) + len(opener) for p in prompts])
     grammar = Grammar(layout, eos_id, cfg, B, device, forbidden, nonempty)
     if cfg.output == "image" and min(budget) < grammar.longest_image:

@@ -40,6 +40,7 @@ from omnitok.model.sampler import (
     _pick,
     check_request,
     new_token_budget,
+    span_opener,
     unconditional,
 )
 from omnitok.tokenizers.chat import Request
@@ -77,16 +78,16 @@ class Job:
 class _Running:
     """A job's decoding state while it is in the batch."""
 
-    def __init__(self, job: Job, engine: Engine, opener: list[int], budget: int):
+    def __init__(self, job: Job, engine: Engine, budget: int):
         cfg, device = job.cfg, engine.decoder.device
-        self.job, self.opener, self.budget = job, opener, budget
+        self.job, self.budget = job, budget
         # jobs with equal settings share one grammar and pick their tokens together
         self.settings = repr((cfg, job.end_id, job.forbidden, job.nonempty))
         self.grammar = Grammar(engine.layout, job.end_id, cfg, 1, device, job.forbidden, job.nonempty)
         self.generator = None if cfg.greedy else torch.Generator(device=device).manual_seed(job.seed)
         self.scale = cfg.by_modality("guidance", device)
         self.log_floor = cfg.by_modality("plausibility", device).log()
-        self.new: list[int] = []
+        self.produced = 0  # new ids so far (``job.output`` holds the opener and them)
         self.span_start = 0
         self.spans = 0  # spans closed so far
         self.pending = 0  # spans submitted for decoding and not yet delivered
@@ -238,22 +239,22 @@ class Engine:
                 used += len(job.prompt) + job.cfg.max_new_tokens
         new, seqs = [], []
         for job in admitted:
+            opener = span_opener(self.layout, job.cfg)
             try:
-                opener = {"image": [self.layout.boi_id], "audio": [self.layout.boa_id]}.get(job.cfg.output, [])
                 budget = new_token_budget(self.model, job.cfg, [len(job.prompt) + len(opener)])[0]
-                if job.cfg.output == "image" and budget < check_request(self.layout, job.cfg):
+                r = _Running(job, self, budget)
+                if job.cfg.output == "image" and budget < r.grammar.longest_image:
                     raise OmnitokError(f"only {budget} new tokens fit after the prompt: too few for an image")
             except OmnitokError as e:
                 job.stopped = f"error: {e}"
                 self.stats["finished"] += 1
                 job.events.put(("done", job.stopped))
                 continue
-            r = _Running(job, self, opener, budget)
-            job.output = list(r.opener)
+            job.output = list(opener)
             new.append(r)
-            seqs.append((r, False, job.prompt + r.opener))
+            seqs.append((r, False, job.prompt + opener))
             if r.guided():  # image / audio output opens its span at once: its unconditional row starts too
-                seqs.append((r, True, unconditional(job.prompt, self.layout, job.request) + r.opener))
+                seqs.append((r, True, unconditional(job.prompt, self.layout, job.request) + opener))
         if seqs:
             self._prefill(seqs)
             self.running += new
@@ -283,7 +284,7 @@ class Engine:
         members, grammar = group.members, group.grammar
         cfg, scale, log_floor = members[0].job.cfg, members[0].scale, members[0].log_floor
         device = grammar.state.device
-        allowed = grammar.allowed(torch.tensor([r.budget - len(r.new) for r in members], device=device))
+        allowed = grammar.allowed(torch.tensor([r.budget - r.produced for r in members], device=device))
         logits = torch.cat([r.logits for r in members])
         modality = grammar.modality()
         guided = [i for i, r in enumerate(members) if r.uncond is not None]
@@ -301,21 +302,21 @@ class Engine:
     def _advance(self, r: _Running, t: int, state: int) -> None:
         job, old = r.job, r.state
         r.state = state
-        r.new.append(t)
+        r.produced += 1
         job.output.append(t)
         if job.first_token is None:
             job.first_token = time.monotonic()
         self.stats["tokens"] += 1
         job.events.put(("token", t))
         if old == TEXT and state in (ROWS, AUDIO):
-            r.span_start = len(r.opener) + len(r.new) - 1
+            r.span_start = len(job.output) - 1
         elif old in (EOI, AUDIO) and state in (TEXT, DONE):
             with r.lock:
                 r.pending += 1
             kind = "image" if old == EOI else "audio"
             self.spans.submit((r, r.spans, kind), kind, job.output[r.span_start:])
             r.spans += 1
-        if state == DONE or len(r.new) >= r.budget:
+        if state == DONE or r.produced >= r.budget:
             self._finish(r, "end" if t == job.end_id else "length")
 
     def _finish(self, r: _Running, stopped: str) -> None:
@@ -366,11 +367,11 @@ class Engine:
         has = {id(r) for r, uncond in self.rows if uncond}
         joining = [r for r in self.running if r.guided() and id(r) not in has]
         if joining:  # what the conditional row has been fed so far: all but the token just picked
-            self._prefill([(r, True, unconditional(r.job.prompt + r.opener + r.new[:-1], self.layout,
+            self._prefill([(r, True, unconditional(r.job.prompt + r.job.output[:-1], self.layout,
                                                    r.job.request)) for r in joining])
 
     def _forward(self) -> None:
-        ids = torch.tensor([[r.new[-1]] for r, _ in self.rows], device=self.decoder.device)
+        ids = torch.tensor([[r.job.output[-1]] for r, _ in self.rows], device=self.decoder.device)
         positions = torch.tensor(self.positions, device=self.decoder.device)[:, None]
         logits = self.decoder.forward(self.cache, ids, torch.ones_like(ids, dtype=torch.bool), positions)
         for i, (r, uncond) in enumerate(self.rows):
