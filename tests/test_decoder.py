@@ -49,3 +49,32 @@ def test_unsupported_models_are_refused_by_name():
 
     with pytest.raises(OmnitokError, match="'gpt2'"):
         Decoder(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+
+
+@torch.inference_mode()
+def test_a_window_of_drafts_then_rewound_rows_match_hugging_face():
+    """Speculative decoding's cache moves: a window of tokens fed at once gives the logits after each of them, and
+    rows that keep different numbers of them go on exactly as their kept sequences alone."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2),
+                        LAYOUT).eval()
+    dec = Decoder(model)
+    seqs = [[1, 5, 9, 12], [1, 7]]
+    cache = dec.new_cache(2)
+    ids, valid, pos = _left_padded(seqs, LAYOUT.pad_id, dec.device)
+    dec.forward(cache, ids, valid, pos)
+    window = torch.tensor([[40, 41, 42, 43], [20, 21, 22, 23]])
+    positions = (pos[:, -1] + 1)[:, None] + torch.arange(4)
+    logits = dec.forward_window(cache, window, torch.ones(2, 4, dtype=torch.bool), positions)
+    for r in range(2):
+        full = model(torch.tensor([seqs[r] + window[r].tolist()])).logits[0, -4:]
+        torch.testing.assert_close(logits[r], full, atol=1e-5, rtol=1e-5)
+    kept = torch.tensor([3, 1])  # row 0 keeps 40 41 42, row 1 keeps 20
+    cache.rewind(kept, 4)
+    seqs = [seqs[0] + [40, 41, 42], seqs[1] + [20]]
+    nxt = positions[:, 0] + kept
+    for token in (11, 60):
+        seqs = [s + [token] for s in seqs]
+        ours = dec.forward(cache, torch.full((2, 1), token), torch.ones(2, 1, dtype=torch.bool), nxt[:, None])
+        nxt = nxt + 1
+        torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)

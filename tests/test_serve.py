@@ -119,6 +119,8 @@ def test_a_full_queue_and_bad_requests_are_refused_at_once(served):
         engine.submit(jobs[2])
     with pytest.raises(OmnitokError, match="grid"):
         engine.submit(Job([1, 2], SamplingConfig(output="image", grid=(99, 99)), 0, tok.text.eos_id))
+    with pytest.raises(OmnitokError, match="speculative Jacobi"):
+        engine.submit(Job([1, 2], SamplingConfig(image=ModalitySampling(sjd_window=8)), 0, tok.text.eos_id))
     # a prompt that leaves no room in the model's positions ends with an error, and the engine goes on
     long = Job([tok.text.bos_id] * (model.config.max_position_embeddings + 5), SamplingConfig(), 0, tok.text.eos_id)
     engine.max_queue = 10

@@ -100,6 +100,14 @@ class KVCache:
         self.valid = padded(self.valid, 1)
         self.length += n
 
+    def rewind(self, kept: torch.Tensor, fed: int) -> None:
+        """Forget the drafts that were not accepted: of the last ``fed`` columns, row ``r`` keeps its first
+        ``kept[r]``; the cache ends after the longest kept run (the others' remaining columns are padding)."""
+        start = self.length - fed
+        columns = torch.arange(fed, device=self.valid.device)
+        self.valid[:, start:self.length] &= columns[None, :] < kept[:, None]
+        self.length = start + int(kept.max())
+
     def trim(self) -> None:
         """Drop the leading columns no row uses any more (rows that left took their positions with them), so a
         cache that rows keep joining and leaving does not grow without end."""
@@ -161,6 +169,17 @@ class Decoder:
     def forward(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` (rows, t) at ``positions`` (rows, t); ``valid`` (rows, t) is False for padding. Returns the
         float32 logits after each row's last token (rows, V)."""
+        return self.model.lm_head(self._hidden(cache, ids, valid, positions)[:, -1]).float()
+
+    def forward_window(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """As ``forward``, but the logits after every fed token (rows, t, V): a window of drafts verified in one
+        pass (speculative Jacobi decoding)."""
+        return self.model.lm_head(self._hidden(cache, ids, valid, positions)).float()
+
+    def _hidden(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states of the fed tokens (rows, t, hidden); their keys and values go into
+        ``cache``."""
         B, t = ids.shape
         cache.reserve(t)
         start, end = cache.length, cache.length + t
@@ -189,7 +208,7 @@ class Decoder:
             h = _norm(n2, x)
             x = x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
         cache.length = end
-        return self.model.lm_head(_norm(self.body.norm, x[:, -1])).float()
+        return _norm(self.body.norm, x)
 
     @staticmethod
     def _mask(cache: KVCache, start: int, end: int) -> tuple[torch.Tensor | None, bool]:

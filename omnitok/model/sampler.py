@@ -56,12 +56,13 @@ class ModalitySampling:
     top_p: float = 1.0
     guidance: float = 1.0  # classifier-free guidance scale for spans of this modality; 1: none
     plausibility: float = 0.1  # guidance picks among tokens at least this times as likely as the top one; 0: all
+    sjd_window: int = 0  # speculative Jacobi decoding inside spans of this modality: drafts per pass; 0: off
 
     def __post_init__(self) -> None:
         if (self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.guidance < 0
-                or not 0 <= self.plausibility <= 1):
-            raise OmnitokError("sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1, guidance >= 0 and "
-                               "0 <= plausibility <= 1")
+                or not 0 <= self.plausibility <= 1 or self.sjd_window < 0):
+            raise OmnitokError("sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1, guidance >= 0, "
+                               "0 <= plausibility <= 1 and sjd_window >= 0")
 
 
 @dataclass
@@ -78,8 +79,9 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if self.text.guidance != 1:
-            raise OmnitokError("guidance applies to image and audio spans; text.guidance must stay 1")
+        if self.text.guidance != 1 or self.text.sjd_window != 0:
+            raise OmnitokError("guidance and speculative Jacobi decoding apply to image and audio spans; "
+                               "text.guidance must stay 1 and text.sjd_window 0")
         if self.output not in OUTPUTS:
             raise OmnitokError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         if self.max_new_tokens < 1 or self.max_audio_frames < 1:
@@ -156,9 +158,27 @@ class Grammar:
     def allowed(self, steps_left: int | torch.Tensor) -> torch.Tensor:
         """(B, V) boolean mask of the tokens each sample may take next, given the new tokens each may still add
         (one number for all, or one per sample)."""
-        i, s = self.index, self.state
+        return self.allowed_ahead(steps_left, 0)[:, 0]
+
+    def _ahead(self, ahead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each sample's state, codebook position and frame count after 0..``ahead`` more codes of its span, (B,
+        ahead + 1) each; outside a span the state now (a sample drafts only codes inside a span)."""
+        s, q, frames = self.state[:, None], self.q[:, None], self.frames[:, None]
+        if ahead == 0:
+            return s, q, frames
+        j = torch.arange(ahead + 1, device=s.device)[None, :]
+        s = torch.where((s == CODES) & (self.remaining[:, None] <= j), EOI, s)
+        audio = s == AUDIO
+        return s, torch.where(audio, (q + j) % self.n_q, q), torch.where(audio, frames + (q + j) // self.n_q, frames)
+
+    def allowed_ahead(self, steps_left: int | torch.Tensor, ahead: int) -> torch.Tensor:
+        """(B, ahead + 1, V): what each sample may take next and, inside a span, after each of ``ahead`` more codes
+        (the masks a window of drafted codes is verified with)."""
+        i = self.index
         n_q = self.n_q
-        left = torch.as_tensor(steps_left, device=s.device).expand_as(s)
+        s, q, frames = self._ahead(ahead)
+        left = torch.as_tensor(steps_left, device=s.device).expand(s.shape[0])[:, None] - \
+            torch.arange(ahead + 1, device=s.device)[None, :]
         text = torch.full_like(s, i["text"])
         if self.layout.has_audio:
             text = torch.where(left < n_q + 3, i["text_no_media"], text)
@@ -174,20 +194,22 @@ class Grammar:
             choice = torch.where(s == CODES, i["codes"], choice)
             choice = torch.where(s == EOI, i["eoi"], choice)
         if self.layout.has_audio:
-            audio = i["audio0"] + self.q  # the codebook of this position in the frame
-            at_boundary = self.q == 0
-            must_end = at_boundary & ((self.frames >= self.cfg.max_audio_frames) | (left <= n_q + 1))
-            may_end = at_boundary & (self.frames >= 1)
+            audio = i["audio0"] + q  # the codebook of this position in the frame
+            at_boundary = q == 0
+            must_end = at_boundary & ((frames >= self.cfg.max_audio_frames) | (left <= n_q + 1))
+            may_end = at_boundary & (frames >= 1)
             audio = torch.where(may_end, i["audio0_or_eoa"], audio)
             audio = torch.where(must_end, i["eoa"], audio)
             choice = torch.where(s == AUDIO, audio, choice)
         allowed = self.masks[choice]  # a copy
         if self.nonempty:  # text output, an assistant's turn: the first token does not end it
-            allowed[:, self.eos] &= ~((s == TEXT) & (left > 1) & self.first)
+            allowed[..., self.eos] &= ~((s == TEXT) & (left > 1) & self.first[:, None])
         return allowed
 
-    def advance(self, token: torch.Tensor) -> None:
-        """Move every sample's state past its new token (B,)."""
+    def advance(self, token: torch.Tensor, moving: torch.Tensor | None = None) -> None:
+        """Move every sample's state past its new token (B,); with ``moving`` (B,) only those samples (in a window
+        of drafts, samples take different numbers of tokens)."""
+        before = {name: getattr(self, name) for name in self._ROW_STATE}
         L, s = self.layout, self.state
         new = s.clone()
         if L.has_image:
@@ -215,6 +237,9 @@ class Grammar:
         new = torch.where((s == TEXT) & (token == self.eos), DONE, new)
         self.state = new
         self.first = torch.zeros_like(self.first)
+        if moving is not None:
+            for name, old in before.items():
+                setattr(self, name, torch.where(moving, getattr(self, name), old))
 
     _ROW_STATE = ("state", "remaining", "rows", "q", "frames", "first")
 
@@ -228,9 +253,10 @@ class Grammar:
         for name in self._ROW_STATE:
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
 
-    def modality(self) -> torch.Tensor:
-        """The ``Modality`` code (TEXT, IMAGE or AUDIO) whose sampling settings each sample uses now."""
-        s = self.state
+    def modality(self, ahead: int | None = None) -> torch.Tensor:
+        """The ``Modality`` code (TEXT, IMAGE or AUDIO) whose sampling settings each sample uses now (B,), or with
+        ``ahead`` at each position of a window of codes (B, ahead + 1)."""
+        s = self.state if ahead is None else self._ahead(ahead)[0]
         return torch.where((s >= ROWS) & (s <= EOI), Modality.IMAGE,
                            torch.where(s == AUDIO, Modality.AUDIO, Modality.TEXT))
 
@@ -249,16 +275,35 @@ def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: torc
 
 def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, cfg: SamplingConfig,
           generators: list[torch.Generator] | None) -> torch.Tensor:
-    """One token per row from masked logits (B, V), with the row's modality's temperature / top-k / top-p.
+    """One token per row from logits (B, V), within the allowed tokens, with the row's modality's temperature /
+    top-k / top-p (``_filtered``).
 
     Each row draws one uniform number from its own generator and takes the token where it falls in the cumulative
     distribution over token ids, so a row's draw depends neither on the other rows nor on how many candidates
     top-k / top-p left.
     """
-    x = logits.masked_fill(~allowed, float("-inf"))
-    greedy = x.argmax(-1)
     if generators is None:
-        return greedy
+        return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+    x = _filtered(logits, allowed, modality, cfg)
+    u = torch.cat([torch.rand(1, generator=g, device=x.device) for g in generators])
+    cold = cfg.by_modality("temperature", x.device)[modality] == 0
+    return torch.where(cold, x.argmax(-1), _draw(torch.softmax(x, dim=-1), u))
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` (rows, V), the token where ``u`` (rows,) falls in the cumulative distribution over token
+    ids (the most likely token when ``u`` lands on a float edge beside a token of probability 0)."""
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return torch.where(probs.gather(-1, token[:, None]).squeeze(-1) > 0, token, probs.argmax(-1))
+
+
+def _filtered(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor,
+              cfg: SamplingConfig) -> torch.Tensor:
+    """The logits a row samples from (rows, V): the allowed tokens' divided by the temperature of the row's
+    modality, everything outside its top-k and top-p at -inf. Their softmax is the row's distribution; at
+    temperature 0 their argmax is its token."""
+    x = logits.masked_fill(~allowed, float("-inf"))
     B, V = x.shape
     temp = cfg.by_modality("temperature", x.device)[modality]  # (B,)
     x = x / torch.where(temp == 0, 1.0, temp)[:, None]
@@ -273,11 +318,7 @@ def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, c
         inside &= ranked > float("-inf")  # candidate always stays), within top-k and the allowed tokens
         last = inside.sum(-1, keepdim=True) - 1  # rank of the last kept candidate
         x = x.masked_fill(x < ranked.gather(-1, last), float("-inf"))
-    u = torch.cat([torch.rand(1, generator=g, device=x.device) for g in generators])
-    cdf = torch.softmax(x, dim=-1).cumsum(-1)
-    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1).clamp(max=V - 1)
-    sampled = torch.where(allowed.gather(-1, sampled[:, None]).squeeze(-1), sampled, greedy)  # u at a float edge
-    return torch.where(temp == 0, greedy, sampled)
+    return x
 
 
 def _descending(x: torch.Tensor) -> torch.Tensor:
@@ -287,6 +328,94 @@ def _descending(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
     return x.sort(dim=-1, descending=True).values
+
+
+# ---------------------------------------------------------------- speculative Jacobi decoding
+#
+# Inside an image or audio span whose settings ask for it (``sjd_window``), a sample feeds its last token together
+# with a window of drafted codes for the positions after it, and one forward pass gives the model's distribution
+# after each of them. The drafts are checked in order by the speculative-sampling rule (Leviathan et al. 2023): draft
+# ``d`` drawn from proposal ``q`` stands with probability min(1, p(d) / q(d)) under the model's distribution ``p``
+# (the same one plain decoding samples: grammar, guidance, temperature, top-k, top-p); at the first draft that falls,
+# the token is drawn from max(0, p - q) renormalised, and when all stand one more is drawn from the last ``p``. So
+# every taken token follows the model's distribution exactly, whatever the drafts were; at temperature 0 a draft
+# stands only when it is the argmax. The next window (Teng et al., "Accelerating Auto-regressive Text-to-Image
+# Generation with Training-free Speculative Jacobi Decoding", ICLR 2025) starts with the model's latest predictions
+# for the positions after the one that fell (the Jacobi iteration: each position refines its guess from the pass
+# that saw the newer prefix), topped up with codes drawn from the last prediction restricted to what each position
+# allows. The paper fills with uniformly random codes; the last prediction is accepted far more often on images
+# (neighbouring codes repeat) and costs nothing. Unlike the paper's batch loop, each sample keeps its own number of
+# accepted tokens (the cache forgets each row's fallen drafts), so a sample does not depend on its batch.
+
+
+def _verify(x: torch.Tensor, drafts: list[int], proposal: torch.Tensor,
+            generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
+    """The tokens one sample takes from a window: ``x`` (m + 1, V) its filtered logits after its last token and
+    each of its ``m`` drafts, ``proposal`` (m, V) the distributions the drafts were drawn from. Returns the drafts
+    that stand and one more token, and the model's distributions at the positions after the one that fell (the next
+    window's first drafts). Without a generator (temperature 0), a draft stands when it is the argmax."""
+    m = len(drafts)
+    p = torch.softmax(x, dim=-1)  # (m + 1, V)
+    d = torch.tensor(drafts, device=x.device)
+    if generator is None:
+        best = x.argmax(-1)
+        stand = int((d == best[:m]).long().cumprod(0).sum())
+        return drafts[:stand] + [int(best[stand])], p[stand + 1:]
+    u = torch.rand(m + 1, generator=generator, device=x.device)
+    p_d, q_d = p[:m].gather(-1, d[:, None]).squeeze(-1), proposal.gather(-1, d[:, None]).squeeze(-1)
+    stand = int((u[:m] * q_d < p_d).long().cumprod(0).sum())  # u < p / q, without dividing by q
+    if stand < m:
+        residual = (p[stand] - proposal[stand]).clamp(min=0)
+        rest = residual if bool(residual.sum() > 0) else p[stand]  # p == q: a draft falls only on a float edge
+    else:
+        rest = p[m]
+    return drafts[:stand] + [int(_draw(rest[None], u[m:])[0])], p[stand + 1:]
+
+
+def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted: list[torch.Tensor | None],
+            last: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[list[list[int]], list]:
+    """Each sample's next window: inside a span whose modality has ``sjd_window`` > 0, up to that many codes, never
+    past the span's last code, the audio duration limit or the sample's budget. First the model's latest
+    predictions for those positions (``predicted[b]``: distributions, from ``_verify``), then draws from the last
+    logits ``last[b]`` (V,) restricted to what each position allows. Returns the drafts and, per sample, the
+    distributions they were drawn from (m, V) (None without drafts)."""
+    s, device, n_q = grammar.state, grammar.state.device, grammar.n_q
+    width = cfg.by_modality("sjd_window", device).long()[grammar.modality()]
+    # positions where a code may come: before the image's <|eoi|>, before the frame limit or the budget force <|eoa|>
+    audio_room = torch.minimum((cfg.max_audio_frames - grammar.frames) * n_q - grammar.q, left - n_q - 1)
+    room = torch.where(s == CODES, grammar.remaining, torch.where(s == AUDIO, audio_room, 0))
+    count = torch.minimum(torch.minimum(width, room), left - 1).clamp(min=0).tolist()
+    B = len(count)
+    if max(count) == 0:
+        return [[] for _ in range(B)], [None] * B
+    masks, modality = grammar.allowed_ahead(left, max(count)), grammar.modality(max(count))
+    drafts, proposals = [], []
+    for b, m in enumerate(count):
+        if m == 0:
+            drafts.append([])
+            proposals.append(None)
+            continue
+        q = predicted[b][:m] if predicted[b] is not None else last.new_zeros((0, last.shape[-1]))
+        if len(q) < m:  # topped up from the last logits
+            fresh = slice(len(q), m)
+            x = _filtered(last[b].expand(m - len(q), -1), masks[b, fresh], modality[b, fresh], cfg)
+            q = torch.cat([q, torch.softmax(x, dim=-1)])
+        if grammar.layout.has_audio:  # drafts are codes: the masks of a window assume its span goes on
+            q = q.clone()
+            q[:, grammar.layout.eoa_id] = 0
+            empty = torch.nonzero(q.sum(-1) <= 0).flatten()
+            q = q[: int(empty[0])] if len(empty) else q  # a position that can only end the span ends the window
+            m = len(q)
+            if m == 0:
+                drafts.append([])
+                proposals.append(None)
+                continue
+            q = q / q.sum(-1, keepdim=True)
+        g = generators[b]
+        d = q.argmax(-1) if g is None else _draw(q, torch.rand(m, generator=g, device=device))
+        drafts.append(d.tolist())
+        proposals.append(q)
+    return drafts, proposals
 
 
 def unconditional(prefix: list[int], layout: TokenLayout, request: Request | None = None) -> list[int]:
@@ -378,37 +507,76 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
             return []
         return torch.nonzero(scale[grammar.modality()] != 1).flatten().tolist()
 
+    # a sample whose modality samples at temperature 0 verifies drafts greedily
+    cold = cfg.by_modality("temperature", device) == 0
+
+    def verifier(b: int, modality: int) -> torch.Generator | None:
+        return None if generators is None or bool(cold[modality]) else generators[b]
+
     uncond_of = wants_guidance()  # the sample of each unconditional row (rows B, B+1, ...)
     seqs = [list(p) + opener for p in prompts] + [unconditional(prompts[b], layout, requests[b]) + opener
                                                  for b in uncond_of]
     cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + max(budget))
     ids, valid, positions = _left_padded(seqs, layout.pad_id, device)
-    logits = decoder.forward(cache, ids, valid, positions)
+    logits = decoder.forward(cache, ids, valid, positions)[:, None]  # (rows, window, V)
     next_pos = positions[:, -1] + 1
     new: list[list[int]] = [[] for _ in range(B)]
     span_start = [0] * B  # where each sample's current span opened, in ``opener + new[b]``
     budget_left = torch.tensor(budget, device=device)
-    for step in range(max(budget)):
+    drafts: list[list[int]] = [[] for _ in range(B)]  # each sample's drafts, fed after its last token
+    proposals: list[torch.Tensor | None] = [None] * B  # the distributions they were drawn from (m, V)
+    for _ in range(max(budget)):  # every sample takes at least one token a pass
+        width = logits.shape[1] - 1
+        allowed = grammar.allowed_ahead(budget_left, width)  # (B, w + 1, V): drafts are codes of the span
+        modality = grammar.modality(width)  # (B, w + 1)
         cond = logits[:B]
-        allowed = grammar.allowed(budget_left - step)
         if uncond_of:
             rows = torch.tensor(uncond_of, device=device)
-            m = grammar.modality()[rows][:, None]
+            m = modality[rows][..., None]
             mixed = _guided(cond[rows], logits[B:], allowed[rows], scale[m], log_floor[m])
             cond = cond.index_copy(0, rows, mixed)
-        before = grammar.state
-        token = _pick(cond, allowed, grammar.modality(), cfg, generators)
-        token = torch.where(before == DONE, layout.pad_id, token)
-        grammar.advance(token)
-        tokens, states, old = token.tolist(), grammar.state.tolist(), before.tolist()
+        before = grammar.state.tolist()
+        taken: list[list[int]] = [[] for _ in range(B)]
+        predicted: list[torch.Tensor | None] = [None] * B
+        plain = [b for b in range(B) if not drafts[b]]
+        if plain:
+            rows = torch.tensor(plain, device=device)
+            picked = _pick(cond[rows, 0], allowed[rows, 0], modality[rows, 0], cfg,
+                           None if generators is None else [generators[b] for b in plain])
+            for b, token in zip(plain, picked.tolist()):
+                taken[b] = [token] if before[b] != DONE else []
         for b in range(B):
-            if old[b] == DONE:
-                continue
-            new[b].append(tokens[b])
-            if old[b] == TEXT and states[b] in (ROWS, AUDIO):
-                span_start[b] = len(opener) + len(new[b]) - 1
-            elif old[b] in (EOI, AUDIO) and states[b] in (TEXT, DONE) and on_span is not None:
-                on_span(b, "image" if old[b] == EOI else "audio", (opener + new[b])[span_start[b]:])
+            if drafts[b]:
+                w = len(drafts[b]) + 1
+                x = _filtered(cond[b, :w], allowed[b, :w], modality[b, :w], cfg)
+                taken[b], predicted[b] = _verify(x, drafts[b], proposals[b], verifier(b, int(modality[b, 0])))
+        # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
+        last = torch.stack([logits[b, len(drafts[b])] for b in range(B)])
+        if width:  # the cache forgets the drafts that fell
+            stood = torch.tensor([max(len(t) - 1, 0) for t in taken], device=device)
+            cache.rewind(torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long, device=device)]]) + 1,
+                         width + 1)
+            next_pos = next_pos + torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long,
+                                                                        device=device)]])
+        for col in range(max(len(t) for t in taken)):
+            old = grammar.state.tolist()
+            for b in range(B):  # a draft that ended the sample stood: what the window holds after it is not taken
+                if old[b] == DONE:
+                    del taken[b][col:]
+            moving = [col < len(t) for t in taken]
+            token = [t[col] if m else layout.pad_id for t, m in zip(taken, moving)]
+            grammar.advance(torch.tensor(token, device=device), torch.tensor(moving, device=device))
+            states = grammar.state.tolist()
+            for b in range(B):
+                if not moving[b]:
+                    continue
+                new[b].append(token[b])
+                if old[b] == TEXT and states[b] in (ROWS, AUDIO):
+                    span_start[b] = len(opener) + len(new[b]) - 1
+                elif old[b] in (EOI, AUDIO) and states[b] in (TEXT, DONE) and on_span is not None:
+                    on_span(b, "image" if old[b] == EOI else "audio", (opener + new[b])[span_start[b]:])
+        budget_left = budget_left - torch.tensor([len(t) for t in taken], device=device)
+        states = grammar.state.tolist()
         if all(st == DONE for st in states):
             break
         wanted = wants_guidance()
@@ -421,7 +589,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 next_pos = next_pos[rows]
             uncond_of = [uncond_of[j] for j in keep]
             if joining:  # prefill their unconditional prefixes, then splice them in
-                # what the conditional row has been fed so far: all but the opener just sampled
+                # what the conditional row has been fed so far: all but the last token taken
                 prefixes = [unconditional(list(prompts[b]) + opener + new[b][:-1], layout, requests[b])
                             for b in joining]
                 extra = decoder.new_cache(len(joining), capacity=max(len(p) for p in prefixes))
@@ -430,9 +598,21 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 cache.extend(extra)
                 next_pos = torch.cat([next_pos, positions[:, -1] + 1])
                 uncond_of += joining
-        step_ids = torch.cat([token, token[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
-        logits = decoder.forward(cache, step_ids[:, None], torch.ones_like(step_ids, dtype=torch.bool)[:, None],
-                                 next_pos[:, None])
+        drafts, proposals = _drafts(grammar, budget_left, cfg, predicted, last,
+                                    [verifier(b, int(m)) for b, m in enumerate(grammar.modality().tolist())])
+        window = 1 + max(len(d) for d in drafts)
+        fed_rows = [([t[-1]] if t else [layout.pad_id]) + d for t, d in zip(taken, drafts)]
+        fed_rows += [fed_rows[b] for b in uncond_of]
+        step_ids = torch.full((len(fed_rows), window), layout.pad_id, dtype=torch.long, device=device)
+        step_valid = torch.zeros((len(fed_rows), window), dtype=torch.bool, device=device)
+        for r, row in enumerate(fed_rows):
+            step_ids[r, :len(row)] = torch.tensor(row, device=device)
+            step_valid[r, :len(row)] = True
+        step_pos = next_pos[:, None] + torch.arange(window, device=device)
+        if window == 1:
+            logits = decoder.forward(cache, step_ids, step_valid, step_pos)[:, None]
+        else:
+            logits = decoder.forward_window(cache, step_ids, step_valid, step_pos)
         next_pos = next_pos + 1
     results = []
     for b in range(B):

@@ -156,6 +156,9 @@ class Engine:
     def submit(self, job: Job) -> Job:
         """Queue a job (checked first: a request the layout cannot serve is refused here, in one line)."""
         check_request(self.layout, job.cfg)
+        if job.cfg.image.sjd_window or job.cfg.audio.sjd_window:
+            raise OmnitokError("the server does not run speculative Jacobi decoding yet: leave sjd_window at 0 "
+                               "(omnitok sample does)")
         with self.wake:
             if len(self.waiting) >= self.max_queue:
                 self.stats["rejected"] += 1

@@ -1,0 +1,136 @@
+"""Speculative Jacobi decoding in image spans against plain decoding, in one run: forward passes and wall time per
+image at batch 1 and 8, on an ``omnitok demo`` model (and the red-circle hit rate over the same seeds, SJD on and
+off) and on the tiny random model of ``benchmarks.sample``:
+``python -m benchmarks.sjd [--model DEMO/sft/export] [--window 16] [--seeds 64]``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from unittest import mock
+
+import torch
+
+from benchmarks.common import default_device
+from benchmarks.sample import SAMPLE_SIZES
+from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
+
+
+@contextlib.contextmanager
+def counting_passes() -> Iterator[list[int]]:
+    """Counts the sampler's forward passes (one-token steps, windows and prefills alike)."""
+    from omnitok.model.decoder import Decoder
+
+    count = [0]
+
+    def counted(original):
+        def run(self, *args):
+            count[0] += 1
+            return original(self, *args)
+        return run
+
+    with mock.patch.object(Decoder, "forward", counted(Decoder.forward)), \
+            mock.patch.object(Decoder, "forward_window", counted(Decoder.forward_window)):
+        yield count
+
+
+def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: int, repeats: int,
+            device: torch.device) -> dict:
+    """Forward passes per batch (a batch runs until its slowest sample ends) and seconds per image, SJD off and on,
+    at batch 1 and 8 (best of ``repeats`` after a warm-up; the seeds differ between repeats, not between SJD off
+    and on)."""
+    from omnitok.model.sampler import generate
+
+    out = {}
+    sjd = replace(cfg, image=replace(cfg.image, sjd_window=window))
+    for batch in (1, 8):
+        row = {}
+        for label, c in (("plain", cfg), ("sjd", sjd)):
+            best, passes = float("inf"), 0
+            generate(model, layout, [prompt] * batch, eos, c, seeds=list(range(batch)))  # warm-up
+            for r in range(repeats):
+                seeds = list(range(100 * (r + 1), 100 * (r + 1) + batch))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                with counting_passes() as count:
+                    start = time.perf_counter()
+                    generate(model, layout, [prompt] * batch, eos, c, seeds=seeds)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    best = min(best, time.perf_counter() - start)
+                passes += count[0]
+            row[label] = {"s_per_image": best / batch, "passes": passes / repeats}
+        row["passes_ratio"] = row["sjd"]["passes"] / row["plain"]["passes"]
+        row["speedup"] = row["plain"]["s_per_image"] / row["sjd"]["s_per_image"]
+        out[f"batch{batch}"] = row
+        print(f"  {name}, batch {batch}: {row['plain']['passes']:.0f} -> {row['sjd']['passes']:.0f} forward passes "
+              f"({row['passes_ratio']:.2f}x), {row['plain']['s_per_image']:.2f} -> "
+              f"{row['sjd']['s_per_image']:.2f} s per image ({row['speedup']:.2f}x faster)")
+    return out
+
+
+def demo_model(args: argparse.Namespace, device: torch.device) -> dict:
+    """The demo model, "a red circle" as in the demo (the CLI's sampling defaults, guidance 3, top-k 1000)."""
+    import numpy as np
+
+    from omnitok.demo.measure import caption_match
+    from omnitok.model.sample import load_model, parse_prompt, prompt_tokens
+    from omnitok.model.sampler import SamplingConfig, generate
+
+    model, tok = load_model(args.model, device=device)
+    layout = tok.layout
+    ids, eos, _, _ = prompt_tokens(tok, [parse_prompt("a red circle")], chat=False)
+    cfg = SamplingConfig(output="image", max_new_tokens=256)
+    g = cfg.grid or (layout.max_grid_side, layout.max_grid_side)
+    print(f"demo model {args.model}: images up to {g[0]}x{g[1]} codes, window {args.window}")
+    out = compare("demo", model, layout, ids[0], eos, cfg, args.window, args.repeats, device)
+    hits = {}
+    for label, c in (("plain", cfg), ("sjd", replace(cfg, image=replace(cfg.image, sjd_window=args.window)))):
+        seeds = list(range(1000, 1000 + args.seeds))
+        spans = generate(model, layout, [ids[0]] * args.seeds, eos, c, seeds=seeds)
+        pictures = tok.image.decode([tok.parse(np.asarray(s))[0].ids for s in spans])
+        hits[label] = caption_match(list(pictures), "red", "circle")["both"]
+    out["red_circle"] = {**hits, "seeds": args.seeds}
+    print(f"  red circles over the same {args.seeds} seeds: plain {hits['plain']}, SJD {hits['sjd']}")
+    return out
+
+
+def random_model(args: argparse.Namespace, device: torch.device) -> dict:
+    """The tiny random model of ``benchmarks.sample`` with 16x16 image spans (near-uniform predictions: drafts
+    rarely stand, the worst case)."""
+    from omnitok.model.build import ModelConfig, build_model
+    from omnitok.model.sampler import ModalitySampling, SamplingConfig
+    from omnitok.tokenizers.layout import TokenLayout, image_span_length
+
+    layout = TokenLayout(text_vocab_size=32000, image_codebook_size=16384, max_grid_side=16,
+                         audio_codebook_size=1024, audio_num_codebooks=4)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SAMPLE_SIZES["tiny"]), layout).eval().to(device)
+    cfg = SamplingConfig(output="image", grid=(16, 16), max_new_tokens=image_span_length(16, 16),
+                         image=ModalitySampling(top_k=1000, guidance=3.0))
+    print(f"tiny random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), 16x16 images")
+    return compare("random", model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, cfg,
+                   args.window, args.repeats, device)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sjd", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="an omnitok demo export (DEMO/sft/export or DEMO/export)")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--seeds", type=int, default=64, help="red-circle samples per setting")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=default_device())
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    print(f"{device.type}, {torch.get_num_threads()} threads")
+    with torch.inference_mode():
+        out = {"demo": demo_model(args, device)} if args.model else {}
+        out["random"] = random_model(args, device)
+    return out
+
+
+if __name__ == "__main__":
+    main()
