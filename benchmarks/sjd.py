@@ -98,22 +98,29 @@ def demo_model(args: argparse.Namespace, device: torch.device) -> dict:
     return out
 
 
-def random_model(args: argparse.Namespace, device: torch.device) -> dict:
-    """The tiny random model of ``benchmarks.sample`` with 16x16 image spans (near-uniform predictions: drafts
-    rarely stand, the worst case)."""
+def random_model(args: argparse.Namespace, device: torch.device, size: str = "tiny", grid: int = 16,
+                 guidance: float = 3.0) -> dict:
+    """A random model of ``benchmarks.sample`` (``size``) with ``grid`` x ``grid`` image spans (near-uniform
+    predictions, which guidance's plausibility floor sharpens)."""
     from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig
     from omnitok.tokenizers.layout import TokenLayout, image_span_length
 
-    layout = TokenLayout(text_vocab_size=32000, image_codebook_size=16384, max_grid_side=16,
+    layout = TokenLayout(text_vocab_size=32000, image_codebook_size=16384, max_grid_side=grid,
                          audio_codebook_size=1024, audio_num_codebooks=4)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(**SAMPLE_SIZES["tiny"]), layout).eval().to(device)
-    cfg = SamplingConfig(output="image", grid=(16, 16), max_new_tokens=image_span_length(16, 16),
-                         image=ModalitySampling(top_k=1000, guidance=3.0))
-    print(f"tiny random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), 16x16 images")
-    return compare("random", model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, cfg,
-                   args.window, args.repeats, device)
+    model = build_model(ModelConfig(**SAMPLE_SIZES[size]), layout).eval()
+    model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = SamplingConfig(output="image", grid=(grid, grid), max_new_tokens=image_span_length(grid, grid),
+                         image=ModalitySampling(top_k=1000, guidance=guidance))
+    print(f"{size} random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid}x{grid} images, "
+          f"guidance {guidance:g}")
+    out = compare(f"random {size}", model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, cfg,
+                  args.window, args.repeats, device)
+    for row in out.values():  # image codes per second of the whole batch
+        for label in ("plain", "sjd"):
+            row[label]["codes_per_s"] = grid * grid / row[label]["s_per_image"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,0 +1,102 @@
+"""One GPU check, one JSON report: ``python -m benchmarks.gpu_check [--out gpu_report.json]`` on a CUDA machine runs
+every GPU measurement this project wants, sized to finish in about 8 minutes on one H100 / H200:
+
+- sampling with a ~1B random-weight Llama (``benchmarks.sample``): text tokens/s at batch 1 and 8 against
+  transformers' ``generate``, the time cost of guidance on 32x32 image spans, and batch-1 decode as a fraction of the
+  memory-bandwidth bound (weight bytes / measured copy bandwidth);
+- 32x32 image spans on the same model with and without guidance, with and without speculative Jacobi decoding, at
+  batch 1 and 8 (``benchmarks.sjd``: forward passes, seconds per image, codes/s);
+- ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
+  against a plain loop (``benchmarks.pretrain``);
+- VQ-GAN (Janus VQ-16 architecture, 256 px) and EnCodec (24 kHz, 6 kbps, 10 s clips) encode / decode throughput in
+  bf16 at batch 64 (``benchmarks.image``, ``benchmarks.audio``).
+
+``--reduced`` runs the same code with tiny sizes on any device (CI runs it on the CPU so that the script does not rot;
+its numbers mean nothing). The compiled decode step (torch.compile, CUDA graphs) is not built yet: the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from benchmarks import audio, image, pretrain, sample, sjd
+from benchmarks.common import default_device
+
+# dense bf16 peak FLOP/s by device name (vendor data sheets), for MFU
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def pretrain_mfu(result: dict, config: str, overrides: list[str], device: torch.device) -> dict:
+    """Model FLOPs utilisation of the measured tokens/s: (6 N + 12 L d s) FLOPs per token (weights, and attention
+    over a sequence of s; PaLM's appendix B) over the device's peak."""
+    from omnitok.model.build import build_model
+    from omnitok.train.pretrain import load_pretrain_config
+
+    cfg = load_pretrain_config(config, ["tokenizer=x", "out=x", "data.shards=[x]", *overrides])
+    n = sum(p.numel() for p in build_model(cfg.model, pretrain.LAYOUT).parameters())
+    per_token = 6 * n + 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.data.seq_len
+    peak = peak_flops(device)
+    return {**result, "params": n, "flops_per_token": per_token,
+            "mfu": None if peak is None else result["ours"] * per_token / peak}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    small = args.reduced
+    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                    or "cpu", "torch": torch.__version__, "reduced": small, "seconds": {}}
+
+    def part(name: str, fn) -> None:
+        start = time.perf_counter()
+        report[name] = fn()
+        report["seconds"][name] = round(time.perf_counter() - start, 1)
+        Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
+
+    size, grid = ("tiny", 4) if small else ("1b", 32)
+    part("sampler", lambda: sample.run(Namespace(size=size, text_vocab=1000 if small else 32000, grid=grid,
+                                                 prompt_len=32, new_tokens=16 if small else 128, repeats=1,
+                                                 device=args.device)))
+    spans = Namespace(window=4 if small else 16, repeats=1)
+    part("image_spans", lambda: {f"guidance_{g:g}": sjd.random_model(spans, device, size, grid, g) for g in (1.0, 3.0)})
+    report["compiled_decode"] = "not built yet (issue 22): no torch.compile / CUDA-graph decode step to measure"
+    config = "configs/pretrain-tiny-cpu.yaml" if small else "configs/pretrain-150m-gpu.yaml"
+    steps = 4 if small else 100
+    overrides = [] if small else ["grad_accum=1", "eval_every=100000"]
+    part("pretrain", lambda: pretrain_mfu(pretrain.run(Namespace(config=config, steps=steps, overrides=overrides)),
+                                          config, overrides, device))
+    batch = 2 if small else 64
+    part("vqgan", lambda: image.run(Namespace(arch="tiny" if small else "janus", size=64 if small else 256,
+                                              batch=batch, repeats=1, device=args.device)))
+    part("encodec", lambda: audio.run(Namespace(preset="24khz", bandwidth=6.0, seconds=0.5 if small else 10.0,
+                                                batch=batch, repeats=1, device=args.device)))
+    print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="gpu_report.json")
+    parser.add_argument("--reduced", action="store_true", help="tiny sizes, any device (the CI's smoke run)")
+    parser.add_argument("--device", default=default_device())
+    args = parser.parse_args(argv)
+    if not args.reduced and not args.device.startswith("cuda"):
+        parser.error("the full check needs a CUDA device; --reduced runs it small on any device")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
