@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from test_pretrain_parts import LAYOUT
-from test_sampler import EOS, check
+from test_sampler import EOS, check, well_formed_over_random_prompts
 
 from omnitok.errors import OmnitokError
 from omnitok.model import sampler
@@ -83,24 +83,10 @@ def test_sampled_outputs_are_the_same_alone_or_in_a_mixed_batch(model):
 
 @pytest.mark.slow
 def test_spans_stay_well_formed_over_1000_random_prompts(model):
-    rng = np.random.default_rng(1)
     cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.0, sjd_window=6),
                          audio=ModalitySampling(1.0, top_k=8, guidance=1.5, sjd_window=5), max_new_tokens=60,
                          max_audio_frames=12)
-    kinds = {"image": 0, "audio": 0}
-    for start in range(0, 1000, 200):
-        prompts = [[1, *rng.integers(3, 50, rng.integers(1, 10)).tolist()] for _ in range(200)]
-        closed = []
-        outputs = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(start, start + 200)),
-                           on_span=lambda b, kind, ids: closed.append((b, kind, ids)))
-        for b, out in enumerate(outputs):
-            assert 0 < len(out) <= 60
-            spans = check(out)
-            for span in spans:
-                kinds[span[0]] += 1
-                assert span[0] != "audio" or span[1] <= 12
-            reported = [ids for c, _, ids in closed if c == b]
-            assert len(reported) == len(spans) and all(check(ids) for ids in reported)
+    kinds = well_formed_over_random_prompts(model, cfg, batch=200, seed=1)
     assert kinds["image"] > 50 and kinds["audio"] > 50
 
 

@@ -49,25 +49,31 @@ def check(seq: list[int], layout=LAYOUT) -> list[tuple]:
     return spans
 
 
-def test_random_prompts_always_give_well_formed_output(model):
-    rng = np.random.default_rng(0)
-    cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.0),
-                         audio=ModalitySampling(1.0, top_k=8, guidance=1.5), max_new_tokens=60, max_audio_frames=12)
+def well_formed_over_random_prompts(model, cfg: SamplingConfig, batch: int, seed: int = 0) -> dict[str, int]:
+    """Samples 1000 random prompts, ``batch`` a batch (guidance rows joining and leaving), asserting every output
+    and every span reported as it closed well formed; returns how many spans of each kind there were."""
+    rng = np.random.default_rng(seed)
     kinds = {"image": 0, "audio": 0}
-    for start in range(0, 1000, 100):  # 1000 prompts, 100 a batch, guidance rows joining and leaving
-        prompts = [[1, *rng.integers(3, 50, rng.integers(1, 10)).tolist()] for _ in range(100)]
+    for start in range(0, 1000, batch):
+        prompts = [[1, *rng.integers(3, 50, rng.integers(1, 10)).tolist()] for _ in range(batch)]
         closed = []
-        outputs = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(start, start + 100)),
+        outputs = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(start, start + batch)),
                            on_span=lambda b, kind, ids: closed.append((b, kind, ids)))
         for b, out in enumerate(outputs):
-            assert 0 < len(out) <= 60
+            assert 0 < len(out) <= cfg.max_new_tokens
             spans = check(out)
             for span in spans:
                 kinds[span[0]] += 1
-                if span[0] == "audio":
-                    assert span[1] <= 12
+                assert span[0] != "audio" or span[1] <= cfg.max_audio_frames
             reported = [ids for c, _, ids in closed if c == b]
             assert len(reported) == len(spans) and all(check(ids) for ids in reported)  # every span, whole
+    return kinds
+
+
+def test_random_prompts_always_give_well_formed_output(model):
+    cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.0),
+                         audio=ModalitySampling(1.0, top_k=8, guidance=1.5), max_new_tokens=60, max_audio_frames=12)
+    kinds = well_formed_over_random_prompts(model, cfg, batch=100)
     assert kinds["image"] > 20 and kinds["audio"] > 20  # both kinds of span were really exercised
 
 
