@@ -343,9 +343,10 @@ def _descending(x: torch.Tensor) -> torch.Tensor:
 # Generation with Training-free Speculative Jacobi Decoding", ICLR 2025) starts with the model's latest predictions
 # for the positions after the one that fell (the Jacobi iteration: each position refines its guess from the pass
 # that saw the newer prefix), topped up with codes drawn from the last prediction restricted to what each position
-# allows. The paper fills with uniformly random codes; the last prediction is accepted far more often on images
-# (neighbouring codes repeat) and costs nothing. Unlike the paper's batch loop, each sample keeps its own number of
-# accepted tokens (the cache forgets each row's fallen drafts), so a sample does not depend on its batch.
+# allows (the paper tops up with uniformly random codes). Drafting the code one image row above instead (a fixed
+# guess) was tried on the demo model and took as many passes. Unlike the paper's batch loop, each sample keeps its
+# own number of accepted tokens (the cache forgets each row's fallen drafts), so a sample does not depend on its
+# batch.
 
 
 def _verify(x: torch.Tensor, drafts: list[int], proposal: torch.Tensor,
@@ -552,12 +553,11 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 taken[b], predicted[b] = _verify(x, drafts[b], proposals[b], verifier(b, int(modality[b, 0])))
         # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
         last = torch.stack([logits[b, len(drafts[b])] for b in range(B)])
-        if width:  # the cache forgets the drafts that fell
+        if width:  # the cache forgets the drafts that fell (an unconditional row keeps what its sample keeps)
             stood = torch.tensor([max(len(t) - 1, 0) for t in taken], device=device)
-            cache.rewind(torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long, device=device)]]) + 1,
-                         width + 1)
-            next_pos = next_pos + torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long,
-                                                                        device=device)]])
+            stood = torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
+            cache.rewind(stood + 1, width + 1)
+            next_pos = next_pos + stood
         for col in range(max(len(t) for t in taken)):
             old = grammar.state.tolist()
             for b in range(B):  # a draft that ended the sample stood: what the window holds after it is not taken
