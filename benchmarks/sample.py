@@ -5,6 +5,7 @@ memory-bandwidth bound: ``python -m benchmarks.sample [--size tiny|1b] [--grid 1
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -72,6 +73,21 @@ def run(args: argparse.Namespace) -> dict:
                                     "cost": times[3.0] / times[1.0]}
         print(f"  {g}x{g} image, batch {batch}: {times[1.0] / batch:.2f} s/image without guidance, "
               f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time")
+    if args.compiled:  # the decoder's layers under torch.compile vs eager, text decode, same tokens
+        for batch in (1, 8):
+            cfg = SamplingConfig(greedy=True, output="text", max_new_tokens=n)
+            prompts = [prompt] * batch
+            start = time.perf_counter()
+            same = generate(model, layout, prompts, eos, cfg, compiled=True) == generate(model, layout, prompts,
+                                                                                           eos, cfg)
+            warm = time.perf_counter() - start  # the first compiled run pays the compiler
+            rates = {c: batch * n / timed(lambda c=c: generate(model, layout, prompts, eos, cfg, compiled=c),
+                                          args.repeats, device) for c in (False, True)}
+            out[f"compiled_batch{batch}"] = {"eager": rates[False], "compiled": rates[True],
+                                             "ratio": rates[True] / rates[False], "same_tokens": same,
+                                             "first_run_s": warm}
+            print(f"  text, batch {batch}: compiled {rates[True]:.0f} tokens/s, eager {rates[False]:.0f} tokens/s, "
+                  f"ratio {rates[True] / rates[False]:.2f}; greedy tokens {'equal' if same else 'DIFFER'}")
     big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
     dst = torch.empty_like(big)
     copy_s = timed(lambda: dst.copy_(big), args.repeats + 2, device)
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd decoder")
     parser.add_argument("--device", default=default_device())
     return run(parser.parse_args(argv))
 

@@ -153,6 +153,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--grid", help="fixed image grid ROWSxCOLS (default: the model chooses)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding")
+    parser.add_argument("--compile", action="store_true", help="run the decoder's layers under torch.compile "
+                        "(same tokens; the first steps wait for the compiler, about a minute on a CPU)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sampling settings, e.g. image.top_k=500 "
                         "image.guidance=3 text.temperature=0.7")
 
@@ -183,7 +185,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     if not args.prompt and not args.prompts:
         raise OmnitokError("give --prompt TEXT (repeatable) or --prompts FILE")
-    request = SampleRequest(_sampling(args), args.num_samples, args.seed, args.batch_size, chat=args.chat)
+    request = SampleRequest(_sampling(args), args.num_samples, args.seed, args.batch_size, chat=args.chat,
+                            compiled=args.compile)
     parse = parse_chat_prompt if args.chat else parse_prompt
     prompts = [parse(p) for p in args.prompt] + (read_prompt_file(args.prompts, args.chat) if args.prompts else [])
     for p in prompts:
@@ -201,7 +204,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     sampling = _sampling(args)
     model, tok = load_model(args.model, args.tokenizer)
-    session = ChatSession(model, tok, args.out, sampling, seed=args.seed)
+    session = ChatSession(model, tok, args.out, sampling, seed=args.seed, compiled=args.compile)
 
     def lines():
         while True:
@@ -224,7 +227,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     key = args.api_key or os.environ.get("OMNITOK_API_KEY") or None
     limits = ServeLimits(max_tokens=args.max_tokens, max_n=args.max_n, request_timeout=args.request_timeout)
     cfg = ServeConfig(name=args.model.resolve().name, api_key=key, max_rows=args.max_rows, max_queue=args.max_queue,
-                      limits=limits, sampling=_sampling(args))
+                      compiled=args.compile, limits=limits, sampling=_sampling(args))
     model, tok = load_model(args.model, args.tokenizer)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use the model",

@@ -78,3 +78,18 @@ def test_a_window_of_drafts_then_rewound_rows_match_hugging_face():
         ours = dec.forward(cache, torch.full((2, 1), token), torch.ones(2, 1, dtype=torch.bool), nxt[:, None])
         nxt = nxt + 1
         torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compiled_decoder_gives_the_same_greedy_tokens():
+    """Under torch.compile the greedy tokens are the eager ones."""
+    from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2),
+                        LAYOUT).eval()
+    prompts = [[1, 5 + i, 6, 7 + i][: 2 + i % 3] for i in range(6)]
+    # one image each: prefill, one-token steps (markers), windows of drafts, guidance rows joining and leaving
+    cfg = SamplingConfig(greedy=True, output="image", grid=(2, 3), max_new_tokens=40,
+                         image=ModalitySampling(guidance=2.0, sjd_window=4))
+    assert generate(model, LAYOUT, prompts, 2, cfg, compiled=True) == generate(model, LAYOUT, prompts, 2, cfg)

@@ -31,10 +31,12 @@ HELP = "type a message (<image:PATH> / <audio:PATH> to attach media); /reset, /s
 class ChatSession:
     """One conversation: the ids so far, and its turns as chat messages for ``/save``."""
 
-    def __init__(self, model, tok: MultimodalTokenizer, out: str | Path, sampling: SamplingConfig, seed: int = 0):
+    def __init__(self, model, tok: MultimodalTokenizer, out: str | Path, sampling: SamplingConfig, seed: int = 0,
+                 compiled: bool = False):
         self.format = tok.need_chat()
         check_request(tok.layout, sampling)
         self.model, self.tok, self.out, self.sampling, self.seed = model, tok, Path(out), sampling, seed
+        self.compiled = compiled
         self.replies = 0  # numbers the answers' folders across resets
         self.reset()
 
@@ -70,7 +72,8 @@ class ChatSession:
             spans[0] += 1
 
         new = generate(self.model, tok.layout, [ids], end, self.sampling, seeds=[seed], on_span=on_span,
-                       forbidden=self.format.forbidden, nonempty=True, requests=[encoded.requests[-1]])[0]
+                       forbidden=self.format.forbidden, nonempty=True, requests=[encoded.requests[-1]],
+                       compiled=self.compiled)[0]
         record = write_sample(self.out, job, prompt, seed, new, decoder.finish(), tok, end, budget,
                               budget < self.sampling.max_new_tokens)
         self.replies += 1

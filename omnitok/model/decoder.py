@@ -6,6 +6,10 @@ over a ``KVCache`` that is preallocated and grows by doubling. Rows of the cache
 steps, which is what classifier-free guidance needs: an unconditional row joins while its sample is inside a media
 span and leaves when the span closes.
 
+With ``compiled``, the layers run under ``torch.compile`` with dynamic shapes, so steps of any batch, window and cache
+length reuse a handful of graphs (prefill, one-token step, window); the cache is preallocated and written in place.
+The tokens are the same as eager (tested greedy); CUDA graphs are not used yet.
+
 Supported: ``llama``, ``mistral`` and ``qwen2`` without sliding windows, ``qwen3`` (QK-norm), i.e. every model that
 ``omnitok pretrain`` builds or continues from those families. Parity with Hugging Face is tested (logits with left
 padding, greedy tokens equal to ``generate``).
@@ -56,13 +60,6 @@ class KVCache:
         self.keys = [grown(k, 2) for k in self.keys]
         self.values = [grown(v, 2) for v in self.values]
         self.valid = grown(self.valid, 1)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one layer's new keys/values at the end; returns that layer's keys/values so far (views)."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows, in this order."""
@@ -135,7 +132,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class Decoder:
     """The forward pass of a supported Hugging Face causal LM, step by step over a ``KVCache``."""
 
-    def __init__(self, model):
+    def __init__(self, model, compiled: bool = False):
         config = model.config
         kind = getattr(config, "model_type", "?")
         if kind not in SUPPORTED:
@@ -162,6 +159,10 @@ class Decoder:
                                  m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias))
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        # torch.compile over the layers (dynamic shapes: the rows, the tokens fed and the cache length vary from step
+        # to step without recompiling); embedding, RoPE tables, masks and cache bookkeeping stay in Python
+        self.compiled = compiled
+        self.blocks = torch.compile(self._blocks, dynamic=True) if compiled else self._blocks
 
     def new_cache(self, rows: int, capacity: int = 64) -> KVCache:
         return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
@@ -186,8 +187,18 @@ class Decoder:
         cache.valid[:, start:end] = valid
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
-        mask, causal = self._mask(cache, start, end)
+        mask, causal = self._mask(cache, start, end, always=self.compiled)
+        x = self.blocks(x, cos[:, None], sin[:, None], mask, causal, cache.keys, cache.values, start)
+        cache.length = end
+        return x
+
+    def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                causal: bool, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
+                start: int) -> torch.Tensor:
+        """Every decoder layer and the final norm over embedded tokens ``x`` (rows, t, hidden), their keys and values
+        written into the cache's tensors at ``start``: tensor operations only, what ``torch.compile`` compiles."""
+        B, t, _ = x.shape
+        end = start + t
         gqa = self.heads != self.kv_heads
         H, KV, d = self.heads, self.kv_heads, self.head_dim
         for i, (n1, wq, bq, wk, bk, wv, bv, qn, kn, wo, bo, n2, wg, bg, wu, bu, wd, bd) in enumerate(self.weights):
@@ -198,7 +209,9 @@ class Decoder:
             if qn is not None:
                 q, k = _norm(qn, q), _norm(kn, k)
             qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H + KV, t, d)
-            keys, values = cache.write(i, qk[:, H:], v)
+            cache_keys[i][:, :, start:end] = qk[:, H:]
+            cache_values[i][:, :, start:end] = v
+            keys, values = cache_keys[i][:, :, :end], cache_values[i][:, :, :end]
             if gqa:
                 keys = keys.repeat_interleave(H // KV, dim=1)
                 values = values.repeat_interleave(H // KV, dim=1)
@@ -207,15 +220,15 @@ class Decoder:
             x = x + F.linear(out.transpose(1, 2).reshape(B, t, -1), wo, bo)
             h = _norm(n2, x)
             x = x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
-        cache.length = end
         return _norm(self.body.norm, x)
 
     @staticmethod
-    def _mask(cache: KVCache, start: int, end: int) -> tuple[torch.Tensor | None, bool]:
+    def _mask(cache: KVCache, start: int, end: int, always: bool = False) -> tuple[torch.Tensor | None, bool]:
         """The attention mask of queries ``[start, end)`` over keys ``[0, end)``: causal, padding hidden. Every
-        query also sees itself, so a padding query never has an empty softmax (which would give NaN)."""
+        query also sees itself, so a padding query never has an empty softmax (which would give NaN). Without
+        padding, none (SDPA's causal flag) unless ``always`` (compiled layers: one graph for every step)."""
         valid = cache.valid[:, :end]
-        if (end - start == 1 or start == 0) and bool(valid.all()):
+        if not always and (end - start == 1 or start == 0) and bool(valid.all()):
             return None, end - start > 1
         keys = torch.arange(end, device=valid.device)
         queries = torch.arange(start, end, device=valid.device)[:, None]

@@ -211,6 +211,7 @@ class SampleRequest:
     seed: int = 0
     batch_size: int = 8
     chat: bool = False  # prompts are conversations; each sample is the assistant's next turn
+    compiled: bool = False  # the decoder's layers under torch.compile (the first batch waits for the compiler)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch_size < 1:
@@ -259,7 +260,8 @@ def sample(model, tok: MultimodalTokenizer, prompts: list[Prompt], out: str | Pa
 
         new = generate(model, tok.layout, ids, end, request.sampling,
                        seeds=[request.seed + j for j in batch], on_span=on_span, forbidden=forbidden,
-                       nonempty=request.chat, requests=[requests[jobs[j][0]] for j in batch])
+                       nonempty=request.chat, requests=[requests[jobs[j][0]] for j in batch],
+                       compiled=request.compiled)
         results.update(zip(batch, new))
         bar.update(len(batch))
     bar.close()

@@ -471,7 +471,7 @@ def new_token_budget(model, cfg: SamplingConfig, prompt_lengths: list[int]) -> l
 def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig,
              seeds: list[int] | None = None, on_span: SpanCallback | None = None,
              forbidden: Sequence[int] = (), nonempty: bool = False,
-             requests: Sequence[Request | None] | None = None) -> list[list[int]]:
+             requests: Sequence[Request | None] | None = None, compiled: bool = False) -> list[list[int]]:
     """Continue each prompt (ids, normally starting with bos); returns the new ids of each, ending at ``eos_id``
     (the text eos; the end of an assistant's turn in a chat) or when ``max_new_tokens`` are used, always with every
     media span complete. ``forbidden`` ids are never sampled (in a chat: bos, eos, other control tokens); with
@@ -480,11 +480,11 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
 
     ``seeds[b]`` seeds sample ``b`` (default ``0, 1, 2, ...``). ``on_span(b, modality, ids)`` is called as soon as
     a span of sample ``b`` closes (its ids from the opening marker to the closing one), so media can be decoded while
-    sampling goes on.
+    sampling goes on. ``compiled``: the decoder's layers under ``torch.compile`` (``Decoder``).
     """
     if not prompts or any(not p for p in prompts):
         raise OmnitokError("every prompt needs at least one token")
-    decoder = Decoder(model)
+    decoder = Decoder(model, compiled)
     device, B = decoder.device, len(prompts)
     seeds = list(range(B)) if seeds is None else seeds
     requests = [None] * B if requests is None else list(requests)

@@ -63,6 +63,7 @@ class ServeConfig:
     max_rows: int = 16  # jobs decoded at once
     max_cached_tokens: int = 1 << 16
     max_queue: int = 64
+    compiled: bool = False  # the decoder's layers under torch.compile
     limits: ServeLimits = field(default_factory=ServeLimits)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # defaults a request may override
 
@@ -269,7 +270,8 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
     """The FastAPI app serving ``model`` with its tokenizer ``tok``; the engine runs while the app does."""
     cfg = cfg or ServeConfig()
     limits = cfg.limits
-    engine = Engine(model, tok, max_rows=cfg.max_rows, max_tokens=cfg.max_cached_tokens, max_queue=cfg.max_queue)
+    engine = Engine(model, tok, max_rows=cfg.max_rows, max_tokens=cfg.max_cached_tokens, max_queue=cfg.max_queue,
+                    compiled=cfg.compiled)
     chat = tok.chat
     metrics = Metrics()
 

@@ -133,11 +133,11 @@ class Engine:
     own (or call ``step`` yourself, as the tests do)."""
 
     def __init__(self, model, tok: MultimodalTokenizer, max_rows: int = 16, max_tokens: int = 1 << 16,
-                 max_queue: int = 64):
+                 max_queue: int = 64, compiled: bool = False):
         if max_rows < 1 or max_tokens < 1 or max_queue < 1:
             raise OmnitokError("max_rows, max_tokens and max_queue must be at least 1")
         self.model, self.tok, self.layout = model, tok, tok.layout
-        self.decoder = Decoder(model)
+        self.decoder = Decoder(model, compiled)
         self.max_rows, self.max_tokens, self.max_queue = max_rows, max_tokens, max_queue
         self.waiting: deque[Job] = deque()
         self.running: list[_Running] = []
