@@ -389,18 +389,20 @@ def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted
     B = len(count)
     if max(count) == 0:
         return [[] for _ in range(B)], [None] * B
-    masks, modality = grammar.allowed_ahead(left, max(count)), grammar.modality(max(count))
+    n, V = max(count), last.shape[-1]
+    rows = torch.tensor([b for b in range(B) if count[b]], device=device)
+    # the top-up distributions of every drafting sample's positions, in one call: the last logits under each mask
+    fresh = _filtered(last[rows, None].expand(-1, n, -1).flatten(0, 1), grammar.allowed_ahead(left, n)[rows, :n]
+                      .flatten(0, 1), grammar.modality(n)[rows, :n].flatten(), cfg)
+    fresh = dict(zip(rows.tolist(), torch.softmax(fresh, dim=-1).view(len(rows), n, V)))
     drafts, proposals = [], []
     for b, m in enumerate(count):
         if m == 0:
             drafts.append([])
             proposals.append(None)
             continue
-        q = predicted[b][:m] if predicted[b] is not None else last.new_zeros((0, last.shape[-1]))
-        if len(q) < m:  # topped up from the last logits
-            fresh = slice(len(q), m)
-            x = _filtered(last[b].expand(m - len(q), -1), masks[b, fresh], modality[b, fresh], cfg)
-            q = torch.cat([q, torch.softmax(x, dim=-1)])
+        q = predicted[b][:m] if predicted[b] is not None else last.new_zeros((0, V))
+        q = torch.cat([q, fresh[b][len(q):m]])  # topped up from the last logits
         if grammar.layout.has_audio:  # drafts are codes: the masks of a window assume its span goes on
             q = q.clone()
             q[:, grammar.layout.eoa_id] = 0
@@ -546,11 +548,14 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                            None if generators is None else [generators[b] for b in plain])
             for b, token in zip(plain, picked.tolist()):
                 taken[b] = [token] if before[b] != DONE else []
-        for b in range(B):
-            if drafts[b]:
-                w = len(drafts[b]) + 1
-                x = _filtered(cond[b, :w], allowed[b, :w], modality[b, :w], cfg)
-                taken[b], predicted[b] = _verify(x, drafts[b], proposals[b], verifier(b, int(modality[b, 0])))
+        drafting = [b for b in range(B) if drafts[b]]
+        if drafting:  # every window filtered in one call (row by row, so the same as one window at a time)
+            rows = torch.tensor(drafting, device=device)
+            x = _filtered(cond[rows].flatten(0, 1), allowed[rows].flatten(0, 1), modality[rows].flatten(), cfg)
+            x = x.view(len(drafting), width + 1, -1)
+            for i, b in enumerate(drafting):
+                taken[b], predicted[b] = _verify(x[i, :len(drafts[b]) + 1], drafts[b], proposals[b],
+                                                 verifier(b, int(modality[b, 0])))
         # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
         last = torch.stack([logits[b, len(drafts[b])] for b in range(B)])
         if width:  # the cache forgets the drafts that fell (an unconditional row keeps what its sample keeps)
