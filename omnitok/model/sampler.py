@@ -563,11 +563,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
             stood = torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
             cache.rewind(stood + 1, width + 1)
             next_pos = next_pos + stood
-        for col in range(max(len(t) for t in taken)):
+        for col in range(max(len(t) for t in taken)):  # drafts are codes: only a sample's last token can end it
             old = grammar.state.tolist()
-            for b in range(B):  # a draft that ended the sample stood: what the window holds after it is not taken
-                if old[b] == DONE:
-                    del taken[b][col:]
             moving = [col < len(t) for t in taken]
             token = [t[col] if m else layout.pad_id for t, m in zip(taken, moving)]
             grammar.advance(torch.tensor(token, device=device), torch.tensor(moving, device=device))
