@@ -9,10 +9,10 @@ import torch
 from test_pretrain_parts import LAYOUT
 from test_sampler import EOS, check, well_formed_over_random_prompts
 
+from benchmarks.sjd import counting_passes
 from omnitok.errors import OmnitokError
 from omnitok.model import sampler
 from omnitok.model.build import ModelConfig, build_model
-from omnitok.model.decoder import Decoder
 from omnitok.model.sampler import ModalitySampling, SamplingConfig, _filtered, _guided, generate
 
 
@@ -31,17 +31,7 @@ def model():
 
 def passes(fn):
     """``fn()``'s result and how many forward passes it ran."""
-    count = [0]
-    forward, window = Decoder.forward, Decoder.forward_window
-
-    def counted(original):
-        def run(self, *args):
-            count[0] += 1
-            return original(self, *args)
-        return run
-
-    with mock.patch.object(Decoder, "forward", counted(forward)), \
-            mock.patch.object(Decoder, "forward_window", counted(window)):
+    with counting_passes() as count:
         out = fn()
     return out, count[0]
 

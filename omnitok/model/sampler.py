@@ -397,25 +397,21 @@ def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted
     fresh = dict(zip(rows.tolist(), torch.softmax(fresh, dim=-1).view(len(rows), n, V)))
     drafts, proposals = [], []
     for b, m in enumerate(count):
-        if m == 0:
-            drafts.append([])
-            proposals.append(None)
-            continue
-        q = predicted[b][:m] if predicted[b] is not None else last.new_zeros((0, V))
-        q = torch.cat([q, fresh[b][len(q):m]])  # topped up from the last logits
-        if grammar.layout.has_audio:  # drafts are codes: the masks of a window assume its span goes on
-            q = q.clone()
+        q = last.new_zeros((0, V))
+        if m:
+            q = predicted[b][:m] if predicted[b] is not None else q
+            q = torch.cat([q, fresh[b][len(q):m]])  # topped up from the last logits (a new tensor)
+        if m and grammar.layout.has_audio:  # drafts are codes: the masks of a window assume its span goes on
             q[:, grammar.layout.eoa_id] = 0
             empty = torch.nonzero(q.sum(-1) <= 0).flatten()
             q = q[: int(empty[0])] if len(empty) else q  # a position that can only end the span ends the window
-            m = len(q)
-            if m == 0:
-                drafts.append([])
-                proposals.append(None)
-                continue
             q = q / q.sum(-1, keepdim=True)
+        if len(q) == 0:
+            drafts.append([])
+            proposals.append(None)
+            continue
         g = generators[b]
-        d = q.argmax(-1) if g is None else _draw(q, torch.rand(m, generator=g, device=device))
+        d = q.argmax(-1) if g is None else _draw(q, torch.rand(len(q), generator=g, device=device))
         drafts.append(d.tolist())
         proposals.append(q)
     return drafts, proposals
