@@ -92,7 +92,9 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
     cfg = TokenizeConfig(inputs=args.input, tokenizer=str(args.tokenizer), out=str(args.out), workers=args.workers,
                          batch_size=args.batch_size, shard_size=args.shard_size, pair_order=args.pair_order,
-                         seed=args.seed, num_parts=args.num_parts, part=args.part, loss_on=args.loss_on)
+                         seed=args.seed, num_parts=args.num_parts, part=args.part, loss_on=args.loss_on,
+                         engine=args.engine, ray_address=args.ray_address, encoders=args.encoders,
+                         gpus_per_encoder=args.gpus_per_encoder, ray_window=args.ray_window)
     print(summary(tokenize(cfg, command_line()), str(args.out)))
 
 
@@ -387,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     tz.add_argument("--num-parts", type=int, default=1, help="split the corpus between processes (default: "
                     "WORLD_SIZE under torchrun/deepspeed, else 1)")
     tz.add_argument("--part", type=int, default=0, help="which part this process writes (default: RANK)")
+    tz.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="local: a process pool here (default); ray: Ray Data tasks and encoder actors on a cluster "
+                    "(pip install 'omnitok[ray]'); the shards are the same")
+    tz.add_argument("--ray-address", help="with --engine ray: the cluster (auto or HOST:PORT; default RAY_ADDRESS, "
+                    "else a local cluster)")
+    tz.add_argument("--encoders", type=int, help="with --engine ray: encoder actors (default: one per GPU share, "
+                    "else half the CPUs)")
+    tz.add_argument("--gpus-per-encoder", type=float, help="with --engine ray: GPUs per encoder actor (default 1 "
+                    "when the cluster has GPUs, else 0)")
+    tz.add_argument("--ray-window", type=int, default=10_000, help="with --engine ray: items listed per dataset "
+                    "(default 10000; encoders load the tokenizer once per window)")
     tz.set_defaults(func=cmd_tokenize)
 
     pt = commands.add_parser("pretrain", help="pretrain the decoder LM on token shards with DeepSpeed",

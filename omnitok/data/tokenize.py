@@ -10,13 +10,18 @@ samples, and tars are byte-deterministic.
 Resume: the manifest is rewritten after each complete shard with the index of the last item that shard covers;
 rerunning the same command skips to the next item, drops error records past that point and ends with exactly the
 shards of an uninterrupted run. A different command on the same directory is refused.
+
+Engines: both produce the same ``Outcome`` stream, one per item in item order (the sample to write, or why the item
+was left out), which one loop here turns into shards, the manifest and ``errors.jsonl``. The local engine prepares
+in a process pool and encodes in this process; ``--engine ray`` (``ray_engine.py``) prepares in Ray tasks and
+encodes in actor pools across a cluster. The engine is not part of the command's identity: a run started on one may
+be resumed on the other.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-import re
 import shlex
 import sys
 import time
@@ -28,14 +33,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from omnitok.data.prepare import Outcome, Prepared, Preprocessor, encode_prepared
 from omnitok.data.readers import Item, read_inputs
-from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, sample_meta
+from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
 from omnitok.distributed import launched_part
-from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, Modality, TokenLayout
 from omnitok.tokenizers.multimodal import ID_DTYPE, LOSS_ON, MultimodalTokenizer
+
+ENGINES = ("local", "ray")
 
 
 @dataclass
@@ -51,6 +58,11 @@ class TokenizeConfig:
     num_parts: int = 1
     part: int = 0
     loss_on: str = "assistant"  # which ids of a conversation are trained: the assistant's turns, or all
+    engine: str = "local"  # local (a process pool here) or ray (ray_engine.py)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster; "auto" or HOST:PORT
+    encoders: int | None = None  # encoder actors (default: one per GPU share, else half the cluster's CPUs)
+    gpus_per_encoder: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    ray_window: int = 10_000  # items listed per Ray dataset (bounds the driver's memory; actors load once per window)
 
     def __post_init__(self) -> None:
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
@@ -59,81 +71,21 @@ class TokenizeConfig:
             raise OmnitokError("--shard-size and --batch-size must be at least 1, --workers at least 0")
         if self.loss_on not in LOSS_ON:
             raise OmnitokError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+        if self.engine not in ENGINES:
+            raise OmnitokError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.ray_window < 1 or (self.encoders is not None and self.encoders < 1) or (self.gpus_per_encoder or 0) < 0:
+            raise OmnitokError("--ray-window and --encoders must be at least 1, --gpus-per-encoder at least 0")
 
     def identity(self) -> dict:
         """What decides the output; a resumed run must match it exactly (workers and batch size do not count)."""
         d = asdict(self)
-        for k in ("workers", "batch_size", "out"):
+        for k in ("workers", "batch_size", "out", "engine", "ray_address", "encoders", "gpus_per_encoder",
+                  "ray_window"):
             d.pop(k)
         if d["loss_on"] == "assistant":  # the default is left out, as in settings written before conversations
             d.pop("loss_on")
         d["tokenizer"] = str(Path(self.tokenizer).resolve())
         return d
-
-
-@dataclass
-class Preprocessor:
-    """What a worker needs to prepare media: sizes and rates only, no models (cheap to send to processes)."""
-
-    image: dict | None  # ImagePreprocessConfig fields and the downsampling factor
-    audio: tuple[int, int] | None  # sample rate, channels
-
-    def __call__(self, job: tuple[int, Item]) -> tuple[int, Item, Document | Conversation | None, str | None]:
-        index, item = job
-        if item.error is not None:
-            return index, item, None, item.error
-        try:
-            return index, item, self.prepare(item.doc), None
-        except OmnitokError as e:
-            return index, item, None, str(e)
-        except Exception as e:  # a worker must never take the job down; the item is recorded with the reason
-            return index, item, None, f"unexpected {type(e).__name__}: {e}"
-
-    def prepare(self, doc: Document | Conversation) -> Document | Conversation:
-        """The document (or each turn of the conversation) with its media read and preprocessed."""
-        if isinstance(doc, Conversation):
-            return Conversation([Turn(t.role, self.segments(t.segments)) for t in doc.turns], doc.id)
-        segments = self.segments(doc.segments)
-        if not any(not isinstance(s, Text) or s.text for s in segments):
-            raise OmnitokError("empty document")
-        return Document(segments, doc.id)
-
-    def segments(self, given: list) -> list:
-        from omnitok.tokenizers.audio import load_audio
-        from omnitok.tokenizers.image import ImagePreprocessConfig, prepare_image
-
-        segments = []
-        for seg in given:
-            if isinstance(seg, Text):
-                if not isinstance(seg.text, str):
-                    raise OmnitokError("text segment is not a string")
-                segments.append(seg)
-            elif isinstance(seg, Image):
-                if self.image is None:
-                    raise OmnitokError("document has an image but the tokenizer has no image tokenizer")
-                cfg = ImagePreprocessConfig(**{k: v for k, v in self.image.items() if k != "multiple"})
-                segments.append(Image(prepare_image(seg.source, cfg, self.image["multiple"])))
-            elif isinstance(seg, Audio):
-                if self.audio is None:
-                    raise OmnitokError("document has audio but the tokenizer has no audio tokenizer")
-                rate, channels = self.audio
-                segments.append(Audio((load_audio(seg.source, rate, channels), rate)))
-        return segments
-
-
-def _reason(message: str, item: Item) -> str:
-    """A short, countable reason: the message without the file it names first and without the details in brackets
-    after it. The names are the item's own media paths and source (matched exactly, so paths with spaces are cut
-    whole), else a ``<bytes>``-style name or a space-free path."""
-    names = [str(seg.source) for seg in (item.doc.segments if item.doc is not None else [])
-             if isinstance(seg, Image | Audio) and isinstance(seg.source, str | Path)] + [item.source]
-    for name in sorted(names, key=len, reverse=True):
-        if message.startswith(name + ": "):
-            text = message[len(name) + 2:]
-            break
-    else:
-        text = re.sub(r"^(<\w+>|\S*[/.\\]\S*): ", "", message)
-    return re.sub(r"\s*\(.*\)$", "", text).split(";")[0].strip() or "error"
 
 
 def _token_counts(layout: TokenLayout, ids: np.ndarray) -> dict[str, int]:
@@ -152,9 +104,14 @@ def _part_from_env(cfg: TokenizeConfig) -> TokenizeConfig:
 def tokenize(cfg: TokenizeConfig, command: str | None = None) -> dict:
     """Run (or resume) a tokenization; returns the final manifest."""
     cfg = _part_from_env(cfg)
+    if cfg.engine == "ray":
+        from omnitok.data.ray_engine import import_ray, ray_outcomes
+
+        import_ray()  # says how to install it before any work
+        return _tokenize(cfg, command, ray_outcomes)
     pool = _worker_pool(cfg.workers)  # before any model is loaded: forked workers then share no CUDA state
     try:
-        return _tokenize(cfg, command, pool)
+        return _tokenize(cfg, command, lambda *args: _local_outcomes(*args, pool=pool))
     finally:
         if pool is not None:
             pool.terminate()
@@ -169,7 +126,23 @@ def _worker_pool(workers: int):
     return multiprocessing.get_context(method).Pool(workers)
 
 
-def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
+def _local_outcomes(cfg: TokenizeConfig, tok: MultimodalTokenizer, jobs: Iterator[tuple[int, Item]],
+                    prepare: Preprocessor, pool) -> Iterator[Outcome]:
+    """The local engine: media prepared in the worker pool (in order), encoded here ``batch_size`` good documents at
+    a time."""
+    prepared = pool.imap(prepare, jobs, chunksize=4) if pool else map(prepare, jobs)
+    pending: list[Prepared] = []
+    good = 0
+    for p in prepared:
+        pending.append(p)
+        good += p.error is None
+        if good >= cfg.batch_size:
+            yield from encode_prepared(tok, pending, cfg.loss_on)
+            pending, good = [], 0
+    yield from encode_prepared(tok, pending, cfg.loss_on)
+
+
+def _tokenize(cfg: TokenizeConfig, command: str | None, engine) -> dict:
     tok = MultimodalTokenizer.from_dir(cfg.tokenizer)
     out = Path(cfg.out)
     if (out / LAYOUT_FILE).is_file():  # refuse before any work
@@ -204,59 +177,24 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, pool) -> dict:
     last_index = resume_after
     error_file = open(out / ERRORS, "a")  # noqa: SIM115 (closed in finally)
     try:
-        prepared = pool.imap(prepare, jobs(), chunksize=4) if pool else map(prepare, jobs())
-        progress = tqdm(prepared, desc="tokenize", unit="item")
-        batch: list[tuple[int, Item, Document]] = []
-
-        def record_error(index: int, item: Item, message: str) -> None:
-            entry = {"item": index, "key": item.key, "source": item.source, "error": message,
-                     "reason": _reason(message, item)}
-            errors.append(entry)
-            error_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            error_file.flush()
-
-        def encode_all(docs: list) -> list:
-            """Documents and conversations of one batch, each kind batched through the tokenizers once."""
-            convs = [d for d in docs if isinstance(d, Conversation)]
-            plain = iter(tok.encode_batch([d for d in docs if not isinstance(d, Conversation)]))
-            chats = iter(tok.encode_conversations(convs, cfg.loss_on) if convs else [])
-            return [next(chats) if isinstance(d, Conversation) else next(plain) for d in docs]
-
-        def encode(batch: list[tuple[int, Item, Document | Conversation]]) -> None:
-            nonlocal samples, tokens
-            try:
-                encoded = encode_all([doc for _, _, doc in batch])
-            except OmnitokError:  # find the document that broke the batch; keep the others
-                encoded = []
-                for index, item, doc in batch:
-                    try:
-                        encoded.extend(encode_all([doc]))
-                    except OmnitokError as e:
-                        record_error(index, item, str(e))
-                        encoded.append(None)
-            for (index, item, _), enc in zip(batch, encoded):
-                if enc is None:
-                    continue
-                counts = _token_counts(tok.layout, enc.ids)
-                finished = writer.add(item.key, enc.ids, sample_meta(enc, item.source), counts)
-                samples, tokens = samples + 1, tokens + len(enc.ids)
-                if finished is not None:
-                    _shard_done(out, manifest, finished, index, errors)
-
-        for index, item, doc, error in progress:
-            last_index = index
-            if error is not None:
-                record_error(index, item, error)
+        progress = tqdm(engine(cfg, tok, jobs(), prepare), desc="tokenize", unit="item")
+        for outcome in progress:
+            last_index = outcome.index
+            if outcome.error is not None:
+                entry = {"item": outcome.index, "key": outcome.key, "source": outcome.source, "error": outcome.error,
+                         "reason": outcome.reason}
+                errors.append(entry)
+                error_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                error_file.flush()
             else:
-                batch.append((index, item, doc))
-                if len(batch) >= cfg.batch_size:
-                    encode(batch)
-                    batch = []
+                counts = _token_counts(tok.layout, outcome.ids)
+                finished = writer.add(outcome.key, outcome.ids, outcome.meta, counts)
+                samples, tokens = samples + 1, tokens + len(outcome.ids)
+                if finished is not None:
+                    _shard_done(out, manifest, finished, outcome.index, errors)
             elapsed = max(time.time() - start, 1e-9)
             progress.set_postfix(samples_s=f"{samples / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}",
                                  errors=len(errors))
-        if batch:
-            encode(batch)
         final = writer.flush()
         if final is not None:
             _shard_done(out, manifest, final, last_index, errors)

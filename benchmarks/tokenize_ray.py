@@ -1,0 +1,132 @@
+"""``omnitok tokenize --engine ray`` against ``--engine local`` on the same corpus, in one run: images/s and audio
+clips/s on a local Ray cluster of ``--cpus`` CPUs, the local engine with as many processes (``--cpus - 1`` workers
+preparing media, this process encoding; Ray: one encoder actor per two CPUs, the rest preparing):
+``python -m benchmarks.tokenize_ray [--images 64] [--clips 256] [--cpus 2] [--rounds 2]``."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import quiet_stderr
+
+
+def make_tokenizer(root: Path, arch: str) -> Path:
+    """A text + VQ-GAN (tiny, or Janus / LlamaGen widths) + 24 kHz EnCodec tokenizer with random weights."""
+    from omnitok.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+    from omnitok.tokenizers.audio_import import encodec_model
+    from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
+    from omnitok.tokenizers.multimodal import assemble
+    from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
+    from omnitok.train.text_tokenizer import TextTokenizerTrainConfig, train_text_tokenizer
+
+    torch.manual_seed(0)
+    widths = {"janus": dict(base_channels=128, num_res_blocks=2, latent_channels=256),
+              "tiny": dict(base_channels=32, num_res_blocks=1, latent_channels=64)}[arch]
+    (root / "text.txt").write_text("\n".join(f"photo {i} of a cat, a cup and a rocket; tone {i}" for i in range(2000)))
+    train_text_tokenizer([root / "text.txt"], root / "text", TextTokenizerTrainConfig(vocab_size=300))
+    ImageTokenizer(VQGAN(VQGANConfig(**widths)), ImagePreprocessConfig(image_size=256), device="cpu").save(
+        root / "image")
+    codec = encodec_model("24khz").eval()
+    for layer in codec.quantizer.layers:  # random EnCodec codebooks are zeros; any spread works for timing
+        layer.codebook.embed.normal_(0, 0.1)
+    AudioTokenizer(codec, AudioTokenizerConfig(bandwidth=1.5), device="cpu").save(root / "audio")
+    assemble(root / "text", root / "tok", image=root / "image", audio=root / "audio")
+    return root / "tok"
+
+
+def make_corpus(root: Path, images: int, clips: int) -> tuple[Path, Path]:
+    """A folder of JPEG photo crops with captions, and one of 3-6 s FLAC clips at 44.1 kHz (resampled to 24 kHz)."""
+    import skimage.data
+    import soundfile as sf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    (root / "photos").mkdir()
+    for i in range(images):
+        p = photos[i % len(photos)]
+        y, x = rng.integers(0, p.shape[0] // 3), rng.integers(0, p.shape[1] // 3)
+        Image.fromarray(p[y:y + 2 * p.shape[0] // 3, x:x + 2 * p.shape[1] // 3]).save(
+            root / "photos" / f"{i:04d}.jpg", quality=92)
+        (root / "photos" / f"{i:04d}.txt").write_text(f"photo {i}")
+    (root / "clips").mkdir()
+    for i in range(clips):
+        t = np.arange(int(44_100 * (3 + i % 4))) / 44_100
+        wave = 0.3 * np.sin(2 * np.pi * (110 + 40 * i) * t) + 0.05 * rng.standard_normal(len(t))
+        sf.write(root / "clips" / f"{i:04d}.flac", wave.astype(np.float32), 44_100)
+        (root / "clips" / f"{i:04d}.txt").write_text(f"tone {i}")
+    return root / "photos", root / "clips"
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = make_tokenizer(root, args.arch)
+        photos, clips = make_corpus(root, args.images, args.clips)
+        (root / "one").mkdir()  # one photo: the engines' fixed start-up cost
+        for suffix in (".jpg", ".txt"):
+            (root / "one" / f"0000{suffix}").write_bytes((photos / f"0000{suffix}").read_bytes())
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        times: dict[tuple[str, str], list[float]] = {}
+        digests = {}
+        n = 0
+        try:
+            for _ in range(args.rounds):  # alternated, so that a noisy neighbour hits both engines alike
+                for corpus, folder in (("one", root / "one"), ("images", photos), ("clips", clips)):
+                    for engine in ("local", "ray"):
+                        out = root / f"out{n}"
+                        n += 1
+                        cfg = TokenizeConfig(inputs=[str(folder)], tokenizer=str(tok), out=str(out),
+                                             workers=args.cpus - 1, batch_size=args.batch, engine=engine)
+                        start = time.perf_counter()
+                        with quiet_stderr():
+                            tokenize(cfg)
+                        times.setdefault((corpus, engine), []).append(time.perf_counter() - start)
+                        digests.setdefault(corpus, set()).add(
+                            tuple(p.read_bytes() for p in sorted(out.glob("shard-*.tar"))))
+        finally:
+            ray.shutdown()
+    assert all(len(d) == 1 for d in digests.values()), "the engines wrote different shards"
+    counts = {"images": args.images, "clips": args.clips}
+    fixed = {e: statistics.median(times[("one", e)]) for e in ("local", "ray")}
+    result = {"start_up_s": fixed}
+    print(f"omnitok tokenize, {args.arch} VQ-GAN at 256 px and 24 kHz EnCodec (1.5 kbps), batch {args.batch}, "
+          f"{args.cpus} CPUs (local: {args.cpus - 1} workers + this process; ray: a local cluster of {args.cpus} "
+          f"CPUs), median of {args.rounds} rounds; shards identical")
+    print(f"  start-up (a one-photo corpus): local {fixed['local']:.1f} s, ray {fixed['ray']:.1f} s")
+    for corpus, unit in (("images", "img/s"), ("clips", "clips/s")):
+        took = {e: statistics.median(times[(corpus, e)]) for e in ("local", "ray")}
+        rates = {e: counts[corpus] / took[e] for e in took}
+        steady = {e: counts[corpus] / max(took[e] - fixed[e], 1e-9) for e in took}
+        result[corpus] = {**rates, "ratio": rates["ray"] / rates["local"],
+                          "ratio_after_start_up": steady["ray"] / steady["local"]}
+        print(f"  {corpus}: local {rates['local']:.2f} {unit}, ray {rates['ray']:.2f} {unit}, ratio "
+              f"{result[corpus]['ratio']:.3f} (goal >= 0.8); start-up taken out: "
+              f"{result[corpus]['ratio_after_start_up']:.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tokenize_ray", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=["janus", "tiny"], default="janus")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--clips", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

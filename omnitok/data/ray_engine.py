@@ -1,0 +1,165 @@
+"""``omnitok tokenize --engine ray``: the local engine's stages on a Ray Data pipeline, across a cluster.
+
+The driver (this process) lists the items exactly as the local engine does (same readers, same indices, same part)
+and hands them to Ray a window at a time (``ray_window`` items: the driver never holds more of the corpus than that).
+Each window is one dataset: blocks of items -> ``Preprocessor`` in CPU tasks (decode, EXIF, resize; decode, mix,
+resample) -> ``encode_prepared`` in a pool of encoder actors (each loads the tokenizer once per window, on its GPU
+share when it has one, and encodes ``batch_size`` items at a time) -> back to the driver in item order
+(``preserve_order``), where ``tokenize.py``'s loop writes shards, the manifest and ``errors.jsonl`` as for the local
+engine. Encoding a document does not depend on which batch it is in (the local engine's own property), so the shards
+are byte for byte the local engine's, whatever the number of tasks, actors, blocks or windows.
+
+Failures: a Python error on one file is an outcome like any other (``Preprocessor`` catches it). A worker process
+that dies (a crash in a decoder, the OOM killer) fails its task; Ray retries it once (a lost node's work is redone),
+and if the dataset still fails, every remaining item of the window is prepared alone in a task of its own with no
+retry: the items whose task dies are recorded as errors ("a worker died preparing this item") and the window is run
+again without them. A killed driver is the local engine's case: the rerun resumes after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+
+from omnitok.data.prepare import Prepared, encode_prepared
+from omnitok.data.readers import Item
+from omnitok.errors import OmnitokError
+
+INSTALL = "--engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
+DIED = "a worker died preparing this item"
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise OmnitokError(INSTALL) from None
+    return ray
+
+
+class _Encoder:
+    """An encoder actor: the tokenizer loaded once, then batches of prepared items -> outcomes."""
+
+    def __init__(self, tokenizer: str, loss_on: str, threads: int | None):
+        import torch
+
+        from omnitok.tokenizers.multimodal import MultimodalTokenizer
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.tok = MultimodalTokenizer.from_dir(tokenizer)
+        self.loss_on = loss_on
+
+    def __call__(self, batch: dict) -> dict:
+        outcomes = encode_prepared(self.tok, list(batch["prepared"]), self.loss_on)
+        column = np.empty(len(outcomes), dtype=object)
+        column[:] = outcomes
+        return {"outcome": column}
+
+
+def ray_outcomes(cfg, tok, jobs: Iterator[tuple[int, Item]], prepare) -> Iterator:
+    """The outcome stream of ``tokenize.py`` (one per item, in item order), computed on Ray."""
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=cfg.ray_address, logging_level=logging.WARNING, log_to_driver=False,
+                     include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise OmnitokError(f"cannot join the Ray cluster at {cfg.ray_address or 'RAY_ADDRESS'}: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    try:
+        run = _Pipeline(ray, cfg, prepare)
+        while window := list(itertools.islice(jobs, cfg.ray_window)):
+            yield from run.window(window)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _Pipeline:
+    def __init__(self, ray, cfg, prepare):
+        self.ray, self.cfg, self.prepare = ray, cfg, prepare
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+        per = cfg.gpus_per_encoder if cfg.gpus_per_encoder is not None else (1.0 if gpus else 0.0)
+        if per > gpus:
+            raise OmnitokError(f"--gpus-per-encoder {per:g} but the Ray cluster has {gpus:g} GPUs")
+        self.gpus_per_encoder = per
+        # CPU encoders leave half the cluster to the tasks that prepare media (on 2 CPUs: one of each)
+        self.encoders = cfg.encoders or (int(gpus // per) if per else max(1, int(cpus) // 2))
+        if not per and self.encoders >= cpus:
+            raise OmnitokError(f"--encoders {self.encoders} would take all {cpus:g} CPUs of the Ray cluster and leave "
+                               "none to prepare media")
+        # A CPU encoder reserves one CPU but computes with its share of all of them (Ray would give it one thread):
+        # preparing media is light and bursty, so, as the local engine's encoding process does beside its workers,
+        # the encoders use the cores the tasks leave idle. Measured on 2 CPUs: 0.49 -> 0.81 of the local engine.
+        self.threads = None if per else max(1, int(cpus) // self.encoders)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # the shard writer is fed in item order
+        context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
+        context.print_on_execution_start = False
+
+    def dataset(self, jobs: list[tuple[int, Item]]):
+        ray, cfg, prepare = self.ray, self.cfg, self.prepare
+        rows = [{"job": job} for job in jobs]
+        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / cfg.batch_size))
+        resources = {"num_gpus": self.gpus_per_encoder} if self.gpus_per_encoder else {}
+        # Ray Data retries a failed task and restarts a dead actor forever by default: a file that kills its worker
+        # would never end the job. Once is enough for a lost node. Only the (deprecated since Ray 2.60, hence the
+        # extra's upper bound) remote-args keywords set these.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map(lambda row: {"prepared": prepare(row["job"])}, num_cpus=1, max_retries=1)
+            return ds.map_batches(_Encoder, fn_constructor_args=(cfg.tokenizer, cfg.loss_on, self.threads),
+                                  batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, **resources,
+                                  compute=ray.data.ActorPoolStrategy(size=self.encoders), max_restarts=1,
+                                  max_task_retries=1)
+
+    def window(self, jobs: list[tuple[int, Item]]) -> Iterator:
+        died: dict[int, object] = {}  # index -> its error outcome, for items whose worker died
+        done = -1
+        rest = jobs
+        while True:
+            try:
+                for row in self.dataset(rest).iter_rows():
+                    outcome = row["outcome"]
+                    yield from self._died_before(died, outcome.index)
+                    done = outcome.index
+                    yield outcome
+                yield from self._died_before(died, math.inf)
+                return
+            except self.ray.exceptions.RayError as e:
+                rest = [(i, item) for i, item in rest if i > done and i not in died]
+                found = self._find_dead(rest)
+                if not found:
+                    raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {e}; rerun the "
+                                       "same command to continue after the last complete shard") from None
+                died.update(found)
+                rest = [(i, item) for i, item in rest if i not in died]
+
+    @staticmethod
+    def _died_before(died: dict, index: float) -> Iterator:
+        for i in sorted(i for i in died if i < index):
+            yield died.pop(i)
+
+    def _find_dead(self, jobs: list[tuple[int, Item]]) -> dict:
+        """Each item prepared in a task of its own, never retried: the items whose worker dies."""
+        ray = self.ray
+        alone = ray.remote(num_cpus=1, max_retries=0)(lambda prepare, job: prepare(job))
+        prepare = ray.put(self.prepare)
+        refs = [(job, alone.remote(prepare, job)) for job in jobs]
+        dead = {}
+        for (index, item), ref in refs:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                alone_item = Prepared(index, item.key, item.source, names=[item.source])
+                dead[index] = alone_item.failed(f"{item.source}: {DIED} ({type(e).__name__})")
+        return dead

@@ -1,0 +1,128 @@
+"""``omnitok tokenize --engine ray`` on a local Ray cluster: the local engine's bytes, crashes, kills, no Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import PHOTOS, jpeg
+from PIL import Image
+from test_tokenize import digest, specs
+
+from omnitok.cli import main
+from omnitok.data.shards import iter_samples, read_manifest
+from omnitok.data.tokenize import TokenizeConfig, tokenize
+
+ray = pytest.importorskip("ray")
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs whose workers die on media named crash* (tests/ray_crash_hook.py)."""
+    path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "ray_crash_hook.install"})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, corpus):
+    """The interleaved JSONL, pair folder and tar of ``corpus``, plus hostile files and lines."""
+    root = tmp_path_factory.mktemp("mixed")
+    hostile = root / "hostile"
+    hostile.mkdir()
+    photo = PHOTOS[2][::4, ::4]
+    files = {"good.jpg": jpeg(photo), "truncated.jpg": jpeg(PHOTOS[1])[:3000], "empty.png": b"",
+             "corrupt.wav": b"RIFF\x10\x00\x00\x00WAVEfmt junk"}
+    for name, data in files.items():
+        (hostile / name).write_bytes(data)
+        (hostile / name).with_suffix(".txt").write_text(f"caption of {name}")
+    sf.write(hostile / "stereo.wav", 0.1 * np.random.default_rng(0).standard_normal((6000, 2)), 44_100)
+    (hostile / "stereo.txt").write_text("stereo noise")
+    (root / "more.jsonl").write_text(json.dumps({"image": "hostile/missing.png", "text": "gone"}) + "\n"
+                                     + "{broken json\n" + json.dumps([{"text": "just text"}]) + "\n")
+    return [*specs(corpus), str(hostile), str(root / "more.jsonl")]
+
+
+def outputs(directory: Path) -> tuple:
+    manifest = read_manifest(directory)
+    for volatile in ("seconds", "command"):
+        manifest.pop(volatile)
+    return digest(directory), (directory / "errors.jsonl").read_text(), manifest
+
+
+def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, tokdir, mixed):
+    common = {"inputs": mixed, "tokenizer": str(tokdir), "shard_size": 5}
+    tokenize(TokenizeConfig(**common, out=str(tmp_path / "local"), workers=0, batch_size=4))
+    local = outputs(tmp_path / "local")
+    assert len(local[0]) == 6 and read_manifest(tmp_path / "local")["error_count"] == 5
+    # other blocks and batches than the local run's (several windows: the killed-driver test)
+    tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray", batch_size=3))
+    assert outputs(tmp_path / "ray") == local
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, tokdir, corpus):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i, name in enumerate(["a", "crash", "b", "c", "d"]):
+        Image.fromarray(PHOTOS[i % 4][::8, ::8]).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"photo {name}")
+    common = {"inputs": [str(folder)], "tokenizer": str(tokdir), "batch_size": 2}
+    manifest = tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray"))
+    errors = [json.loads(line) for line in (tmp_path / "ray" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["source"], e["reason"]) for e in errors] == [(str(folder / "crash.png"), "a worker died preparing "
+                                                             "this item")]
+    assert manifest["errors"] == {"a worker died preparing this item": 1}
+    tokenize(TokenizeConfig(**common, out=str(tmp_path / "local"), workers=0))  # no hook here: crash.png is read
+    local = {key: tokens.tobytes() for key, tokens, meta in iter_samples(tmp_path / "local")
+             if meta["source"] != str(folder / "crash.png")}
+    ours = {key: tokens.tobytes() for key, tokens, _ in iter_samples(tmp_path / "ray")}
+    assert ours == local and len(ours) == 4
+
+
+def test_without_ray_the_engine_says_how_to_install_it(tmp_path, tokdir, corpus, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["tokenize", "--tokenizer", str(tokdir), "--input", str(corpus / "pairs"), "--out",
+                 str(tmp_path / "s"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "omnitok: error: --engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_to_the_shards_of_an_uninterrupted_run(tmp_path, cluster, tokdir, corpus):
+    """Last in the module: the rerun restarts the cluster with a third CPU and resumes with two encoders (so that
+    they leave one CPU to prepare media)."""
+    args = ["--tokenizer", str(tokdir), "--input", *specs(corpus), "--shard-size", "2", "--batch-size", "2",
+            "--engine", "ray", "--ray-window", "12"]
+    tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(tmp_path / "clean"), workers=0,
+                            shard_size=2))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "omnitok", "tokenize", *args, "--out", str(out), "--ray-address",
+                             cluster], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = read_manifest(out)
+    assert not killed["complete"] and 3 <= len(killed["shards"]) < 12
+    ray.shutdown()
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    assert main(["tokenize", *args, "--out", str(tmp_path / "all"), "--encoders", "3"]) == 2
+    assert main(["tokenize", *args, "--out", str(out), "--encoders", "2"]) == 0
+    assert outputs(out) == outputs(tmp_path / "clean")
