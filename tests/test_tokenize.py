@@ -147,6 +147,23 @@ def test_parts_together_equal_the_single_process_output(tmp_path, tokdir, corpus
     assert samples(tmp_path / "merged") == samples(tmp_path / "single")
 
 
+def kill_after_shards(args: list[str], out: Path, shards: int, env: dict | None = None, wait: float = 120) -> None:
+    """Run ``omnitok tokenize ARGS`` in a process and SIGKILL it once the manifest lists ``shards`` shards (or a
+    little after, or when it ends first)."""
+    proc = subprocess.Popen([sys.executable, "-m", "omnitok", "tokenize", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + wait
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= shards:
+                break
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_killed_runs_resume_to_identical_shards(tmp_path, tokdir, corpus):
     args = ["--tokenizer", str(tokdir), "--input", *specs(corpus), "--workers", "1", "--shard-size", "2",
@@ -158,18 +175,7 @@ def test_killed_runs_resume_to_identical_shards(tmp_path, tokdir, corpus):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     interrupted = 0
     for kill_at in (1, 3, 6):  # kill once the manifest lists this many shards (of 12), or a little after
-        proc = subprocess.Popen([sys.executable, "-m", "omnitok", "tokenize", *args, "--out", str(out)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= kill_at:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_after_shards([*args, "--out", str(out)], out, kill_at, env)
         interrupted += not read_manifest(out)["complete"]  # a kill can land after a fast run has finished
     assert interrupted >= 1
     assert main(["tokenize", *args, "--out", str(out)]) == 0

@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
-import subprocess
+import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import soundfile as sf
 from conftest import PHOTOS, jpeg
 from PIL import Image
-from test_tokenize import digest, specs
+from test_tokenize import digest, kill_after_shards, specs
 
 from omnitok.cli import main
 from omnitok.data.shards import iter_samples, read_manifest
@@ -59,6 +57,26 @@ def outputs(directory: Path) -> tuple:
     return digest(directory), (directory / "errors.jsonl").read_text(), manifest
 
 
+def test_without_ray_the_engine_says_how_to_install_it(tmp_path, tokdir, corpus, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    assert main(["tokenize", "--tokenizer", str(tokdir), "--input", str(corpus / "pairs"), "--out",
+                 str(tmp_path / "s"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "omnitok: error: --engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_cluster_nothing_answers_for_is_refused_in_one_line(tmp_path, tokdir, corpus, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["tokenize", "--tokenizer", str(tokdir), "--input", str(corpus / "pairs"), "--out",
+                 str(tmp_path / "s"), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"omnitok: error: cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, tokdir, mixed):
     common = {"inputs": mixed, "tokenizer": str(tokdir), "shard_size": 5}
     tokenize(TokenizeConfig(**common, out=str(tmp_path / "local"), workers=0, batch_size=4))
@@ -89,15 +107,6 @@ def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, to
     assert ours == local and len(ours) == 4
 
 
-def test_without_ray_the_engine_says_how_to_install_it(tmp_path, tokdir, corpus, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "ray", None)
-    assert main(["tokenize", "--tokenizer", str(tokdir), "--input", str(corpus / "pairs"), "--out",
-                 str(tmp_path / "s"), "--engine", "ray"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "omnitok: error: --engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
-    assert not (tmp_path / "s").exists()
-
-
 @pytest.mark.slow
 def test_a_killed_driver_resumes_to_the_shards_of_an_uninterrupted_run(tmp_path, cluster, tokdir, corpus):
     """Last in the module: the rerun restarts the cluster with a third CPU and resumes with two encoders (so that
@@ -107,18 +116,7 @@ def test_a_killed_driver_resumes_to_the_shards_of_an_uninterrupted_run(tmp_path,
     tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(tmp_path / "clean"), workers=0,
                             shard_size=2))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "omnitok", "tokenize", *args, "--out", str(out), "--ray-address",
-                             cluster], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
-                break
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_shards([*args, "--out", str(out), "--ray-address", cluster], out, 3, wait=180)
     killed = read_manifest(out)
     assert not killed["complete"] and 3 <= len(killed["shards"]) < 12
     ray.shutdown()

@@ -21,8 +21,10 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import socket
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -63,11 +65,14 @@ class _Encoder:
         return {"outcome": column}
 
 
-def ray_outcomes(cfg, tok, jobs: Iterator[tuple[int, Item]], prepare) -> Iterator:
-    """The outcome stream of ``tokenize.py`` (one per item, in item order), computed on Ray."""
+@contextmanager
+def ray_engine(cfg) -> Iterator:
+    """Join the cluster (``cfg.ray_address``; else RAY_ADDRESS; else start Ray here) and check its resources, before
+    any work; yields the engine: ``(cfg, tok, jobs, prepare) -> outcomes``, one per item in item order."""
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
+        _check_reachable(cfg.ray_address)
         try:
             ray.init(address=cfg.ray_address, logging_level=logging.WARNING, log_to_driver=False,
                      include_dashboard=False)
@@ -75,17 +80,26 @@ def ray_outcomes(cfg, tok, jobs: Iterator[tuple[int, Item]], prepare) -> Iterato
             raise OmnitokError(f"cannot join the Ray cluster at {cfg.ray_address or 'RAY_ADDRESS'}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     try:
-        run = _Pipeline(ray, cfg, prepare)
-        while window := list(itertools.islice(jobs, cfg.ray_window)):
-            yield from run.window(window)
+        yield _Pipeline(ray, cfg).outcomes
     finally:
         if started:
             ray.shutdown()
 
 
+def _check_reachable(address: str | None) -> None:
+    """A HOST:PORT that nothing answers on is refused in seconds (Ray itself waits minutes for it)."""
+    if address is None or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise OmnitokError(f"cannot reach the Ray cluster at {address}: {getattr(e, 'strerror', None) or e}") from None
+
+
 class _Pipeline:
-    def __init__(self, ray, cfg, prepare):
-        self.ray, self.cfg, self.prepare = ray, cfg, prepare
+    def __init__(self, ray, cfg):
+        self.ray, self.cfg = ray, cfg
         resources = ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
         per = cfg.gpus_per_encoder if cfg.gpus_per_encoder is not None else (1.0 if gpus else 0.0)
@@ -105,6 +119,11 @@ class _Pipeline:
         context.execution_options.preserve_order = True  # the shard writer is fed in item order
         context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
         context.print_on_execution_start = False
+
+    def outcomes(self, cfg, tok, jobs: Iterator[tuple[int, Item]], prepare) -> Iterator:
+        self.prepare = prepare
+        while window := list(itertools.islice(jobs, cfg.ray_window)):
+            yield from self.window(window)
 
     def dataset(self, jobs: list[tuple[int, Item]]):
         ray, cfg, prepare = self.ray, self.cfg, self.prepare

@@ -105,10 +105,10 @@ def tokenize(cfg: TokenizeConfig, command: str | None = None) -> dict:
     """Run (or resume) a tokenization; returns the final manifest."""
     cfg = _part_from_env(cfg)
     if cfg.engine == "ray":
-        from omnitok.data.ray_engine import import_ray, ray_outcomes
+        from omnitok.data.ray_engine import ray_engine
 
-        import_ray()  # says how to install it before any work
-        return _tokenize(cfg, command, ray_outcomes)
+        with ray_engine(cfg) as engine:  # Ray installed, the cluster joined and its resources enough, before any work
+            return _tokenize(cfg, command, engine)
     pool = _worker_pool(cfg.workers)  # before any model is loaded: forked workers then share no CUDA state
     try:
         return _tokenize(cfg, command, lambda *args: _local_outcomes(*args, pool=pool))
