@@ -10,7 +10,9 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
 - ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
   against a plain loop (``benchmarks.pretrain``);
 - VQ-GAN (Janus VQ-16 architecture, 256 px) and EnCodec (24 kHz, 6 kbps, 10 s clips) encode / decode throughput in
-  bf16 at batch 64 (``benchmarks.image``, ``benchmarks.audio``).
+  bf16 at batch 64 (``benchmarks.image``, ``benchmarks.audio``);
+- ``omnitok tokenize --engine ray`` on 2048 JPEG photos with a Janus VQ-GAN encoder actor per GPU: img/s and how busy
+  the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``).
 
 ``--reduced`` runs the same code with tiny sizes on any device (CI runs it on the CPU so that the script does not rot;
 its numbers mean nothing), without the compiled decoder (compiling costs a minute on a CPU; a test of its own checks
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import audio, image, pretrain, sample, sjd
+from benchmarks import audio, image, pretrain, sample, sjd, tokenize_ray
 from benchmarks.common import default_device
 
 # dense bf16 peak FLOP/s by device name (vendor data sheets), for MFU
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace) -> dict:
                                               batch=batch, repeats=1, device=args.device)))
     part("encodec", lambda: audio.run(Namespace(preset="24khz", bandwidth=6.0, seconds=0.5 if small else 10.0,
                                                 batch=batch, repeats=1, device=args.device)))
+    part("tokenize_ray", lambda: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
+                                                       4 if small else 64))
     print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)")
     return report
 

@@ -117,6 +117,56 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+class Utilization:
+    """GPU utilization (percent of time a kernel ran, NVML's number) sampled by ``nvidia-smi`` every 100 ms while
+    the block runs; nothing on a machine without it."""
+
+    def __enter__(self):
+        import shutil
+        import subprocess
+
+        self.samples: list[float] = []
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.terminate()
+            out = self.proc.communicate()[0]
+            self.samples = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+
+    def busy(self) -> float | None:
+        """Mean utilization from the first to the last sample with any (start-up and shutdown left out)."""
+        active = [i for i, x in enumerate(self.samples) if x > 0]
+        return statistics.mean(self.samples[active[0]:active[-1] + 1]) / 100 if active else None
+
+
+def gpu_busy(arch: str, images: int, batch: int) -> dict:
+    """``--engine ray`` on this machine's devices (one encoder actor per GPU, a CPU one without): img/s of a folder of
+    photos, and how busy the GPUs were while encoding (the issue's goal: > 0.8)."""
+    import ray
+
+    from omnitok.data.tokenize import TokenizeConfig, tokenize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tok = make_tokenizer(root, arch)
+        photos, _ = make_corpus(root, images, 0)
+        ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            start = time.perf_counter()
+            with quiet_stderr(), Utilization() as use:
+                tokenize(TokenizeConfig(inputs=[str(photos)], tokenizer=str(tok), out=str(root / "out"),
+                                        batch_size=batch, engine="ray"))
+            seconds = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+    return {"images_per_s": images / seconds, "gpu_busy": use.busy(), "samples": len(use.samples)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tokenize_ray", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=["janus", "tiny"], default="janus")

@@ -204,3 +204,25 @@ def test_pipe_urls_read_the_same_samples_as_paths(tmp_path, tokdir, corpus):
     path = {k: t.tobytes() for k, t, _ in iter_samples(tmp_path / "path")}
     pipe = {k: t.tobytes() for k, t, _ in iter_samples(tmp_path / "pipe")}
     assert len(path) == 5 and path == pipe
+
+
+def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, tokdir, monkeypatch):
+    from worker_crash import crashing
+
+    from omnitok.data import prepare
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for i, name in enumerate(["a", "crash", "b", "c", "d", "e"]):
+        Image.fromarray(PHOTOS[i % 4][::8, ::8]).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"photo {name}")
+    common = {"inputs": [str(folder)], "tokenizer": str(tokdir), "batch_size": 2, "shard_size": 2}
+    tokenize(TokenizeConfig(**common, out=str(tmp_path / "clean"), workers=0))
+    monkeypatch.setattr(prepare.Preprocessor, "segments", crashing(prepare.Preprocessor.segments))  # forked workers
+    manifest = tokenize(TokenizeConfig(**common, out=str(tmp_path / "crashed"), workers=2))
+    errors = [json.loads(line) for line in (tmp_path / "crashed" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["source"], e["reason"]) for e in errors] == [(str(folder / "crash.png"), "a worker died preparing "
+                                                             "this item")]
+    assert manifest["samples"] == 5 and manifest["errors"] == {"a worker died preparing this item": 1}
+    clean = {k: t.tobytes() for k, t, meta in iter_samples(tmp_path / "clean") if "crash" not in meta["source"]}
+    assert {k: t.tobytes() for k, t, _ in iter_samples(tmp_path / "crashed")} == clean

@@ -23,10 +23,10 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster of 2 CPUs whose workers die on media named crash* (tests/ray_crash_hook.py)."""
+    """A local Ray cluster of 2 CPUs whose workers die on media named crash* (tests/worker_crash.py)."""
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "ray_crash_hook.install"})
+             runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "worker_crash.install"})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

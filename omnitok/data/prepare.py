@@ -16,6 +16,8 @@ from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
+WORKER_DIED = "a worker died preparing this item"  # its process ended (a crash in a decoder, the OOM killer)
+
 
 @dataclass
 class Outcome:

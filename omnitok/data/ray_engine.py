@@ -28,12 +28,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from omnitok.data.prepare import Prepared, encode_prepared
+from omnitok.data.prepare import WORKER_DIED, Prepared, encode_prepared
 from omnitok.data.readers import Item
 from omnitok.errors import OmnitokError
 
 INSTALL = "--engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
-DIED = "a worker died preparing this item"
 
 
 def import_ray():
@@ -180,5 +179,5 @@ class _Pipeline:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
                 alone_item = Prepared(index, item.key, item.source, names=[item.source])
-                dead[index] = alone_item.failed(f"{item.source}: {DIED} ({type(e).__name__})")
+                dead[index] = alone_item.failed(f"{item.source}: {WORKER_DIED} ({type(e).__name__})")
         return dead

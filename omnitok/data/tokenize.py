@@ -20,20 +20,23 @@ be resumed on the other.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import shlex
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from omnitok.data.prepare import Outcome, Prepared, Preprocessor, encode_prepared
+from omnitok.data.prepare import WORKER_DIED, Outcome, Prepared, Preprocessor, encode_prepared
 from omnitok.data.readers import Item, read_inputs
 from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
 from omnitok.distributed import launched_part
@@ -109,28 +112,74 @@ def tokenize(cfg: TokenizeConfig, command: str | None = None) -> dict:
 
         with ray_engine(cfg) as engine:  # Ray installed, the cluster joined and its resources enough, before any work
             return _tokenize(cfg, command, engine)
-    pool = _worker_pool(cfg.workers)  # before any model is loaded: forked workers then share no CUDA state
+    workers = _Workers(cfg.workers) if cfg.workers else None  # before any model is loaded: no CUDA state forked
     try:
-        return _tokenize(cfg, command, lambda *args: _local_outcomes(*args, pool=pool))
+        return _tokenize(cfg, command, lambda *args: _local_outcomes(*args, workers=workers))
     finally:
-        if pool is not None:
-            pool.terminate()
+        if workers is not None:
+            workers.close()
 
 
-def _worker_pool(workers: int):
-    """Worker processes, forked where the platform allows (instant: they inherit the imported modules) and
-    spawned elsewhere."""
-    if workers == 0:
-        return None
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method).Pool(workers)
+def _prepare_all(prepare: Preprocessor, chunk: list[tuple[int, Item]]) -> list[Prepared]:
+    return [prepare(job) for job in chunk]
+
+
+class _Workers:
+    """Worker processes that prepare media, results in item order, a bounded number of items in flight. A worker
+    that dies (a crash in a decoder, the OOM killer) breaks the pool: the items then in flight are each prepared
+    alone in a pool of one, those whose worker dies again are recorded as errors (``WORKER_DIED``), and the pool
+    starts again. Forked where the platform allows (instant: the imported modules are inherited), else spawned."""
+
+    chunk = 4  # items per task
+
+    def __init__(self, workers: int):
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        self.context, self.workers = multiprocessing.get_context(method), workers
+        self.pool = self._start(workers)
+
+    def _start(self, workers: int) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(workers, mp_context=self.context)
+        pool.submit(int).result()  # the processes start now, before the caller loads any model
+        return pool
+
+    def map(self, prepare: Preprocessor, jobs: Iterator[tuple[int, Item]]) -> Iterator[Prepared]:
+        flight: deque = deque()
+
+        def fill() -> None:
+            while len(flight) < 4 * self.workers and (chunk := list(itertools.islice(jobs, self.chunk))):
+                flight.append((chunk, self.pool.submit(_prepare_all, prepare, chunk)))
+
+        fill()
+        while flight:
+            chunk, future = flight.popleft()
+            try:
+                done = future.result()
+            except BrokenProcessPool:
+                lost = [job for c in [chunk, *(c for c, _ in flight)] for job in c]
+                flight.clear()
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                done = [self._alone(prepare, job) for job in lost]
+                self.pool = self._start(self.workers)
+            yield from done
+            fill()
+
+    def _alone(self, prepare: Preprocessor, job: tuple[int, Item]) -> Prepared:
+        with ProcessPoolExecutor(1, mp_context=self.context) as one:
+            try:
+                return one.submit(prepare, job).result()
+            except BrokenProcessPool:
+                index, item = job
+                return Prepared(index, item.key, item.source, [item.source], error=f"{item.source}: {WORKER_DIED}")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _local_outcomes(cfg: TokenizeConfig, tok: MultimodalTokenizer, jobs: Iterator[tuple[int, Item]],
-                    prepare: Preprocessor, pool) -> Iterator[Outcome]:
-    """The local engine: media prepared in the worker pool (in order), encoded here ``batch_size`` good documents at
-    a time."""
-    prepared = pool.imap(prepare, jobs, chunksize=4) if pool else map(prepare, jobs)
+                    prepare: Preprocessor, workers: _Workers | None) -> Iterator[Outcome]:
+    """The local engine: media prepared by the workers (in order), encoded here ``batch_size`` good documents at a
+    time."""
+    prepared = workers.map(prepare, jobs) if workers else map(prepare, jobs)
     pending: list[Prepared] = []
     good = 0
     for p in prepared:
