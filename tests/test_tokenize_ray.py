@@ -47,7 +47,18 @@ def mixed(tmp_path_factory, corpus):
     (hostile / "stereo.txt").write_text("stereo noise")
     (root / "more.jsonl").write_text(json.dumps({"image": "hostile/missing.png", "text": "gone"}) + "\n"
                                      + "{broken json\n" + json.dumps([{"text": "just text"}]) + "\n")
-    return [*specs(corpus), str(hostile), str(root / "more.jsonl")]
+    media = corpus / "media"
+    chats = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                        {"type": "image", "image": str(media / "img01.png")}]},
+                           {"role": "assistant", "content": "A photo."},
+                           {"role": "user", "content": "Draw one and say hello."},
+                           {"role": "assistant", "content": [{"type": "image", "image": str(media / "img02.png")},
+                                                             {"type": "audio", "audio": str(media / "hello.wav")}]}]},
+             {"image": str(media / "img03.png"), "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                                   {"from": "gpt", "value": "A crop."}]},
+             {"messages": [{"role": "user", "content": "no answer"}]}]
+    (root / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return [*specs(corpus), str(hostile), str(root / "more.jsonl"), str(root / "chats.jsonl")]
 
 
 def outputs(directory: Path) -> tuple:
@@ -77,11 +88,13 @@ def test_a_cluster_nothing_answers_for_is_refused_in_one_line(tmp_path, tokdir, 
     assert not (tmp_path / "s").exists()
 
 
-def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, tokdir, mixed):
-    common = {"inputs": mixed, "tokenizer": str(tokdir), "shard_size": 5}
+def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, chat_tokdir, mixed):
+    common = {"inputs": mixed, "tokenizer": str(chat_tokdir), "shard_size": 5}
     tokenize(TokenizeConfig(**common, out=str(tmp_path / "local"), workers=0, batch_size=4))
     local = outputs(tmp_path / "local")
-    assert len(local[0]) == 6 and read_manifest(tmp_path / "local")["error_count"] == 5
+    assert len(local[0]) == 6 and read_manifest(tmp_path / "local")["error_count"] == 6
+    metas = [meta for _, _, meta in iter_samples(tmp_path / "local")]
+    assert sum("trained" in m for m in metas) == 2 and sum("requests" in m for m in metas) == 1  # conversations
     # other blocks and batches than the local run's (several windows: the killed-driver test)
     tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray", batch_size=3))
     assert outputs(tmp_path / "ray") == local
