@@ -43,6 +43,12 @@ class Prepared:
     doc: Document | Conversation | None = None
     error: str | None = None
 
+    @classmethod
+    def worker_died(cls, job: tuple[int, Item], detail: str = "") -> Prepared:
+        """The item whose preparing process died (probed alone, it died again)."""
+        index, item = job
+        return cls(index, item.key, item.source, [item.source], error=f"{item.source}: {WORKER_DIED}{detail}")
+
     def failed(self, message: str) -> Outcome:
         return Outcome(self.index, self.key, self.source, error=message, reason=_reason(message, self.names))
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from omnitok.data.prepare import WORKER_DIED, Prepared, encode_prepared
+from omnitok.data.prepare import Prepared, encode_prepared
 from omnitok.data.readers import Item
 from omnitok.errors import OmnitokError
 
@@ -174,10 +174,10 @@ class _Pipeline:
         prepare = ray.put(self.prepare)
         refs = [(job, alone.remote(prepare, job)) for job in jobs]
         dead = {}
-        for (index, item), ref in refs:
+        for job, ref in refs:
             try:
                 ray.get(ref)
             except ray.exceptions.RayError as e:
-                alone_item = Prepared(index, item.key, item.source, names=[item.source])
-                dead[index] = alone_item.failed(f"{item.source}: {WORKER_DIED} ({type(e).__name__})")
+                died = Prepared.worker_died(job, f" ({type(e).__name__})")
+                dead[died.index] = died.failed(died.error)
         return dead

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from omnitok.data.prepare import WORKER_DIED, Outcome, Prepared, Preprocessor, encode_prepared
+from omnitok.data.prepare import Outcome, Prepared, Preprocessor, encode_prepared
 from omnitok.data.readers import Item, read_inputs
 from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
 from omnitok.distributed import launched_part
@@ -168,8 +168,7 @@ class _Workers:
             try:
                 return one.submit(prepare, job).result()
             except BrokenProcessPool:
-                index, item = job
-                return Prepared(index, item.key, item.source, [item.source], error=f"{item.source}: {WORKER_DIED}")
+                return Prepared.worker_died(job)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
