@@ -162,6 +162,22 @@ def kill_after_shards(args: list[str], out: Path, shards: int, env: dict | None 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 10  # its worker processes (same command line) end soon after it
+    while time.time() < deadline and _running(str(out)):
+        time.sleep(0.2)
+    assert not _running(str(out))
+
+
+def _running(word: str) -> list[int]:
+    """Processes whose command line holds ``word`` (none where there is no /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if word.encode() in cmdline.read_bytes().split(b"\0"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
 
 
 @pytest.mark.slow

@@ -23,8 +23,10 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import os
 import shlex
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -124,6 +126,18 @@ def _prepare_all(prepare: Preprocessor, chunk: list[tuple[int, Item]]) -> list[P
     return [prepare(job) for job in chunk]
 
 
+def _exit_with(parent: int) -> None:
+    """Worker initializer: a worker whose parent is gone (SIGKILL, the OOM killer) ends within a second, instead of
+    waiting on the task queue for ever (its siblings hold the queue open, so it never sees end-of-file)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class _Workers:
     """Worker processes that prepare media, results in item order, a bounded number of items in flight. A worker
     that dies (a crash in a decoder, the OOM killer) breaks the pool: the items then in flight are each prepared
@@ -138,7 +152,8 @@ class _Workers:
         self.pool = self._start(workers)
 
     def _start(self, workers: int) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(workers, mp_context=self.context)
+        pool = ProcessPoolExecutor(workers, mp_context=self.context, initializer=_exit_with,
+                                   initargs=(os.getpid(),))
         pool.submit(int).result()  # the processes start now, before the caller loads any model
         return pool
 
@@ -164,7 +179,7 @@ class _Workers:
             fill()
 
     def _alone(self, prepare: Preprocessor, job: tuple[int, Item]) -> Prepared:
-        with ProcessPoolExecutor(1, mp_context=self.context) as one:
+        with ProcessPoolExecutor(1, mp_context=self.context, initializer=_exit_with, initargs=(os.getpid(),)) as one:
             try:
                 return one.submit(prepare, job).result()
             except BrokenProcessPool:
