@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,49 @@ def photos(n: int, size: int) -> list[np.ndarray]:
     sources = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
     return [np.asarray(Image.fromarray(sources[i % len(sources)]).convert("RGB").resize((size, size)))
             for i in range(n)]
+
+
+def photo_pairs(folder: Path, n: int) -> Path:
+    """``n`` JPEG crops (2/3 of a side, random place) of scikit-image's sample photos with ``.txt`` captions."""
+    import skimage.data
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sources = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    folder.mkdir(parents=True)
+    for i in range(n):
+        p = sources[i % len(sources)]
+        y, x = rng.integers(0, p.shape[0] // 3), rng.integers(0, p.shape[1] // 3)
+        Image.fromarray(p[y:y + 2 * p.shape[0] // 3, x:x + 2 * p.shape[1] // 3]).save(folder / f"{i:04d}.jpg",
+                                                                                        quality=92)
+        (folder / f"{i:04d}.txt").write_text(f"photo {i}")
+    return folder
+
+
+def tokenizer_dir(root: Path, arch: str, size: int = 256, audio: bool = False) -> Path:
+    """A tokenizer with random weights: a small text tokenizer, a VQ-GAN (``tiny``, or Janus / LlamaGen widths) at
+    ``size`` px, and with ``audio`` a 24 kHz EnCodec at 1.5 kbps. Returns its directory."""
+    from omnitok.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
+    from omnitok.tokenizers.audio_import import encodec_model
+    from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
+    from omnitok.tokenizers.multimodal import assemble
+    from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
+    from omnitok.train.text_tokenizer import TextTokenizerTrainConfig, train_text_tokenizer
+
+    torch.manual_seed(0)
+    widths = {"janus": dict(base_channels=128, num_res_blocks=2, latent_channels=256),
+              "tiny": dict(base_channels=32, num_res_blocks=1, latent_channels=64)}[arch]
+    (root / "text.txt").write_text("\n".join(f"photo {i} of a cat, a cup and a rocket; tone {i}" for i in range(2000)))
+    train_text_tokenizer([root / "text.txt"], root / "text", TextTokenizerTrainConfig(vocab_size=300))
+    ImageTokenizer(VQGAN(VQGANConfig(**widths)), ImagePreprocessConfig(image_size=size), device="cpu").save(
+        root / "image")
+    if audio:
+        codec = encodec_model("24khz").eval()
+        for layer in codec.quantizer.layers:  # random EnCodec codebooks are zeros; any spread works for timing
+            layer.codebook.embed.normal_(0, 0.1)
+        AudioTokenizer(codec, AudioTokenizerConfig(bandwidth=1.5), device="cpu").save(root / "audio")
+    assemble(root / "text", root / "tok", image=root / "image", audio=root / "audio" if audio else None)
+    return root / "tok"
 
 
 def default_device() -> str:

@@ -8,45 +8,23 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from benchmarks.common import default_device, quiet_stderr
+from benchmarks.common import default_device, photo_pairs, quiet_stderr, tokenizer_dir
 
 
 def run(args: argparse.Namespace) -> dict:
     """End-to-end ``omnitok tokenize`` images/s on a folder of real photos (JPEG decode, EXIF, resize in worker
     processes; encode; shard writing) vs the image tokenizer's model-only encode of the same images already decoded
     and resized, in one run. A ratio near 1 means reading and preprocessing are hidden behind the model."""
-    import skimage.data
-    from PIL import Image
-
     from omnitok.data.tokenize import TokenizeConfig, tokenize
-    from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
-    from omnitok.tokenizers.multimodal import assemble
-    from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
-    from omnitok.train.text_tokenizer import TextTokenizerTrainConfig, train_text_tokenizer
+    from omnitok.tokenizers.image import ImageTokenizer
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    widths = {"janus": dict(base_channels=128, num_res_blocks=2, latent_channels=256),
-              "tiny": dict(base_channels=32, num_res_blocks=1, latent_channels=64)}[args.arch]
-    rng = np.random.default_rng(0)
-    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "photos").mkdir()
-        for i in range(args.images):
-            p = photos[i % len(photos)]
-            y, x = rng.integers(0, p.shape[0] // 3), rng.integers(0, p.shape[1] // 3)
-            crop = p[y:y + 2 * p.shape[0] // 3, x:x + 2 * p.shape[1] // 3]
-            Image.fromarray(crop).save(root / "photos" / f"{i:04d}.jpg", quality=92)
-            (root / "photos" / f"{i:04d}.txt").write_text(f"photo {i}")
-        (root / "text.txt").write_text("\n".join(f"photo {i} of a cat, a cup and a rocket" for i in range(2000)))
-        train_text_tokenizer([root / "text.txt"], root / "text", TextTokenizerTrainConfig(vocab_size=300))
-        model = VQGAN(VQGANConfig(**widths))
-        ImageTokenizer(model, ImagePreprocessConfig(image_size=args.size), device="cpu").save(root / "image")
-        assemble(root / "text", root / "tok", image=root / "image")
+        photo_pairs(root / "photos", args.images)
+        tokenizer_dir(root, args.arch, args.size)
         image = ImageTokenizer.from_dir(root / "image", device=device)
         image.batch_size = args.batch
         files = sorted((root / "photos").glob("*.jpg"))

@@ -120,12 +120,11 @@ class _Pipeline:
         context.print_on_execution_start = False
 
     def outcomes(self, cfg, tok, jobs: Iterator[tuple[int, Item]], prepare) -> Iterator:
-        self.prepare = prepare
         while window := list(itertools.islice(jobs, cfg.ray_window)):
-            yield from self.window(window)
+            yield from self.window(window, prepare)
 
-    def dataset(self, jobs: list[tuple[int, Item]]):
-        ray, cfg, prepare = self.ray, self.cfg, self.prepare
+    def dataset(self, jobs: list[tuple[int, Item]], prepare):
+        ray, cfg = self.ray, self.cfg
         rows = [{"job": job} for job in jobs]
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / cfg.batch_size))
         resources = {"num_gpus": self.gpus_per_encoder} if self.gpus_per_encoder else {}
@@ -140,13 +139,13 @@ class _Pipeline:
                                   compute=ray.data.ActorPoolStrategy(size=self.encoders), max_restarts=1,
                                   max_task_retries=1)
 
-    def window(self, jobs: list[tuple[int, Item]]) -> Iterator:
+    def window(self, jobs: list[tuple[int, Item]], prepare) -> Iterator:
         died: dict[int, object] = {}  # index -> its error outcome, for items whose worker died
         done = -1
         rest = jobs
         while True:
             try:
-                for row in self.dataset(rest).iter_rows():
+                for row in self.dataset(rest, prepare).iter_rows():
                     outcome = row["outcome"]
                     yield from self._died_before(died, outcome.index)
                     done = outcome.index
@@ -155,7 +154,7 @@ class _Pipeline:
                 return
             except self.ray.exceptions.RayError as e:
                 rest = [(i, item) for i, item in rest if i > done and i not in died]
-                found = self._find_dead(rest)
+                found = self._find_dead(rest, prepare)
                 if not found:
                     raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {e}; rerun the "
                                        "same command to continue after the last complete shard") from None
@@ -167,12 +166,12 @@ class _Pipeline:
         for i in sorted(i for i in died if i < index):
             yield died.pop(i)
 
-    def _find_dead(self, jobs: list[tuple[int, Item]]) -> dict:
+    def _find_dead(self, jobs: list[tuple[int, Item]], prepare) -> dict:
         """Each item prepared in a task of its own, never retried: the items whose worker dies."""
         ray = self.ray
         alone = ray.remote(num_cpus=1, max_retries=0)(lambda prepare, job: prepare(job))
-        prepare = ray.put(self.prepare)
-        refs = [(job, alone.remote(prepare, job)) for job in jobs]
+        shared = ray.put(prepare)
+        refs = [(job, alone.remote(shared, job)) for job in jobs]
         dead = {}
         for job, ref in refs:
             try:
