@@ -1,84 +1,140 @@
-"""Audio tokenizer real-time factor (compute seconds per audio second) of encode and decode against transformers'
-``EncodecModel`` on the same tensors, looped per clip and stacked in one call:
-``python -m benchmarks.audio [--preset 24khz] [--batch 8] [--seconds 10]``."""
+"""Audio tokenizer real-time factor (compute seconds per audio second) of encode and decode, per codec, against
+calling the transformers model directly on the same tensors (one clip a call at batch 1; the clips stacked in one call
+at batch 8), and tokens per second of audio:
+``python -m benchmarks.audio [--codecs encodec mimi dac wavtokenizer] [--seconds 5] [--batches 1 8]``."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import numpy as np
 import torch
 
 from benchmarks.common import default_device, timed
 
+# The published configurations (random weights: speed does not depend on them) and the codebooks chosen; ``tiny``
+# sizes are the tests' (tests/test_codecs.py builds its codecs here) and the reduced GPU check's.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "encodec": dict(sampling_rate=24_000, target_bandwidths=[1.5, 3.0, 6.0, 12.0, 24.0]),  # facebook/encodec_24khz
+    "mimi": dict(),  # kyutai/mimi: the MimiConfig defaults
+    "dac": dict(sampling_rate=44_100, n_codebooks=9, downsampling_ratios=[2, 4, 8, 8]),  # descript/dac_44khz
+    "wavtokenizer": dict(),  # WavTokenizer 40 tokens/s at 24 kHz: the WavTokenizerConfig defaults
+}
+TINY: dict[str, dict[str, Any]] = {
+    "encodec": dict(num_filters=8, hidden_size=32, codebook_dim=32),
+    "mimi": dict(hidden_size=64, num_filters=8, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=4, codebook_dim=32, vector_quantization_hidden_dimension=32, upsample_groups=64,
+                 num_quantizers=8, codebook_size=64),
+    "dac": dict(encoder_hidden_size=8, decoder_hidden_size=32, n_codebooks=4, codebook_size=64, sampling_rate=16_000),
+    "wavtokenizer": dict(num_filters=8, hidden_size=32, codebook_dim=32, codebook_size=64, decoder_hidden_size=32,
+                         decoder_intermediate_size=64, decoder_num_layers=2, decoder_attention_num_groups=8,
+                         num_lstm_layers=1),
+}
+SETTING = {"encodec": dict(bandwidth=6.0), "mimi": dict(num_codebooks=8), "dac": dict(), "wavtokenizer": dict()}
+CLASSES = {"encodec": ("EncodecModel", "EncodecConfig"), "mimi": ("MimiModel", "MimiConfig"),
+           "dac": ("DacModel", "DacConfig"), "wavtokenizer": ("WavTokenizerModel", "WavTokenizerConfig")}
 
-def run(args: argparse.Namespace) -> dict:
-    """Real-time factor (seconds of compute per second of audio) of encode and decode on 10 s clips: omnitok's
-    AudioTokenizer vs transformers' EncodecModel on the same tensors, looped per clip and stacked in one call."""
+
+def codec_model(kind: str, tiny: bool = False, **overrides: Any):
+    """A random-weight transformers codec model of the published (or the tiny) size."""
+    import transformers
+
+    model_name, config_name = CLASSES[kind]
+    config = {**PUBLISHED[kind], **(TINY[kind] if tiny else {}), **overrides}
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
+
+
+def peer_calls(kind: str, model: Any, n_q: int):
+    """The transformers model called directly, as its documentation shows: (B, C, S) -> codes, codes -> audio."""
+    if kind == "encodec":
+        bandwidth = SETTING["encodec"]["bandwidth"]
+        return (lambda x: model.encode(x, bandwidth=bandwidth).audio_codes,
+                lambda c: model.decode(c, [None]).audio_values)
+    if kind == "mimi":
+        return lambda x: model.encode(x, num_quantizers=n_q).audio_codes, lambda c: model.decode(c).audio_values
+    if kind == "dac":
+        return (lambda x: model.encode(x, n_quantizers=n_q).audio_codes,
+                lambda c: model.decode(audio_codes=c).audio_values)
+    return lambda x: model.encode(x).audio_codes, lambda c: model.decode(c).audio_values
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict:
     from omnitok.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
-    from omnitok.tokenizers.audio_import import encodec_model
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = encodec_model(args.preset).eval()
-    for layer in model.quantizer.layers:  # random EnCodec codebooks are zeros; any spread works for timing
-        layer.codebook.embed.normal_(0, 0.1)
-    tok = AudioTokenizer(model, AudioTokenizerConfig(bandwidth=args.bandwidth), device=device)
-    rate, seconds = tok.sample_rate, args.seconds
+    model = codec_model(kind, tiny=args.tiny)
+    for name, buffer in model.named_buffers():  # zero codebooks give one code; any spread works for timing
+        if name.endswith(("codebook.embed", "codebook.embed_sum")):
+            buffer.normal_(0, 0.1)
+    tok = AudioTokenizer(model, AudioTokenizerConfig(**SETTING[kind]), device=device)
+    encode, decode = peer_calls(kind, tok.model, tok.num_codebooks)
+    rate = tok.sample_rate
+    samples = round(args.seconds * rate / tok.hop) * tok.hop  # whole frames: both sides see the same tensor
     rng = np.random.default_rng(0)
-    t = np.arange(int(rate * seconds)) / rate
-    clips = [(0.3 * np.sin(2 * np.pi * (110 + 50 * i) * t) + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
-             for i in range(args.batch)]
-    if tok.channels == 2:
-        clips = [np.stack([c, c]) for c in clips]
-    tensors = [torch.from_numpy(c).reshape(1, tok.channels, -1).to(device) for c in clips]
-    codes = tok.encode([(c, rate) for c in clips])
-    code_tensors = [torch.from_numpy(c)[None, None].to(device) for c in codes]
+    t = np.arange(samples) / rate
+    row = {"tokens_per_s": tok.frame_rate * tok.num_codebooks, "frame_rate": tok.frame_rate,
+           "codebooks": tok.num_codebooks, "sample_rate": rate}
+    for batch in args.batches:
+        clips = [np.tile((0.3 * np.sin(2 * np.pi * (110 + 50 * i) * t) + 0.05 * rng.standard_normal(samples))
+                         .astype(np.float32), (tok.channels, 1)) for i in range(batch)]
+        tensors = [torch.from_numpy(c)[None].to(device) for c in clips]
+        codes = tok.encode([(c, rate) for c in clips])
+        code_tensors = [torch.from_numpy(c)[None].to(device) for c in codes]
+        if kind == "encodec":
+            code_tensors = [c[None] for c in code_tensors]  # (chunks=1, B, n_q, F)
 
-    def peer_encode_loop():
-        with torch.inference_mode():
-            return [model.encode(x, bandwidth=args.bandwidth).audio_codes.cpu() for x in tensors]
+        def peer_encode():
+            with torch.inference_mode():
+                if batch == 1:
+                    return encode(tensors[0]).cpu()
+                return encode(torch.cat(tensors)).cpu()
 
-    def peer_encode_stacked():
-        with torch.inference_mode():
-            return model.encode(torch.cat(tensors), bandwidth=args.bandwidth).audio_codes.cpu()
+        def peer_decode():
+            with torch.inference_mode():
+                if batch == 1:
+                    return decode(code_tensors[0]).cpu()
+                return decode(torch.cat(code_tensors, dim=-3 if kind != "encodec" else 1)).cpu()
 
-    def peer_decode_loop():
-        with torch.inference_mode():
-            return [model.decode(c, [None]).audio_values.cpu() for c in code_tensors]
+        audio_s = samples / rate * batch
+        times = {"ours_encode": timed(lambda: tok.encode([(c, rate) for c in clips]), args.repeats, device),
+                 "peer_encode": timed(peer_encode, args.repeats, device),
+                 "ours_decode": timed(lambda: tok.decode(codes), args.repeats, device),
+                 "peer_decode": timed(peer_decode, args.repeats, device)}
+        row[f"batch{batch}"] = {**{f"{k}_rtf": v / audio_s for k, v in times.items()},
+                                "encode_ratio": times["peer_encode"] / times["ours_encode"],
+                                "decode_ratio": times["peer_decode"] / times["ours_decode"]}
+    return row
 
-    def peer_decode_stacked():
-        with torch.inference_mode():
-            return model.decode(torch.cat(code_tensors, dim=1), [None]).audio_values.cpu()
 
-    audio_s = seconds * args.batch
-    t = {"ours_encode": timed(lambda: tok.encode([(c, rate) for c in clips]), args.repeats, device),
-         "peer_encode_loop": timed(peer_encode_loop, args.repeats, device),
-         "peer_encode_stacked": timed(peer_encode_stacked, args.repeats, device),
-         "ours_decode": timed(lambda: tok.decode(codes), args.repeats, device),
-         "peer_decode_loop": timed(peer_decode_loop, args.repeats, device),
-         "peer_decode_stacked": timed(peer_decode_stacked, args.repeats, device)}
-    rtf = {k: v / audio_s for k, v in t.items()}
-    print(f"audio tokenizer, EnCodec {args.preset} at {args.bandwidth:g} kbps ({tok.num_codebooks} codebooks), "
-          f"{args.batch} x {seconds:g} s clips ({device.type}, {torch.get_num_threads()} threads, omnitok batches "
-          f"{tok.batch_size} windows per pass); RTF = compute s "
-          "per audio s, ratio = peer time / omnitok time")
-    for op in ("encode", "decode"):
-        print(f"  {op}: omnitok RTF {rtf[f'ours_{op}']:.4f}; EncodecModel per clip RTF {rtf[f'peer_{op}_loop']:.4f} "
-              f"(ratio {t[f'peer_{op}_loop'] / t[f'ours_{op}']:.3f}), stacked in one call RTF "
-              f"{rtf[f'peer_{op}_stacked']:.4f} (ratio {t[f'peer_{op}_stacked'] / t[f'ours_{op}']:.3f})")
-    return rtf
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    print(f"audio tokenizers: {args.seconds:g} s clips ({device.type}, {torch.get_num_threads()} threads); RTF = "
+          "compute s per audio s; ratio = transformers-class time / omnitok time (>= 0.95 is the goal at batch 1)")
+    report = {}
+    for kind in args.codecs:
+        report[kind] = row = measure(kind, args)
+        print(f"  {kind}: {row['sample_rate']} Hz, {row['frame_rate']:g} frames/s x {row['codebooks']} codebooks = "
+              f"{row['tokens_per_s']:g} tokens per second of audio")
+        for batch in args.batches:
+            r = row[f"batch{batch}"]
+            for op in ("encode", "decode"):
+                print(f"    batch {batch} {op}: RTF omnitok {r[f'ours_{op}_rtf']:.4f}, class "
+                      f"{r[f'peer_{op}_rtf']:.4f}, ratio {r[f'{op}_ratio']:.3f}")
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.audio", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=["24khz", "32khz", "48khz"], default="24khz")
-    parser.add_argument("--bandwidth", type=float, default=6.0)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--codecs", nargs="+", choices=list(PUBLISHED), default=list(PUBLISHED))
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny sizes instead of the published ones")
     parser.add_argument("--device", default=default_device())
     return run(parser.parse_args(argv))
+
 
 if __name__ == "__main__":
     main()

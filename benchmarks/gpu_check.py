@@ -9,8 +9,10 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
   batch 1 and 8 (``benchmarks.sjd``: forward passes, seconds per image, codes/s);
 - ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
   against a plain loop (``benchmarks.pretrain``);
-- VQ-GAN (Janus VQ-16 architecture, 256 px) and EnCodec (24 kHz, 6 kbps, 10 s clips) encode / decode throughput in
-  bf16 at batch 64 (``benchmarks.image``, ``benchmarks.audio``);
+- VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64 (``benchmarks.image``);
+- every audio codec (EnCodec 24 kHz 6 kbps, Mimi 8 codebooks, DAC 44.1 kHz, WavTokenizer 40 Hz; published sizes,
+  5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers class called directly
+  (``benchmarks.audio``);
 - ``omnitok tokenize --engine ray`` on 2048 JPEG photos with a Janus VQ-GAN encoder actor per GPU: img/s and how busy
   the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``).
 
@@ -84,8 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     batch = 2 if small else 64
     part("vqgan", lambda: image.run(Namespace(arch="tiny" if small else "janus", size=64 if small else 256,
                                               batch=batch, repeats=1, device=args.device)))
-    part("encodec", lambda: audio.run(Namespace(preset="24khz", bandwidth=6.0, seconds=0.5 if small else 10.0,
-                                                batch=batch, repeats=1, device=args.device)))
+    part("audio", lambda: audio.run(Namespace(codecs=list(audio.PUBLISHED), seconds=0.5 if small else 5.0,
+                                              batches=[1, 2 if small else 8], repeats=1, tiny=small,
+                                              device=args.device)))
     part("tokenize_ray", lambda: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
                                                        4 if small else 64))
     print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)")

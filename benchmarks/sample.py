@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> dict:
 
     device = torch.device(args.device)
     layout = TokenLayout(text_vocab_size=args.text_vocab, image_codebook_size=16384, max_grid_side=args.grid,
-                         audio_codebook_size=1024, audio_num_codebooks=4)
+                         audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SAMPLE_SIZES[args.size]), layout).eval()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -107,7 +107,7 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
     from omnitok.tokenizers.layout import TokenLayout, image_span_length
 
     layout = TokenLayout(text_vocab_size=32000, image_codebook_size=16384, max_grid_side=grid,
-                         audio_codebook_size=1024, audio_num_codebooks=4)
+                         audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SAMPLE_SIZES[size]), layout).eval()
     model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -44,7 +44,7 @@ def document(rng: np.random.Generator, layout: TokenLayout, text: tuple[int, int
         add("text", words(1, 6))
     if layout.has_audio and rng.random() < audio_p:
         n = int(rng.integers(*frames))
-        codes = rng.integers(0, layout.audio_codebook_size, (layout.audio_num_codebooks, n))
+        codes = rng.integers(0, layout.audio_codebook_sizes[0], (layout.audio_num_codebooks, n))
         add("audio", [layout.boa_id, *layout.audio_ids(codes).tolist(), layout.eoa_id])
     pieces.append([EOS])
     return np.array([t for p in pieces for t in p], dtype=np.int32), spans

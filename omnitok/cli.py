@@ -71,10 +71,13 @@ def cmd_image_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_audio_tokenizer_import(args: argparse.Namespace) -> None:
     from omnitok.tokenizers.audio_import import import_audio_tokenizer
 
-    tok = import_audio_tokenizer(args.format, args.src, args.out, bandwidth=args.bandwidth, preset=args.preset)
-    print(f"audio tokenizer written to {args.out}: {tok.sample_rate} Hz, {tok.channels} channel(s), "
-          f"{tok.frame_rate:g} frames/s, {tok.num_codebooks} codebooks of {tok.codebook_size} at "
-          f"{tok.config.bandwidth:g} kbps")
+    tok = import_audio_tokenizer(args.format, args.src, args.out, bandwidth=args.bandwidth, preset=args.preset,
+                                 num_codebooks=args.codebooks)
+    sizes = tok.codebook_sizes
+    books = f"{len(sizes)} codebook(s) of {sizes[0]}" if len(set(sizes)) == 1 else f"codebooks of {list(sizes)}"
+    kbps = f" at {tok.config.bandwidth:g} kbps" if tok.config.bandwidth is not None else ""
+    print(f"audio tokenizer ({tok.kind}) written to {args.out}: {tok.sample_rate} Hz, {tok.channels} channel(s), "
+          f"{tok.frame_rate:g} frames/s, {books}{kbps}: {tok.frame_rate * len(sizes):g} tokens per second")
 
 
 def cmd_audio_tokenizer_train(args: argparse.Namespace) -> None:
@@ -345,17 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.codebook_size=4096 perceptual.vgg16=vgg16.pth")
     tr.set_defaults(func=cmd_image_tokenizer_train)
 
-    audio = commands.add_parser("audio-tokenizer", help="import or train an EnCodec audio tokenizer")
+    audio = commands.add_parser("audio-tokenizer", help="import an audio codec (EnCodec, Mimi, DAC, WavTokenizer) or "
+                                "train an EnCodec one")
     audio_cmds = audio.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
-    aimp = audio_cmds.add_parser("import", help="import an EnCodec checkpoint (Hugging Face directory or Meta .th)",
-                                 description="Import EnCodec: hf (a facebook/encodec_24khz-style directory) or "
-                                 "encodec (Meta's encodec_24khz-d7cc33bc.th-style state dict, with --preset).")
+    aimp = audio_cmds.add_parser("import", help="import a codec (Hugging Face directory, or a Meta EnCodec .th)",
+                                 description="Import an audio codec: hf (a Hugging Face directory of EnCodec, Mimi, "
+                                 "DAC or WavTokenizer, recognised from its config.json) or encodec (Meta's "
+                                 "encodec_24khz-d7cc33bc.th-style state dict, with --preset).")
     aimp.add_argument("--format", required=True, choices=["hf", "encodec"])
     aimp.add_argument("--src", required=True, type=Path)
     aimp.add_argument("--out", required=True, type=Path)
     aimp.add_argument("--preset", choices=["24khz", "32khz", "48khz"], help="architecture of a Meta .th checkpoint")
     aimp.add_argument("--bandwidth", type=float, help="kbps; fixes the number of codebooks (default: 6 for 24 kHz = "
                       "8 codebooks, 2.2 for 32 kHz = 4, 6 for 48 kHz = 4)")
+    aimp.add_argument("--codebooks", type=int, help="Mimi and DAC: how many codebooks to use (default: Mimi 8, DAC "
+                      "all)")
     aimp.set_defaults(func=cmd_audio_tokenizer_import)
     atr = audio_cmds.add_parser("train", help="train or fine-tune an EnCodec codec on a folder of audio",
                                 description="Train the EnCodec architecture: waveform L1 + multi-scale mel L1/L2, "
@@ -432,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Sample from an exported model; writes PNG, WAV, text, sample.json per "
                              "sample and an index.html. Sampling settings as KEY=VALUE: text.temperature=0.7 "
                              "image.top_k=1000 image.guidance=3 image.plausibility=0.1 audio.guidance=3 "
-                             "max_audio_frames=750.")
+                             "max_audio_s=10.")
     _model_arguments(sa, "an `omnitok export` directory")
     sa.add_argument("--prompt", action="append", default=[], help="text with <image:PATH> / <audio:PATH> "
                     "references, or a JSON document; repeatable")

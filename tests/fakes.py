@@ -58,6 +58,14 @@ class FakeAudioTokenizer:
             sample_rate
 
     @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        return (self.codebook_size,) * self.num_codebooks
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+    @property
     def fingerprint(self) -> str:
         return fingerprint({"type": "fake", "k": self.codebook_size, "q": self.num_codebooks, "hop": self.hop})
 

@@ -133,7 +133,7 @@ def test_hf_directory_round_trips_with_the_same_fingerprint(tmp_path):
     model = codec("32khz")
     model.save_pretrained(tmp_path / "hf")
     tok = import_audio_tokenizer("hf", tmp_path / "hf", tmp_path / "audio")
-    assert (tok.num_codebooks, tok.codebook_size, tok.frame_rate) == (4, 2048, 50)
+    assert (tok.codebook_sizes, tok.frame_rate) == ((2048,) * 4, 50)
     again = AudioTokenizer.from_dir(tmp_path / "audio")
     assert again.fingerprint == tok.fingerprint
     with pytest.raises(OmnitokError, match="bandwidth 6.0 kbps is not one this codec was trained for"):
@@ -158,9 +158,9 @@ def test_frame_major_flattening_round_trips_for_every_preset_and_bandwidth(prese
     model = encodec_model(preset, **NARROW)
     for bandwidth in model.config.target_bandwidths:
         tok = AudioTokenizer(model, AudioTokenizerConfig(bandwidth=bandwidth), device="cpu")
-        layout = TokenLayout(text_vocab_size=10, audio_codebook_size=tok.codebook_size,
-                             audio_num_codebooks=tok.num_codebooks)
-        codes = np.random.default_rng(0).integers(0, tok.codebook_size, (tok.num_codebooks, 17))
+        layout = TokenLayout(text_vocab_size=10, audio_codebook_sizes=tok.codebook_sizes,
+                             audio_frame_rate=tok.frame_rate)
+        codes = np.random.default_rng(0).integers(0, tok.codebook_sizes[0], (tok.num_codebooks, 17))
         ids = layout.audio_ids(codes)
         np.testing.assert_array_equal(layout.audio_codes(ids), codes)
         assert ids[1] - layout.audio_range(1)[0] == codes[1, 0]  # frame-major: f0q0 f0q1 ...
@@ -244,7 +244,7 @@ def test_multimodal_round_trip_through_the_real_audio_tokenizer(tmp_path, sp_dir
     assert main(["tokenizer", "assemble", "--text", str(sp_dir), "--audio", str(tmp_path / "audio"),
                  "--out", str(tmp_path / "tok")]) == 0
     tok = MultimodalTokenizer.from_dir(tmp_path / "tok")
-    assert (tok.layout.audio_num_codebooks, tok.layout.audio_codebook_size) == (4, 1024)
+    assert tok.layout.audio_codebook_sizes == (1024,) * 4
     doc = Document([Text("Listen: "), Audio(SPEECH), Text(" and a chord "), Audio((chord(24_000, 1.0), 24_000))])
     ids = tok.encode(doc)
     parsed = tok.parse(ids)

@@ -17,7 +17,7 @@ from omnitok.model.sample import load_model, parse_chat_prompt, prompt_tokens
 from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate, unconditional
 from omnitok.tokenizers.layout import Modality
 
-SAMPLING = SamplingConfig(max_new_tokens=120, max_audio_frames=6, image=ModalitySampling(top_k=50, guidance=2.0),
+SAMPLING = SamplingConfig(max_new_tokens=120, max_audio_s=0.06, image=ModalitySampling(top_k=50, guidance=2.0),
                           audio=ModalitySampling(guidance=1.5))
 
 

@@ -212,7 +212,7 @@ def test_a_chat_session_on_a_template_continues_the_same_sequence(instruct, tmp_
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1),
                         tok.layout).eval()
-    session = ChatSession(model, tok, tmp_path / "out", SamplingConfig(max_new_tokens=16, max_audio_frames=4))
+    session = ChatSession(model, tok, tmp_path / "out", SamplingConfig(max_new_tokens=16, max_audio_s=0.04))
     prompts = []
     original = session.tok.encode_conversations
 

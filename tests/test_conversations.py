@@ -226,8 +226,8 @@ def test_guidance_dropout_empties_the_request_before_a_media_answer(tok, media, 
 
 
 @pytest.mark.parametrize("layout", [TokenLayout(text_vocab_size=40, image_codebook_size=16, max_grid_side=3, chat=True),
-                                    TokenLayout(text_vocab_size=40, audio_codebook_size=8, audio_num_codebooks=2,
-                                                chat=True)])
+                                    TokenLayout(text_vocab_size=40, audio_codebook_sizes=(8,) * 2,
+                                                audio_frame_rate=100.0, chat=True)])
 def test_guidance_dropout_on_a_layout_with_one_media_modality(layout, tmp_path):
     """Conversations on an image-only or audio-only layout: every request before a media answer is emptied."""
     from benchmarks.synthetic import write_shards

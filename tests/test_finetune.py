@@ -17,8 +17,8 @@ from omnitok.train.finetune import finetune, load_finetune_config
 from omnitok.train.pretrain import load_pretrain_config, pretrain
 
 # 123 ids used, so the 4 chat markers fit in the padding to 128: the base export has the chat layout's rows
-BASE = TokenLayout(text_vocab_size=46, image_codebook_size=32, max_grid_side=4, audio_codebook_size=16,
-                   audio_num_codebooks=2)
+BASE = TokenLayout(text_vocab_size=46, image_codebook_size=32, max_grid_side=4, audio_codebook_sizes=(16,) * 2,
+                   audio_frame_rate=100.0)
 CHAT = dataclasses.replace(BASE, chat=True)
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "data.seq_len=64", "micro_batch_size=4", "optim.warmup_steps=2", "log_every=1"]

@@ -21,7 +21,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     out = tmp_path / "report.json"
     report = main(["--reduced", "--out", str(out), "--device", "cpu"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    for part in ("sampler", "image_spans", "pretrain", "vqgan", "encodec", "tokenize_ray"):
+    for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray"):
         values = numbers(report[part])
         assert values and all(math.isfinite(v) and v >= 0 for v in values), part
     for guidance in ("guidance_1", "guidance_3"):
@@ -30,6 +30,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
             assert row["sjd"]["passes"] < row["plain"]["passes"]  # drafts stood on the random model
     assert report["pretrain"]["ours"] > 0 and report["pretrain"]["mfu"] is None  # no peak FLOP/s for a CPU
     assert "compiled_batch1" not in report["sampler"]  # the reduced check does not compile
+    assert sorted(report["audio"]) == ["dac", "encodec", "mimi", "wavtokenizer"]
     assert report["tokenize_ray"]["images_per_s"] > 0 and report["tokenize_ray"]["gpu_busy"] is None  # no nvidia-smi
 
 

@@ -48,7 +48,7 @@ PROMPTS = [[1, 5 + i, 6, 7 + i][: 2 + i % 3] for i in range(10)]
 @pytest.mark.parametrize("output", ["image", "audio", "any"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_greedy_output_equals_plain_greedy_decoding_in_fewer_passes(model, output, guidance):
-    cfg = SamplingConfig(greedy=True, output=output, max_new_tokens=60, max_audio_frames=8,
+    cfg = SamplingConfig(greedy=True, output=output, max_new_tokens=60, max_audio_s=0.08,
                          grid=(4, 4) if output == "image" else None,
                          image=ModalitySampling(guidance=guidance), audio=ModalitySampling(guidance=guidance))
     sjd = with_sjd(cfg, 6, 5)
@@ -62,7 +62,7 @@ def test_greedy_output_equals_plain_greedy_decoding_in_fewer_passes(model, outpu
 
 def test_sampled_outputs_are_the_same_alone_or_in_a_mixed_batch(model):
     """Guidance rows verify the same windows; samples in text decode beside samples in spans; top-k applies."""
-    cfg = SamplingConfig(max_new_tokens=60, max_audio_frames=8,
+    cfg = SamplingConfig(max_new_tokens=60, max_audio_s=0.08,
                          image=ModalitySampling(top_k=10, guidance=2.0, sjd_window=8),
                          audio=ModalitySampling(guidance=1.5, sjd_window=4, top_p=0.9))
     batch = generate(model, LAYOUT, PROMPTS, EOS, cfg, seeds=list(range(10)))
@@ -75,7 +75,7 @@ def test_sampled_outputs_are_the_same_alone_or_in_a_mixed_batch(model):
 def test_spans_stay_well_formed_over_1000_random_prompts(model):
     cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.0, sjd_window=6),
                          audio=ModalitySampling(1.0, top_k=8, guidance=1.5, sjd_window=5), max_new_tokens=60,
-                         max_audio_frames=12)
+                         max_audio_s=0.12)
     kinds = well_formed_over_random_prompts(model, cfg, batch=250, seed=1)
     assert kinds["image"] > 50 and kinds["audio"] > 50
 

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -18,16 +19,16 @@ def layouts(draw):
         text_vocab_size=draw(st.integers(1, 70_000)),
         image_codebook_size=draw(st.integers(1, 20_000)) if image else 0,
         max_grid_side=draw(st.integers(1, 64)) if image else 0,
-        audio_codebook_size=draw(st.integers(1, 4096)) if audio else 0,
-        audio_num_codebooks=draw(st.integers(1, 32)) if audio else 0,
+        audio_codebook_sizes=draw(st.lists(st.integers(1, 65_536), min_size=1, max_size=32)) if audio else (),
+        audio_frame_rate=draw(st.sampled_from([12.5, 40.0, 50.0, 75.0, 44_100 / 512])) if audio else 0.0,
         fingerprints=draw(st.dictionaries(st.sampled_from(["text", "image", "audio"]),
                                           st.text("0123456789abcdef", min_size=64, max_size=64))),
     )
 
 
 def small_layout(**kw) -> TokenLayout:
-    args = dict(text_vocab_size=100, image_codebook_size=50, max_grid_side=4, audio_codebook_size=8,
-                audio_num_codebooks=3)
+    args = dict(text_vocab_size=100, image_codebook_size=50, max_grid_side=4, audio_codebook_sizes=(8,) * 3,
+                audio_frame_rate=100.0)
     return TokenLayout(**{**args, **kw})
 
 
@@ -63,10 +64,10 @@ def test_code_to_id_to_code_is_identity_for_every_modality_and_codebook(layout, 
         np.testing.assert_array_equal(layout.image_codes(ids), codes)
         assert torch.equal(layout.image_codes(layout.image_ids(torch.from_numpy(codes))), torch.from_numpy(codes))
     if layout.has_audio:
-        n_q, size = layout.audio_num_codebooks, layout.audio_codebook_size
+        n_q, sizes = layout.audio_num_codebooks, np.array(layout.audio_codebook_sizes)
         frames = data.draw(st.integers(1, 12))
         seed = data.draw(st.integers(0, 2**31))
-        codes = np.random.default_rng(seed).integers(0, size, (n_q, frames))
+        codes = np.random.default_rng(seed).integers(0, sizes[:, None], (n_q, frames))  # codebooks of unequal sizes
         ids = layout.audio_ids(codes)
         assert ids.shape == (n_q * frames,)
         assert (layout.modality_of(ids) == Modality.AUDIO).all()
@@ -170,7 +171,8 @@ def test_malformed_audio_sequences_are_refused():
     (lambda d: d["specials"].update({"<|boi|>": 3}), "outside the special range"),
     (lambda d: d.update(vocab_size=128), "vocab_size"),
     (lambda d: d.update(format="other"), "not an omnitok token layout"),
-    (lambda d: d.update(audio_num_codebooks=0), "both be 0"),
+    (lambda d: d.update(audio_codebook_sizes=[8, 0]), "list of positive integers"),
+    (lambda d: d.update(audio_frame_rate=-1), "audio_frame_rate"),
     (lambda d: d["specials"].update({"<|boi|>": d["specials"]["<|eoi|>"] + 100}), "outside the special range"),
 ])
 def test_hand_edited_layout_files_are_refused_with_a_message(tmp_path, edit, message):
@@ -189,3 +191,39 @@ def test_consistent_but_edited_tables_are_refused(tmp_path):
     (tmp_path / "layout.json").write_text(json.dumps(data))
     with pytest.raises(OmnitokError, match="stored 'specials' does not follow from its sizes"):
         TokenLayout.load(tmp_path)
+
+
+def test_a_version_1_file_reads_with_the_same_ids_and_takes_the_codec_frame_rate(tmp_path):
+    """Version 1 recorded one size for every audio codebook and no frame rate: the ids are the same, so shards and
+    models written under it are read under the version 2 layout of the same codec."""
+    now = small_layout(audio_codebook_sizes=(8,) * 3, audio_frame_rate=75.0)
+    old = now.to_json()
+    del old["audio_codebook_sizes"], old["audio_frame_rate"]
+    old.update(version=1, audio_codebook_size=8, audio_num_codebooks=3)
+    (tmp_path / "layout.json").write_text(json.dumps(old))
+    read = TokenLayout.load(tmp_path)
+    assert read.audio_codebook_sizes == (8, 8, 8) and read.audio_frame_rate == 0.0
+    assert read.ranges == now.ranges and read.specials == now.specials
+    now.check_reads(read, "the tokenizer", "old shards")  # the rate a version 1 file lacks names no id
+    read.check_reads(now, "an old export", "new shards")
+    assert read.with_audio_frame_rate(75.0) == now
+    with pytest.raises(OmnitokError, match="does not record the audio codec's frame rate"):
+        read.audio_frames(1.0)
+    with pytest.raises(LayoutMismatch, match="12.5 frames/s, but the layout records 75"):
+        now.with_audio_frame_rate(12.5)
+    with pytest.raises(LayoutMismatch, match="audio_frame_rate"):
+        now.check_reads(dataclasses.replace(now, audio_frame_rate=50.0), "a", "b")
+
+
+def test_audio_codebooks_of_unequal_sizes_and_seconds_of_frames():
+    layout = small_layout(audio_codebook_sizes=(4, 16, 2), audio_frame_rate=12.5)
+    assert [layout.audio_range(q) for q in range(3)] == [(layout.ranges["audio"][0] + a, layout.ranges["audio"][0] + b)
+                                                         for a, b in [(0, 4), (4, 20), (20, 22)]]
+    codes = np.array([[3, 0], [15, 9], [1, 0]])
+    np.testing.assert_array_equal(layout.audio_codes(layout.audio_ids(codes)), codes)
+    with pytest.raises(OmnitokError, match="codebook 0 has 4 codes, got 5"):
+        layout.audio_ids(np.array([[5, 0], [0, 0], [0, 0]]))
+    with pytest.raises(MalformedSequence, match="belongs to codebook 1"):
+        layout.audio_codes(layout.audio_ids(codes)[[1, 0, 2, 3, 4, 5]])
+    assert [layout.audio_frames(s) for s in (0.08, 1.0, 10.0, 0.01)] == [1, 13, 125, 1]
+    assert "codebooks of 4, 16, 2, 12.5 frames/s" in layout.describe()

@@ -11,8 +11,8 @@ from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.loss import LossConfig, lm_loss
 from omnitok.tokenizers.layout import IGNORE, Modality, TokenLayout
 
-LAYOUT = TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4, audio_codebook_size=16,
-                     audio_num_codebooks=2)
+LAYOUT = TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4, audio_codebook_sizes=(16,) * 2,
+                     audio_frame_rate=100.0)
 
 
 def test_build_from_scratch_for_each_architecture():

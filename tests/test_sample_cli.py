@@ -17,7 +17,7 @@ def test_every_media_span_of_many_random_samples_decodes(model_dir, tmp_path):
     rng = np.random.default_rng(0)
     words = ["a red circle", "a low tone", "two squares", "then", "and", "chirp", "blue"]
     prompts = [parse_prompt(" ".join(rng.choice(words, rng.integers(1, 4)))) for _ in range(1000)]
-    cfg = SamplingConfig(max_new_tokens=90, max_audio_frames=8, image=ModalitySampling(top_k=50, guidance=2.0),
+    cfg = SamplingConfig(max_new_tokens=90, max_audio_s=0.08, image=ModalitySampling(top_k=50, guidance=2.0),
                          audio=ModalitySampling(guidance=1.5))
     records = sample(model, tok, prompts, tmp_path, SampleRequest(cfg, batch_size=250), progress=False)
     kinds = {"image": 0, "audio": 0}

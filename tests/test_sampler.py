@@ -8,6 +8,7 @@ from test_pretrain_parts import LAYOUT
 from omnitok.errors import OmnitokError
 from omnitok.model.build import ModelConfig, build_model
 from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
+from omnitok.tokenizers.layout import TokenLayout
 
 EOS = 2
 
@@ -64,7 +65,7 @@ def well_formed_over_random_prompts(model, cfg: SamplingConfig, batch: int, seed
             spans = check(out)
             for span in spans:
                 kinds[span[0]] += 1
-                assert span[0] != "audio" or span[1] <= cfg.max_audio_frames
+                assert span[0] != "audio" or span[1] <= LAYOUT.audio_frames(cfg.max_audio_s)
             reported = [ids for c, _, ids in closed if c == b]
             assert len(reported) == len(spans) and all(check(ids) for ids in reported)  # every span, whole
     return kinds
@@ -72,7 +73,7 @@ def well_formed_over_random_prompts(model, cfg: SamplingConfig, batch: int, seed
 
 def test_random_prompts_always_give_well_formed_output(model):
     cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.0),
-                         audio=ModalitySampling(1.0, top_k=8, guidance=1.5), max_new_tokens=60, max_audio_frames=12)
+                         audio=ModalitySampling(1.0, top_k=8, guidance=1.5), max_new_tokens=60, max_audio_s=0.12)
     kinds = well_formed_over_random_prompts(model, cfg, batch=250)
     assert kinds["image"] > 20 and kinds["audio"] > 20  # both kinds of span were really exercised
 
@@ -163,7 +164,7 @@ def reference_cfg(model, prompt: list[int], cfg: SamplingConfig, seed: int = 0) 
 @torch.inference_mode()
 def test_guidance_matches_the_obvious_implementation_in_a_mixed_batch(model):
     cfg = SamplingConfig(text=ModalitySampling(1.0), image=ModalitySampling(1.0, guidance=2.5),
-                         audio=ModalitySampling(1.0, guidance=1.7), max_new_tokens=50, max_audio_frames=5)
+                         audio=ModalitySampling(1.0, guidance=1.7), max_new_tokens=50, max_audio_s=0.05)
     prompts = [[1, 5 + i, 6, 7 + i][: 2 + i % 3] for i in range(10)]
     seeds = list(range(10))
     ours = generate(model, LAYOUT, prompts, EOS, cfg, seeds=seeds)
@@ -217,7 +218,7 @@ def test_guided_tokens_are_plausible_under_the_conditional_model(model):
 
 
 def test_a_seeded_sample_is_the_same_alone_or_in_any_batch(model):
-    cfg = SamplingConfig(max_new_tokens=40, max_audio_frames=6, image=ModalitySampling(top_k=10, guidance=2.0))
+    cfg = SamplingConfig(max_new_tokens=40, max_audio_s=0.06, image=ModalitySampling(top_k=10, guidance=2.0))
     prompts = [[1, 5, 6, 7], [1, 8], [1, 30, 31, 32, 33], [1, 12, 13]]
     batch = generate(model, LAYOUT, prompts, EOS, cfg, seeds=[10, 11, 12, 13])
     assert len({tuple(o) for o in batch}) == 4
@@ -253,3 +254,17 @@ def test_pick_samples_the_top_k_and_top_p_distributions():
     torch.testing.assert_close(freq(ModalitySampling(top_p=0.4)), expect([1]), atol=0, rtol=0)
     sharp = freq(ModalitySampling(temperature=0.5, top_k=3))  # p^2 over the top three
     torch.testing.assert_close(sharp, torch.tensor([0, .16, 0, .09, .0225]) / .2725, atol=0.02, rtol=0)
+
+
+def test_an_audio_layout_without_images_samples_audio_of_at_most_max_audio_s():
+    """Found with Mimi (test_codecs): asking for audio on a layout with no image modality named the missing
+    <|boi|> before."""
+    layout = TokenLayout(text_vocab_size=50, audio_codebook_sizes=(16, 8), audio_frame_rate=12.5)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1),
+                        layout)
+    cfg = SamplingConfig(output="audio", max_new_tokens=60, max_audio_s=0.4)
+    for out in generate(model, layout, [[1, 5, 6]] * 3, 2, cfg, seeds=[0, 1, 2]):
+        assert out[0] == layout.boa_id and out[-1] == layout.eoa_id
+        codes = layout.audio_codes(np.asarray(out[1:-1]))  # whole frames, each codebook in its own range
+        assert 1 <= codes.shape[1] <= 5 and (codes[1] < 8).all()  # 0.4 s at 12.5 frames/s: 5 frames

@@ -13,10 +13,10 @@ from omnitok.model.sample import load_model, parse_chat_prompt, prompt_tokens
 from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
 from omnitok.serve.engine import Engine, Job, QueueFull
 
-SETTINGS = [SamplingConfig(max_new_tokens=60, max_audio_frames=5, image=ModalitySampling(top_k=50, guidance=2.0),
+SETTINGS = [SamplingConfig(max_new_tokens=60, max_audio_s=0.05, image=ModalitySampling(top_k=50, guidance=2.0),
                            audio=ModalitySampling(guidance=1.5)),
             SamplingConfig(output="image", max_new_tokens=80, image=ModalitySampling(top_k=20, guidance=3.0)),
-            SamplingConfig(output="audio", max_new_tokens=40, max_audio_frames=6),
+            SamplingConfig(output="audio", max_new_tokens=40, max_audio_s=0.06),
             SamplingConfig(max_new_tokens=30, greedy=True),
             SamplingConfig(output="text", max_new_tokens=25, text=ModalitySampling(temperature=0.9, top_k=40))]
 
@@ -81,7 +81,7 @@ def test_chat_requests_with_guidance_are_exact_in_a_batch(chat_model_dir):
     model, tok = load_model(chat_model_dir)
     prompts = [parse_chat_prompt(t) for t in ("Draw a red circle.", "Play a rising chirp.", "Hello", "Again?")]
     ids, end, forbidden, requests = prompt_tokens(tok, prompts, chat=True)
-    cfg = SamplingConfig(max_new_tokens=90, max_audio_frames=6, image=ModalitySampling(top_k=50, guidance=2.0),
+    cfg = SamplingConfig(max_new_tokens=90, max_audio_s=0.06, image=ModalitySampling(top_k=50, guidance=2.0),
                          audio=ModalitySampling(guidance=1.5))
     jobs = [Job(ids[i % 4], cfg, seed=i, end_id=end, forbidden=tuple(forbidden), nonempty=True,
                 request=requests[i % 4]) for i in range(8)]

@@ -21,7 +21,7 @@ from omnitok.model.sample import load_model
 from omnitok.model.sampler import ModalitySampling, SamplingConfig
 from omnitok.serve.app import ServeConfig, ServeLimits, create_app
 
-SAMPLING = SamplingConfig(max_new_tokens=100, max_audio_frames=6, image=ModalitySampling(top_k=50, guidance=2.0),
+SAMPLING = SamplingConfig(max_new_tokens=100, max_audio_s=0.06, image=ModalitySampling(top_k=50, guidance=2.0),
                           audio=ModalitySampling(guidance=1.5))
 
 
@@ -117,7 +117,7 @@ def test_a_seeded_request_answers_what_omnitok_sample_writes_for_that_seed(clien
     from omnitok.cli import main
 
     assert main(["sample", "--chat", "--model", str(chat_model_dir), "--out", str(tmp_path / "s"), "--seed", "7",
-                 "--num-samples", "3", "--max-new-tokens", "100", "max_audio_frames=6", "image.top_k=50",
+                 "--num-samples", "3", "--max-new-tokens", "100", "max_audio_s=0.06", "image.top_k=50",
                  "image.guidance=2", "audio.guidance=1.5", "--prompt", "Draw a red circle."]) == 0
     for k in range(3):  # sample k has seed 7 + k
         record = json.loads((tmp_path / "s" / f"{k:03d}" / "sample.json").read_text())
@@ -382,7 +382,7 @@ def test_load_mixed_concurrent_requests_with_cancellations_and_malformed_ones(ch
         raise AssertionError(f"the server did not settle: {m}")
 
     settings = ["--max-new-tokens", "100", "--max-rows", "8", "image.guidance=2", "image.top_k=50",
-                "audio.guidance=1.5", "max_audio_frames=6"]
+                "audio.guidance=1.5", "max_audio_s=0.06"]
     with running_server(chat_model_dir, tmp_path, *settings) as (url, server):
         alone = asyncio.run(solo(url))
         assert all(status == 200 for status, _ in alone)

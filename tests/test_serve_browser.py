@@ -29,7 +29,7 @@ def test_the_chat_page_streams_pictures_and_sounds_in_a_real_browser(chat_model_
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,900"):
         options.add_argument(flag)
     with running_server(chat_model_dir, tmp_path, "--api-key", "page-key", "--max-new-tokens", "100",
-                        "audio.guidance=1.5", "image.guidance=2", "image.top_k=50", "max_audio_frames=6") as (url, _):
+                        "audio.guidance=1.5", "image.guidance=2", "image.top_k=50", "max_audio_s=0.06") as (url, _):
         browser = webdriver.Chrome(service=Service(DRIVER), options=options)
         try:
             browser.get(f"{url}/?api_key=page-key")

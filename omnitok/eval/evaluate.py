@@ -163,9 +163,10 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
               "seconds": float(sum(x.shape[-1] for x, _ in pairs) / tok.sample_rate),
               "si_sdr": float(np.mean(sdr)), "mel_distance": float(np.mean(mel)),
               "stoi": float(np.mean(intelligibility)), "per_clip_si_sdr": sdr, "per_clip_stoi": intelligibility}
-    per_q = [usage_stats(np.concatenate([c[q] for c in codes]), tok.codebook_size) for q in range(tok.num_codebooks)]
-    report["codebooks"] = [{"size": tok.codebook_size, "usage": s["usage"], "perplexity": s["perplexity"]}
-                           for s in per_q]
+    per_q = [usage_stats(np.concatenate([c[q] for c in codes]), size) for q, size in enumerate(tok.codebook_sizes)]
+    report["codebooks"] = [{"size": size, "usage": s["usage"], "perplexity": s["perplexity"]}
+                           for size, s in zip(tok.codebook_sizes, per_q)]
+    report.update(codec=tok.kind, frame_rate=tok.frame_rate, tokens_per_second=tok.frame_rate * tok.num_codebooks)
     _usage_plot([s["counts"] for s in per_q], [f"codebook {q}" for q in range(len(per_q))],
                 out / "codebook_usage.png")
     spectra = []

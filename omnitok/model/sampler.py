@@ -73,7 +73,7 @@ class SamplingConfig:
     audio: ModalitySampling = field(default_factory=lambda: ModalitySampling(temperature=1.0, top_k=250,
                                                                              guidance=3.0))
     max_new_tokens: int = 1024
-    max_audio_frames: int = 750  # 10 s of 75 Hz EnCodec frames
+    max_audio_s: float = 10.0  # the longest audio span, in seconds of the codec's frames
     grid: tuple[int, int] | None = None  # a fixed image grid (rows, cols); default: any the layout allows
     output: str = "any"  # "image" / "audio": one span of that kind; "text": at least one text token, no media
     greedy: bool = False
@@ -84,8 +84,8 @@ class SamplingConfig:
                                "text.guidance must stay 1 and text.sjd_window 0")
         if self.output not in OUTPUTS:
             raise OmnitokError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
-        if self.max_new_tokens < 1 or self.max_audio_frames < 1:
-            raise OmnitokError("max_new_tokens and max_audio_frames must be at least 1")
+        if self.max_new_tokens < 1 or not self.max_audio_s > 0:
+            raise OmnitokError("max_new_tokens must be at least 1 and max_audio_s positive")
 
     def by_modality(self, setting: str, device: torch.device) -> torch.Tensor:
         """``setting`` of the text / image / audio sampling settings as a tensor indexed by ``Modality`` code (other
@@ -118,6 +118,7 @@ class Grammar:
         self.nonempty = nonempty or cfg.output == "text"  # the first token may not end the sample
         V, n_q = layout.vocab_size, max(layout.audio_num_codebooks, 1)
         self.longest_image = check_request(layout, cfg)
+        self.max_audio_frames = layout.audio_frames(cfg.max_audio_s) if layout.has_audio else 0
 
         def mask(ids=(), ranges=()) -> torch.Tensor:
             m = torch.zeros(V, dtype=torch.bool)
@@ -127,8 +128,8 @@ class Grammar:
             return m
 
         text = layout.ranges["text"]
-        starts = [layout.boi_id] * (layout.has_image and cfg.output == "any") + \
-                 [layout.boa_id] * (layout.has_audio and cfg.output == "any")
+        starts = ([layout.boi_id] if layout.has_image and cfg.output == "any" else []) + \
+                 ([layout.boa_id] if layout.has_audio and cfg.output == "any" else [])
         # text, and the id that ends the sample (eos; <|eot|> in a chat), without the ids a sample must not write
         masks = {"text": mask([*starts, eos_id], [text]),
                  "text_no_image": mask([*(starts[1:] if layout.has_image else starts), eos_id], [text]),
@@ -196,7 +197,7 @@ class Grammar:
         if self.layout.has_audio:
             audio = i["audio0"] + q  # the codebook of this position in the frame
             at_boundary = q == 0
-            must_end = at_boundary & ((frames >= self.cfg.max_audio_frames) | (left <= n_q + 1))
+            must_end = at_boundary & ((frames >= self.max_audio_frames) | (left <= n_q + 1))
             may_end = at_boundary & (frames >= 1)
             audio = torch.where(may_end, i["audio0_or_eoa"], audio)
             audio = torch.where(must_end, i["eoa"], audio)
@@ -383,7 +384,7 @@ def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted
     s, device, n_q = grammar.state, grammar.state.device, grammar.n_q
     width = cfg.by_modality("sjd_window", device).long()[grammar.modality()]
     # positions where a code may come: before the image's <|eoi|>, before the frame limit or the budget force <|eoa|>
-    audio_room = torch.minimum((cfg.max_audio_frames - grammar.frames) * n_q - grammar.q, left - n_q - 1)
+    audio_room = torch.minimum((grammar.max_audio_frames - grammar.frames) * n_q - grammar.q, left - n_q - 1)
     room = torch.where(s == CODES, grammar.remaining, torch.where(s == AUDIO, audio_room, 0))
     count = torch.minimum(torch.minimum(width, room), left - 1).clamp(min=0).tolist()
     B = len(count)
@@ -431,7 +432,9 @@ def unconditional(prefix: list[int], layout: TokenLayout, request: Request | Non
 
 def span_opener(layout: TokenLayout, cfg: SamplingConfig) -> list[int]:
     """The ids a sample starts with: the span's opener when the output is one image or one sound, else none."""
-    return {"image": [layout.boi_id], "audio": [layout.boa_id]}.get(cfg.output, [])
+    if cfg.output == "image":
+        return [layout.boi_id]
+    return [layout.boa_id] if cfg.output == "audio" else []
 
 
 def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -1,24 +1,29 @@
-"""The audio tokenizer: EnCodec (through ``transformers.EncodecModel``) with the bandwidth fixed at creation.
+"""The audio tokenizer: one class over every codec omnitok reads (``codecs.py``: EnCodec, Mimi, DAC, WavTokenizer,
+through their ``transformers`` model classes), with the number of codebooks fixed at creation.
 
 ``encode`` takes ``(waveform, sample_rate)`` pairs, paths or file bytes (anything libsndfile reads: wav, flac, ogg,
 mp3 where the build has it), mixes channels to what the model takes, resamples with soxr, and returns one
-``(n_q, frames)`` int64 array per item. ``decode`` returns float32 ``(channels, samples)`` at ``sample_rate``.
+``(n_q, frames)`` int64 array per item, ``frames = ceil(samples / hop)``. ``decode`` returns float32
+``(channels, frames * hop)`` at ``sample_rate``.
 
 Windows. Audio is streamed at the model rate and encoded in windows, so a one-hour file never sits in memory:
-- 24 / 32 kHz (one encoder pass over the whole signal): window ``i`` covers ``[i*C - K, (i+1)*C + K)`` samples
-  (``C = chunk_s``, ``K = context_s``) and only the frames of ``[i*C, (i+1)*C)`` are kept, so every kept frame sees
-  ``K`` of context on both sides. Clips up to ``C + 2K`` are one window: exactly the whole-clip encoding.
-- 48 kHz (the model encodes independent 1 s chunks with 1 % overlap): a window is a run of whole model chunks,
-  which is exact. The model normalises each chunk to unit RMS, as trained, so codes equal ``EncodecModel.encode``;
-  it would need each chunk's scale (a float) to restore the loudness, and a token sequence has no place for one,
-  so decoded 48 kHz audio has every second at unit RMS (loudness across seconds is lost).
-Each 24 / 32 kHz window is zero-padded to a whole ``bucket_s`` so windows batch together whatever the batch holds:
-for the causal 24 kHz model this changes nothing but a partial last frame (EnCodec reflect-pads it inside its
-strided layers); for the non-causal 32 kHz model the last frames of a clip can differ from encoding it unpadded.
+- one encoder pass over the whole signal (every codec but EnCodec 48 kHz): window ``i`` covers
+  ``[i*C - K, (i+1)*C + K)`` samples (``C = chunk_s``, ``K = context_s``) and only the frames of ``[i*C, (i+1)*C)``
+  are kept, so every kept frame sees ``K`` of context on both sides. Clips up to ``C + 2K`` are one window: exactly
+  the whole-clip encoding.
+- EnCodec 48 kHz (the model encodes independent 1 s chunks with 1 % overlap): a window is a run of whole model
+  chunks, which is exact. The model normalises each chunk to unit RMS, as trained, so codes equal
+  ``EncodecModel.encode``; it would need each chunk's scale (a float) to restore the loudness, and a token sequence
+  has no place for one, so decoded 48 kHz audio has every second at unit RMS (loudness across seconds is lost).
+Batching. A causal codec's window (EnCodec 24 kHz, Mimi) is zero-padded to a whole ``bucket_s`` so windows batch
+together whatever the batch holds: this changes nothing but a partial last frame. A non-causal codec's frames see
+what follows, so its windows are padded only to whole frames and batch with windows of the same number of frames:
+each is encoded exactly as alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections import defaultdict
@@ -34,6 +39,7 @@ import torch
 
 from omnitok.device import default_device, media_batch_size
 from omnitok.errors import OmnitokError
+from omnitok.tokenizers.codecs import CODECS, model_class
 from omnitok.tokenizers.protocol import fingerprint, read_part_info, write_part_info
 from omnitok.weights import from_pretrained
 
@@ -49,13 +55,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                   use_causal_conv=False, norm_type="time_group_norm", normalize=True, chunk_length_s=1.0,
                   overlap=0.01),
 }
-DEFAULT_BANDWIDTH = {24_000: 6.0, 32_000: 2.2, 48_000: 6.0}  # by sample rate: 8, 4 and 4 codebooks
-# The EncodecConfig fields that define the codec (what a fingerprint covers; saving adds bookkeeping keys).
-ARCHITECTURE_KEYS = ("sampling_rate", "audio_channels", "normalize", "chunk_length_s", "overlap", "hidden_size",
-                     "num_filters", "num_residual_layers", "upsampling_ratios", "norm_type", "kernel_size",
-                     "last_kernel_size", "residual_kernel_size", "dilation_growth_rate", "use_causal_conv", "pad_mode",
-                     "compress", "num_lstm_layers", "trim_right_ratio", "codebook_size", "codebook_dim",
-                     "use_conv_shortcut", "target_bandwidths")
 READ_BLOCK_S = 10.0  # seconds read from a file at a time
 
 
@@ -71,7 +70,8 @@ def _name(source: Any) -> str:
 
 @dataclass
 class AudioTokenizerConfig:
-    bandwidth: float
+    bandwidth: float | None = None  # EnCodec: kbps, one its model was trained for (None: a default per rate)
+    num_codebooks: int | None = None  # Mimi, DAC: how many of the codebooks (None: the codec's default)
     chunk_s: float = 30.0  # window length for long audio, seconds; memory holds batch_size windows
     context_s: float = 2.0  # context on each side of a window, seconds
     bucket_s: float = 1.0  # windows are zero-padded to a multiple of this, so they batch together
@@ -184,18 +184,22 @@ def load_audio(source: Any, sample_rate: int, channels: int) -> np.ndarray:
 
 
 class AudioTokenizer:
-    """Waveforms <-> EnCodec codes ``(n_q, frames)``; see the module docstring for windows and padding."""
+    """Waveforms <-> codec codes ``(n_q, frames)``; the codec is an adapter from ``codecs.py`` over the model
+    (EnCodec, Mimi, DAC, WavTokenizer: whichever ``model.config.model_type`` names). See the module docstring for
+    windows and padding."""
 
     def __init__(self, model: Any, config: AudioTokenizerConfig, device: torch.device | str | None = None,
                  batch_size: int | None = None):
-        self.model_config = model.config
-        bandwidths = list(self.model_config.target_bandwidths)
-        if config.bandwidth not in bandwidths:
-            raise OmnitokError(f"bandwidth {config.bandwidth} kbps is not one this codec was trained for: "
-                               f"{bandwidths}")
-        if not 1 <= self.model_config.audio_channels <= 2:
-            raise OmnitokError("EnCodec models take 1 or 2 channels")
-        self.config = config
+        kind = getattr(model.config, "model_type", None)
+        if kind not in CODECS:
+            raise OmnitokError(f"a {type(model).__name__} is not an audio codec omnitok reads ({', '.join(CODECS)})")
+        choice = CODECS[kind].choice
+        for name in ("bandwidth", "num_codebooks"):
+            if name != choice and getattr(config, name) is not None:
+                raise OmnitokError(f"a {kind} codec has one codebook; it takes no {name}" if choice is None else
+                                   f"a {kind} codec's codebooks are chosen by {choice}, not by {name}")
+        self.codec = CODECS[kind](model, getattr(config, choice) if choice else None)
+        self.config = dataclasses.replace(config, **({choice: self.codec.setting} if choice else {}))
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.eval().to(self.device)
         self.batch_size = batch_size or media_batch_size(self.device, gpu=8)
@@ -204,37 +208,37 @@ class AudioTokenizer:
     # ---------------------------------------------------------------- sizes
 
     @property
+    def kind(self) -> str:
+        return self.codec.kind
+
+    @property
     def sample_rate(self) -> int:
-        return int(self.model_config.sampling_rate)
+        return self.codec.sample_rate
 
     @property
     def channels(self) -> int:
-        return int(self.model_config.audio_channels)
+        return self.codec.channels
 
     @property
     def hop(self) -> int:
-        return int(self.model_config.hop_length)
+        return self.codec.hop
 
     @property
     def frame_rate(self) -> float:
-        return self.sample_rate / self.hop
+        return self.codec.frame_rate
 
     @property
-    def codebook_size(self) -> int:
-        return int(self.model_config.codebook_size)
+    def codebook_sizes(self) -> tuple[int, ...]:
+        return self.codec.codebook_sizes
 
     @property
     def num_codebooks(self) -> int:
-        return int(self.model.quantizer.get_num_quantizers_for_bandwidth(self.config.bandwidth))
+        return len(self.codebook_sizes)
 
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            arch = {k: getattr(self.model_config, k) for k in ARCHITECTURE_KEYS}
-            arch["upsampling_ratios"], arch["target_bandwidths"] = (list(arch["upsampling_ratios"]),
-                                                                    list(arch["target_bandwidths"]))
-            self._fingerprint = fingerprint({"encodec": arch, "bandwidth": self.config.bandwidth},
-                                            self.model.state_dict())
+            self._fingerprint = fingerprint(self.codec.describe(), self.model.state_dict())
         return self._fingerprint
 
     # ---------------------------------------------------------------- reading
@@ -244,7 +248,7 @@ class AudioTokenizer:
 
     def _windows(self, item: int, source: Any) -> Iterator[_Window]:
         """Cut the model-rate stream of one item into windows (see the module docstring)."""
-        if self.model_config.chunk_length is not None:
+        if self.codec.chunk is not None:
             yield from self._chunk_windows(item, source)
             return
         hop = self.hop
@@ -273,7 +277,7 @@ class AudioTokenizer:
 
     def _chunk_windows(self, item: int, source: Any) -> Iterator[_Window]:
         """48 kHz: windows of whole model chunks (the model's chunks are independent, so this is exact)."""
-        length, stride = self.model_config.chunk_length, self.model_config.chunk_stride
+        length, stride = self.codec.chunk
         per_window = max(1, round(self.config.chunk_s * self.sample_rate / stride))
         frames_per_chunk = math.ceil(length / self.hop)
         buffer, buffer_start, done, i = np.zeros((self.channels, 0), np.float32), 0, False, 0
@@ -321,20 +325,23 @@ class AudioTokenizer:
         return out
 
     def _run(self, windows: list[_Window], pieces: dict[int, list[np.ndarray]], bucket: int) -> None:
-        """Encode windows, batching those of the same padded length; append each window's kept frames."""
+        """Encode windows, batching those that pad to the same length; append each window's kept frames."""
         groups: dict[int, list[_Window]] = defaultdict(list)
-        chunked = self.model_config.chunk_length is not None  # whole-chunk windows share lengths unpadded; padding
-        for w in windows:  # would change the per-chunk normalisation of a last partial chunk
+        for w in windows:
             n = w.audio.shape[1]
-            groups[n if chunked else max(bucket, math.ceil(n / bucket) * bucket)].append(w)
+            if self.codec.chunk is not None:  # whole chunks share lengths unpadded; padding would change the
+                groups[n].append(w)  # per-chunk normalisation of a last partial chunk
+            elif self.codec.causal:  # zeros after a causal model's window change none of its frames but a partial last
+                groups[max(bucket, math.ceil(n / bucket) * bucket)].append(w)
+            else:  # a non-causal model's frames see what follows: pad only to whole frames, as encoded alone
+                groups[math.ceil(n / self.hop) * self.hop].append(w)
         results: dict[int, np.ndarray] = {}
         for padded, group in groups.items():
             batch = np.zeros((len(group), self.channels, padded), np.float32)
             for b, w in enumerate(group):
                 batch[b, :, :w.audio.shape[1]] = w.audio
-            x = torch.from_numpy(batch).to(self.device)
-            codes = self.model.encode(x, bandwidth=self.config.bandwidth).audio_codes  # (chunks, B, n_q, F)
-            codes = codes.permute(1, 2, 0, 3).reshape(len(group), codes.shape[2], -1).cpu().numpy()  # (B, n_q, T)
+            x = self.codec.pad_to_frames(torch.from_numpy(batch).to(self.device))
+            codes = self.codec.encode(x).cpu().numpy()  # (B, n_q, T)
             for b, w in enumerate(group):
                 results[id(w)] = codes[b, :, w.keep_from:w.keep_from + w.keep]
         for w in windows:  # in stream order, so an item's pieces concatenate in time order
@@ -346,11 +353,13 @@ class AudioTokenizer:
     def decode(self, codes: list[np.ndarray]) -> list[np.ndarray]:
         """Codes ``(n_q, frames)`` -> float32 ``(channels, frames * hop)`` waveforms at ``sample_rate``."""
         grids = [np.asarray(c) for c in codes]
+        sizes = np.asarray(self.codebook_sizes)[:, None]
         for g in grids:
             if g.ndim != 2 or g.shape[0] != self.num_codebooks or g.shape[1] == 0:
                 raise OmnitokError(f"audio codes must have shape ({self.num_codebooks}, frames>0), got {g.shape}")
-            if g.min() < 0 or g.max() >= self.codebook_size:
-                raise OmnitokError(f"audio codes must lie in [0, {self.codebook_size})")
+            if g.min() < 0 or (g >= sizes).any():
+                raise OmnitokError(f"audio codes must lie in [0, codebook size) for codebook sizes "
+                                   f"{list(self.codebook_sizes)}")
         out: list[np.ndarray | None] = [None] * len(grids)
         groups: dict[int, list[int]] = defaultdict(list)
         for i, g in enumerate(grids):
@@ -359,23 +368,9 @@ class AudioTokenizer:
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
                 batch = torch.from_numpy(np.stack([grids[i] for i in chunk]).astype(np.int64)).to(self.device)
-                for i, wave in zip(chunk, self._decode_batch(batch)):
+                for i, wave in zip(chunk, self.codec.decode(batch).float().cpu().numpy()):
                     out[i] = wave
         return out
-
-    def _decode_batch(self, codes: torch.Tensor) -> np.ndarray:
-        """(B, n_q, F) -> (B, channels, samples)."""
-        b, n_q, frames = codes.shape
-        if self.model_config.chunk_length is None:
-            audio = self.model.decode(codes[None], [None]).audio_values  # codes as one model "frame"
-            return audio[..., :frames * self.hop].float().cpu().numpy()
-        per_chunk = math.ceil(self.model_config.chunk_length / self.hop)
-        chunks = math.ceil(frames / per_chunk)
-        pad = chunks * per_chunk - frames
-        padded = torch.nn.functional.pad(codes, (0, pad))
-        chunked = padded.reshape(b, n_q, chunks, per_chunk).permute(2, 0, 1, 3)  # (chunks, B, n_q, per_chunk)
-        audio = self.model.decode(chunked, [None] * chunks, last_frame_pad_length=pad).audio_values
-        return audio.float().cpu().numpy()
 
     # ---------------------------------------------------------------- directory form
 
@@ -384,20 +379,25 @@ class AudioTokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | Path, device: torch.device | str | None = None) -> AudioTokenizer:
-        from transformers import EncodecModel
-
         directory = Path(directory)
-        info = read_part_info(directory, "audio", "encodec")
-        settings = {k: info[k] for k in ("bandwidth", "chunk_s", "context_s", "bucket_s") if k in info}
-        model = from_pretrained(EncodecModel, directory)
+        info = read_part_info(directory, "audio")
+        kind = info.get("type")
+        if kind not in CODECS:
+            raise OmnitokError(f"{directory}: unknown audio tokenizer type {kind!r} (this omnitok reads: "
+                               f"{', '.join(CODECS)})")
+        settings = {k: info[k] for k in ("bandwidth", "num_codebooks", "chunk_s", "context_s", "bucket_s")
+                    if k in info}
+        model = from_pretrained(model_class(kind), directory)
         return cls(model, AudioTokenizerConfig(**settings), device=device)
 
 
 def save_tokenizer_dir(model: Any, config: AudioTokenizerConfig, directory: str | Path) -> Path:
-    """Write an audio tokenizer directory (transformers' EnCodec files and omnitok.json), training or not."""
+    """Write an audio tokenizer directory (the transformers model's files and omnitok.json), training or not."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))
-    write_part_info(directory, "audio", "encodec", bandwidth=config.bandwidth, chunk_s=config.chunk_s,
+    chosen = {k: v for k, v in (("bandwidth", config.bandwidth), ("num_codebooks", config.num_codebooks))
+              if v is not None}
+    write_part_info(directory, "audio", model.config.model_type, **chosen, chunk_s=config.chunk_s,
                     context_s=config.context_s, bucket_s=config.bucket_s)
     return directory

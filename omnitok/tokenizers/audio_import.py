@@ -1,14 +1,18 @@
 """``omnitok audio-tokenizer import`` and new codecs from presets.
 
 Formats:
-- ``hf``: a Hugging Face EnCodec directory (``facebook/encodec_24khz``-style: ``config.json`` +
-  ``model.safetensors``), loaded by ``transformers.EncodecModel``.
+- ``hf``: a Hugging Face codec directory (``config.json`` + ``model.safetensors``): EnCodec
+  (``facebook/encodec_24khz``), Mimi (``kyutai/mimi``), DAC (``descript/dac_44khz``) or WavTokenizer, recognised by
+  the config's ``model_type`` and loaded by its ``transformers`` class (``codecs.py``). Anything else is refused in
+  one line naming what the directory holds.
 - ``encodec``: an original Meta checkpoint (``encodec_24khz-d7cc33bc.th``, ``encodec_48khz-7e698e3e.th``): a state
   dict read with ``torch.load(weights_only=True)`` and renamed to transformers' names, following transformers'
   ``convert_encodec_checkpoint_to_pytorch.py`` (``encoder.model.N.conv.conv`` -> ``encoder.layers.N.conv``,
   ``convtr.convtr`` -> ``conv``, ``conv.norm`` -> ``norm``, ``quantizer.vq.layers.N._codebook`` ->
   ``quantizer.layers.N.codebook``; weight norm's ``weight_g``/``weight_v`` -> the parametrization's
   ``original0``/``original1``). The preset (``24khz`` or ``48khz``) names the architecture.
+
+The number of codebooks is chosen here: ``bandwidth`` for EnCodec, ``num_codebooks`` for Mimi and DAC.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.tokenizers.audio import DEFAULT_BANDWIDTH, PRESETS, AudioTokenizer, AudioTokenizerConfig
+from omnitok.jsonfile import read_json_object
+from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig
+from omnitok.tokenizers.codecs import CODECS, NOT_READ, model_class
 from omnitok.weights import from_pretrained, load_weights, torch_load_state
 
 FORMATS = ("hf", "encodec")
@@ -54,17 +60,29 @@ def rename_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_audio_tokenizer(fmt: str, src: str | Path, out: str | Path | None = None, bandwidth: float | None = None,
-                           preset: str | None = None) -> AudioTokenizer:
-    from transformers import EncodecModel
+def codec_kind(src: Path) -> str:
+    """The codec a Hugging Face directory holds (its config's ``model_type``), or one line saying it holds none."""
+    if not (src / "config.json").is_file():
+        raise OmnitokError(f"{src} is not a Hugging Face codec directory (no config.json)")
+    config = read_json_object(src / "config.json", f"{src}/config.json is not a JSON object")
+    kind = config.get("model_type")
+    if kind in CODECS:
+        return kind
+    what = f"a {kind!r} model" if kind else "a config without model_type"
+    if config.get("architectures"):
+        what += f" ({', '.join(map(str, config['architectures']))})"
+    why = f": {NOT_READ[kind]}" if kind in NOT_READ else ""
+    raise OmnitokError(f"{src} holds {what}, not an audio codec omnitok reads ({', '.join(CODECS)}){why}")
 
+
+def import_audio_tokenizer(fmt: str, src: str | Path, out: str | Path | None = None, bandwidth: float | None = None,
+                           preset: str | None = None, num_codebooks: int | None = None) -> AudioTokenizer:
     src = Path(src)
     if not src.exists():
         raise OmnitokError(f"{src} does not exist")
     if fmt == "hf":
-        if not (src / "config.json").is_file():
-            raise OmnitokError(f"{src} is not a Hugging Face EnCodec directory (no config.json)")
-        model = from_pretrained(EncodecModel, src)
+        kind = codec_kind(src)
+        model = from_pretrained(model_class(kind), src)
     elif fmt == "encodec":
         if preset is None:
             raise OmnitokError("--format encodec needs --preset (24khz or 48khz): the checkpoint holds no config")
@@ -72,11 +90,8 @@ def import_audio_tokenizer(fmt: str, src: str | Path, out: str | Path | None = N
         load_weights(model, rename_original(torch_load_state(src)), str(src))
     else:
         raise OmnitokError(f"unknown audio checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if bandwidth is None:
-        supported = list(model.config.target_bandwidths)
-        default = DEFAULT_BANDWIDTH.get(model.config.sampling_rate)
-        bandwidth = default if default in supported else supported[0]
-    tok = AudioTokenizer(model, AudioTokenizerConfig(bandwidth=float(bandwidth)))
+    tok = AudioTokenizer(model, AudioTokenizerConfig(bandwidth=None if bandwidth is None else float(bandwidth),
+                                                     num_codebooks=num_codebooks))
     if out is not None:
         tok.save(out)
     return tok

@@ -7,10 +7,11 @@ Chameleon's ``inference/vocab.py``; docs/ARCHITECTURE.md, Token layout). The voc
     [T, S)                specials: <|pad|>, then <|boi|> <|eoi|> <|rows_1..G|> <|cols_1..G|> when there is an
                           image modality, then <|boa|> <|eoa|> when there is an audio modality
     [I, I + K)            image codes
-    [A + q*C, A + (q+1)*C) audio codes of codebook q, for q in [0, n_q)
+    [A_q, A_q + C_q)      audio codes of codebook q, for q in [0, n_q), one after another (A_0 = I + K,
+                          A_{q+1} = A_q + C_q); the codebooks' sizes C_q need not be equal
     [E, E + 4)            with ``chat``: <|system|> <|user|> <|assistant|> <|eot|> (special ids, after every code so
                           that a layout with them keeps every id of the same layout without them)
-    [A + n_q*C, V)        reserved: padding of the vocabulary to a multiple of 64 (for the model's matmuls);
+    [E + 4 or E, V)       reserved: padding of the vocabulary to a multiple of 64 (for the model's matmuls);
                           no id here belongs to any modality
 
 All code <-> id maps are vectorised and accept numpy arrays or torch tensors, returning the same kind.
@@ -19,6 +20,7 @@ All code <-> id maps are vectorised and accept numpy arrays or torch tensors, re
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -36,7 +38,7 @@ Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 LAYOUT_FILE = "layout.json"
 FORMAT = "omnitok.layout"
-VERSION = 1
+VERSION = 2  # 2: audio codebook sizes per codebook and the codec's frame rate (1: one size for every codebook)
 
 
 class Modality(IntEnum):
@@ -108,22 +110,24 @@ def _as_index_array(x: Any) -> np.ndarray | torch.Tensor:
 class TokenLayout:
     """Id ranges of one vocabulary, built from the sizes of its tokenizers.
 
-    ``image_codebook_size=0`` (and ``audio_codebook_size=0``) means the layout has no such modality and none of
-    its special tokens. ``fingerprints`` maps a modality name to the sha256 of the tokenizer the ids came from.
+    ``image_codebook_size=0`` (and no ``audio_codebook_sizes``) means the layout has no such modality and none of
+    its special tokens. ``audio_codebook_sizes`` are the audio codec's codebooks in frame order and
+    ``audio_frame_rate`` its frames per second (0 only in a layout read from a version 1 file, which did not record
+    it: ``with_audio_frame_rate`` fills it in from the codec). ``fingerprints`` maps a modality name to the sha256
+    of the tokenizer the ids came from.
     """
 
     text_vocab_size: int
     image_codebook_size: int = 0
     max_grid_side: int = 0
-    audio_codebook_size: int = 0
-    audio_num_codebooks: int = 0
+    audio_codebook_sizes: tuple[int, ...] = ()
+    audio_frame_rate: float = 0.0
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     pad_to_multiple: int = 64
     chat: bool = False  # the role markers of conversations: <|system|> <|user|> <|assistant|> and <|eot|>
 
     def __post_init__(self) -> None:
-        for name in ("text_vocab_size", "image_codebook_size", "max_grid_side", "audio_codebook_size",
-                     "audio_num_codebooks", "pad_to_multiple"):
+        for name in ("text_vocab_size", "image_codebook_size", "max_grid_side", "pad_to_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise OmnitokError(f"token layout: {name} must be a non-negative integer, got {value!r}")
@@ -136,9 +140,17 @@ class TokenLayout:
         if (self.image_codebook_size == 0) != (self.max_grid_side == 0):
             raise OmnitokError("token layout: image_codebook_size and max_grid_side must both be set or both be 0 "
                                f"(got {self.image_codebook_size} and {self.max_grid_side})")
-        if (self.audio_codebook_size == 0) != (self.audio_num_codebooks == 0):
-            raise OmnitokError("token layout: audio_codebook_size and audio_num_codebooks must both be set or both "
-                               f"be 0 (got {self.audio_codebook_size} and {self.audio_num_codebooks})")
+        sizes = self.audio_codebook_sizes
+        if not isinstance(sizes, list | tuple) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise OmnitokError(f"token layout: audio_codebook_sizes must be a list of positive integers, got {sizes!r}")
+        object.__setattr__(self, "audio_codebook_sizes", tuple(sizes))
+        rate = self.audio_frame_rate
+        if not isinstance(rate, int | float) or isinstance(rate, bool) or not math.isfinite(rate) or rate < 0 \
+                or (rate > 0 and not sizes):
+            raise OmnitokError(f"token layout: audio_frame_rate must be a non-negative number, and 0 without audio "
+                               f"codebooks; got {rate!r}")
+        object.__setattr__(self, "audio_frame_rate", float(rate))
         unknown = set(self.fingerprints) - set(MODALITY_NAMES)
         if unknown:
             raise OmnitokError(f"token layout: fingerprints for unknown modalities {sorted(unknown)}; "
@@ -155,7 +167,8 @@ class TokenLayout:
         specials = {name: self.text_vocab_size + i for i, name in enumerate(names)}
         image_offset = self.text_vocab_size + len(names)
         audio_offset = image_offset + self.image_codebook_size
-        codes_end = audio_offset + self.audio_codebook_size * self.audio_num_codebooks
+        starts = np.concatenate([[0], np.cumsum(self.audio_codebook_sizes, dtype=np.int64)]) + audio_offset
+        codes_end = int(starts[-1])
         # The chat markers come after every code, so a layout with them keeps every id of the same layout without
         # them: a base model pretrained on the one is fine-tuned on the other with the same rows.
         chat = [f"<|{role}|>" for role in ROLES] + ["<|eot|>"] if self.chat else []
@@ -166,6 +179,7 @@ class TokenLayout:
         object.__setattr__(self, "_special_names", {i: n for n, i in specials.items()})
         object.__setattr__(self, "_image_offset", image_offset)
         object.__setattr__(self, "_audio_offset", audio_offset)
+        object.__setattr__(self, "_audio_starts", starts)  # codebook q's ids: [starts[q], starts[q + 1])
         object.__setattr__(self, "_used", used)
         object.__setattr__(self, "_codes_end", codes_end)
         object.__setattr__(self, "_vocab", vocab)
@@ -182,7 +196,12 @@ class TokenLayout:
 
     @property
     def has_audio(self) -> bool:
-        return self.audio_codebook_size > 0
+        return bool(self.audio_codebook_sizes)
+
+    @property
+    def audio_num_codebooks(self) -> int:
+        """Codes per audio frame (0 without audio)."""
+        return len(self.audio_codebook_sizes)
 
     @property
     def vocab_size(self) -> int:
@@ -211,8 +230,22 @@ class TokenLayout:
         self._need_audio()
         if not 0 <= q < self.audio_num_codebooks:
             raise OmnitokError(f"audio codebook {q} does not exist; the layout has {self.audio_num_codebooks}")
-        start = self._audio_offset + q * self.audio_codebook_size
-        return start, start + self.audio_codebook_size
+        return int(self._audio_starts[q]), int(self._audio_starts[q + 1])
+
+    def audio_frames(self, seconds: float) -> int:
+        """Audio frames in ``seconds`` of sound (rounded up) at the codec's frame rate."""
+        self._need_audio()
+        if not self.audio_frame_rate:
+            raise OmnitokError("this token layout does not record the audio codec's frame rate (a version 1 "
+                               "layout.json); load it with its tokenizer directory, which fills it in")
+        return max(1, math.ceil(seconds * self.audio_frame_rate - 1e-9))
+
+    def with_audio_frame_rate(self, rate: float) -> TokenLayout:
+        """This layout with the codec's frame rate recorded (a version 1 layout did not; any other must agree)."""
+        if self.audio_frame_rate in (0.0, rate):
+            return dataclasses.replace(self, audio_frame_rate=rate)
+        raise LayoutMismatch(f"the audio codec runs at {rate:g} frames/s, but the layout records "
+                             f"{self.audio_frame_rate:g}")
 
     # ---------------------------------------------------------------- special tokens
 
@@ -344,10 +377,8 @@ class TokenLayout:
 
     # ---------------------------------------------------------------- audio codes
 
-    def _audio_offsets(self, like: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
-        q = np.arange(self.audio_num_codebooks, dtype=np.int64)
-        offsets = self._audio_offset + q * self.audio_codebook_size
-        return torch.as_tensor(offsets, device=like.device) if isinstance(like, torch.Tensor) else offsets
+    def _per_codebook(self, values: np.ndarray, like: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        return torch.as_tensor(values, device=like.device) if isinstance(like, torch.Tensor) else values
 
     def audio_ids(self, codes: Array) -> Array:
         """Codes ``(n_q, frames)`` -> 1-D global ids, frame-major: ``f0q0 f0q1 .. f0q(n-1) f1q0 ..``."""
@@ -356,8 +387,13 @@ class TokenLayout:
         if codes.ndim != 2 or codes.shape[0] != self.audio_num_codebooks:
             raise OmnitokError(f"audio codes must have shape (n_q={self.audio_num_codebooks}, frames), "
                                f"got {tuple(codes.shape)}")
-        _check_in(codes, 0, self.audio_codebook_size, "audio codes")
-        ids = codes + self._audio_offsets(codes)[:, None]  # (n_q, F)
+        _check_in(codes, 0, max(self.audio_codebook_sizes), "audio codes")
+        sizes = np.asarray(self.audio_codebook_sizes)
+        over = codes >= self._per_codebook(sizes, codes)[:, None]
+        if bool(over.any()):
+            q = int(over.nonzero()[0][0]) if isinstance(over, np.ndarray) else int(over.nonzero()[0, 0])
+            raise OmnitokError(f"audio codes: codebook {q} has {sizes[q]} codes, got {int(codes[q].max())}")
+        ids = codes + self._per_codebook(self._audio_starts[:-1], codes)[:, None]  # (n_q, F)
         return ids.T.reshape(-1)  # (F * n_q,) frame-major
 
     def audio_codes(self, ids: Array) -> Array:
@@ -368,7 +404,7 @@ class TokenLayout:
         """
         self._need_audio()
         ids = _as_index_array(ids)
-        n_q, size = self.audio_num_codebooks, self.audio_codebook_size
+        n_q = self.audio_num_codebooks
         if ids.ndim != 1:
             raise OmnitokError(f"audio ids must be 1-D, got shape {tuple(ids.shape)}")
         if ids.shape[0] % n_q:
@@ -377,14 +413,18 @@ class TokenLayout:
         _check_in(ids, self._audio_offset, self._codes_end, "audio code ids")
         position = torch.arange(ids.shape[0], device=ids.device) if isinstance(ids, torch.Tensor) \
             else np.arange(ids.shape[0])
-        wrong = (ids - self._audio_offset) // size != position % n_q
+        if isinstance(ids, torch.Tensor):
+            book = torch.bucketize(ids, torch.as_tensor(self._audio_starts[1:], device=ids.device), right=True)
+        else:
+            book = np.searchsorted(self._audio_starts[1:], ids, side="right")
+        wrong = book != position % n_q
         if bool(wrong.any()):
             first = int(wrong.nonzero()[0][0]) if isinstance(wrong, np.ndarray) else int(wrong.nonzero()[0, 0])
-            got = (int(ids[first]) - self._audio_offset) // size
+            got = int(book[first])
             raise MalformedSequence(f"audio id at position {first} (frame {first // n_q}) belongs to codebook {got}, "
                                     f"but that position holds codebook {first % n_q}")
         frames = ids.reshape(-1, n_q).T  # (n_q, F)
-        return frames - self._audio_offsets(ids)[:, None]
+        return frames - self._per_codebook(self._audio_starts[:-1], ids)[:, None]
 
     # ---------------------------------------------------------------- fingerprints and comparison
 
@@ -410,10 +450,15 @@ class TokenLayout:
 
     def check_reads(self, written: TokenLayout, mine: str, theirs: str) -> None:
         """Refuse ids written under ``written`` (shards, a model's rows) unless they mean the same here: the same
-        layout, or the same layout without the chat markers this one adds (they sit after every code)."""
-        if self.chat and not written.chat:
+        layout, or the same layout without the chat markers this one adds (they sit after every code). A frame rate
+        that one of them does not record (a version 1 file) is taken as the other's: it names no id."""
+        me = self
+        if me.chat and not written.chat:
             written = dataclasses.replace(written, chat=True)
-        self.check_same(written, mine, theirs)
+        if me.has_audio and written.has_audio and not (me.audio_frame_rate and written.audio_frame_rate):
+            rate = me.audio_frame_rate or written.audio_frame_rate
+            me, written = (dataclasses.replace(x, audio_frame_rate=rate) for x in (me, written))
+        me.check_same(written, mine, theirs)
 
     def added_ids(self, base: TokenLayout | None) -> list[int]:
         """The ids this layout uses that a model trained on ``base`` never learned: the chat markers when ``base`` is
@@ -433,8 +478,8 @@ class TokenLayout:
             "text_vocab_size": self.text_vocab_size,
             "image_codebook_size": self.image_codebook_size,
             "max_grid_side": self.max_grid_side,
-            "audio_codebook_size": self.audio_codebook_size,
-            "audio_num_codebooks": self.audio_num_codebooks,
+            "audio_codebook_sizes": list(self.audio_codebook_sizes),
+            "audio_frame_rate": self.audio_frame_rate,
             "pad_to_multiple": self.pad_to_multiple,
             **({"chat": True} if self.chat else {}),  # absent in layouts without chat markers (and older files)
             "fingerprints": dict(sorted(self.fingerprints.items())),
@@ -448,8 +493,11 @@ class TokenLayout:
         """Rebuild a layout, refusing unknown keys and derived tables that disagree with the parameters."""
         if data.get("format") != FORMAT:
             raise OmnitokError(f"{source} is not an omnitok token layout (format is {data.get('format')!r})")
+        if data.get("version") == 1:
+            data = _from_version_1(data)
         if data.get("version") != VERSION:
-            raise OmnitokError(f"{source} has layout version {data.get('version')!r}; this omnitok reads {VERSION}")
+            raise OmnitokError(f"{source} has layout version {data.get('version')!r}; this omnitok reads 1 and "
+                               f"{VERSION}")
         params = {f.name for f in dataclasses.fields(cls)}
         derived = {"format", "version", "vocab_size", "ranges", "specials"}
         unknown = set(data) - params - derived
@@ -488,7 +536,11 @@ class TokenLayout:
         for name, (start, stop) in self.ranges.items():
             extra = ""
             if name == "audio" and self.has_audio:
-                extra = f"  ({self.audio_num_codebooks} codebooks x {self.audio_codebook_size})"
+                sizes = self.audio_codebook_sizes
+                books = f"{len(sizes)} codebooks x {sizes[0]}" if len(set(sizes)) == 1 else \
+                    f"codebooks of {', '.join(map(str, sizes))}"
+                rate = f", {self.audio_frame_rate:g} frames/s" if self.audio_frame_rate else ""
+                extra = f"  ({books}{rate})"
             if name == "special":
                 extra = f"  ({stop - start} tokens)"
             lines.append(f"  {name:<8} [{start}, {stop}){extra}")
@@ -519,6 +571,18 @@ class TokenLayout:
                 return f"{self._special_names[int(token_id)]} (id {token_id})"
             return f"a {kind} id ({token_id})"
         return f"id {token_id}, outside the vocabulary"
+
+
+def _from_version_1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A version 1 ``layout.json`` in version 2 form: one size for every audio codebook, no frame rate (0).
+    The ids it describes are the same (codebook q at ``A + q * C``), so everything written under it stays readable."""
+    data = dict(data)
+    size, n_q = data.pop("audio_codebook_size", 0), data.pop("audio_num_codebooks", 0)
+    if not isinstance(size, int) or not isinstance(n_q, int) or (size == 0) != (n_q == 0):
+        raise OmnitokError(f"token layout: audio_codebook_size and audio_num_codebooks must both be set or both be 0 "
+                           f"(got {size!r} and {n_q!r})")
+    data.update(version=VERSION, audio_codebook_sizes=[size] * n_q, audio_frame_rate=0.0)
+    return data
 
 
 def _check_ranges(ranges: Any, vocab_size: Any, source: str) -> None:

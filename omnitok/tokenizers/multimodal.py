@@ -68,10 +68,11 @@ class MultimodalTokenizer:
                                    f"{layout.max_grid_side}")
             layout.check_fingerprint("image", image.fingerprint, "the image tokenizer")
         if audio is not None:
-            if (audio.codebook_size, audio.num_codebooks) != (layout.audio_codebook_size, layout.audio_num_codebooks):
-                raise OmnitokError(f"audio tokenizer has {audio.num_codebooks} codebooks of {audio.codebook_size}; "
-                                   f"the layout has {layout.audio_num_codebooks} of {layout.audio_codebook_size}")
+            if tuple(audio.codebook_sizes) != layout.audio_codebook_sizes:
+                raise OmnitokError(f"audio tokenizer has codebooks of {list(audio.codebook_sizes)}; the layout has "
+                                   f"{list(layout.audio_codebook_sizes)}")
             layout.check_fingerprint("audio", audio.fingerprint, "the audio tokenizer")
+            layout = layout.with_audio_frame_rate(audio.frame_rate)  # a version 1 layout.json does not record it
         self.layout, self.text, self.image, self.audio = layout, text, image, audio
 
     @classmethod
@@ -92,8 +93,8 @@ class MultimodalTokenizer:
             text_vocab_size=text_vocab_size or text.vocab_size,
             image_codebook_size=image.codebook_size if image is not None else 0,
             max_grid_side=image.max_grid_side if image is not None else 0,
-            audio_codebook_size=audio.codebook_size if audio is not None else 0,
-            audio_num_codebooks=audio.num_codebooks if audio is not None else 0,
+            audio_codebook_sizes=tuple(audio.codebook_sizes) if audio is not None else (),
+            audio_frame_rate=audio.frame_rate if audio is not None else 0.0,
             fingerprints=fingerprints,
             chat=chat and text.chat_template is None,
         )

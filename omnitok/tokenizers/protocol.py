@@ -21,6 +21,7 @@ import torch
 
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object
+from omnitok.tokenizers.codecs import CODECS
 
 PART_FILE = "omnitok.json"
 
@@ -52,13 +53,14 @@ class AudioCodec(Protocol):
     """Waveforms <-> residual codes.
 
     ``encode(audio)`` takes a batch of ``(waveform, sample_rate)`` pairs (or paths / bytes of audio files) and
-    returns one ``(num_codebooks, frames)`` integer array per item. ``decode(codes)`` returns float32
-    ``(channels, samples)`` waveforms at ``sample_rate``.
+    returns one ``(num_codebooks, frames)`` integer array per item, codebook ``q`` in ``[0, codebook_sizes[q])``.
+    ``decode(codes)`` returns float32 ``(channels, samples)`` waveforms at ``sample_rate``; ``frame_rate`` is
+    frames per second.
     """
 
-    codebook_size: int
-    num_codebooks: int
+    codebook_sizes: tuple[int, ...]
     sample_rate: int
+    frame_rate: float
 
     @property
     def fingerprint(self) -> str: ...
@@ -113,7 +115,7 @@ def _load_vqgan(directory: Path) -> ImageCodec:
     return ImageTokenizer.from_dir(directory)
 
 
-def _load_encodec(directory: Path) -> AudioCodec:
+def _load_codec(directory: Path) -> AudioCodec:
     from omnitok.tokenizers.audio import AudioTokenizer
 
     return AudioTokenizer.from_dir(directory)
@@ -121,7 +123,7 @@ def _load_encodec(directory: Path) -> AudioCodec:
 
 # Media tokenizer types by modality: the type named in a directory's omnitok.json -> the function that loads it.
 MEDIA_LOADERS: dict[str, dict[str, Callable[[Path], Any]]] = {"image": {"vqgan": _load_vqgan},
-                                                              "audio": {"encodec": _load_encodec}}
+                                                              "audio": {kind: _load_codec for kind in CODECS}}
 
 
 def load_media_part(directory: str | Path, modality: str) -> ImageCodec | AudioCodec:
