@@ -20,6 +20,8 @@ PUBLISHED: dict[str, dict[str, Any]] = {
     "mimi": dict(),  # kyutai/mimi: the MimiConfig defaults
     "dac": dict(sampling_rate=44_100, n_codebooks=9, downsampling_ratios=[2, 4, 8, 8]),  # descript/dac_44khz
     "wavtokenizer": dict(),  # WavTokenizer 40 tokens/s at 24 kHz: the WavTokenizerConfig defaults
+    "xcodec": dict(),  # X-Codec (hf-audio/xcodec-hubert-librispeech): the XcodecConfig defaults, HuBERT base
+    "xcodec2": dict(),  # HKUSTAudio/xcodec2: the Xcodec2Config defaults (a 16-layer Wav2Vec2-BERT semantic encoder)
 }
 TINY: dict[str, dict[str, Any]] = {
     "encodec": dict(num_filters=8, hidden_size=32, codebook_dim=32),
@@ -30,10 +32,23 @@ TINY: dict[str, dict[str, Any]] = {
     "wavtokenizer": dict(num_filters=8, hidden_size=32, codebook_dim=32, codebook_size=64, decoder_hidden_size=32,
                          decoder_intermediate_size=64, decoder_num_layers=2, decoder_attention_num_groups=8,
                          num_lstm_layers=1),
+    "xcodec": dict(acoustic_model_config=dict(encoder_hidden_size=8, decoder_hidden_size=32, hidden_size=32),
+                   semantic_model_config=dict(model_type="hubert", hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=64, conv_dim=[16] * 7,
+                                              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4),
+                   codebook_size=64),
+    "xcodec2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=16, encoder_hidden_size=4, quantization_dim=64,
+                    quantization_levels=[4, 4, 4, 4],
+                    semantic_model_config=dict(model_type="wav2vec2-bert", hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64, output_hidden_size=32,
+                                               conv_depthwise_kernel_size=3)),
 }
-SETTING = {"encodec": dict(bandwidth=6.0), "mimi": dict(num_codebooks=8), "dac": dict(), "wavtokenizer": dict()}
+SETTING = {"encodec": dict(bandwidth=6.0), "mimi": dict(num_codebooks=8), "dac": dict(), "wavtokenizer": dict(),
+           "xcodec": dict(bandwidth=4.0), "xcodec2": dict()}
 CLASSES = {"encodec": ("EncodecModel", "EncodecConfig"), "mimi": ("MimiModel", "MimiConfig"),
-           "dac": ("DacModel", "DacConfig"), "wavtokenizer": ("WavTokenizerModel", "WavTokenizerConfig")}
+           "dac": ("DacModel", "DacConfig"), "wavtokenizer": ("WavTokenizerModel", "WavTokenizerConfig"),
+           "xcodec": ("XcodecModel", "XcodecConfig"), "xcodec2": ("Xcodec2Model", "Xcodec2Config")}
 
 
 def codec_model(kind: str, tiny: bool = False, **overrides: Any):
@@ -46,7 +61,9 @@ def codec_model(kind: str, tiny: bool = False, **overrides: Any):
 
 
 def peer_calls(kind: str, model: Any, n_q: int):
-    """The transformers model called directly, as its documentation shows: (B, C, S) -> codes, codes -> audio."""
+    """The transformers model called directly, as its documentation shows: (B, C, S) -> codes, codes -> audio.
+    X-Codec2's class needs its feature extractor's padding and features (which need torchaudio): the peer computes
+    them as the extractor does, with omnitok's Kaldi filterbank in torchaudio's place."""
     if kind == "encodec":
         bandwidth = SETTING["encodec"]["bandwidth"]
         return (lambda x: model.encode(x, bandwidth=bandwidth).audio_codes,
@@ -56,6 +73,20 @@ def peer_calls(kind: str, model: Any, n_q: int):
     if kind == "dac":
         return (lambda x: model.encode(x, n_quantizers=n_q).audio_codes,
                 lambda c: model.decode(audio_codes=c).audio_values)
+    if kind == "xcodec":
+        return (lambda x: model.encode(x, bandwidth=SETTING["xcodec"]["bandwidth"]).audio_codes,
+                lambda c: model.decode(c).audio_values)
+    if kind == "xcodec2":
+        from omnitok.tokenizers.codecs import Xcodec2Codec
+
+        features = Xcodec2Codec(model, None).features
+
+        def encode(x):
+            x = torch.nn.functional.pad(x, (0, 1))
+            x = torch.nn.functional.pad(x, (0, -x.shape[-1] % model.config.hop_length))
+            return model.encode(x, features(x)).audio_codes
+
+        return encode, lambda c: model.decode(c).audio_values
     return lambda x: model.encode(x).audio_codes, lambda c: model.decode(c).audio_values
 
 

@@ -10,9 +10,9 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
 - ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
   against a plain loop (``benchmarks.pretrain``);
 - VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64 (``benchmarks.image``);
-- every audio codec (EnCodec 24 kHz 6 kbps, Mimi 8 codebooks, DAC 44.1 kHz, WavTokenizer 40 Hz; published sizes,
-  5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers class called directly
-  (``benchmarks.audio``);
+- every audio codec (EnCodec 24 kHz 6 kbps, Mimi 8 codebooks, DAC 44.1 kHz, WavTokenizer 40 Hz, X-Codec 4 kbps,
+  X-Codec2; published sizes, 5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers
+  class called directly (``benchmarks.audio``);
 - ``omnitok tokenize --engine ray`` on 2048 JPEG photos with a Janus VQ-GAN encoder actor per GPU: img/s and how busy
   the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``).
 

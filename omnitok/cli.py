@@ -348,19 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "model.codebook_size=4096 perceptual.vgg16=vgg16.pth")
     tr.set_defaults(func=cmd_image_tokenizer_train)
 
-    audio = commands.add_parser("audio-tokenizer", help="import an audio codec (EnCodec, Mimi, DAC, WavTokenizer) or "
-                                "train an EnCodec one")
+    audio = commands.add_parser("audio-tokenizer", help="import an audio codec (EnCodec, Mimi, DAC, WavTokenizer, "
+                                "X-Codec, X-Codec2) or train an EnCodec one")
     audio_cmds = audio.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser, required=True)
     aimp = audio_cmds.add_parser("import", help="import a codec (Hugging Face directory, or a Meta EnCodec .th)",
                                  description="Import an audio codec: hf (a Hugging Face directory of EnCodec, Mimi, "
-                                 "DAC or WavTokenizer, recognised from its config.json) or encodec (Meta's "
+                                 "DAC, WavTokenizer, X-Codec or X-Codec2, recognised from its config.json) or "
+                                 "encodec (Meta's "
                                  "encodec_24khz-d7cc33bc.th-style state dict, with --preset).")
     aimp.add_argument("--format", required=True, choices=["hf", "encodec"])
     aimp.add_argument("--src", required=True, type=Path)
     aimp.add_argument("--out", required=True, type=Path)
     aimp.add_argument("--preset", choices=["24khz", "32khz", "48khz"], help="architecture of a Meta .th checkpoint")
-    aimp.add_argument("--bandwidth", type=float, help="kbps; fixes the number of codebooks (default: 6 for 24 kHz = "
-                      "8 codebooks, 2.2 for 32 kHz = 4, 6 for 48 kHz = 4)")
+    aimp.add_argument("--bandwidth", type=float, help="EnCodec and X-Codec: kbps, which fixes the number of codebooks "
+                      "(default: EnCodec 6 for 24 kHz = 8 codebooks, 2.2 for 32 kHz = 4, 6 for 48 kHz = 4; X-Codec the "
+                      "largest)")
     aimp.add_argument("--codebooks", type=int, help="Mimi and DAC: how many codebooks to use (default: Mimi 8, DAC "
                       "all)")
     aimp.set_defaults(func=cmd_audio_tokenizer_import)

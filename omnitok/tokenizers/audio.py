@@ -15,10 +15,11 @@ Windows. Audio is streamed at the model rate and encoded in windows, so a one-ho
   chunks, which is exact. The model normalises each chunk to unit RMS, as trained, so codes equal
   ``EncodecModel.encode``; it would need each chunk's scale (a float) to restore the loudness, and a token sequence
   has no place for one, so decoded 48 kHz audio has every second at unit RMS (loudness across seconds is lost).
-Batching. A causal codec's window (EnCodec 24 kHz, Mimi) is zero-padded to a whole ``bucket_s`` so windows batch
-together whatever the batch holds: this changes nothing but a partial last frame. A non-causal codec's frames see
-what follows, so its windows are padded only to whole frames and batch with windows of the same number of frames:
-each is encoded exactly as alone.
+Batching. Every window is zero-padded to whole frames (a partial last frame is the only one this changes). A causal
+codec's windows (EnCodec 24 kHz, Mimi) then batch with those in the same ``bucket_s`` of length, zero-padded to the
+longest: zeros after a causal model's whole frames change none of them. A non-causal codec's frames see what follows,
+so its windows batch only with windows of as many frames: each is encoded exactly as alone (X-Codec2: only with
+windows of the same length; ``Codec.batch_key``).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class AudioTokenizerConfig:
     num_codebooks: int | None = None  # Mimi, DAC: how many of the codebooks (None: the codec's default)
     chunk_s: float = 30.0  # window length for long audio, seconds; memory holds batch_size windows
     context_s: float = 2.0  # context on each side of a window, seconds
-    bucket_s: float = 1.0  # windows are zero-padded to a multiple of this, so they batch together
+    bucket_s: float = 1.0  # a causal codec batches windows within this much of the same length
 
     def __post_init__(self) -> None:
         if self.chunk_s <= 0 or self.context_s < 0 or self.bucket_s <= 0:
@@ -88,6 +89,7 @@ class _Window:
     keep_from: int  # first frame of this window's codes that is kept
     keep: int  # number of frames kept
     last: bool  # the item's last window
+    clip: Any = None  # the codec's clip_statistics, for a window of a clip longer than one window
 
 
 def model_rate_blocks(source: Any, sample_rate: int, channels: int) -> Iterator[np.ndarray]:
@@ -309,7 +311,11 @@ class AudioTokenizer:
         pending: list[_Window] = []
         bucket = max(self.hop, round(self.config.bucket_s * self.sample_rate / self.hop) * self.hop)
         for item, source in enumerate(audio):
+            clip = None
             for window in self._windows(item, source):
+                if clip is None and not (window.keep_from == 0 and window.last):  # a clip of several windows
+                    clip = self.codec.clip_statistics(self._model_rate_blocks(source))
+                window.clip = clip
                 pending.append(window)
                 if len(pending) >= self.batch_size:
                     self._run(pending, pieces, bucket)
@@ -325,23 +331,19 @@ class AudioTokenizer:
         return out
 
     def _run(self, windows: list[_Window], pieces: dict[int, list[np.ndarray]], bucket: int) -> None:
-        """Encode windows, batching those that pad to the same length; append each window's kept frames."""
+        """Encode windows, batching those the codec allows to batch (``Codec.batch_key``); append each window's
+        kept frames."""
         groups: dict[int, list[_Window]] = defaultdict(list)
         for w in windows:
-            n = w.audio.shape[1]
-            if self.codec.chunk is not None:  # whole chunks share lengths unpadded; padding would change the
-                groups[n].append(w)  # per-chunk normalisation of a last partial chunk
-            elif self.codec.causal:  # zeros after a causal model's window change none of its frames but a partial last
-                groups[max(bucket, math.ceil(n / bucket) * bucket)].append(w)
-            else:  # a non-causal model's frames see what follows: pad only to whole frames, as encoded alone
-                groups[math.ceil(n / self.hop) * self.hop].append(w)
+            groups[self.codec.batch_key(w.audio.shape[1], bucket)].append(w)
         results: dict[int, np.ndarray] = {}
-        for padded, group in groups.items():
-            batch = np.zeros((len(group), self.channels, padded), np.float32)
+        for group in groups.values():
+            longest = max(w.audio.shape[1] for w in group)
+            batch = np.zeros((len(group), self.channels, longest), np.float32)
             for b, w in enumerate(group):
                 batch[b, :, :w.audio.shape[1]] = w.audio
             x = self.codec.pad_to_frames(torch.from_numpy(batch).to(self.device))
-            codes = self.codec.encode(x).cpu().numpy()  # (B, n_q, T)
+            codes = self.codec.encode(x, [w.clip for w in group]).cpu().numpy()  # (B, n_q, T)
             for b, w in enumerate(group):
                 results[id(w)] = codes[b, :, w.keep_from:w.keep_from + w.keep]
         for w in windows:  # in stream order, so an item's pieces concatenate in time order

@@ -2,7 +2,8 @@
 
 Formats:
 - ``hf``: a Hugging Face codec directory (``config.json`` + ``model.safetensors``): EnCodec
-  (``facebook/encodec_24khz``), Mimi (``kyutai/mimi``), DAC (``descript/dac_44khz``) or WavTokenizer, recognised by
+  (``facebook/encodec_24khz``), Mimi (``kyutai/mimi``), DAC (``descript/dac_44khz``), WavTokenizer, X-Codec or
+  X-Codec2 (``HKUSTAudio/xcodec2``), recognised by
   the config's ``model_type`` and loaded by its ``transformers`` class (``codecs.py``). Anything else is refused in
   one line naming what the directory holds.
 - ``encodec``: an original Meta checkpoint (``encodec_24khz-d7cc33bc.th``, ``encodec_48khz-7e698e3e.th``): a state
@@ -12,7 +13,7 @@ Formats:
   ``quantizer.layers.N.codebook``; weight norm's ``weight_g``/``weight_v`` -> the parametrization's
   ``original0``/``original1``). The preset (``24khz`` or ``48khz``) names the architecture.
 
-The number of codebooks is chosen here: ``bandwidth`` for EnCodec, ``num_codebooks`` for Mimi and DAC.
+The number of codebooks is chosen here: ``bandwidth`` for EnCodec and X-Codec, ``num_codebooks`` for Mimi and DAC.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import read_json_object
 from omnitok.tokenizers.audio import PRESETS, AudioTokenizer, AudioTokenizerConfig
-from omnitok.tokenizers.codecs import CODECS, NOT_READ, model_class
+from omnitok.tokenizers.codecs import CODECS, model_class
 from omnitok.weights import from_pretrained, load_weights, torch_load_state
 
 FORMATS = ("hf", "encodec")
@@ -71,8 +72,7 @@ def codec_kind(src: Path) -> str:
     what = f"a {kind!r} model" if kind else "a config without model_type"
     if config.get("architectures"):
         what += f" ({', '.join(map(str, config['architectures']))})"
-    why = f": {NOT_READ[kind]}" if kind in NOT_READ else ""
-    raise OmnitokError(f"{src} holds {what}, not an audio codec omnitok reads ({', '.join(CODECS)}){why}")
+    raise OmnitokError(f"{src} holds {what}, not an audio codec omnitok reads ({', '.join(CODECS)})")
 
 
 def import_audio_tokenizer(fmt: str, src: str | Path, out: str | Path | None = None, bandwidth: float | None = None,
