@@ -45,7 +45,7 @@ def fbank(wave: torch.Tensor, sample_rate: float, num_mel_bins: int = 80, frame_
     frames = frames - frames.mean(dim=1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)
     frames = frames - preemphasis * previous
-    window = torch.hann_window(frame_length, periodic=False, dtype=torch.float64).pow(0.85).float()
+    window = torch.hann_window(frame_length, periodic=False, dtype=torch.float64).pow(0.85).float().to(wave.device)
     fft_size = 1 << (frame_length - 1).bit_length()
     spectrum = torch.fft.rfft(frames * window, n=fft_size).abs().pow(2)  # (T, fft_size // 2 + 1)
     banks = mel_banks(num_mel_bins, fft_size, sample_rate, low_freq,
