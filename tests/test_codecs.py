@@ -18,11 +18,12 @@ from test_audio_tokenizer import SPEECH, chord, speech
 from benchmarks.audio import codec_model
 from omnitok.cli import main
 from omnitok.document import Audio, Document, Text
+from omnitok.errors import OmnitokError
 from omnitok.eval.evaluate import eval_samples
 from omnitok.tokenizers import audio as audio_module
 from omnitok.tokenizers.audio import AudioError, AudioTokenizer, AudioTokenizerConfig
 from omnitok.tokenizers.audio_import import import_audio_tokenizer
-from omnitok.tokenizers.codecs import Xcodec2Codec
+from omnitok.tokenizers.codecs import MimiCodec, Xcodec2Codec
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 # The codebooks each tokenizer uses: Mimi 4 of 8, DAC 3 of 4, X-Codec 2 kbps = 6 of 13 (6-bit codes); one otherwise.
@@ -289,6 +290,9 @@ def test_what_is_not_a_codec_omnitok_reads_is_refused_in_one_line(tmp_path, caps
     err = refused(["audio-tokenizer", "import", "--format", "hf", "--src", str(tmp_path / "three"), "--out",
                    str(tmp_path / "o")], capsys)
     assert "takes 3 audio channels; omnitok reads mono and stereo codecs" in err
+    odd = types.SimpleNamespace(config=types.SimpleNamespace(sampling_rate=24_000, frame_rate=7.0, audio_channels=1))
+    with pytest.raises(OmnitokError, match="frames are not a whole number of samples"):
+        MimiCodec(odd, None)  # 24 kHz at 7 frames/s: the layout's frames could not be cut into windows
     tiny_codec("mimi").save_pretrained(tmp_path / "mimi")
     tiny_codec("wavtokenizer").save_pretrained(tmp_path / "wt")
     for src, choice, message in [("mimi", "9", "uses 1 to 8 codebooks"),

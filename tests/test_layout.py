@@ -206,6 +206,7 @@ def test_a_version_1_file_reads_with_the_same_ids_and_takes_the_codec_frame_rate
     assert read.ranges == now.ranges and read.specials == now.specials
     now.check_reads(read, "the tokenizer", "old shards")  # the rate a version 1 file lacks names no id
     read.check_reads(now, "an old export", "new shards")
+    read.check_same(now, "old shards", "a new part")  # resuming or merging across the versions
     assert read.with_audio_frame_rate(75.0) == now
     with pytest.raises(OmnitokError, match="does not record the audio codec's frame rate"):
         read.audio_frames(1.0)

@@ -1,5 +1,5 @@
 """The audio tokenizer: one class over every codec omnitok reads (``codecs.py``: EnCodec, Mimi, DAC, WavTokenizer,
-through their ``transformers`` model classes), with the number of codebooks fixed at creation.
+X-Codec, X-Codec2, through their ``transformers`` model classes), with the number of codebooks fixed at creation.
 
 ``encode`` takes ``(waveform, sample_rate)`` pairs, paths or file bytes (anything libsndfile reads: wav, flac, ogg,
 mp3 where the build has it), mixes channels to what the model takes, resamples with soxr, and returns one
@@ -10,7 +10,8 @@ Windows. Audio is streamed at the model rate and encoded in windows, so a one-ho
 - one encoder pass over the whole signal (every codec but EnCodec 48 kHz): window ``i`` covers
   ``[i*C - K, (i+1)*C + K)`` samples (``C = chunk_s``, ``K = context_s``) and only the frames of ``[i*C, (i+1)*C)``
   are kept, so every kept frame sees ``K`` of context on both sides. Clips up to ``C + 2K`` are one window: exactly
-  the whole-clip encoding.
+  the whole-clip encoding. A codec that normalises over its whole input (X-Codec, X-Codec2) gives the windows of a
+  longer clip the clip's statistics (``Codec.clip_statistics``, a first streamed pass over the item).
 - EnCodec 48 kHz (the model encodes independent 1 s chunks with 1 % overlap): a window is a run of whole model
   chunks, which is exact. The model normalises each chunk to unit RMS, as trained, so codes equal
   ``EncodecModel.encode``; it would need each chunk's scale (a float) to restore the loudness, and a token sequence
@@ -71,7 +72,7 @@ def _name(source: Any) -> str:
 
 @dataclass
 class AudioTokenizerConfig:
-    bandwidth: float | None = None  # EnCodec: kbps, one its model was trained for (None: a default per rate)
+    bandwidth: float | None = None  # EnCodec, X-Codec: kbps, one the model was trained for (None: the default)
     num_codebooks: int | None = None  # Mimi, DAC: how many of the codebooks (None: the codec's default)
     chunk_s: float = 30.0  # window length for long audio, seconds; memory holds batch_size windows
     context_s: float = 2.0  # context on each side of a window, seconds
@@ -187,8 +188,7 @@ def load_audio(source: Any, sample_rate: int, channels: int) -> np.ndarray:
 
 class AudioTokenizer:
     """Waveforms <-> codec codes ``(n_q, frames)``; the codec is an adapter from ``codecs.py`` over the model
-    (EnCodec, Mimi, DAC, WavTokenizer: whichever ``model.config.model_type`` names). See the module docstring for
-    windows and padding."""
+    (whichever ``model.config.model_type`` names). See the module docstring for windows and padding."""
 
     def __init__(self, model: Any, config: AudioTokenizerConfig, device: torch.device | str | None = None,
                  batch_size: int | None = None):

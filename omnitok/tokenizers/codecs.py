@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from omnitok.errors import OmnitokError
+from omnitok.tokenizers.kaldi_fbank import fbank
 
 # Config keys that are bookkeeping, not the codec (left out of fingerprints).
 BOOKKEEPING = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "return_dict",
@@ -133,7 +134,8 @@ class Codec:
 
     def clip_statistics(self, blocks: Iterator[np.ndarray]) -> Any:
         """What encoding a window needs to know about its whole clip (read from ``blocks``, the clip at the model
-        rate): nothing, but for a codec that normalises over the clip (X-Codec2). Not called for a one-window clip."""
+        rate): nothing, but for a codec that normalises over the clip (X-Codec, X-Codec2). Not called for a clip of
+        one window."""
         return None
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -377,8 +379,6 @@ class Xcodec2Codec(Codec):
         return x  # encode pads as the feature extractor does
 
     def _fbank(self, wave: torch.Tensor) -> torch.Tensor:
-        from omnitok.tokenizers.kaldi_fbank import fbank
-
         return fbank(wave * 2 ** 15, self.sample_rate, self.MEL_BINS, self.FRAME_LENGTH, self.FRAME_SHIFT,
                      low_freq=20.0, high_freq=self.sample_rate // 2)
 

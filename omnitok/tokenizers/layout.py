@@ -441,24 +441,24 @@ class TokenLayout:
                                  f"made with {expected}; ids made with one are wrong for the other")
 
     def check_same(self, other: TokenLayout, mine: str, theirs: str) -> None:
-        """Refuse ``other`` unless it is the same layout (sizes and fingerprints); the message names the difference."""
+        """Refuse ``other`` unless it is the same layout (sizes and fingerprints); the message names the difference.
+        An audio frame rate that one of them does not record (a version 1 file) is taken as the other's: it names
+        no id."""
         for f in dataclasses.fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "audio_frame_rate" and not (a and b):
+                continue
             if a != b:
                 raise LayoutMismatch(f"the token layout of {theirs} differs from that of {mine}: {f.name} is {b!r} "
                                      f"there and {a!r} here")
 
     def check_reads(self, written: TokenLayout, mine: str, theirs: str) -> None:
         """Refuse ids written under ``written`` (shards, a model's rows) unless they mean the same here: the same
-        layout, or the same layout without the chat markers this one adds (they sit after every code). A frame rate
-        that one of them does not record (a version 1 file) is taken as the other's: it names no id."""
-        me = self
-        if me.chat and not written.chat:
+        layout (``check_same``), or the same layout without the chat markers this one adds (they sit after every
+        code)."""
+        if self.chat and not written.chat:
             written = dataclasses.replace(written, chat=True)
-        if me.has_audio and written.has_audio and not (me.audio_frame_rate and written.audio_frame_rate):
-            rate = me.audio_frame_rate or written.audio_frame_rate
-            me, written = (dataclasses.replace(x, audio_frame_rate=rate) for x in (me, written))
-        me.check_same(written, mine, theirs)
+        self.check_same(written, mine, theirs)
 
     def added_ids(self, base: TokenLayout | None) -> list[int]:
         """The ids this layout uses that a model trained on ``base`` never learned: the chat markers when ``base`` is
