@@ -34,19 +34,33 @@ def chord(rate: int, seconds: float) -> np.ndarray:
 
 
 def init_codebooks(model, wave: np.ndarray, seed: int = 0) -> None:
-    """Random EnCodec codebooks are all zeros: fill each from residuals of real audio (what k-means init does), so
-    codes are diverse and a parity test means something."""
+    """Random EnCodec / Mimi / WavTokenizer / X-Codec codebooks are zeros (one code for everything): fill each from
+    the vectors it is first asked to quantize, in residual order, while encoding real audio (what k-means init does),
+    so codes are diverse and a parity test means something. DAC's codebooks are random embeddings and already give
+    varied codes; they are left alone."""
     g = torch.Generator().manual_seed(seed)
-    dim, size = model.config.codebook_dim, model.config.codebook_size
+    books = [m for m in model.modules() if hasattr(m, "quantize") and hasattr(m, "codebook_size")
+             and (hasattr(m, "embed_sum") or isinstance(getattr(m, "embed", None), torch.Tensor))]
+    for book in books:
+        def first_call(h, book=book, quantize=book.quantize):
+            rows = h[torch.randint(0, len(h), (book.codebook_size,), generator=g)].float()
+            rows = rows + 0.05 * h.std() * torch.randn(rows.shape, generator=g)
+            if hasattr(book, "embed_sum"):  # Mimi keeps sums and usage counts
+                book.embed_sum.copy_(rows)
+                book.cluster_usage.fill_(1.0)
+                book._embed = None
+            else:
+                book.embed.copy_(rows)
+                book.embed_avg.copy_(rows)
+            del book.quantize  # back to the class's method
+            return quantize(h)
+
+        book.quantize = first_call
+    every_codebook = {"bandwidth": max(model.config.target_bandwidths)} if hasattr(model.config, "target_bandwidths") \
+        else {}  # EnCodec, X-Codec: the largest bandwidth runs every quantizer
     with torch.no_grad():
-        x = torch.from_numpy(wave).reshape(1, 1, -1).repeat(1, model.config.audio_channels, 1)
-        residual = model.encoder(x).permute(0, 2, 1).reshape(-1, dim)
-        for layer in model.quantizer.layers:
-            idx = torch.randint(0, len(residual), (size,), generator=g)
-            layer.codebook.embed.copy_(residual[idx] + 0.05 * residual.std() * torch.randn(size, dim, generator=g))
-            layer.codebook.embed_avg.copy_(layer.codebook.embed)
-            quantized = layer.decode(layer.encode(residual.T[None]))  # (1, dim, N)
-            residual = residual - quantized[0].T
+        x = torch.from_numpy(wave).reshape(1, 1, -1).repeat(1, getattr(model.config, "audio_channels", 1), 1)
+        model.encode(x, **every_codebook)
 
 
 def codec(preset: str, seed: int = 0, **sizes):

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 import transformers
-from test_audio_tokenizer import SPEECH, chord, speech
+from test_audio_tokenizer import SPEECH, chord, init_codebooks, speech
 
 from benchmarks.audio import codec_model
 from omnitok.cli import main
@@ -30,32 +30,6 @@ from omnitok.tokenizers.multimodal import MultimodalTokenizer
 SETTING = {"mimi": dict(num_codebooks=4), "dac": dict(num_codebooks=3), "wavtokenizer": {},
            "xcodec": dict(bandwidth=2.0), "xcodec2": {}}
 CODEBOOKS = {"mimi": 4, "dac": 3, "wavtokenizer": 1, "xcodec": 6, "xcodec2": 1}
-
-
-def init_codebooks(model, wave: np.ndarray, seed: int = 0) -> None:
-    """Random Mimi / WavTokenizer codebooks are zeros (one code for everything): fill each from the vectors it is
-    first asked to quantize, in residual order, while encoding real audio (what k-means init does). DAC's codebooks
-    are random embeddings and already give varied codes; they are left alone."""
-    g = torch.Generator().manual_seed(seed)
-    books = [m for m in model.modules() if hasattr(m, "quantize") and hasattr(m, "codebook_size")
-             and (hasattr(m, "embed_sum") or isinstance(getattr(m, "embed", None), torch.Tensor))]
-    for book in books:
-        def first_call(h, book=book, quantize=book.quantize):
-            rows = h[torch.randint(0, len(h), (book.codebook_size,), generator=g)].float()
-            rows = rows + 0.05 * h.std() * torch.randn(rows.shape, generator=g)
-            if hasattr(book, "embed_sum"):  # Mimi keeps sums and usage counts
-                book.embed_sum.copy_(rows)
-                book.cluster_usage.fill_(1.0)
-                book._embed = None
-            else:
-                book.embed.copy_(rows)
-                book.embed_avg.copy_(rows)
-            del book.quantize  # back to the class's method
-            return quantize(h)
-
-        book.quantize = first_call
-    with torch.no_grad():
-        model.encode(torch.from_numpy(wave).reshape(1, 1, -1).repeat(1, getattr(model.config, "audio_channels", 1), 1))
 
 
 def init_fsq(model, wave: np.ndarray) -> None:

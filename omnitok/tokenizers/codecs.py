@@ -25,6 +25,7 @@ clip's own length.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -45,8 +46,8 @@ def _architecture(config: dict[str, Any]) -> dict[str, Any]:
     return {k: _architecture(v) if isinstance(v, dict) else v for k, v in config.items() if k not in BOOKKEEPING}
 
 
-class Codec:
-    """One codec model and the number of codebooks chosen for it."""
+class Codec(ABC):
+    """One codec model and the number of codebooks chosen for it; each codec implements the two model calls."""
 
     kind: ClassVar[str]  # the type written in omnitok.json and recognised from config.json's model_type
     model_class: ClassVar[str]  # the transformers class
@@ -127,10 +128,10 @@ class Codec:
     def pad_to_frames(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(x, (0, -x.shape[-1] % self.hop))
 
+    @abstractmethod
     def encode(self, x: torch.Tensor, clips: list[Any] | None = None) -> torch.Tensor:
         """(B, channels, samples) -> (B, n_q, ceil(samples / hop)); ``clips``: each row's ``clip_statistics`` when
         it is one window of a longer clip (None otherwise)."""
-        raise NotImplementedError
 
     def clip_statistics(self, blocks: Iterator[np.ndarray]) -> Any:
         """What encoding a window needs to know about its whole clip (read from ``blocks``, the clip at the model
@@ -138,9 +139,9 @@ class Codec:
         one window."""
         return None
 
+    @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, n_q, frames) -> (B, channels, frames * hop)."""
-        raise NotImplementedError
 
 
 class BandwidthCodec(Codec):
