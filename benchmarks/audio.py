@@ -1,7 +1,8 @@
 """Audio tokenizer real-time factor (compute seconds per audio second) of encode and decode, per codec, against
 calling the transformers model directly on the same tensors (one clip a call at batch 1; the clips stacked in one call
 at batch 8), and tokens per second of audio:
-``python -m benchmarks.audio [--codecs encodec mimi dac wavtokenizer] [--seconds 5] [--batches 1 8]``."""
+``python -m benchmarks.audio [--codecs encodec mimi dac wavtokenizer xcodec xcodec2] [--seconds 5] [--batches 1 8]``.
+"""
 
 from __future__ import annotations
 
@@ -60,22 +61,21 @@ def codec_model(kind: str, tiny: bool = False, **overrides: Any):
     return getattr(transformers, model_name)(getattr(transformers, config_name)(**config)).eval()
 
 
-def peer_calls(kind: str, model: Any, n_q: int):
-    """The transformers model called directly, as its documentation shows: (B, C, S) -> codes, codes -> audio.
-    X-Codec2's class needs its feature extractor's padding and features (which need torchaudio): the peer computes
-    them as the extractor does, with omnitok's Kaldi filterbank in torchaudio's place."""
+def peer_calls(kind: str, model: Any, n_q: int, bandwidth: float | None):
+    """The transformers model called directly, as its documentation shows: (B, C, S) -> codes (B, n_q, F) (EnCodec:
+    (chunks, B, n_q, F)), codes -> audio (B, C, samples), with ``n_q`` codebooks (or ``bandwidth`` kbps). X-Codec2's
+    class needs its feature extractor's padding and features (which need torchaudio): the peer computes them as the
+    extractor does, with omnitok's Kaldi filterbank in torchaudio's place (the tests use the extractor itself)."""
     if kind == "encodec":
-        bandwidth = SETTING["encodec"]["bandwidth"]
         return (lambda x: model.encode(x, bandwidth=bandwidth).audio_codes,
                 lambda c: model.decode(c, [None]).audio_values)
     if kind == "mimi":
         return lambda x: model.encode(x, num_quantizers=n_q).audio_codes, lambda c: model.decode(c).audio_values
     if kind == "dac":
-        return (lambda x: model.encode(x, n_quantizers=n_q).audio_codes,
-                lambda c: model.decode(audio_codes=c).audio_values)
+        return (lambda x: model.encode(x, n_quantizers=n_q).audio_codes[:, :n_q],
+                lambda c: model.decode(audio_codes=c).audio_values[:, None])
     if kind == "xcodec":
-        return (lambda x: model.encode(x, bandwidth=SETTING["xcodec"]["bandwidth"]).audio_codes,
-                lambda c: model.decode(c).audio_values)
+        return lambda x: model.encode(x, bandwidth=bandwidth).audio_codes, lambda c: model.decode(c).audio_values
     if kind == "xcodec2":
         from omnitok.tokenizers.codecs import Xcodec2Codec
 
@@ -100,7 +100,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
         if name.endswith(("codebook.embed", "codebook.embed_sum")):
             buffer.normal_(0, 0.1)
     tok = AudioTokenizer(model, AudioTokenizerConfig(**SETTING[kind]), device=device)
-    encode, decode = peer_calls(kind, tok.model, tok.num_codebooks)
+    encode, decode = peer_calls(kind, tok.model, tok.num_codebooks, tok.config.bandwidth)
     rate = tok.sample_rate
     samples = round(args.seconds * rate / tok.hop) * tok.hop  # whole frames: both sides see the same tensor
     rng = np.random.default_rng(0)

@@ -15,7 +15,7 @@ import torch
 import transformers
 from test_audio_tokenizer import SPEECH, chord, init_codebooks, speech
 
-from benchmarks.audio import codec_model
+from benchmarks.audio import codec_model, peer_calls
 from omnitok.cli import main
 from omnitok.document import Audio, Document, Text
 from omnitok.errors import OmnitokError
@@ -119,21 +119,14 @@ def class_encode(tok: AudioTokenizer, wave: np.ndarray, extractor=None) -> np.nd
         if tok.kind == "xcodec2":
             inputs = extractor(wave, sampling_rate=tok.sample_rate, return_tensors="pt")
             return tok.model.encode(inputs["input_values"], inputs["input_features"]).audio_codes[0].numpy()
-        if tok.kind == "mimi":
-            return tok.model.encode(x, num_quantizers=4).audio_codes[0].numpy()
-        if tok.kind == "dac":
-            return tok.model.encode(x, n_quantizers=3).audio_codes[0, :3].numpy()
-        if tok.kind == "xcodec":
-            return tok.model.encode(x, bandwidth=2.0).audio_codes[0].numpy()
-        return tok.model.encode(x).audio_codes[0].numpy()
+        encode, _ = peer_calls(tok.kind, tok.model, tok.num_codebooks, tok.config.bandwidth)
+        return encode(x)[0].numpy()
 
 
 def class_decode(tok: AudioTokenizer, codes: np.ndarray) -> np.ndarray:
-    c = torch.from_numpy(codes)[None]
+    _, decode = peer_calls(tok.kind, tok.model, tok.num_codebooks, tok.config.bandwidth)
     with torch.no_grad():
-        if tok.kind == "dac":
-            return tok.model.decode(audio_codes=c).audio_values[0, None].numpy()
-        return tok.model.decode(c).audio_values[0].numpy()
+        return decode(torch.from_numpy(codes)[None])[0].numpy()
 
 
 def test_codes_equal_the_class_encode_and_waveforms_its_decode(tok, request):

@@ -312,8 +312,8 @@ class AudioTokenizer:
         bucket = max(self.hop, round(self.config.bucket_s * self.sample_rate / self.hop) * self.hop)
         for item, source in enumerate(audio):
             clip = None
-            for window in self._windows(item, source):
-                if clip is None and not (window.keep_from == 0 and window.last):  # a clip of several windows
+            for n, window in enumerate(self._windows(item, source)):
+                if n == 0 and not window.last:  # a clip of several windows
                     clip = self.codec.clip_statistics(self._model_rate_blocks(source))
                 window.clip = clip
                 pending.append(window)

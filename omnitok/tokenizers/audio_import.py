@@ -3,9 +3,8 @@
 Formats:
 - ``hf``: a Hugging Face codec directory (``config.json`` + ``model.safetensors``): EnCodec
   (``facebook/encodec_24khz``), Mimi (``kyutai/mimi``), DAC (``descript/dac_44khz``), WavTokenizer, X-Codec or
-  X-Codec2 (``HKUSTAudio/xcodec2``), recognised by
-  the config's ``model_type`` and loaded by its ``transformers`` class (``codecs.py``). Anything else is refused in
-  one line naming what the directory holds.
+  X-Codec2 (``HKUSTAudio/xcodec2``), recognised by the config's ``model_type`` and loaded by its ``transformers``
+  class (``codecs.py``). Anything else is refused in one line naming what the directory holds.
 - ``encodec``: an original Meta checkpoint (``encodec_24khz-d7cc33bc.th``, ``encodec_48khz-7e698e3e.th``): a state
   dict read with ``torch.load(weights_only=True)`` and renamed to transformers' names, following transformers'
   ``convert_encodec_checkpoint_to_pytorch.py`` (``encoder.model.N.conv.conv`` -> ``encoder.layers.N.conv``,
@@ -63,9 +62,7 @@ def rename_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def codec_kind(src: Path) -> str:
     """The codec a Hugging Face directory holds (its config's ``model_type``), or one line saying it holds none."""
-    if not (src / "config.json").is_file():
-        raise OmnitokError(f"{src} is not a Hugging Face codec directory (no config.json)")
-    config = read_json_object(src / "config.json", f"{src}/config.json is not a JSON object")
+    config = read_json_object(src / "config.json", f"{src} is not a Hugging Face codec directory (no config.json)")
     kind = config.get("model_type")
     if kind in CODECS:
         return kind

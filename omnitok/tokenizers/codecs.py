@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,6 +44,29 @@ BOOKKEEPING = {"transformers_version", "architectures", "_name_or_path", "dtype"
 def _architecture(config: dict[str, Any]) -> dict[str, Any]:
     """A config dict without its bookkeeping keys, sub-configs included (saving fills some of them in)."""
     return {k: _architecture(v) if isinstance(v, dict) else v for k, v in config.items() if k not in BOOKKEEPING}
+
+
+def streamed_moments(blocks: Iterator[np.ndarray], head: int, tail: Callable[[int], int], kernel: int, stride: int,
+                     features: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, sum and sum of squares, per feature, of ``features`` over every ``kernel``-sample frame (``stride``
+    apart) of a mono clip given as blocks, with ``head`` zeros before it and ``tail(samples)`` zeros after: a
+    whole-clip statistic in the memory of a block. ``features`` maps a run of whole frames to ``(frames, dims)``."""
+    count, sums, squares = 0, 0.0, 0.0
+
+    def take(wave: torch.Tensor) -> torch.Tensor:
+        nonlocal count, sums, squares
+        usable = (wave.shape[0] - kernel) // stride + 1 if wave.shape[0] >= kernel else 0
+        if usable:
+            f = features(wave[:(usable - 1) * stride + kernel]).double()
+            count, sums, squares = count + len(f), sums + f.sum(0), squares + f.pow(2).sum(0)
+        return wave[usable * stride:]
+
+    pending, total = torch.zeros(head), 0  # pending: the samples from the next frame's start on
+    for block in blocks:
+        total += block.shape[1]
+        pending = take(torch.cat([pending, torch.from_numpy(block[0])]))
+    take(torch.cat([pending, torch.zeros(tail(total))]))
+    return count, sums, squares
 
 
 class Codec(ABC):
@@ -332,25 +355,15 @@ class XcodecCodec(BandwidthCodec):
         if layer is None:
             return None
         conv, half = layer.conv, self.hop // 2
-        kernel, stride = conv.kernel_size[0], conv.stride[0]
-        total, count, sums, squares = 0, 0, 0.0, 0.0
 
-        def take(wave: torch.Tensor) -> torch.Tensor:
-            nonlocal count, sums, squares
-            usable = (wave.shape[-1] - kernel) // stride + 1 if wave.shape[-1] >= kernel else 0
-            if usable:
-                with torch.inference_mode():
-                    out = conv(wave[None, None, :(usable - 1) * stride + kernel].to(conv.weight))[0].double()
-                count, sums, squares = count + out.shape[1], sums + out.sum(1), squares + out.pow(2).sum(1)
-            return wave[usable * stride:]
+        def convolved(wave: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return conv(wave[None, None].to(conv.weight))[0].T.cpu()  # (frames, channels)
 
-        pending = torch.zeros(half)
-        for block in blocks:
-            total += block.shape[1]
-            pending = take(torch.cat([pending, torch.from_numpy(block[0])]))
-        take(torch.cat([pending, torch.zeros(-total % self.hop + half)]))
+        count, sums, squares = streamed_moments(blocks, half, lambda total: -total % self.hop + half,
+                                                conv.kernel_size[0], conv.stride[0], convolved)
         mean = sums / count
-        return mean.float().cpu(), (squares / count - mean.pow(2)).clamp(min=0).float().cpu()
+        return mean.float(), (squares / count - mean.pow(2)).clamp(min=0).float()
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.model.decode(codes).audio_values[..., :codes.shape[-1] * self.hop]
@@ -405,28 +418,10 @@ class Xcodec2Codec(Codec):
     def clip_statistics(self, blocks: Iterator[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each mel bin's mean and deviation over the whole clip padded as the extractor pads it, streamed: what
         its windows are normalised with, so that they see the features whole-clip encoding would."""
-        half, step = self.hop // 2, self.FRAME_SHIFT
-        pending = torch.zeros(half)  # samples from the next frame's start on
-        total, count, sums, squares = 0, 0, torch.zeros(self.MEL_BINS, dtype=torch.float64), None
-
-        def add(frames: torch.Tensor) -> None:
-            nonlocal count, sums, squares
-            f = frames.double()
-            count += len(f)
-            sums = sums + f.sum(0)
-            squares = f.pow(2).sum(0) if squares is None else squares + f.pow(2).sum(0)
-
-        def take(wave: torch.Tensor) -> torch.Tensor:
-            usable = (wave.shape[0] - self.FRAME_LENGTH) // step + 1 if wave.shape[0] >= self.FRAME_LENGTH else 0
-            if usable:
-                add(self._fbank(wave[:(usable - 1) * step + self.FRAME_LENGTH]))
-            return wave[usable * step:]
-
-        for block in blocks:
-            total += block.shape[1]
-            pending = take(torch.cat([pending, torch.from_numpy(block[0])]))
-        tail = 1 + (-(total + 1)) % self.hop + half  # the extractor's padding sample, whole frames, half a hop
-        take(torch.cat([pending, torch.zeros(tail)]))
+        half = self.hop // 2
+        # the extractor's padding: half a hop before; one sample, then whole frames, then half a hop after
+        count, sums, squares = streamed_moments(blocks, half, lambda total: 1 + (-(total + 1)) % self.hop + half,
+                                                self.FRAME_LENGTH, self.FRAME_SHIFT, self._fbank)
         mean = sums / count
         variance = (squares - count * mean.pow(2)) / max(count - 1, 1)
         return mean.float(), torch.sqrt(variance.clamp(min=0) + 1e-7).float()
