@@ -2,10 +2,12 @@
 `generate`) gives it with the same seed, whatever joins or leaves the batch around it; limits, cancellation,
 timeouts and a full queue."""
 
+import copy
 import queue
 
 import numpy as np
 import pytest
+import torch
 
 from omnitok.document import Document, Text
 from omnitok.errors import OmnitokError
@@ -59,11 +61,8 @@ def events(job):
             return out
 
 
-def test_every_request_gets_exactly_samples_output_whatever_joins_it(served):
-    model, tok = served
-    jobs = plain_jobs(tok, 12)
-    engine = Engine(model, tok, max_rows=4)  # at most 4 jobs at once: the others wait their turn
-    run(engine, jobs, every=2)
+def check_exact(model, tok, jobs):
+    """Every job's output is ``generate``'s alone, and its events give every token, every span decoded, then done."""
     for job in jobs:
         assert job.output == reference(model, tok, job), job.cfg
         got = events(job)
@@ -74,20 +73,54 @@ def test_every_request_gets_exactly_samples_output_whatever_joins_it(served):
         media = [e for e in got if e[0] == "media"]
         assert [(k, kind) for _, k, kind, _ in media] == [(k, p.modality) for k, p in enumerate(spans)]
         assert got[-1] == ("done", job.stopped) and job.stopped in ("end", "length")
+
+
+def test_every_request_gets_exactly_samples_output_whatever_joins_it(served):
+    model, tok = served
+    jobs = plain_jobs(tok, 12)
+    engine = Engine(model, tok, max_rows=4)  # at most 4 jobs at once: the others wait their turn
+    run(engine, jobs, every=2)
+    check_exact(model, tok, jobs)
     assert engine.stats["finished"] == 12 and engine.batch_rows == 0
+    assert engine.stats["passes"] >= max(len(job.output) for job in jobs) and engine.stats["drafts"] == 0
 
 
-def test_chat_requests_with_guidance_are_exact_in_a_batch(chat_model_dir):
+def test_speculative_jacobi_requests_are_exact_beside_plain_ones_joining_and_leaving(served):
+    """Jobs with ``sjd_window`` verify windows in the batch's pass while the others take one token; each gets
+    exactly ``generate``'s output with the same settings, alone. A sharpened copy of the model makes drafts both
+    stand and fall."""
+    model, tok = served
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight *= 4
+    jobs = plain_jobs(tok, 14)
+    for i, job in enumerate(jobs):
+        if i % 3:
+            job.cfg = copy.deepcopy(job.cfg)
+            job.cfg.image.sjd_window, job.cfg.audio.sjd_window = 3 + i % 6, 2 + i % 5
+    engine = Engine(sharp, tok, max_rows=5)
+    run(engine, jobs, every=2)
+    check_exact(sharp, tok, jobs)
+    stats = engine.stats
+    assert 0 < stats["accepted"] < stats["drafts"], stats  # some drafts stood, some fell
+    assert stats["finished"] == 14 and engine.batch_rows == 0
+
+
+@pytest.mark.parametrize("sjd", [0, 5])
+def test_chat_requests_with_guidance_are_exact_in_a_batch(chat_model_dir, sjd):
     model, tok = load_model(chat_model_dir)
     prompts = [parse_chat_prompt(t) for t in ("Draw a red circle.", "Play a rising chirp.", "Hello", "Again?")]
     ids, end, forbidden, requests = prompt_tokens(tok, prompts, chat=True)
-    cfg = SamplingConfig(max_new_tokens=90, max_audio_s=0.06, image=ModalitySampling(top_k=50, guidance=2.0),
-                         audio=ModalitySampling(guidance=1.5))
+    cfg = SamplingConfig(max_new_tokens=90, max_audio_s=0.06,
+                         image=ModalitySampling(top_k=50, guidance=2.0, sjd_window=sjd),
+                         audio=ModalitySampling(guidance=1.5, sjd_window=sjd))
     jobs = [Job(ids[i % 4], cfg, seed=i, end_id=end, forbidden=tuple(forbidden), nonempty=True,
                 request=requests[i % 4]) for i in range(8)]
-    run(Engine(model, tok, max_rows=3), jobs, every=4)
+    engine = Engine(model, tok, max_rows=3)
+    run(engine, jobs, every=4)
     for job in jobs:
         assert job.output == reference(model, tok, job)
+    assert (engine.stats["drafts"] > 0) == (sjd > 0)
 
 
 def test_cancelled_and_timed_out_requests_leave_and_the_others_are_untouched(served):
@@ -119,8 +152,6 @@ def test_a_full_queue_and_bad_requests_are_refused_at_once(served):
         engine.submit(jobs[2])
     with pytest.raises(OmnitokError, match="grid"):
         engine.submit(Job([1, 2], SamplingConfig(output="image", grid=(99, 99)), 0, tok.text.eos_id))
-    with pytest.raises(OmnitokError, match="speculative Jacobi"):
-        engine.submit(Job([1, 2], SamplingConfig(image=ModalitySampling(sjd_window=8)), 0, tok.text.eos_id))
     # a prompt that leaves no room in the model's positions ends with an error, and the engine goes on
     long = Job([tok.text.bos_id] * (model.config.max_position_embeddings + 5), SamplingConfig(), 0, tok.text.eos_id)
     engine.max_queue = 10

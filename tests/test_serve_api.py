@@ -111,17 +111,19 @@ def test_chat_completions_answer_with_text_pictures_and_sounds_the_same_way_stre
     assert {"image_url", "audio"} <= kinds  # this model favours pictures and sounds
 
 
-def test_a_seeded_request_answers_what_omnitok_sample_writes_for_that_seed(client, chat_model_dir, tmp_path):
+@pytest.mark.parametrize("sjd", [{}, {"image.sjd_window": 6, "audio.sjd_window": 4}], ids=["plain", "sjd"])
+def test_a_seeded_request_answers_what_omnitok_sample_writes_for_that_seed(client, chat_model_dir, tmp_path, sjd):
     import soundfile as sf
 
     from omnitok.cli import main
 
     assert main(["sample", "--chat", "--model", str(chat_model_dir), "--out", str(tmp_path / "s"), "--seed", "7",
                  "--num-samples", "3", "--max-new-tokens", "100", "max_audio_s=0.06", "image.top_k=50",
-                 "image.guidance=2", "audio.guidance=1.5", "--prompt", "Draw a red circle."]) == 0
+                 "image.guidance=2", "audio.guidance=1.5", *[f"{k}={v}" for k, v in sjd.items()],
+                 "--prompt", "Draw a red circle."]) == 0
     for k in range(3):  # sample k has seed 7 + k
         record = json.loads((tmp_path / "s" / f"{k:03d}" / "sample.json").read_text())
-        parts = ask(client, "Draw a red circle.", 7 + k).json()["choices"][0]["message"]["content"]
+        parts = ask(client, "Draw a red circle.", 7 + k, omnitok=sjd).json()["choices"][0]["message"]["content"]
         assert [p["type"] for p in parts] == [{"image": "image_url", "audio": "audio"}.get(s["type"], "text")
                                               for s in record["segments"]]
         for part, seg in zip(parts, record["segments"]):
@@ -151,9 +153,15 @@ def test_models_health_metrics_and_the_page(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/v1/models").json()["data"][0] == {"id": "tiny-chat", "object": "model", "owned_by": "omnitok",
                                                           "chat": "markers"}
+    r = client.post("/v1/images/generations", json={"prompt": "Draw a red circle.", "size": "4x6", "seed": 1,
+                                                    "omnitok": {"image.sjd_window": 8}})
+    assert r.status_code == 200, r.text
     metrics = client.get("/metrics").text
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if not line.startswith("#")}
     assert values["omnitok_requests_total"] >= 1 and values["omnitok_tokens_generated_total"] > 0
+    # the picture's 24 codes were drafted in windows of up to 8 (speculative Jacobi decoding)
+    assert 0 <= values["omnitok_sjd_accepted_total"] <= values["omnitok_sjd_drafts_total"]
+    assert values["omnitok_sjd_drafts_total"] >= 8 and values["omnitok_forward_passes_total"] > 0
     assert values["omnitok_time_to_first_token_seconds_count"] >= 1 and "omnitok_queue_depth" in values
     page = client.get("/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text and "<script>" in page.text

@@ -67,12 +67,16 @@ class KVCache:
         self.values = [v.index_select(0, rows) for v in self.values]
         self.valid = self.valid.index_select(0, rows)
 
-    def extend(self, other: KVCache) -> None:
-        """Append ``other``'s rows, right-aligned to this cache's length (their left is padding; when they are
-        longer, this cache's rows get padding on their left instead)."""
-        if other.length > self.length:
-            self._pad_left(other.length - self.length)
-        offset, n = self.length - other.length, other.length
+    def extend(self, other: KVCache, end: int | None = None) -> None:
+        """Append ``other``'s rows, right-aligned to end at column ``end`` (default: this cache's length; after it
+        they are padding) and padded on their left; when they are longer, this cache's rows get padding on their
+        left instead."""
+        end = self.length if end is None else end
+        if other.length > end:
+            shift = other.length - end
+            self._pad_left(shift)
+            end += shift
+        offset, n = end - other.length, other.length
 
         def joined(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
             extra = mine.new_zeros((theirs.shape[0], *mine.shape[1:]))

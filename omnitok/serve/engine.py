@@ -8,6 +8,12 @@ request, and draws from its own generator, so its output is exactly ``sampler.ge
 for that seed, alone or among any others (tested). Media spans are decoded on a background thread the moment they
 close, and handed to the job as events.
 
+Speculative Jacobi decoding (``sjd_window``) runs here as in ``generate``: a job inside a span whose settings ask for
+it feeds its last token with its drafted codes, the batch's forward pass is then a window as wide as the longest
+(rows with fewer are padding there), every job verifies its own drafts, and the cache forgets each row's fallen
+drafts before the next pass (``KVCache.rewind``; rows admitted in between end at the window's first column). Jobs in
+text, or without SJD, take one token a pass beside them.
+
 A job's events (``Job.events``, a thread-safe queue): ``("token", id)`` for every new id, ``("media", k, modality,
 array_or_waveform)`` when its k-th span is decoded, then ``("done", stopped)`` once everything is delivered;
 ``stopped`` is "end" (it wrote its end id), "length" (``max_new_tokens`` or the model's positions), "cancelled",
@@ -35,9 +41,12 @@ from omnitok.model.sampler import (
     TEXT,
     Grammar,
     SamplingConfig,
+    _drafts,
+    _filtered,
     _guided,
     _left_padded,
     _pick,
+    _verify,
     check_request,
     new_token_budget,
     span_opener,
@@ -92,8 +101,14 @@ class _Running:
         self.spans = 0  # spans closed so far
         self.pending = 0  # spans submitted for decoding and not yet delivered
         self.finished = False
-        self.logits: torch.Tensor | None = None  # (1, V) after the last fed token
-        self.uncond: torch.Tensor | None = None  # (1, V) of its unconditional row, while it has one
+        # (1 + drafts fed, V): after the last token fed and after each draft fed with it
+        self.logits: torch.Tensor | None = None
+        self.uncond: torch.Tensor | None = None  # the same of its unconditional row, while it has one
+        self.drafts: list[int] = []  # codes to feed after its last token (speculative Jacobi decoding)
+        self.proposals: torch.Tensor | None = None  # the distributions they were drawn from (drafts, V)
+        self.kept = 0  # of the last window, the columns its rows keep (0: it verified no drafts, one)
+        self.sjd = cfg.image.sjd_window > 0 or cfg.audio.sjd_window > 0
+        self.cold = cfg.by_modality("temperature", device) == 0
         self.lock = threading.Lock()
         self.state = int(self.grammar.state[0])
 
@@ -104,6 +119,10 @@ class _Running:
         if ROWS <= state <= EOI:
             return cfg.image.guidance != 1
         return state == AUDIO and cfg.audio.guidance != 1
+
+    def verifier(self, modality: int) -> torch.Generator | None:
+        """The generator that verifies and draws drafts in this modality (none: greedily, as ``generate``)."""
+        return None if self.generator is None or bool(self.cold[modality]) else self.generator
 
 
 class _Group:
@@ -145,20 +164,19 @@ class Engine:
         self.rows: list[tuple[_Running, bool]] = []  # the cache's rows: (job, is its unconditional row)
         self.positions: list[int] = []  # each row's next position
         self.cache = None
+        self.fed = 1  # the width of the last forward pass's window (1: one token a row, nothing to rewind)
         self.wake = threading.Condition()
         self.closed = False
         self.thread: threading.Thread | None = None
         self.spans = SpanDecoder(tok, on_done=self._span_done)
-        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "rejected": 0, "cancelled": 0, "timed_out": 0}
+        self.stats = {"requests": 0, "finished": 0, "tokens": 0, "rejected": 0, "cancelled": 0, "timed_out": 0,
+                      "passes": 0, "drafts": 0, "accepted": 0}
 
     # ---------------------------------------------------------------- the caller's side
 
     def submit(self, job: Job) -> Job:
         """Queue a job (checked first: a request the layout cannot serve is refused here, in one line)."""
         check_request(self.layout, job.cfg)
-        if job.cfg.image.sjd_window or job.cfg.audio.sjd_window:
-            raise OmnitokError("the server does not run speculative Jacobi decoding yet: leave sjd_window at 0 "
-                               "(omnitok sample does)")
         with self.wake:
             if len(self.waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
@@ -207,7 +225,7 @@ class Engine:
         for r in self.running:
             if not r.finished:
                 self._finish(r, why)
-        self.running, self.groups, self.rows, self.positions, self.cache = [], {}, [], [], None
+        self.running, self.groups, self.rows, self.positions, self.cache, self.fed = [], {}, [], [], None, 1
 
     # ---------------------------------------------------------------- one decoding step
 
@@ -224,6 +242,7 @@ class Engine:
         self._retire()
         for group in self.groups.values():
             self._pick(group)
+        self._rewind()
         self._retire()
         self._guidance()
         if self.rows:
@@ -275,32 +294,80 @@ class Engine:
             else:
                 r.logits = logits[i:i + 1]
         if self.cache is None or not self.rows:
-            self.cache = cache
-        else:
-            self.cache.extend(cache)
+            self.cache, self.fed = cache, 1
+        else:  # after a window, they end where its first column is: the window's other columns are padding to them
+            self.cache.extend(cache, end=self.cache.length - self.fed + 1)
         self.rows += [(r, uncond) for r, uncond, _ in seqs]
         self.positions += (positions[:, -1] + 1).tolist()
 
     def _pick(self, group: _Group) -> None:
-        """The next token of every job of a group, picked together, each row from its own logits, grammar state
-        and generator: exactly as ``generate`` picks it for that sample."""
+        """The next tokens of every job of a group, picked together, each row from its own logits, grammar state
+        and generator, exactly as ``generate`` picks them for that sample: one token, or the drafts of its window
+        that stand and one more; then the drafts of its next window."""
         members, grammar = group.members, group.grammar
-        cfg, scale, log_floor = members[0].job.cfg, members[0].scale, members[0].log_floor
+        first = members[0]
+        cfg, scale, log_floor = first.job.cfg, first.scale, first.log_floor
         device = grammar.state.device
-        allowed = grammar.allowed(torch.tensor([r.budget - r.produced for r in members], device=device))
-        logits = torch.cat([r.logits for r in members])
-        modality = grammar.modality()
+        width = max(len(r.drafts) for r in members)
+        left = torch.tensor([r.budget - r.produced for r in members], device=device)
+        allowed = grammar.allowed_ahead(left, width)  # (n, width + 1, V): drafts are codes of the span
+        modality = grammar.modality(width)
+        cond = _windows([r.logits for r in members], width + 1)
         guided = [i for i, r in enumerate(members) if r.uncond is not None]
         if guided:
             rows = torch.tensor(guided, device=device)
-            m = modality[rows][:, None]
-            mixed = _guided(logits[rows], torch.cat([members[i].uncond for i in guided]), allowed[rows], scale[m],
-                            log_floor[m])
-            logits = logits.index_copy(0, rows, mixed)
-        tokens = _pick(logits, allowed, modality, cfg, None if cfg.greedy else [r.generator for r in members])
-        grammar.advance(tokens)
-        for r, token, state in zip(members, tokens.tolist(), grammar.state.tolist()):
-            self._advance(r, token, state)
+            m = modality[rows][..., None]
+            mixed = _guided(cond[rows], _windows([members[i].uncond for i in guided], width + 1), allowed[rows],
+                            scale[m], log_floor[m])
+            cond = cond.index_copy(0, rows, mixed)
+        taken: list[list[int]] = [[] for _ in members]
+        predicted: list[torch.Tensor | None] = [None] * len(members)
+        plain = [i for i, r in enumerate(members) if not r.drafts]
+        if plain:
+            rows = torch.tensor(plain, device=device)
+            tokens = _pick(cond[rows, 0], allowed[rows, 0], modality[rows, 0], cfg,
+                           None if cfg.greedy else [members[i].generator for i in plain])
+            for i, t in zip(plain, tokens.tolist()):
+                taken[i] = [t]
+        drafting = [i for i, r in enumerate(members) if r.drafts]
+        if drafting:  # every window filtered in one call (row by row, so the same as one at a time)
+            rows = torch.tensor(drafting, device=device)
+            x = _filtered(cond[rows].flatten(0, 1), allowed[rows].flatten(0, 1), modality[rows].flatten(), cfg)
+            x = x.view(len(drafting), width + 1, -1)
+            for j, i in enumerate(drafting):
+                r = members[i]
+                taken[i], predicted[i] = _verify(x[j, :len(r.drafts) + 1], r.drafts, r.proposals,
+                                                 r.verifier(int(modality[i, 0])))
+                r.kept = len(taken[i])  # its last token and the drafts that stood
+                self.stats["drafts"] += len(r.drafts)
+                self.stats["accepted"] += len(taken[i]) - 1
+        for col in range(max(len(t) for t in taken)):  # drafts are codes: only a job's last token can end it
+            moving = [col < len(t) for t in taken]
+            tokens = [t[col] if mv else self.layout.pad_id for t, mv in zip(taken, moving)]
+            grammar.advance(torch.tensor(tokens, device=device),
+                            None if all(moving) else torch.tensor(moving, device=device))
+            for r, mv, t, state in zip(members, moving, tokens, grammar.state.tolist()):
+                if mv:
+                    self._advance(r, t, state)
+        if first.sjd:  # the conditional logits after each job's window, before its drafts are replaced
+            last = torch.stack([r.logits[len(r.drafts)] for r in members])
+            left = torch.tensor([r.budget - r.produced for r in members], device=device)
+            drafts, proposals = _drafts(grammar, left, cfg, predicted, last,
+                                        [r.verifier(m) for r, m in zip(members, grammar.modality().tolist())])
+            for r, d, q in zip(members, drafts, proposals):
+                r.drafts, r.proposals = d, q
+
+    def _rewind(self) -> None:
+        """After a window: every row forgets the drafts its job's verification let fall and moves its next position
+        past those that stood; rows that fed one token (or joined since, ending at the window's first column) keep
+        only that column, so the cache ends after the longest run kept."""
+        if self.fed > 1 and self.rows:
+            kept = [r.kept or 1 for r, _ in self.rows]
+            self.cache.rewind(torch.tensor(kept, device=self.decoder.device), self.fed)
+            self.positions = [p + k - 1 for p, k in zip(self.positions, kept)]
+        for r in self.running:
+            r.kept = 0
+        self.fed = 1
 
     def _advance(self, r: _Running, t: int, state: int) -> None:
         job, old = r.job, r.state
@@ -374,13 +441,31 @@ class Engine:
                                                    r.job.request)) for r in joining])
 
     def _forward(self) -> None:
-        ids = torch.tensor([[r.job.output[-1]] for r, _ in self.rows], device=self.decoder.device)
-        positions = torch.tensor(self.positions, device=self.decoder.device)[:, None]
-        logits = self.decoder.forward(self.cache, ids, torch.ones_like(ids, dtype=torch.bool), positions)
+        """One pass over every row: its job's last token, and the job's drafts when it has some (a window)."""
+        fed = [[r.job.output[-1], *r.drafts] for r, _ in self.rows]
+        width, device = max(len(f) for f in fed), self.decoder.device
+        ids = torch.tensor([f + [self.layout.pad_id] * (width - len(f)) for f in fed], device=device)
+        valid = torch.tensor([[True] * len(f) + [False] * (width - len(f)) for f in fed], device=device)
+        positions = torch.tensor(self.positions, device=device)[:, None] + torch.arange(width, device=device)
+        if width == 1:
+            logits = self.decoder.forward(self.cache, ids, valid, positions)[:, None]
+        else:
+            logits = self.decoder.forward_window(self.cache, ids, valid, positions)
         for i, (r, uncond) in enumerate(self.rows):
             if uncond:
-                r.uncond = logits[i:i + 1]
+                r.uncond = logits[i, :len(fed[i])]
             else:
-                r.logits = logits[i:i + 1]
+                r.logits = logits[i, :len(fed[i])]
+        self.fed = width
         self.positions = [p + 1 for p in self.positions]
+        self.stats["passes"] += 1
 
+
+def _windows(logits: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Jobs' logits windows (n_i, V) stacked as (jobs, width, V); the positions past a job's window are zeros."""
+    if all(len(x) == width for x in logits):
+        return torch.stack(logits)
+    out = logits[0].new_zeros((len(logits), width, logits[0].shape[-1]))
+    for i, x in enumerate(logits):
+        out[i, :len(x)] = x
+    return out
