@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {g}x{g} image, batch {batch}: {times[1.0] / batch:.2f} s/image without guidance, "
               f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time")
     if args.compiled:  # the decoder's layers under torch.compile vs eager, text decode, same tokens
+        from torch._dynamo.utils import counters
+
         for batch in (1, 8):
+            skips = counters["inductor"]["cudagraph_skips"]
             cfg = SamplingConfig(greedy=True, output="text", max_new_tokens=n)
             prompts = [prompt] * batch
             start = time.perf_counter()
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> dict:
                                           args.repeats, device) for c in (False, True)}
             out[f"compiled_batch{batch}"] = {"eager": rates[False], "compiled": rates[True],
                                              "ratio": rates[True] / rates[False], "same_tokens": same,
-                                             "first_run_s": warm}
+                                             "first_run_s": warm,
+                                             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
             print(f"  text, batch {batch}: compiled {rates[True]:.0f} tokens/s, eager {rates[False]:.0f} tokens/s, "
                   f"ratio {rates[True] / rates[False]:.2f}; greedy tokens {'equal' if same else 'DIFFER'}")
     big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache

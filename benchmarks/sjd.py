@@ -38,10 +38,10 @@ def counting_passes() -> Iterator[list[int]]:
 
 
 def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: int, repeats: int,
-            device: torch.device) -> dict:
+            device: torch.device, compiled: bool = False) -> dict:
     """Forward passes per batch (a batch runs until its slowest sample ends) and seconds per image, SJD off and on,
-    at batch 1 and 8 (best of ``repeats`` after a warm-up; the seeds differ between repeats, not between SJD off
-    and on)."""
+    at batch 1 and 8 (best of ``repeats`` after a warm-up, which also pays the compiler with ``compiled``; the seeds
+    differ between repeats, not between SJD off and on)."""
     from omnitok.model.sampler import generate
 
     out = {}
@@ -50,14 +50,14 @@ def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: 
         row = {}
         for label, c in (("plain", cfg), ("sjd", sjd)):
             best, passes = float("inf"), 0
-            generate(model, layout, [prompt] * batch, eos, c, seeds=list(range(batch)))  # warm-up
+            generate(model, layout, [prompt] * batch, eos, c, seeds=list(range(batch)), compiled=compiled)
             for r in range(repeats):
                 seeds = list(range(100 * (r + 1), 100 * (r + 1) + batch))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 with counting_passes() as count:
                     start = time.perf_counter()
-                    generate(model, layout, [prompt] * batch, eos, c, seeds=seeds)
+                    generate(model, layout, [prompt] * batch, eos, c, seeds=seeds, compiled=compiled)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - start)
@@ -99,9 +99,10 @@ def demo_model(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def random_model(args: argparse.Namespace, device: torch.device, size: str = "tiny", grid: int = 16,
-                 guidance: float = 3.0) -> dict:
+                 guidance: float = 3.0, compiled: bool = False) -> dict:
     """A random model of ``benchmarks.sample`` (``size``) with ``grid`` x ``grid`` image spans (near-uniform
-    predictions, which guidance's plausibility floor sharpens)."""
+    predictions, which guidance's plausibility floor sharpens); ``compiled``: the decoder under ``torch.compile``
+    (CUDA graphs for one-token steps on a GPU)."""
     from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig
     from omnitok.tokenizers.layout import TokenLayout, image_span_length
@@ -114,9 +115,9 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
     cfg = SamplingConfig(output="image", grid=(grid, grid), max_new_tokens=image_span_length(grid, grid),
                          image=ModalitySampling(top_k=1000, guidance=guidance))
     print(f"{size} random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid}x{grid} images, "
-          f"guidance {guidance:g}")
+          f"guidance {guidance:g}{', compiled' if compiled else ''}")
     out = compare(f"random {size}", model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, cfg,
-                  args.window, args.repeats, device)
+                  args.window, args.repeats, device, compiled)
     for row in out.values():  # image codes per second of the whole batch
         for label in ("plain", "sjd"):
             row[label]["codes_per_s"] = grid * grid / row[label]["s_per_image"]

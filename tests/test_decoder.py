@@ -13,13 +13,26 @@ def hf_last_logits(model, seqs):
     return torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
 
 
+def decoder(model, form: str) -> Decoder:
+    """An eager decoder; with ``form`` "static", it runs the compiled decoder's static form eagerly (keys and values
+    written at tensor indices, attention over the cache's whole capacity: what the graphs, and on a GPU the CUDA
+    graphs, run)."""
+    dec = Decoder(model)
+    dec.static = form == "static"
+    return dec
+
+
+FORMS = pytest.mark.parametrize("form", ["sliced", "static"])
+
+
+@FORMS
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @torch.inference_mode()
-def test_logits_match_hugging_face_with_padding_steps_and_spliced_rows(arch):
+def test_logits_match_hugging_face_with_padding_steps_and_spliced_rows(arch, form):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                                     num_kv_heads=2), LAYOUT).eval()
-    dec = Decoder(model)
+    dec = decoder(model, form)
     seqs = [[1, 5, 9, 12, 40, 3], [1, 7], [1, 30, 31, 32]]
     cache = dec.new_cache(3, capacity=4)  # small, so the cache must grow
     ids, valid, pos = _left_padded(seqs, LAYOUT.pad_id, dec.device)
@@ -51,14 +64,17 @@ def test_unsupported_models_are_refused_by_name():
         Decoder(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
 
 
+@FORMS
 @torch.inference_mode()
-def test_a_window_of_drafts_then_rewound_rows_match_hugging_face():
+def test_a_window_of_drafts_then_rewound_rows_match_hugging_face(form):
     """Speculative decoding's cache moves: a window of tokens fed at once gives the logits after each of them, and
-    rows that keep different numbers of them go on exactly as their kept sequences alone."""
+    rows that keep different numbers of them go on exactly as their kept sequences alone; a row spliced in between
+    the window and the rewind (a server admitting a request) ends at the window's first column and goes on as its
+    sequence alone."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2),
                         LAYOUT).eval()
-    dec = Decoder(model)
+    dec = decoder(model, form)
     seqs = [[1, 5, 9, 12], [1, 7]]
     cache = dec.new_cache(2)
     ids, valid, pos = _left_padded(seqs, LAYOUT.pad_id, dec.device)
@@ -69,13 +85,17 @@ def test_a_window_of_drafts_then_rewound_rows_match_hugging_face():
     for r in range(2):
         full = model(torch.tensor([seqs[r] + window[r].tolist()])).logits[0, -4:]
         torch.testing.assert_close(logits[r], full, atol=1e-5, rtol=1e-5)
-    kept = torch.tensor([3, 1])  # row 0 keeps 40 41 42, row 1 keeps 20
+    extra = dec.new_cache(1)
+    ids, valid, pos = _left_padded([[1, 44, 45, 46, 47, 48, 49, 50]], LAYOUT.pad_id, dec.device)  # longer than all
+    dec.forward(extra, ids, valid, pos)
+    cache.extend(extra, end=cache.length - 4 + 1)
+    kept = torch.tensor([3, 1, 1])  # row 0 keeps 40 41 42, row 1 keeps 20, the new row its last token
     cache.rewind(kept, 4)
-    seqs = [seqs[0] + [40, 41, 42], seqs[1] + [20]]
-    nxt = positions[:, 0] + kept
+    seqs = [seqs[0] + [40, 41, 42], seqs[1] + [20], [1, 44, 45, 46, 47, 48, 49, 50]]
+    nxt = torch.cat([positions[:, 0] + kept[:2], pos[:, -1] + 1])
     for token in (11, 60):
         seqs = [s + [token] for s in seqs]
-        ours = dec.forward(cache, torch.full((2, 1), token), torch.ones(2, 1, dtype=torch.bool), nxt[:, None])
+        ours = dec.forward(cache, torch.full((3, 1), token), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
         nxt = nxt + 1
         torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
 

@@ -21,6 +21,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     out = tmp_path / "report.json"
     report = main(["--reduced", "--out", str(out), "--device", "cpu"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["failed"] == [], {name: report[name] for name in report["failed"]}
     for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray"):
         values = numbers(report[part])
         assert values and all(math.isfinite(v) and v >= 0 for v in values), part
@@ -32,6 +33,26 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     assert "compiled_batch1" not in report["sampler"]  # the reduced check does not compile
     assert sorted(report["audio"]) == ["dac", "encodec", "mimi", "wavtokenizer", "xcodec", "xcodec2"]
     assert report["tokenize_ray"]["images_per_s"] > 0 and report["tokenize_ray"]["gpu_busy"] is None  # no nvidia-smi
+
+
+def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """A GPU session is short: one broken measurement costs its own part of the report, not the rest."""
+    from benchmarks import gpu_check
+
+    for module, name in ((gpu_check.sample, "run"), (gpu_check.sjd, "random_model"), (gpu_check.pretrain, "run"),
+                         (gpu_check.audio, "run"), (gpu_check.tokenize_ray, "gpu_busy")):
+        monkeypatch.setattr(module, name, lambda *args, **kw: {"value": 1.0})
+    monkeypatch.setattr(gpu_check, "pretrain_mfu", lambda result, *args: result)
+
+    def broken(args):
+        raise RuntimeError("no kernel image is available")
+
+    monkeypatch.setattr(gpu_check.image, "run", broken)
+    out = tmp_path / "report.json"
+    report = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu"])
+    assert report["failed"] == ["vqgan"] and report["vqgan"] == {"error": "RuntimeError: no kernel image is available"}
+    assert report["audio"] == report["tokenize_ray"] == {"value": 1.0}  # the parts after it ran
+    assert json.loads(out.read_text())["failed"] == ["vqgan"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the full check")

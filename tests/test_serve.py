@@ -192,3 +192,20 @@ def test_a_failing_step_ends_the_batch_with_an_error_and_the_engine_goes_on(serv
         assert events(job)[-1][0] == "done" and job.output == reference(model, tok, job)
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_the_compiled_engine_gives_the_same_greedy_tokens(served):
+    """``omnitok serve --compile``: the batch's cache is trimmed, grown and spliced as jobs come and go, windows of
+    drafts are verified, and the compiled decoder (its one-token steps in the static form CUDA graphs replay) still
+    gives every job ``generate``'s greedy tokens."""
+    model, tok = served
+    jobs = plain_jobs(tok, 8)
+    for i, job in enumerate(jobs):
+        job.cfg = copy.deepcopy(job.cfg)
+        job.cfg.greedy = True
+        job.cfg.image.sjd_window = 4 * (i % 2)
+    engine = Engine(model, tok, max_rows=3, compiled=True)
+    run(engine, jobs, every=2)
+    for job in jobs:
+        assert job.output == reference(model, tok, job)

@@ -6,9 +6,17 @@ over a ``KVCache`` that is preallocated and grows by doubling. Rows of the cache
 steps, which is what classifier-free guidance needs: an unconditional row joins while its sample is inside a media
 span and leaves when the span closes.
 
-With ``compiled``, the layers run under ``torch.compile`` with dynamic shapes, so steps of any batch, window and cache
-length reuse a handful of graphs (prefill, one-token step, window); the cache is preallocated and written in place.
-The tokens are the same as eager (tested greedy); CUDA graphs are not used yet.
+With ``compiled``, the layers run under ``torch.compile`` with dynamic shapes in a static form: new keys and values are
+written at columns given as a tensor (``index_copy_``) and attention reads the cache's whole capacity under an
+explicit mask, so nothing in a graph depends on where in the cache a step writes. Steps of any batch, window and cache
+length reuse a handful of graphs (prefill, window, one-token step), and from one one-token step to the next no shape
+and no address changes (only when rows join or leave or the cache grows). One-token steps are compiled apart with
+``mode="reduce-overhead"``: on a GPU, inductor captures them as a CUDA graph per batch shape and replays it (the
+cache's tensors are marked static addresses, so a replay copies only the new token's inputs); on a CPU the same code
+runs without graphs. (Slicing the cache at a symbolic ``start`` / ``end`` instead, as the eager path does, let a
+graph compiled where the cache happened to be exactly full be reused for a larger cache: a size assertion failed
+inside the graph once the server's cache grew.) The tokens are the same as eager (tested greedy, ``generate`` and the
+server's engine).
 
 Supported: ``llama``, ``mistral`` and ``qwen2`` without sliding windows, ``qwen3`` (QK-norm), i.e. every model that
 ``omnitok pretrain`` builds or continues from those families. Parity with Hugging Face is tested (logits with left
@@ -165,8 +173,9 @@ class Decoder:
         self.dtype, self.device = param.dtype, param.device
         # torch.compile over the layers (dynamic shapes: the rows, the tokens fed and the cache length vary from step
         # to step without recompiling); embedding, RoPE tables, masks and cache bookkeeping stay in Python
-        self.compiled = compiled
+        self.static = compiled  # the static form (``_blocks`` with ``index``), what compiled graphs run
         self.blocks = torch.compile(self._blocks, dynamic=True) if compiled else self._blocks
+        self.step_blocks = torch.compile(self._step, dynamic=True, mode="reduce-overhead") if compiled else self._blocks
 
     def new_cache(self, rows: int, capacity: int = 64) -> KVCache:
         return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
@@ -191,18 +200,32 @@ class Decoder:
         cache.valid[:, start:end] = valid
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, positions)
-        mask, causal = self._mask(cache, start, end, always=self.compiled)
-        x = self.blocks(x, cos[:, None], sin[:, None], mask, causal, cache.keys, cache.values, start)
+        if self.static:
+            run = self.blocks
+            if t == 1:
+                run = self.step_blocks
+                if self.device.type == "cuda":  # CUDA graphs replay over the cache in place (re-recorded if it moves)
+                    for tensor in (*cache.keys, *cache.values):
+                        torch._dynamo.mark_static_address(tensor)
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's output is used up: reuse its memory
+            mask, _ = self._mask(cache, start, end, full=True)
+            index = torch.arange(start, end, device=ids.device)
+            x = run(x, cos[:, None], sin[:, None], mask, False, cache.keys, cache.values, start, index)
+        else:
+            mask, causal = self._mask(cache, start, end)
+            x = self.blocks(x, cos[:, None], sin[:, None], mask, causal, cache.keys, cache.values, start)
         cache.length = end
         return x
 
     def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 causal: bool, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
-                start: int) -> torch.Tensor:
+                start: int, index: torch.Tensor | None = None) -> torch.Tensor:
         """Every decoder layer and the final norm over embedded tokens ``x`` (rows, t, hidden), their keys and values
-        written into the cache's tensors at ``start``: tensor operations only, what ``torch.compile`` compiles."""
+        written into the cache's tensors at ``start``: tensor operations only, what ``torch.compile`` compiles.
+        With ``index`` (the columns ``start ...`` as a tensor) the static form: keys and values are written at
+        ``index`` and attention reads the cache's whole capacity (``mask`` covers it), so neither shapes nor
+        addresses depend on ``start`` (what a CUDA graph replays)."""
         B, t, _ = x.shape
-        end = start + t
         gqa = self.heads != self.kv_heads
         H, KV, d = self.heads, self.kv_heads, self.head_dim
         for i, (n1, wq, bq, wk, bk, wv, bv, qn, kn, wo, bo, n2, wg, bg, wu, bu, wd, bd) in enumerate(self.weights):
@@ -213,9 +236,14 @@ class Decoder:
             if qn is not None:
                 q, k = _norm(qn, q), _norm(kn, k)
             qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H + KV, t, d)
-            cache_keys[i][:, :, start:end] = qk[:, H:]
-            cache_values[i][:, :, start:end] = v
-            keys, values = cache_keys[i][:, :, :end], cache_values[i][:, :, :end]
+            if index is None:
+                cache_keys[i][:, :, start:start + t] = qk[:, H:]
+                cache_values[i][:, :, start:start + t] = v
+                keys, values = cache_keys[i][:, :, :start + t], cache_values[i][:, :, :start + t]
+            else:
+                cache_keys[i].index_copy_(2, index, qk[:, H:])
+                cache_values[i].index_copy_(2, index, v)
+                keys, values = cache_keys[i], cache_values[i]
             if gqa:
                 keys = keys.repeat_interleave(H // KV, dim=1)
                 values = values.repeat_interleave(H // KV, dim=1)
@@ -226,16 +254,21 @@ class Decoder:
             x = x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
         return _norm(self.body.norm, x)
 
+    def _step(self, *args) -> torch.Tensor:
+        """``_blocks`` for one-token steps, under a code object of its own: its compiled graphs (CUDA graphs on a GPU)
+        are cached and counted apart from the prefill and window graphs."""
+        return self._blocks(*args)
+
     @staticmethod
-    def _mask(cache: KVCache, start: int, end: int, always: bool = False) -> tuple[torch.Tensor | None, bool]:
-        """The attention mask of queries ``[start, end)`` over keys ``[0, end)``: causal, padding hidden. Every
-        query also sees itself, so a padding query never has an empty softmax (which would give NaN). Without
-        padding, none (SDPA's causal flag) unless ``always`` (compiled layers: one graph for every step)."""
-        valid = cache.valid[:, :end]
-        if not always and (end - start == 1 or start == 0) and bool(valid.all()):
+    def _mask(cache: KVCache, start: int, end: int, full: bool = False) -> tuple[torch.Tensor | None, bool]:
+        """The attention mask of queries ``[start, end)`` over keys ``[0, end)`` (``full``: over the cache's whole
+        capacity, always given, the static form): causal, padding hidden. Every query also sees itself, so a padding
+        query never has an empty softmax (which would give NaN). Without padding, none (SDPA's causal flag)."""
+        valid = cache.valid[:, :cache.capacity if full else end]
+        if not full and (end - start == 1 or start == 0) and bool(valid.all()):
             return None, end - start > 1
-        keys = torch.arange(end, device=valid.device)
+        keys = torch.arange(valid.shape[1], device=valid.device)
         queries = torch.arange(start, end, device=valid.device)[:, None]
-        mask = (keys[None, :] <= queries) & valid[:, None, :]  # (rows, t, end)
+        mask = (keys[None, :] <= queries) & valid[:, None, :]  # (rows, t, keys)
         mask |= keys[None, :] == queries
         return mask[:, None], False
