@@ -86,11 +86,15 @@ def summary(name: str, results: list[dict], seconds: float, before: dict, after:
            "tokens_per_s": tokens / seconds, "images_per_s": sum(r["images"] for r in done) / seconds,
            "sounds_per_s": sum(r["sounds"] for r in done) / seconds,
            "p50_latency": statistics.median(lat), "p95_latency": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
-           "p50_first_content": statistics.median([r["ttft"] for r in done] or [0.0]), "mean_ttft": ttft}
+           "p50_first_content": statistics.median([r["ttft"] for r in done] or [0.0]), "mean_ttft": ttft,
+           "tokens_per_pass": tokens / max(delta["omnitok_forward_passes_total"], 1),
+           "drafts_accepted": delta["omnitok_sjd_accepted_total"] / max(delta["omnitok_sjd_drafts_total"], 1)}
     print(f"{name:<12} {out['requests']} requests in {seconds:6.1f} s: {out['tokens_per_s']:7.1f} tokens/s, "
           f"{out['images_per_s']:.2f} images/s, {out['sounds_per_s']:.2f} sounds/s, latency p50 "
           f"{out['p50_latency']:.2f} s p95 {out['p95_latency']:.2f} s, first token {ttft:.3f} s (mean, server), "
-          f"first content p50 {out['p50_first_content']:.2f} s, lost {out['lost']}", flush=True)
+          f"first content p50 {out['p50_first_content']:.2f} s, lost {out['lost']}; "
+          f"{out['tokens_per_pass']:.2f} tokens per forward pass, {out['drafts_accepted']:.0%} of SJD drafts accepted",
+          flush=True)
     return out
 
 
