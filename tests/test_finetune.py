@@ -148,8 +148,16 @@ def test_two_process_lora_matches_one_process(sft, tmp_path, zero):
     assert len(a) == len(b) == 4 and a == pytest.approx(b, rel=1e-4) and a[-1] < a[0]
     from safetensors.torch import load_file
 
+    w0 = load_file(sft / "base" / "export" / "model.safetensors")
     w1, w2 = (load_file(tmp_path / d / "export" / "model.safetensors") for d in ("one", "two"))
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert w1.keys() == w2.keys() == w0.keys()
+    # the same update: gloo sums the ranks' gradients in another order than one process does, and Adam turns a
+    # gradient of float-noise size into a step of about lr whatever its size, so single elements of a LoRA factor can
+    # move apart (seen: 1 run in 5 failed an element-wise atol of 1e-5); the update as a whole may not. A lost
+    # all-reduce or a different batch split moves the update by tens of percent.
+    gaps = {k: float((w1[k] - w2[k]).norm() / (w1[k] - w0[k]).norm().clamp(min=1e-12)) for k in w1}
+    assert max(gaps.values()) < 1e-2, sorted(gaps.items(), key=lambda kv: -kv[1])[:3]
+    assert all(torch.equal(w1[k], w0[k]) == torch.equal(w2[k], w0[k]) for k in w1)  # the same weights moved
 
 
 def test_conversations_longer_than_a_sequence_are_skipped_and_recorded(sft, tmp_path):
