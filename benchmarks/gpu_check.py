@@ -38,6 +38,7 @@ import torch
 from benchmarks import audio, image, pretrain, sample, sjd, tokenize_ray
 from benchmarks.common import default_device
 
+PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray")
 # dense bf16 peak FLOP/s by device name (vendor data sheets), for MFU
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     def part(name: str, fn) -> None:
         """One measurement; a part that fails is recorded with its error and the others still run (a GPU session
         is short: one broken part must not cost the rest of the report)."""
+        if name not in args.parts:
+            return
         start = time.perf_counter()
         try:
             report[name] = fn()
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="gpu_report.json")
     parser.add_argument("--reduced", action="store_true", help="tiny sizes, any device (the CI's smoke run)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run only these parts (a device call with a time limit can run the check in two)")
     parser.add_argument("--device", default=default_device())
     args = parser.parse_args(argv)
     if not args.reduced and not args.device.startswith("cuda"):

@@ -53,6 +53,8 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     assert report["failed"] == ["vqgan"] and report["vqgan"] == {"error": "RuntimeError: no kernel image is available"}
     assert report["audio"] == report["tokenize_ray"] == {"value": 1.0}  # the parts after it ran
     assert json.loads(out.read_text())["failed"] == ["vqgan"]
+    some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "audio", "sampler"])
+    assert [k for k in gpu_check.PARTS if k in some] == ["sampler", "audio"] and some["failed"] == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the full check")
