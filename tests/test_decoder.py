@@ -1,3 +1,5 @@
+from unittest import mock
+
 import pytest
 import torch
 from test_pretrain_parts import LAYOUT
@@ -112,4 +114,14 @@ def test_the_compiled_decoder_gives_the_same_greedy_tokens():
     # one image each: prefill, one-token steps (markers), windows of drafts, guidance rows joining and leaving
     cfg = SamplingConfig(greedy=True, output="image", grid=(2, 3), max_new_tokens=40,
                          image=ModalitySampling(guidance=2.0, sjd_window=4))
-    assert generate(model, LAYOUT, prompts, 2, cfg, compiled=True) == generate(model, LAYOUT, prompts, 2, cfg)
+    widths = []
+    window = Decoder.forward_window
+
+    def recorded(self, cache, ids, *args):
+        widths.append(ids.shape[1])
+        return window(self, cache, ids, *args)
+
+    with mock.patch.object(Decoder, "forward_window", recorded):
+        compiled = generate(model, LAYOUT, prompts, 2, cfg, compiled=True)
+    assert compiled == generate(model, LAYOUT, prompts, 2, cfg)
+    assert set(widths) == {5}  # every window padded to 1 + sjd_window: one shape, one CUDA graph on a GPU

@@ -9,11 +9,12 @@ span and leaves when the span closes.
 With ``compiled``, the layers run under ``torch.compile`` with dynamic shapes in a static form: new keys and values are
 written at columns given as a tensor (``index_copy_``) and attention reads the cache's whole capacity under an
 explicit mask, so nothing in a graph depends on where in the cache a step writes. Steps of any batch, window and cache
-length reuse a handful of graphs (prefill, window, one-token step), and from one one-token step to the next no shape
-and no address changes (only when rows join or leave or the cache grows). One-token steps are compiled apart with
-``mode="reduce-overhead"``: on a GPU, inductor captures them as a CUDA graph per batch shape and replays it (the
-cache's tensors are marked static addresses, so a replay copies only the new token's inputs); on a CPU the same code
-runs without graphs. (Slicing the cache at a symbolic ``start`` / ``end`` instead, as the eager path does, let a
+length reuse a handful of graphs (prefill, window, one-token step), and from one decoding pass to the next no shape
+and no address changes (only when rows join or leave or the cache grows; windows are padded to the widest the
+settings allow, ``window_width``). Decoding passes (one-token steps and windows) are compiled apart with
+``mode="reduce-overhead"``: on a GPU, inductor captures them as a CUDA graph per shape and replays it (the cache's
+tensors are marked static addresses, so a replay copies only the new tokens' inputs); on a CPU the same code runs
+without graphs. (Slicing the cache at a symbolic ``start`` / ``end`` instead, as the eager path does, let a
 graph compiled where the cache happened to be exactly full be reused for a larger cache: a size assertion failed
 inside the graph once the server's cache grew.) The tokens are the same as eager (tested greedy, ``generate`` and the
 server's engine).
@@ -183,17 +184,25 @@ class Decoder:
     def forward(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` (rows, t) at ``positions`` (rows, t); ``valid`` (rows, t) is False for padding. Returns the
         float32 logits after each row's last token (rows, V)."""
-        return self.model.lm_head(self._hidden(cache, ids, valid, positions)[:, -1]).float()
+        return self.model.lm_head(self._hidden(cache, ids, valid, positions, ids.shape[1] == 1)[:, -1]).float()
 
     def forward_window(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor,
                        positions: torch.Tensor) -> torch.Tensor:
         """As ``forward``, but the logits after every fed token (rows, t, V): a window of drafts verified in one
         pass (speculative Jacobi decoding)."""
-        return self.model.lm_head(self._hidden(cache, ids, valid, positions)).float()
+        return self.model.lm_head(self._hidden(cache, ids, valid, positions, True)).float()
 
-    def _hidden(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def window_width(self, longest: int, widest: int) -> int:
+        """How many tokens a decoding pass feeds each row, given the longest row's (its last token and its drafts)
+        and the widest window the settings allow (1 + ``sjd_window``): the longest; compiled, a window is padded to
+        the widest, so that every window pass has one shape (one CUDA graph on a GPU, not one per width)."""
+        return widest if self.static and longest > 1 else longest
+
+    def _hidden(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                decode: bool) -> torch.Tensor:
         """The final normed hidden states of the fed tokens (rows, t, hidden); their keys and values go into
-        ``cache``."""
+        ``cache``. ``decode``: a one-token step or a window (compiled: the graphs replayed step after step), not a
+        prefill."""
         B, t = ids.shape
         cache.reserve(t)
         start, end = cache.length, cache.length + t
@@ -202,7 +211,7 @@ class Decoder:
         cos, sin = self.body.rotary_emb(x, positions)
         if self.static:
             run = self.blocks
-            if t == 1:
+            if decode:
                 run = self.step_blocks
                 if self.device.type == "cuda":  # CUDA graphs replay over the cache in place (re-recorded if it moves)
                     for tensor in (*cache.keys, *cache.values):
@@ -255,8 +264,8 @@ class Decoder:
         return _norm(self.body.norm, x)
 
     def _step(self, *args) -> torch.Tensor:
-        """``_blocks`` for one-token steps, under a code object of its own: its compiled graphs (CUDA graphs on a GPU)
-        are cached and counted apart from the prefill and window graphs."""
+        """``_blocks`` for one-token steps and windows, under a code object of its own: its compiled graphs (CUDA
+        graphs on a GPU) are cached and counted apart from the prefill graphs."""
         return self._blocks(*args)
 
     @staticmethod

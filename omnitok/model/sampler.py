@@ -601,7 +601,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 uncond_of += joining
         drafts, proposals = _drafts(grammar, budget_left, cfg, predicted, last,
                                     [verifier(b, int(m)) for b, m in enumerate(grammar.modality().tolist())])
-        window = 1 + max(len(d) for d in drafts)
+        window = decoder.window_width(1 + max(len(d) for d in drafts), 1 + max(cfg.image.sjd_window,
+                                                                                cfg.audio.sjd_window))
         fed_rows = [([t[-1]] if t else [layout.pad_id]) + d for t, d in zip(taken, drafts)]
         fed_rows += [fed_rows[b] for b in uncond_of]
         step_ids = torch.full((len(fed_rows), window), layout.pad_id, dtype=torch.long, device=device)

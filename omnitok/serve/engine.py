@@ -443,7 +443,8 @@ class Engine:
     def _forward(self) -> None:
         """One pass over every row: its job's last token, and the job's drafts when it has some (a window)."""
         fed = [[r.job.output[-1], *r.drafts] for r, _ in self.rows]
-        width, device = max(len(f) for f in fed), self.decoder.device
+        widest = 1 + max(max(r.job.cfg.image.sjd_window, r.job.cfg.audio.sjd_window) for r, _ in self.rows)
+        width, device = self.decoder.window_width(max(len(f) for f in fed), widest), self.decoder.device
         ids = torch.tensor([f + [self.layout.pad_id] * (width - len(f)) for f in fed], device=device)
         valid = torch.tensor([[True] * len(f) + [False] * (width - len(f)) for f in fed], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None] + torch.arange(width, device=device)
