@@ -112,6 +112,43 @@ def hf_json(tmp_path_factory, stdlib_corpus):
     return path
 
 
+@pytest.fixture(scope="module")
+def hf_tok(hf_json):
+    return TextTokenizer.from_path(hf_json)
+
+
+def streamed(tok, ids) -> list[str]:
+    """The pieces a ``TextStream`` gives for ``ids`` pushed one by one, then flushed."""
+    stream = tok.stream()
+    return [stream.push(i) for i in ids] + [stream.flush()]
+
+
+@given(st.text(max_size=150), st.lists(st.integers(3, 799), max_size=40))
+@example("emoji 😀🚀👩‍👩‍👧 CJK 漢字かな  two spaces\n", [])
+@settings(max_examples=150, deadline=None)
+def test_streamed_pieces_join_to_the_decoded_text(sp_tok, hf_tok, text, ids):
+    """What a streamed answer shows is, joined, what decoding the whole answer gives: for encoded text and for
+    arbitrary ids (byte pieces that never finish a character included), SentencePiece and byte-level BPE alike; no
+    piece shows an unfinished character before the end."""
+    for tok in (sp_tok, hf_tok):
+        for seq in (tok.encode([text])[0], ids):
+            pieces = streamed(tok, seq)
+            assert "".join(pieces) == tok.decode(seq)
+            assert not any(p.endswith("\ufffd") for p in pieces[:-1] if "\ufffd" not in tok.decode(seq))
+
+
+def test_a_long_stream_decodes_each_id_a_few_times_not_the_whole_answer_each_time(sp_tok, hf_tok, monkeypatch):
+    text = " ".join(HARD_STRINGS) * 2
+    for tok in (sp_tok, hf_tok):
+        ids = tok.encode([text])[0]
+        decoded = []
+        decode = type(tok).decode
+        monkeypatch.setattr(type(tok), "decode", lambda self, seq: decoded.append(len(seq)) or decode(self, seq))
+        assert "".join(streamed(tok, ids)) == decode(tok, ids)
+        monkeypatch.undo()
+        assert len(ids) > 1000 and sum(decoded) < 12 * len(ids), (len(ids), sum(decoded))
+
+
 def test_hf_tokenizer_json_gives_the_same_ids_as_tokenizers(hf_json):
     ours = TextTokenizer.from_path(hf_json)
     ref = Tokenizer.from_file(str(hf_json))

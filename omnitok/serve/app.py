@@ -432,20 +432,15 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
                                                                           "finish_reason": finish}]}) + "\n\n"
 
         yield chunk({"role": "assistant"})
-        text_ids: list[int] = []  # the current text segment's ids, decoded whole so multi-byte characters join
-        sent = ""
+        text = tok.text.stream()  # the current text segment: its text as it becomes final
         try:
             async for event in events_of(job, request):
                 if event[0] == "token":
                     t = event[1]
-                    if t == end or tok.layout.modality_of(np.asarray([t]))[0] != Modality.TEXT:  # the segment closes
-                        text_ids, sent = [], ""
-                        continue
-                    text_ids.append(t)
-                    text = tok.text.decode(text_ids)
-                    if not text.endswith("\ufffd") and len(text) > len(sent):
-                        yield chunk({"content": text[len(sent):]})
-                        sent = text
+                    closes = t == end or tok.layout.modality_of(np.asarray([t]))[0] != Modality.TEXT
+                    piece = text.flush() if closes else text.push(t)
+                    if piece:
+                        yield chunk({"content": piece})
                 elif event[0] == "media":
                     _, k, kind, data = event
                     if isinstance(data, Exception):
@@ -453,6 +448,9 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
                     else:
                         yield chunk({"content": [media_part(tok, kind, data)], "media_index": k})
                 else:
+                    piece = text.flush()  # the answer stopped inside its text (max_tokens)
+                    if piece:
+                        yield chunk({"content": piece})
                     yield chunk({}, _finish_reason(job.stopped))
                     yield "data: [DONE]\n\n"
         finally:
