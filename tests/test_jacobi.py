@@ -148,9 +148,9 @@ def test_sampled_codes_follow_the_models_distribution(model):
 
     verify = sampler._verify
 
-    def credulous(x, drafts, proposal, generator):  # every draft stands: the output follows the drafts instead
-        stand, rest = verify(x, drafts, proposal, generator)
-        return drafts + [stand[-1]], rest
+    def credulous(x, drafts, proposals, generators):  # every draft stands: the output follows the drafts instead
+        taken, rest = verify(x, drafts, proposals, generators)
+        return [row + [t[-1]] for row, t in zip(drafts, taken)], rest
 
     with mock.patch.object(sampler, "_verify", credulous):
         wrong = sampled_codes(model, prompt, 4000)

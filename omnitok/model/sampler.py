@@ -350,28 +350,40 @@ def _descending(x: torch.Tensor) -> torch.Tensor:
 # batch.
 
 
-def _verify(x: torch.Tensor, drafts: list[int], proposal: torch.Tensor,
-            generator: torch.Generator | None) -> tuple[list[int], torch.Tensor]:
-    """The tokens one sample takes from a window: ``x`` (m + 1, V) its filtered logits after its last token and
-    each of its ``m`` drafts, ``proposal`` (m, V) the distributions the drafts were drawn from. Returns the drafts
-    that stand and one more token, and the model's distributions at the positions after the one that fell (the next
-    window's first drafts). Without a generator (temperature 0), a draft stands when it is the argmax."""
-    m = len(drafts)
-    p = torch.softmax(x, dim=-1)  # (m + 1, V)
-    d = torch.tensor(drafts, device=x.device)
-    if generator is None:
-        best = x.argmax(-1)
-        stand = int((d == best[:m]).long().cumprod(0).sum())
-        return drafts[:stand] + [int(best[stand])], p[stand + 1:]
-    u = torch.rand(m + 1, generator=generator, device=x.device)
-    p_d, q_d = p[:m].gather(-1, d[:, None]).squeeze(-1), proposal.gather(-1, d[:, None]).squeeze(-1)
-    stand = int((u[:m] * q_d < p_d).long().cumprod(0).sum())  # u < p / q, without dividing by q
-    if stand < m:
-        residual = (p[stand] - proposal[stand]).clamp(min=0)
-        rest = residual if bool(residual.sum() > 0) else p[stand]  # p == q: a draft falls only on a float edge
-    else:
-        rest = p[m]
-    return drafts[:stand] + [int(_draw(rest[None], u[m:])[0])], p[stand + 1:]
+def _verify(x: torch.Tensor, drafts: list[list[int]], proposals: list[torch.Tensor],
+            generators: list[torch.Generator | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The tokens each drafting sample takes from its window, every row at once: ``x`` (rows, w + 1, V) the filtered
+    logits after each row's last token and each of its drafts (a row with ``m`` < w drafts uses its first m + 1
+    positions), ``proposals[r]`` (m, V) the distributions row r's drafts were drawn from, ``generators[r]`` its
+    generator (None: temperature 0, a draft stands when it is the argmax). Returns per row the drafts that stand and
+    one more token, and the model's distributions at the positions after the one that fell (the next window's first
+    drafts). Each row draws its m + 1 uniform numbers from its own generator, as one row alone would."""
+    R, W, V = x.shape
+    device = x.device
+    m = torch.tensor([len(d) for d in drafts], device=device)
+    p = torch.softmax(x, dim=-1)  # (R, W, V)
+    d = torch.zeros((R, W - 1), dtype=torch.long, device=device)
+    q = x.new_zeros((R, W - 1, V))
+    u = x.new_zeros((R, W))
+    for r, (row, proposal, g) in enumerate(zip(drafts, proposals, generators)):
+        d[r, :len(row)] = torch.tensor(row, device=device)
+        q[r, :len(row)] = proposal
+        if g is not None:
+            u[r, :len(row) + 1] = torch.rand(len(row) + 1, generator=g, device=device)
+    greedy = torch.tensor([g is None for g in generators], device=device)
+    best = x.argmax(-1)  # (R, W)
+    p_d, q_d = p[:, :-1].gather(-1, d[..., None]).squeeze(-1), q.gather(-1, d[..., None]).squeeze(-1)
+    ok = torch.where(greedy[:, None], d == best[:, :-1], u[:, :-1] * q_d < p_d)  # u < p / q, without dividing by q
+    ok &= torch.arange(W - 1, device=device)[None, :] < m[:, None]
+    stand = ok.long().cumprod(1).sum(1)  # (R,)
+    rows = torch.arange(R, device=device)
+    p_s = p[rows, stand]
+    residual = (p_s - q[rows, stand.clamp(max=W - 2)]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_s)  # p == q: falls only on a float edge
+    rest = torch.where((stand < m)[:, None], residual, p_s)  # all stood: one more from the last distribution
+    token = torch.where(greedy, best[rows, stand], _draw(rest, u[rows, m]))
+    taken = [row[:s] + [t] for row, s, t in zip(drafts, stand.tolist(), token.tolist())]
+    return taken, [p[r, s + 1:k + 1] for r, (s, k) in enumerate(zip(stand.tolist(), m.tolist()))]
 
 
 def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted: list[torch.Tensor | None],
@@ -552,9 +564,11 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
             rows = torch.tensor(drafting, device=device)
             x = _filtered(cond[rows].flatten(0, 1), allowed[rows].flatten(0, 1), modality[rows].flatten(), cfg)
             x = x.view(len(drafting), width + 1, -1)
-            for i, b in enumerate(drafting):
-                taken[b], predicted[b] = _verify(x[i, :len(drafts[b]) + 1], drafts[b], proposals[b],
-                                                 verifier(b, int(modality[b, 0])))
+            heads = modality[rows, 0].tolist()
+            verified = _verify(x, [drafts[b] for b in drafting], [proposals[b] for b in drafting],
+                               [verifier(b, k) for b, k in zip(drafting, heads)])
+            for b, t, rest in zip(drafting, *verified):
+                taken[b], predicted[b] = t, rest
         # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
         last = torch.stack([logits[b, len(drafts[b])] for b in range(B)])
         if width:  # the cache forgets the drafts that fell (an unconditional row keeps what its sample keeps)

@@ -334,13 +334,15 @@ class Engine:
             rows = torch.tensor(drafting, device=device)
             x = _filtered(cond[rows].flatten(0, 1), allowed[rows].flatten(0, 1), modality[rows].flatten(), cfg)
             x = x.view(len(drafting), width + 1, -1)
-            for j, i in enumerate(drafting):
+            heads = modality[rows, 0].tolist()
+            verified = _verify(x, [members[i].drafts for i in drafting], [members[i].proposals for i in drafting],
+                               [members[i].verifier(k) for i, k in zip(drafting, heads)])
+            for i, t, rest in zip(drafting, *verified):
                 r = members[i]
-                taken[i], predicted[i] = _verify(x[j, :len(r.drafts) + 1], r.drafts, r.proposals,
-                                                 r.verifier(int(modality[i, 0])))
-                r.kept = len(taken[i])  # its last token and the drafts that stood
+                taken[i], predicted[i] = t, rest
+                r.kept = len(t)  # its last token and the drafts that stood
                 self.stats["drafts"] += len(r.drafts)
-                self.stats["accepted"] += len(taken[i]) - 1
+                self.stats["accepted"] += len(t) - 1
         for col in range(max(len(t) for t in taken)):  # drafts are codes: only a job's last token can end it
             moving = [col < len(t) for t in taken]
             tokens = [t[col] if mv else self.layout.pad_id for t, mv in zip(taken, moving)]
