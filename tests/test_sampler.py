@@ -268,3 +268,44 @@ def test_an_audio_layout_without_images_samples_audio_of_at_most_max_audio_s():
         assert out[0] == layout.boa_id and out[-1] == layout.eoa_id
         codes = layout.audio_codes(np.asarray(out[1:-1]))  # whole frames, each codebook in its own range
         assert 1 <= codes.shape[1] <= 5 and (codes[1] < 8).all()  # 0.4 s at 12.5 frames/s: 5 frames
+
+
+def test_inside_spans_only_the_spans_logits_are_computed_and_the_samples_do_not_change(model):
+    """Once every sample is inside an image or audio span, a pass computes only the output rows of the ids its next
+    picks (and drafts) may take (``head_columns``); the tokens are those of computing every logit, bit for bit."""
+    from unittest import mock
+
+    from omnitok.model import sampler
+    from omnitok.model.decoder import Decoder
+
+    prompts = [[1, 5 + i, 6][: 2 + i % 2] for i in range(6)]
+    ranges = []  # the columns of every decoding pass (one-token steps and windows; not the prompts' prefills)
+    forward, window = Decoder.forward, Decoder.forward_window
+
+    def step(self, cache, ids, valid, positions, columns=None):
+        if ids.shape[1] == 1:
+            ranges.append(columns)
+        return forward(self, cache, ids, valid, positions, columns)
+
+    def windowed(self, cache, ids, valid, positions, columns=None):
+        ranges.append(columns)
+        return window(self, cache, ids, valid, positions, columns)
+
+    for cfg in (SamplingConfig(output="image", grid=(3, 4), max_new_tokens=40,
+                               image=ModalitySampling(top_k=8, guidance=2.0, sjd_window=3)),
+                SamplingConfig(output="audio", max_new_tokens=40, max_audio_s=0.1,
+                               audio=ModalitySampling(top_p=0.9, guidance=1.5)),
+                SamplingConfig(max_new_tokens=40, image=ModalitySampling(sjd_window=4))):
+        ranges.clear()
+        with mock.patch.object(Decoder, "forward", step), mock.patch.object(Decoder, "forward_window", windowed):
+            ours = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(6)))
+        with mock.patch.object(sampler, "head_columns", lambda masks: None):
+            assert ours == generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(6)))
+        restricted = [c for c in ranges if c is not None]
+        if cfg.output == "image":  # the grid markers, the codes, <|eoi|>, the padding of samples that ended
+            assert len(restricted) == len(ranges) > 4
+            assert all(c[0] >= LAYOUT.pad_id and c[1] <= LAYOUT.ranges["image"][1] for c in restricted)
+        elif cfg.output == "audio":  # once samples end, their padding id (at the text's end) and the last codebook
+            # span more than half of this tiny vocabulary, and everything is computed
+            assert len(restricted) > len(ranges) // 2
+            assert all(c[0] >= LAYOUT.pad_id and c[1] <= LAYOUT.ranges["audio"][1] for c in restricted)

@@ -181,16 +181,32 @@ class Decoder:
     def new_cache(self, rows: int, capacity: int = 64) -> KVCache:
         return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
 
-    def forward(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                columns: tuple[int, int] | None = None) -> torch.Tensor:
         """Feed ``ids`` (rows, t) at ``positions`` (rows, t); ``valid`` (rows, t) is False for padding. Returns the
-        float32 logits after each row's last token (rows, V)."""
-        return self.model.lm_head(self._hidden(cache, ids, valid, positions, ids.shape[1] == 1)[:, -1]).float()
+        float32 logits after each row's last token (rows, V). With ``columns`` (lo, hi), only the logits of ids in
+        [lo, hi) are computed and the others are -inf (the tokens the next picks may take lie there:
+        ``sampler.head_columns``)."""
+        return self._head(self._hidden(cache, ids, valid, positions, ids.shape[1] == 1)[:, -1], columns)
 
-    def forward_window(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor,
-                       positions: torch.Tensor) -> torch.Tensor:
+    def forward_window(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+                       columns: tuple[int, int] | None = None) -> torch.Tensor:
         """As ``forward``, but the logits after every fed token (rows, t, V): a window of drafts verified in one
         pass (speculative Jacobi decoding)."""
-        return self.model.lm_head(self._hidden(cache, ids, valid, positions, True)).float()
+        return self._head(self._hidden(cache, ids, valid, positions, True), columns)
+
+    def _head(self, h: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
+        """The output layer over hidden states ``h``, in float32; with ``columns``, over those rows of its weight
+        only (inside an image span that is the codes and the span's markers: about a third of a 52k vocabulary, and
+        the same values as the whole product's columns)."""
+        head = self.model.lm_head
+        if columns is None:
+            return head(h).float()
+        lo, hi = columns
+        part = F.linear(h, head.weight[lo:hi], None if head.bias is None else head.bias[lo:hi]).float()
+        out = part.new_full((*part.shape[:-1], head.weight.shape[0]), float("-inf"))
+        out[..., lo:hi] = part
+        return out
 
     def window_width(self, longest: int, widest: int) -> int:
         """How many tokens a decoding pass feeds each row, given the longest row's (its last token and its drafts)

@@ -48,6 +48,7 @@ from omnitok.model.sampler import (
     _pick,
     _verify,
     check_request,
+    head_columns,
     new_token_budget,
     span_opener,
     unconditional,
@@ -450,10 +451,11 @@ class Engine:
         ids = torch.tensor([f + [self.layout.pad_id] * (width - len(f)) for f in fed], device=device)
         valid = torch.tensor([[True] * len(f) + [False] * (width - len(f)) for f in fed], device=device)
         positions = torch.tensor(self.positions, device=device)[:, None] + torch.arange(width, device=device)
+        columns = head_columns([self._lookahead(g) for g in self.groups.values()])
         if width == 1:
-            logits = self.decoder.forward(self.cache, ids, valid, positions)[:, None]
+            logits = self.decoder.forward(self.cache, ids, valid, positions, columns)[:, None]
         else:
-            logits = self.decoder.forward_window(self.cache, ids, valid, positions)
+            logits = self.decoder.forward_window(self.cache, ids, valid, positions, columns)
         for i, (r, uncond) in enumerate(self.rows):
             if uncond:
                 r.uncond = logits[i, :len(fed[i])]
@@ -462,6 +464,17 @@ class Engine:
         self.fed = width
         self.positions = [p + 1 for p in self.positions]
         self.stats["passes"] += 1
+
+    @staticmethod
+    def _lookahead(group: _Group) -> torch.Tensor:
+        """What a group's next picks may take (its ``_pick`` masks) and, with SJD, every token of its jobs' spans
+        (their next drafts may be topped up from this pass's logits): the logits the pass must compute for it."""
+        device = group.grammar.state.device
+        left = torch.tensor([r.budget - r.produced for r in group.members], device=device)
+        allowed = group.grammar.allowed_ahead(left, max(len(r.drafts) for r in group.members))
+        if group.members[0].sjd:
+            allowed = allowed | group.grammar.span_tokens()[:, None]
+        return allowed
 
 
 def _windows(logits: list[torch.Tensor], width: int) -> torch.Tensor:
