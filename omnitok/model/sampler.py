@@ -87,6 +87,11 @@ class SamplingConfig:
         if self.max_new_tokens < 1 or not self.max_audio_s > 0:
             raise OmnitokError("max_new_tokens must be at least 1 and max_audio_s positive")
 
+    @property
+    def widest_window(self) -> int:
+        """The most drafts a window of these settings holds, in any span (0: no speculative Jacobi decoding)."""
+        return max(self.image.sjd_window, self.audio.sjd_window)
+
     def by_modality(self, setting: str, device: torch.device) -> torch.Tensor:
         """``setting`` of the text / image / audio sampling settings as a tensor indexed by ``Modality`` code (other
         modalities never sample: they get the text value)."""
@@ -567,7 +572,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     proposals: list[torch.Tensor | None] = [None] * B  # the distributions they were drawn from (m, V)
     allowed = grammar.allowed_ahead(budget_left, 0)  # (B, w + 1, V): what each position of the window may take
     # the logits a pass computes: those its picks may take, and (SJD) those the next window's drafts may be drawn from
-    drafting_on = cfg.image.sjd_window > 0 or cfg.audio.sjd_window > 0
+    drafting_on = cfg.widest_window > 0
     for _ in range(max(budget)):  # every sample takes at least one token a pass
         width = logits.shape[1] - 1
         modality = grammar.modality(width)  # (B, w + 1)
@@ -643,8 +648,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 uncond_of += joining
         drafts, proposals = _drafts(grammar, budget_left, cfg, predicted, last,
                                     [verifier(b, int(m)) for b, m in enumerate(grammar.modality().tolist())])
-        window = decoder.window_width(1 + max(len(d) for d in drafts), 1 + max(cfg.image.sjd_window,
-                                                                                cfg.audio.sjd_window))
+        window = decoder.window_width(1 + max(len(d) for d in drafts), 1 + cfg.widest_window)
         fed_rows = [([t[-1]] if t else [layout.pad_id]) + d for t, d in zip(taken, drafts)]
         fed_rows += [fed_rows[b] for b in uncond_of]
         step_ids = torch.full((len(fed_rows), window), layout.pad_id, dtype=torch.long, device=device)

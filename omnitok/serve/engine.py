@@ -108,7 +108,7 @@ class _Running:
         self.drafts: list[int] = []  # codes to feed after its last token (speculative Jacobi decoding)
         self.proposals: torch.Tensor | None = None  # the distributions they were drawn from (drafts, V)
         self.kept = 0  # of the last window, the columns its rows keep (0: it verified no drafts, one)
-        self.sjd = cfg.image.sjd_window > 0 or cfg.audio.sjd_window > 0
+        self.sjd = cfg.widest_window > 0
         self.cold = cfg.by_modality("temperature", device) == 0
         self.lock = threading.Lock()
         self.state = int(self.grammar.state[0])
@@ -446,7 +446,7 @@ class Engine:
     def _forward(self) -> None:
         """One pass over every row: its job's last token, and the job's drafts when it has some (a window)."""
         fed = [[r.job.output[-1], *r.drafts] for r, _ in self.rows]
-        widest = 1 + max(max(r.job.cfg.image.sjd_window, r.job.cfg.audio.sjd_window) for r, _ in self.rows)
+        widest = 1 + max(r.job.cfg.widest_window for r, _ in self.rows)
         width, device = self.decoder.window_width(max(len(f) for f in fed), widest), self.decoder.device
         ids = torch.tensor([f + [self.layout.pad_id] * (width - len(f)) for f in fed], device=device)
         valid = torch.tensor([[True] * len(f) + [False] * (width - len(f)) for f in fed], device=device)
