@@ -132,8 +132,19 @@ class _Group:
     def __init__(self):
         self.members: list[_Running] = []
         self.grammar: Grammar | None = None
+        self.allowed: torch.Tensor | None = None  # its next picks' masks, from the last pass, while still true
+
+    def allowed_ahead(self) -> torch.Tensor:
+        """(members, window, V): what each member may take at each position of its window (``Grammar.allowed_ahead``
+        with each one's tokens left and the group's widest window); kept until the members or their states change."""
+        if self.allowed is None:
+            device = self.grammar.state.device
+            left = torch.tensor([r.budget - r.produced for r in self.members], device=device)
+            self.allowed = self.grammar.allowed_ahead(left, max(len(r.drafts) for r in self.members))
+        return self.allowed
 
     def add(self, r: _Running) -> None:
+        self.allowed = None
         if self.grammar is None:
             self.grammar = r.grammar
         else:
@@ -143,6 +154,7 @@ class _Group:
     def retire(self) -> None:
         keep = [i for i, r in enumerate(self.members) if not r.finished]
         if len(keep) < len(self.members):
+            self.allowed = None
             self.members = [self.members[i] for i in keep]
             if keep:
                 self.grammar.select(torch.tensor(keep, device=self.grammar.state.device))
@@ -310,8 +322,8 @@ class Engine:
         cfg, scale, log_floor = first.job.cfg, first.scale, first.log_floor
         device = grammar.state.device
         width = max(len(r.drafts) for r in members)
-        left = torch.tensor([r.budget - r.produced for r in members], device=device)
-        allowed = grammar.allowed_ahead(left, width)  # (n, width + 1, V): drafts are codes of the span
+        allowed = group.allowed_ahead()  # (n, width + 1, V): drafts are codes of the span
+        group.allowed = None  # the picks below move the states on
         modality = grammar.modality(width)
         cond = _windows([r.logits for r in members], width + 1)
         guided = [i for i, r in enumerate(members) if r.uncond is not None]
@@ -467,11 +479,9 @@ class Engine:
 
     @staticmethod
     def _lookahead(group: _Group) -> torch.Tensor:
-        """What a group's next picks may take (its ``_pick`` masks) and, with SJD, every token of its jobs' spans
-        (their next drafts may be topped up from this pass's logits): the logits the pass must compute for it."""
-        device = group.grammar.state.device
-        left = torch.tensor([r.budget - r.produced for r in group.members], device=device)
-        allowed = group.grammar.allowed_ahead(left, max(len(r.drafts) for r in group.members))
+        """What a group's next picks may take (its ``_pick`` masks, kept for it) and, with SJD, every token of its
+        jobs' spans (their next drafts may be topped up from this pass's logits): the logits the pass must compute."""
+        allowed = group.allowed_ahead()
         if group.members[0].sjd:
             allowed = allowed | group.grammar.span_tokens()[:, None]
         return allowed
