@@ -195,6 +195,13 @@ class Decoder:
         pass (speculative Jacobi decoding)."""
         return self._head(self._hidden(cache, ids, valid, positions, True), columns)
 
+    def decode(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+               columns: tuple[int, int] | None = None) -> torch.Tensor:
+        """A decoding pass, (rows, t, V): a one-token step (``forward``) or a window of drafts (``forward_window``)."""
+        if ids.shape[1] == 1:
+            return self.forward(cache, ids, valid, positions, columns)[:, None]
+        return self.forward_window(cache, ids, valid, positions, columns)
+
     def _head(self, h: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
         """The output layer over hidden states ``h``, in float32; with ``columns``, over those rows of its weight
         only (inside an image span that is the codes and the span's markers: about a third of a 52k vocabulary, and

@@ -480,6 +480,26 @@ def head_columns(masks: Sequence[torch.Tensor]) -> tuple[int, int] | None:
     return (lo, hi) if used[lo] and hi - lo <= V // 2 else None
 
 
+def _right_padded(rows: list[list[int]], width: int, pad: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decoding pass feeds: each row's ids (its last token, then its drafts) padded on the right to ``width``,
+    and which of them are real."""
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], device=device)
+    return ids, valid
+
+
+def _verify_windows(cond: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, cfg: SamplingConfig,
+                    drafts: list[list[int]], proposals: list[torch.Tensor],
+                    verifier: Callable[[int, int], torch.Generator | None]) -> tuple[list[list[int]], list]:
+    """``_verify`` from the drafting rows' logits (rows, w + 1, V), masks and modalities: every window filtered in
+    one call (row by row, so the same as one window at a time); ``verifier(row, modality)`` gives a row's generator
+    for the modality of its window."""
+    n, W = cond.shape[:2]
+    x = _filtered(cond.flatten(0, 1), allowed.flatten(0, 1), modality.flatten(), cfg).view(n, W, -1)
+    return _verify(x, drafts, proposals, [verifier(j, k) for j, k in enumerate(modality[:, 0].tolist())])
+
+
 def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     width = max(len(r) for r in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
@@ -593,13 +613,10 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
             for b, token in zip(plain, picked.tolist()):
                 taken[b] = [token] if before[b] != DONE else []
         drafting = [b for b in range(B) if drafts[b]]
-        if drafting:  # every window filtered in one call (row by row, so the same as one window at a time)
+        if drafting:
             rows = torch.tensor(drafting, device=device)
-            x = _filtered(cond[rows].flatten(0, 1), allowed[rows].flatten(0, 1), modality[rows].flatten(), cfg)
-            x = x.view(len(drafting), width + 1, -1)
-            heads = modality[rows, 0].tolist()
-            verified = _verify(x, [drafts[b] for b in drafting], [proposals[b] for b in drafting],
-                               [verifier(b, k) for b, k in zip(drafting, heads)])
+            verified = _verify_windows(cond[rows], allowed[rows], modality[rows], cfg, [drafts[b] for b in drafting],
+                                       [proposals[b] for b in drafting], lambda j, k: verifier(drafting[j], k))
             for b, t, rest in zip(drafting, *verified):
                 taken[b], predicted[b] = t, rest
         # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
@@ -651,18 +668,11 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         window = decoder.window_width(1 + max(len(d) for d in drafts), 1 + cfg.widest_window)
         fed_rows = [([t[-1]] if t else [layout.pad_id]) + d for t, d in zip(taken, drafts)]
         fed_rows += [fed_rows[b] for b in uncond_of]
-        step_ids = torch.full((len(fed_rows), window), layout.pad_id, dtype=torch.long, device=device)
-        step_valid = torch.zeros((len(fed_rows), window), dtype=torch.bool, device=device)
-        for r, row in enumerate(fed_rows):
-            step_ids[r, :len(row)] = torch.tensor(row, device=device)
-            step_valid[r, :len(row)] = True
+        step_ids, step_valid = _right_padded(fed_rows, window, layout.pad_id, device)
         step_pos = next_pos[:, None] + torch.arange(window, device=device)
         allowed = grammar.allowed_ahead(budget_left, window - 1)  # the next picks' (drafts are codes of the span)
         columns = head_columns([allowed, grammar.span_tokens()] if drafting_on else [allowed])
-        if window == 1:
-            logits = decoder.forward(cache, step_ids, step_valid, step_pos, columns)[:, None]
-        else:
-            logits = decoder.forward_window(cache, step_ids, step_valid, step_pos, columns)
+        logits = decoder.decode(cache, step_ids, step_valid, step_pos, columns)
         next_pos = next_pos + 1
     results = []
     for b in range(B):

@@ -42,11 +42,11 @@ from omnitok.model.sampler import (
     Grammar,
     SamplingConfig,
     _drafts,
-    _filtered,
     _guided,
     _left_padded,
     _pick,
-    _verify,
+    _right_padded,
+    _verify_windows,
     check_request,
     head_columns,
     new_token_budget,
@@ -343,13 +343,11 @@ class Engine:
             for i, t in zip(plain, tokens.tolist()):
                 taken[i] = [t]
         drafting = [i for i, r in enumerate(members) if r.drafts]
-        if drafting:  # every window filtered in one call (row by row, so the same as one at a time)
+        if drafting:
             rows = torch.tensor(drafting, device=device)
-            x = _filtered(cond[rows].flatten(0, 1), allowed[rows].flatten(0, 1), modality[rows].flatten(), cfg)
-            x = x.view(len(drafting), width + 1, -1)
-            heads = modality[rows, 0].tolist()
-            verified = _verify(x, [members[i].drafts for i in drafting], [members[i].proposals for i in drafting],
-                               [members[i].verifier(k) for i, k in zip(drafting, heads)])
+            verified = _verify_windows(cond[rows], allowed[rows], modality[rows], cfg,
+                                       [members[i].drafts for i in drafting], [members[i].proposals for i in drafting],
+                                       lambda j, k: members[drafting[j]].verifier(k))
             for i, t, rest in zip(drafting, *verified):
                 r = members[i]
                 taken[i], predicted[i] = t, rest
@@ -460,14 +458,10 @@ class Engine:
         fed = [[r.job.output[-1], *r.drafts] for r, _ in self.rows]
         widest = 1 + max(r.job.cfg.widest_window for r, _ in self.rows)
         width, device = self.decoder.window_width(max(len(f) for f in fed), widest), self.decoder.device
-        ids = torch.tensor([f + [self.layout.pad_id] * (width - len(f)) for f in fed], device=device)
-        valid = torch.tensor([[True] * len(f) + [False] * (width - len(f)) for f in fed], device=device)
+        ids, valid = _right_padded(fed, width, self.layout.pad_id, device)
         positions = torch.tensor(self.positions, device=device)[:, None] + torch.arange(width, device=device)
         columns = head_columns([self._lookahead(g) for g in self.groups.values()])
-        if width == 1:
-            logits = self.decoder.forward(self.cache, ids, valid, positions, columns)[:, None]
-        else:
-            logits = self.decoder.forward_window(self.cache, ids, valid, positions, columns)
+        logits = self.decoder.decode(self.cache, ids, valid, positions, columns)
         for i, (r, uncond) in enumerate(self.rows):
             if uncond:
                 r.uncond = logits[i, :len(fed[i])]
