@@ -88,20 +88,16 @@ def exact_code_distributions(model, prompt: list[int]) -> list[torch.Tensor]:
     """The model's own marginal distributions of the 1st, 2nd and 3rd code of a 1x3 image after ``prompt``, with
     guidance (unconditional sequence: bos and the span), top-k and temperature, by full forward passes over every
     prefix of codes."""
-    cfg = SamplingConfig(output="image", grid=GRID, image=IMAGE)
     head = [LAYOUT.boi_id, LAYOUT.rows_id(GRID[0]), LAYOUT.cols_id(GRID[1])]
     codes = torch.arange(*LAYOUT.ranges["image"])
     allowed = torch.zeros(LAYOUT.vocab_size, dtype=torch.bool)
     allowed[codes] = True
-    modality = torch.full((1,), 2)
 
     def next_code(prefixes: list[list[int]]) -> torch.Tensor:  # (n, K) for code prefixes
         c = model(torch.tensor([prompt + head + p for p in prefixes])).logits[:, -1]
         u = model(torch.tensor([[1] + head + p for p in prefixes])).logits[:, -1]
-        m = torch.ones(len(prefixes), 1, dtype=torch.long) * 2
-        mixed = _guided(c, u, allowed.expand_as(c), cfg.by_modality("guidance", c.device)[m],
-                        cfg.by_modality("plausibility", c.device).log()[m])
-        x = _filtered(mixed, allowed.expand_as(c), modality.expand(len(prefixes)), cfg)
+        mixed = _guided(c, u, allowed.expand_as(c), IMAGE.guidance, IMAGE.plausibility)
+        x = _filtered(mixed, allowed.expand_as(c), IMAGE)
         return torch.softmax(x, -1)[:, codes]
 
     with torch.inference_mode():

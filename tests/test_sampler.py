@@ -125,7 +125,7 @@ def test_bad_requests_get_clear_errors(model):
 def reference_cfg(model, prompt: list[int], cfg: SamplingConfig, seed: int = 0) -> list[int]:
     """Classifier-free guidance decoding written the slow, obvious way: full forward passes, no cache, one sample.
     The unconditional sequence of a span is the conditional one without the text right before the span."""
-    from omnitok.model.sampler import AUDIO, DONE, EOI, ROWS, Grammar, _pick
+    from omnitok.model.sampler import AUDIO, DONE, EOI, ROWS, Grammar, _filtered, _pick
 
     generators = None if cfg.greedy else [torch.Generator().manual_seed(seed)]
 
@@ -148,7 +148,9 @@ def reference_cfg(model, prompt: list[int], cfg: SamplingConfig, seed: int = 0) 
             u = model(torch.tensor([uncond])).logits[0, -1]
             p = torch.softmax(logits.masked_fill(~allowed[0], float("-inf")), -1)
             logits = (u + m.guidance * (logits - u)).masked_fill(p < m.plausibility * p.max(), float("-inf"))
-        token = int(_pick(logits[None], allowed, grammar.modality(), cfg, generators)[0])
+        settings = cfg.of(int(grammar.modality()[0]))
+        gens = [None] if generators is None or settings.temperature == 0 else generators
+        token = int(_pick(_filtered(logits[None], allowed, settings), gens)[0])
         grammar.advance(torch.tensor([token]))
         if int(grammar.state[0]) in (ROWS, AUDIO) and state not in (ROWS, AUDIO):  # a span opens
             uncond = drop_text(cond)
@@ -228,7 +230,7 @@ def test_a_seeded_sample_is_the_same_alone_or_in_any_batch(model):
 
 
 def test_pick_samples_the_top_k_and_top_p_distributions():
-    from omnitok.model.sampler import _pick
+    from omnitok.model.sampler import _filtered, _pick
 
     probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
     n = 6000
@@ -237,9 +239,8 @@ def test_pick_samples_the_top_k_and_top_p_distributions():
     allowed[:, 0] = False  # a masked token is never drawn
 
     def freq(setting):
-        cfg = SamplingConfig(text=setting)
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        picks = _pick(logits, allowed, torch.zeros(n, dtype=torch.long), cfg, gens)
+        picks = _pick(_filtered(logits, allowed, setting), gens)
         return torch.bincount(picks, minlength=5).float() / n
 
     def expect(keep):
@@ -252,8 +253,38 @@ def test_pick_samples_the_top_k_and_top_p_distributions():
     # nucleus 0.5 of the allowed mass: 0.4/0.95 alone is below it, so the top two stay
     torch.testing.assert_close(freq(ModalitySampling(top_p=0.5)), expect([1, 3]), atol=0.02, rtol=0)
     torch.testing.assert_close(freq(ModalitySampling(top_p=0.4)), expect([1]), atol=0, rtol=0)
+    # the nucleus of the top-k, renormalised (0.4 / 0.85 > 0.45): top-k first, as transformers' warpers chain them
+    torch.testing.assert_close(freq(ModalitySampling(top_p=0.45)), expect([1, 3]), atol=0.02, rtol=0)
+    torch.testing.assert_close(freq(ModalitySampling(top_k=3, top_p=0.45)), expect([1]), atol=0, rtol=0)
     sharp = freq(ModalitySampling(temperature=0.5, top_k=3))  # p^2 over the top three
     torch.testing.assert_close(sharp, torch.tensor([0, .16, 0, .09, .0225]) / .2725, atol=0.02, rtol=0)
+
+
+def test_what_a_sample_may_take_lies_in_its_modalitys_columns():
+    """The sampler does a sample's arithmetic over its modality's columns only (``Grammar.columns``: inside a span,
+    the span's ids), so a token allowed outside them could never be drawn: random walks through every state of
+    layouts with both media, one, and a chat's markers, checked at every position of a window."""
+    from omnitok.model.sampler import AUDIO, CODES, DONE, EOI, ROWS, Grammar
+
+    layouts = [LAYOUT, TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4),
+               TokenLayout(text_vocab_size=50, audio_codebook_sizes=(16, 8), audio_frame_rate=100.0),
+               TokenLayout(text_vocab_size=50, image_codebook_size=32, max_grid_side=4,
+                           audio_codebook_sizes=(16,) * 2, audio_frame_rate=100.0, chat=True)]
+    generator = torch.Generator().manual_seed(0)
+    for layout in layouts:
+        cfg = SamplingConfig(max_new_tokens=80, max_audio_s=0.1)
+        grammar = Grammar(layout, EOS, cfg, 64, torch.device("cpu"))
+        seen = set()
+        for step in range(cfg.max_new_tokens):
+            allowed = grammar.allowed_ahead(cfg.max_new_tokens - step, 3)  # (B, 4, V)
+            for b, m in enumerate(grammar.modality().tolist()):
+                lo, hi = grammar.columns[m]
+                assert allowed[b, 0].any() and not allowed[b, :, :lo].any() and not allowed[b, :, hi:].any()
+            seen |= set(grammar.state.tolist())
+            grammar.advance(torch.multinomial(allowed[:, 0].float(), 1, generator=generator).squeeze(1))
+        assert {DONE} | ({ROWS, CODES, EOI} if layout.has_image else set()) | \
+            ({AUDIO} if layout.has_audio else set()) <= seen
+        assert all(hi - lo < layout.vocab_size for m, (lo, hi) in grammar.columns.items() if m)  # spans: a part
 
 
 def test_an_audio_layout_without_images_samples_audio_of_at_most_max_audio_s():

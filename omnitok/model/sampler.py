@@ -15,7 +15,9 @@ A budget rule keeps output well formed when ``max_new_tokens`` runs out: no imag
 fits, <|eoa|> is forced when another frame would not, and eos is forced on the last step.
 
 Sampling settings (temperature, top-k, top-p) are per modality of each sample's current state (text and image want
-different settings; Chameleon and LlamaGen use top-k about 1000-2000 for images).
+different settings; Chameleon and LlamaGen use top-k about 1000-2000 for images). A sample's sampling arithmetic
+(guidance, top-k / top-p, softmax, draws) runs over its modality's columns only (``Grammar.columns``: inside an
+image span the image markers and codes, not the text vocabulary), the same columns whatever else is in its batch.
 
 With ``output`` "image" or "audio" the span opens at once and the sample ends when it closes.
 
@@ -34,6 +36,7 @@ id, so a prompt gives the same output alone or in any batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -92,11 +95,10 @@ class SamplingConfig:
         """The most drafts a window of these settings holds, in any span (0: no speculative Jacobi decoding)."""
         return max(self.image.sjd_window, self.audio.sjd_window)
 
-    def by_modality(self, setting: str, device: torch.device) -> torch.Tensor:
-        """``setting`` of the text / image / audio sampling settings as a tensor indexed by ``Modality`` code (other
-        modalities never sample: they get the text value)."""
-        own = {Modality.IMAGE: self.image, Modality.AUDIO: self.audio}
-        return torch.tensor([float(getattr(own.get(m, self.text), setting)) for m in Modality], device=device)
+    def of(self, modality: int) -> ModalitySampling:
+        """The settings of a sample in this ``Modality`` (TEXT, IMAGE or AUDIO; other modalities never sample: they
+        get the text settings)."""
+        return {Modality.IMAGE: self.image, Modality.AUDIO: self.audio}.get(modality, self.text)
 
 
 def check_request(layout: TokenLayout, cfg: SamplingConfig) -> int:
@@ -156,6 +158,17 @@ class Grammar:
         self.masks = torch.stack([masks[n] for n in self.names]).to(device)  # (n_masks, V)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.n_q = n_q
+
+        # per media Modality code, every token of its spans (markers and codes)
+        spans = {Modality.IMAGE: ["rows", "cols", "codes", "eoi"] if layout.has_image else [],
+                 Modality.AUDIO: [f"audio{q}" for q in range(n_q)] + ["eoa"] if layout.has_audio else []}
+        self.span_masks = {m: self.masks[[self.index[n] for n in names]].any(0) for m, names in spans.items() if names}
+        # per Modality code, the ids [lo, hi) a sample in it may take (a span's markers and codes; text: all): the
+        # columns its sampling arithmetic runs over, the same whatever else is in the batch
+        self.columns = {Modality.TEXT: (0, V)}
+        for m, mask in self.span_masks.items():
+            ids = torch.nonzero(mask).flatten()
+            self.columns[m] = int(ids[0]), int(ids[-1]) + 1
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         self.state = zeros + {"any": TEXT, "text": TEXT, "image": ROWS, "audio": AUDIO}[cfg.output]
         self.remaining, self.rows, self.q, self.frames = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
@@ -262,14 +275,11 @@ class Grammar:
     def span_tokens(self) -> torch.Tensor:
         """(B, V): every token of the span each sample is in (an image's markers and codes; every audio codebook and
         <|eoa|>), or of any span it may open next (a sample in text): what its next windows may be drafted from."""
-        i, s = self.index, self.state
+        s = self.state
         out = torch.zeros((len(s), self.masks.shape[1]), dtype=torch.bool, device=s.device)
-        if self.layout.has_image:
-            image = self.masks[[i["rows"], i["cols"], i["codes"], i["eoi"]]].any(0)
-            out |= (((s >= ROWS) & (s <= EOI)) | (s == TEXT))[:, None] & image
-        if self.layout.has_audio:
-            audio = self.masks[[i[f"audio{q}"] for q in range(self.n_q)] + [i["eoa"]]].any(0)
-            out |= ((s == AUDIO) | (s == TEXT))[:, None] & audio
+        for m, mask in self.span_masks.items():
+            inside = ((s >= ROWS) & (s <= EOI)) if m == Modality.IMAGE else s == AUDIO
+            out |= (inside | (s == TEXT))[:, None] & mask
         return out
 
     def modality(self, ahead: int | None = None) -> torch.Tensor:
@@ -280,33 +290,74 @@ class Grammar:
                            torch.where(s == AUDIO, Modality.AUDIO, Modality.TEXT))
 
 
-def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: torch.Tensor,
-            log_floor: torch.Tensor) -> torch.Tensor:
-    """Guided logits ``u + scale * (c - u)`` of conditional rows ``c`` and their unconditional rows ``u`` (scale and
-    log plausibility floor: (rows, 1)), over the tokens the conditional model finds plausible: those allowed with
-    probability at least ``plausibility`` times the most likely allowed one's. Guidance rewards tokens by how much
-    more likely the condition makes them, so without the floor a token both rows find near-impossible can win on
-    noise in the logits' tail (a small model's images turn to blotches at guidance 3)."""
+def _take(grammar: Grammar, cfg: SamplingConfig, cond: torch.Tensor, guided: list[int], uncond: torch.Tensor | None,
+          allowed: torch.Tensor, drafts: list[list[int]], proposals: list[torch.Tensor | None],
+          generators: Sequence[torch.Generator] | None) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+    """The tokens every sample takes after a decoding pass: one, picked from its logits after its last token, or (a
+    sample that fed drafts) the drafts that stand and one more (``_verify``).
+
+    ``cond`` (B, W, V): each sample's logits after its last token and after each of its drafts; ``guided``: the
+    samples with an unconditional row, ``uncond`` (len(guided), W, V) those rows' logits; ``allowed`` (B, W, V): the
+    grammar's masks at each position; ``drafts[b]`` and ``proposals[b]`` (m, hi - lo): the window sample ``b`` fed and
+    the distributions it was drawn from; ``generators``: the samples' own (None: greedy).
+
+    Samples are handled by modality, each over its modality's columns (``Grammar.columns``: inside a span the span's
+    ids, not the whole vocabulary), so a sample's arithmetic is the same whatever else is in its batch. Returns the
+    tokens each takes (none for a sample that had ended) and, per drafting sample, the model's distributions at the
+    positions after the one that fell, over its columns (the first drafts of its next window, ``_drafts``)."""
+    device, B = cond.device, len(drafts)
+    modality, ended = grammar.modality().tolist(), (grammar.state == DONE).tolist()
+    uncond_row = {b: j for j, b in enumerate(guided)}
+    taken: list[list[int]] = [[] for _ in range(B)]
+    predicted: list[torch.Tensor | None] = [None] * B
+    for m, (lo, hi) in grammar.columns.items():
+        s = cfg.of(m)
+        for drafting in (False, True):
+            rows = [b for b in range(B) if modality[b] == m and bool(drafts[b]) == drafting and not ended[b]]
+            if not rows:
+                continue
+            w = 1 + max(len(drafts[b]) for b in rows)
+            index = torch.tensor(rows, device=device)
+            x, a = cond[index, :w, lo:hi], allowed[index, :w, lo:hi]
+            mine = [i for i, b in enumerate(rows) if b in uncond_row]
+            if mine:
+                j = torch.tensor(mine, device=device)
+                u = uncond[torch.tensor([uncond_row[rows[i]] for i in mine], device=device), :w, lo:hi]
+                x = x.index_copy(0, j, _guided(x[j], u, a[j], s.guidance, s.plausibility))
+            x = _filtered(x.flatten(0, 1), a.flatten(0, 1), s).view(len(rows), w, -1)
+            gens = [None if generators is None or s.temperature == 0 else generators[b] for b in rows]
+            if drafting:
+                t, p = _verify(x, [[d - lo for d in drafts[b]] for b in rows], [proposals[b] for b in rows], gens)
+            else:
+                t, p = [[token] for token in _pick(x[:, 0], gens).tolist()], [None] * len(rows)
+            for b, tb, pb in zip(rows, t, p):
+                taken[b], predicted[b] = [token + lo for token in tb], pb
+    return taken, predicted
+
+
+def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: float, plausibility: float) -> torch.Tensor:
+    """Guided logits ``u + scale * (c - u)`` of conditional rows ``c`` and their unconditional rows ``u``, over the
+    tokens the conditional model finds plausible: those allowed with probability at least ``plausibility`` times the
+    most likely allowed one's. Guidance rewards tokens by how much more likely the condition makes them, so without
+    the floor a token both rows find near-impossible can win on noise in the logits' tail (a small model's images
+    turn to blotches at guidance 3)."""
     c_allowed = c.masked_fill(~allowed, float("-inf"))
+    log_floor = math.log(plausibility) if plausibility > 0 else float("-inf")
     implausible = c_allowed < c_allowed.max(-1, keepdim=True).values + log_floor
     return (u + scale * (c - u)).masked_fill(implausible, float("-inf"))
 
 
-def _pick(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, cfg: SamplingConfig,
-          generators: list[torch.Generator] | None) -> torch.Tensor:
-    """One token per row from logits (B, V), within the allowed tokens, with the row's modality's temperature /
-    top-k / top-p (``_filtered``).
-
-    Each row draws one uniform number from its own generator and takes the token where it falls in the cumulative
-    distribution over token ids, so a row's draw depends neither on the other rows nor on how many candidates
-    top-k / top-p left.
-    """
-    if generators is None:
-        return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
-    x = _filtered(logits, allowed, modality, cfg)
-    u = torch.cat([torch.rand(1, generator=g, device=x.device) for g in generators])
-    cold = cfg.by_modality("temperature", x.device)[modality] == 0
-    return torch.where(cold, x.argmax(-1), _draw(torch.softmax(x, dim=-1), u))
+def _pick(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of filtered logits ``x`` (rows, V) (``_filtered``): for a row without a generator (greedy,
+    or temperature 0) the most likely; else the row draws one uniform number from its own generator and takes the
+    token where it falls in the cumulative distribution over token ids, so its draw depends neither on the other
+    rows nor on how many candidates top-k / top-p left."""
+    best = x.argmax(-1)
+    if all(g is None for g in generators):
+        return best
+    u = torch.cat([x.new_zeros(1) if g is None else torch.rand(1, generator=g, device=x.device) for g in generators])
+    greedy = torch.tensor([g is None for g in generators], device=x.device)
+    return torch.where(greedy, best, _draw(torch.softmax(x, dim=-1), u))
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -317,36 +368,36 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.where(probs.gather(-1, token[:, None]).squeeze(-1) > 0, token, probs.argmax(-1))
 
 
-def _filtered(logits: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor,
-              cfg: SamplingConfig) -> torch.Tensor:
-    """The logits a row samples from (rows, V): the allowed tokens' divided by the temperature of the row's
-    modality, everything outside its top-k and top-p at -inf. Their softmax is the row's distribution; at
-    temperature 0 their argmax is its token."""
+def _filtered(logits: torch.Tensor, allowed: torch.Tensor, s: ModalitySampling) -> torch.Tensor:
+    """The logits rows sample from (rows, V) with settings ``s``: the allowed tokens' divided by the temperature,
+    everything outside the top-k and the top-p nucleus at -inf. Their softmax is the rows' distribution; at
+    temperature 0 their argmax is the token."""
     x = logits.masked_fill(~allowed, float("-inf"))
-    B, V = x.shape
-    temp = cfg.by_modality("temperature", x.device)[modality]  # (B,)
-    x = x / torch.where(temp == 0, 1.0, temp)[:, None]
-    if any(m.top_k not in (0, V) or m.top_p < 1 for m in (cfg.text, cfg.image, cfg.audio)):
-        top_k = cfg.by_modality("top_k", x.device)[modality]
-        top_k = torch.where(top_k == 0, V, top_k).clamp(max=V)
-        top_p = cfg.by_modality("top_p", x.device)[modality]
-        ranked = _descending(x)  # (B, V) values only
-        ranked = ranked.masked_fill(torch.arange(V, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
+    if s.temperature not in (0, 1):
+        x = x / s.temperature
+    V = x.shape[-1]
+    k = s.top_k if 0 < s.top_k < V else V
+    if s.top_p < 1:
+        ranked = _largest(x, k)
         probs = torch.softmax(ranked, dim=-1)
-        inside = (probs.cumsum(-1) - probs <= top_p[:, None]) | (top_p[:, None] >= 1)  # the nucleus (the top
-        inside &= ranked > float("-inf")  # candidate always stays), within top-k and the allowed tokens
-        last = inside.sum(-1, keepdim=True) - 1  # rank of the last kept candidate
-        x = x.masked_fill(x < ranked.gather(-1, last), float("-inf"))
+        # the nucleus (the top candidate always stays), among the allowed candidates
+        inside = (probs.cumsum(-1) - probs <= s.top_p) & (ranked > float("-inf"))
+        return x.masked_fill(x < ranked.gather(-1, inside.sum(-1, keepdim=True) - 1), float("-inf"))
+    if k < V:
+        x = x.masked_fill(x < _largest(x, k)[:, -1:], float("-inf"))
     return x
 
 
-def _descending(x: torch.Tensor) -> torch.Tensor:
-    """Each row's values sorted in descending order. torch's CPU sort always computes indices and is about 20x
-    slower than numpy's values-only sort (2 ms vs 0.1 ms for a 52k vocabulary), which would dominate a decoding step;
-    GPUs sort fast."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.ascontiguousarray(np.sort(x.numpy(), axis=-1)[:, ::-1]))
-    return x.sort(dim=-1, descending=True).values
+def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest values of each row of ``x`` (rows, V), in descending order. On a CPU numpy partitions the
+    row and sorts only those: torch's CPU sort and topk always compute indices and are several times slower (2.5 ms
+    vs 0.9 ms for 17 rows of a 52k vocabulary), which would dominate a decoding step; GPUs sort fast."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x.topk(k, dim=-1).values
+    a = x.numpy()
+    if k < a.shape[-1]:
+        a = np.partition(a, a.shape[-1] - k, axis=-1)[:, -k:]
+    return torch.from_numpy(np.ascontiguousarray(np.sort(a, axis=-1)[:, ::-1]))
 
 
 # ---------------------------------------------------------------- speculative Jacobi decoding
@@ -372,10 +423,11 @@ def _verify(x: torch.Tensor, drafts: list[list[int]], proposals: list[torch.Tens
             generators: list[torch.Generator | None]) -> tuple[list[list[int]], list[torch.Tensor]]:
     """The tokens each drafting sample takes from its window, every row at once: ``x`` (rows, w + 1, V) the filtered
     logits after each row's last token and each of its drafts (a row with ``m`` < w drafts uses its first m + 1
-    positions), ``proposals[r]`` (m, V) the distributions row r's drafts were drawn from, ``generators[r]`` its
-    generator (None: temperature 0, a draft stands when it is the argmax). Returns per row the drafts that stand and
-    one more token, and the model's distributions at the positions after the one that fell (the next window's first
-    drafts). Each row draws its m + 1 uniform numbers from its own generator, as one row alone would."""
+    positions), ``drafts[r]`` its draft ids and ``proposals[r]`` (m, V) the distributions they were drawn from (all
+    over ``x``'s columns), ``generators[r]`` its generator (None: greedy, a draft stands when it is the argmax).
+    Returns per row the drafts that stand and one more token, and the model's distributions at the positions after
+    the one that fell (the next window's first drafts). Each row draws its m + 1 uniform numbers from its own
+    generator, as one row alone would."""
     R, W, V = x.shape
     device = x.device
     m = torch.tensor([len(d) for d in drafts], device=device)
@@ -405,14 +457,16 @@ def _verify(x: torch.Tensor, drafts: list[list[int]], proposals: list[torch.Tens
 
 
 def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted: list[torch.Tensor | None],
-            last: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[list[list[int]], list]:
+            last: torch.Tensor, generators: Sequence[torch.Generator] | None) -> tuple[list[list[int]], list]:
     """Each sample's next window: inside a span whose modality has ``sjd_window`` > 0, up to that many codes, never
     past the span's last code, the audio duration limit or the sample's budget. First the model's latest
-    predictions for those positions (``predicted[b]``: distributions, from ``_verify``), then draws from the last
-    logits ``last[b]`` (V,) restricted to what each position allows. Returns the drafts and, per sample, the
-    distributions they were drawn from (m, V) (None without drafts)."""
+    predictions for those positions (``predicted[b]``, from ``_take``), then draws from the last logits ``last[b]``
+    (V,) restricted to what each position allows; all over the sample's modality's columns (``Grammar.columns``).
+    ``generators``: the samples' own (None: greedy; a modality at temperature 0 drafts greedily too). Returns the
+    drafts and, per sample, the distributions they were drawn from (m, hi - lo) (None without drafts)."""
     s, device, n_q = grammar.state, grammar.state.device, grammar.n_q
-    width = cfg.by_modality("sjd_window", device).long()[grammar.modality()]
+    modality = grammar.modality().tolist()
+    width = torch.tensor([cfg.of(m).sjd_window for m in modality], device=device)
     # positions where a code may come: before the image's <|eoi|>, before the frame limit or the budget force <|eoa|>
     audio_room = torch.minimum((grammar.max_audio_frames - grammar.frames) * n_q - grammar.q, left - n_q - 1)
     room = torch.where(s == CODES, grammar.remaining, torch.where(s == AUDIO, audio_room, 0))
@@ -420,20 +474,24 @@ def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted
     B = len(count)
     if max(count) == 0:
         return [[] for _ in range(B)], [None] * B
-    n, V = max(count), last.shape[-1]
-    rows = torch.tensor([b for b in range(B) if count[b]], device=device)
-    # the top-up distributions of every drafting sample's positions, in one call: the last logits under each mask
-    fresh = _filtered(last[rows, None].expand(-1, n, -1).flatten(0, 1), grammar.allowed_ahead(left, n)[rows, :n]
-                      .flatten(0, 1), grammar.modality(n)[rows, :n].flatten(), cfg)
-    fresh = dict(zip(rows.tolist(), torch.softmax(fresh, dim=-1).view(len(rows), n, V)))
+    have = [0 if predicted[b] is None else min(len(predicted[b]), count[b]) for b in range(B)]
+    # the positions past what the last pass predicted: topped up from the last logits under each position's mask
+    top_up = [(b, j) for b in range(B) for j in range(have[b], count[b])]
+    fresh: dict[tuple[int, int], torch.Tensor] = {}
+    if top_up:
+        masks = grammar.allowed_ahead(left, max(count))
+        for m, (lo, hi) in grammar.columns.items():
+            pairs = [(b, j) for b, j in top_up if modality[b] == m]
+            if pairs:
+                b, j = (torch.tensor(c, device=device) for c in zip(*pairs))
+                fresh.update(zip(pairs, torch.softmax(_filtered(last[b, lo:hi], masks[b, j, lo:hi], cfg.of(m)), -1)))
     drafts, proposals = [], []
-    for b, m in enumerate(count):
-        q = last.new_zeros((0, V))
-        if m:
-            q = predicted[b][:m] if predicted[b] is not None else q
-            q = torch.cat([q, fresh[b][len(q):m]])  # topped up from the last logits (a new tensor)
-        if m and grammar.layout.has_audio:  # drafts are codes: the masks of a window assume its span goes on
-            q[:, grammar.layout.eoa_id] = 0
+    for b, k in enumerate(count):
+        lo, hi = grammar.columns[modality[b]]
+        q = last.new_zeros((0, hi - lo)) if predicted[b] is None else predicted[b][:have[b]]
+        q = torch.cat([q, *(fresh[b, j][None] for j in range(have[b], k))])  # a new tensor
+        if k and grammar.layout.has_audio and modality[b] == Modality.AUDIO:
+            q[:, grammar.layout.eoa_id - lo] = 0  # drafts are codes: the masks of a window assume its span goes on
             empty = torch.nonzero(q.sum(-1) <= 0).flatten()
             q = q[: int(empty[0])] if len(empty) else q  # a position that can only end the span ends the window
             q = q / q.sum(-1, keepdim=True)
@@ -441,9 +499,9 @@ def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted
             drafts.append([])
             proposals.append(None)
             continue
-        g = generators[b]
+        g = None if generators is None or cfg.of(modality[b]).temperature == 0 else generators[b]
         d = q.argmax(-1) if g is None else _draw(q, torch.rand(len(q), generator=g, device=device))
-        drafts.append(d.tolist())
+        drafts.append((d + lo).tolist())
         proposals.append(q)
     return drafts, proposals
 
@@ -487,17 +545,6 @@ def _right_padded(rows: list[list[int]], width: int, pad: int,
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
     valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], device=device)
     return ids, valid
-
-
-def _verify_windows(cond: torch.Tensor, allowed: torch.Tensor, modality: torch.Tensor, cfg: SamplingConfig,
-                    drafts: list[list[int]], proposals: list[torch.Tensor],
-                    verifier: Callable[[int, int], torch.Generator | None]) -> tuple[list[list[int]], list]:
-    """``_verify`` from the drafting rows' logits (rows, w + 1, V), masks and modalities: every window filtered in
-    one call (row by row, so the same as one window at a time); ``verifier(row, modality)`` gives a row's generator
-    for the modality of its window."""
-    n, W = cond.shape[:2]
-    x = _filtered(cond.flatten(0, 1), allowed.flatten(0, 1), modality.flatten(), cfg).view(n, W, -1)
-    return _verify(x, drafts, proposals, [verifier(j, k) for j, k in enumerate(modality[:, 0].tolist())])
 
 
 def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -561,22 +608,11 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         raise OmnitokError(f"only {min(budget)} new tokens fit in the model's positions after the prompt: too few "
                            f"for an image span of up to {grammar.longest_image} tokens")
     generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    # per Modality code: guidance scale and log plausibility floor (text is never guided)
-    scale = cfg.by_modality("guidance", device)
-    log_floor = cfg.by_modality("plausibility", device).log()
-    guided = cfg.image.guidance != 1 or cfg.audio.guidance != 1
+    guided = {m for m in (Modality.IMAGE, Modality.AUDIO) if cfg.of(m).guidance != 1}
 
     def wants_guidance() -> list[int]:
         """The samples that need an unconditional row now: inside a guided span."""
-        if not guided:
-            return []
-        return torch.nonzero(scale[grammar.modality()] != 1).flatten().tolist()
-
-    # a sample whose modality samples at temperature 0 verifies drafts greedily
-    cold = cfg.by_modality("temperature", device) == 0
-
-    def verifier(b: int, modality: int) -> torch.Generator | None:
-        return None if generators is None or bool(cold[modality]) else generators[b]
+        return [b for b, m in enumerate(grammar.modality().tolist()) if m in guided] if guided else []
 
     uncond_of = wants_guidance()  # the sample of each unconditional row (rows B, B+1, ...)
     seqs = [list(p) + opener for p in prompts] + [unconditional(prompts[b], layout, requests[b]) + opener
@@ -589,36 +625,14 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     span_start = [0] * B  # where each sample's current span opened, in ``opener + new[b]``
     budget_left = torch.tensor(budget, device=device)
     drafts: list[list[int]] = [[] for _ in range(B)]  # each sample's drafts, fed after its last token
-    proposals: list[torch.Tensor | None] = [None] * B  # the distributions they were drawn from (m, V)
+    proposals: list[torch.Tensor | None] = [None] * B  # the distributions they were drawn from (m, columns)
     allowed = grammar.allowed_ahead(budget_left, 0)  # (B, w + 1, V): what each position of the window may take
     # the logits a pass computes: those its picks may take, and (SJD) those the next window's drafts may be drawn from
     drafting_on = cfg.widest_window > 0
     for _ in range(max(budget)):  # every sample takes at least one token a pass
         width = logits.shape[1] - 1
-        modality = grammar.modality(width)  # (B, w + 1)
-        cond = logits[:B]
-        if uncond_of:
-            rows = torch.tensor(uncond_of, device=device)
-            m = modality[rows][..., None]
-            mixed = _guided(cond[rows], logits[B:], allowed[rows], scale[m], log_floor[m])
-            cond = cond.index_copy(0, rows, mixed)
-        before = grammar.state.tolist()
-        taken: list[list[int]] = [[] for _ in range(B)]
-        predicted: list[torch.Tensor | None] = [None] * B
-        plain = [b for b in range(B) if not drafts[b]]
-        if plain:
-            rows = torch.tensor(plain, device=device)
-            picked = _pick(cond[rows, 0], allowed[rows, 0], modality[rows, 0], cfg,
-                           None if generators is None else [generators[b] for b in plain])
-            for b, token in zip(plain, picked.tolist()):
-                taken[b] = [token] if before[b] != DONE else []
-        drafting = [b for b in range(B) if drafts[b]]
-        if drafting:
-            rows = torch.tensor(drafting, device=device)
-            verified = _verify_windows(cond[rows], allowed[rows], modality[rows], cfg, [drafts[b] for b in drafting],
-                                       [proposals[b] for b in drafting], lambda j, k: verifier(drafting[j], k))
-            for b, t, rest in zip(drafting, *verified):
-                taken[b], predicted[b] = t, rest
+        taken, predicted = _take(grammar, cfg, logits[:B], uncond_of, logits[B:], allowed, drafts, proposals,
+                                 generators)
         # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
         last = torch.stack([logits[b, len(drafts[b])] for b in range(B)])
         if width:  # the cache forgets the drafts that fell (an unconditional row keeps what its sample keeps)
@@ -663,8 +677,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 cache.extend(extra)
                 next_pos = torch.cat([next_pos, positions[:, -1] + 1])
                 uncond_of += joining
-        drafts, proposals = _drafts(grammar, budget_left, cfg, predicted, last,
-                                    [verifier(b, int(m)) for b, m in enumerate(grammar.modality().tolist())])
+        drafts, proposals = _drafts(grammar, budget_left, cfg, predicted, last, generators)
         window = decoder.window_width(1 + max(len(d) for d in drafts), 1 + cfg.widest_window)
         fed_rows = [([t[-1]] if t else [layout.pad_id]) + d for t, d in zip(taken, drafts)]
         fed_rows += [fed_rows[b] for b in uncond_of]

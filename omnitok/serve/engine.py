@@ -42,11 +42,9 @@ from omnitok.model.sampler import (
     Grammar,
     SamplingConfig,
     _drafts,
-    _guided,
     _left_padded,
-    _pick,
     _right_padded,
-    _verify_windows,
+    _take,
     check_request,
     head_columns,
     new_token_budget,
@@ -95,8 +93,6 @@ class _Running:
         self.settings = repr((cfg, job.end_id, job.forbidden, job.nonempty))
         self.grammar = Grammar(engine.layout, job.end_id, cfg, 1, device, job.forbidden, job.nonempty)
         self.generator = None if cfg.greedy else torch.Generator(device=device).manual_seed(job.seed)
-        self.scale = cfg.by_modality("guidance", device)
-        self.log_floor = cfg.by_modality("plausibility", device).log()
         self.produced = 0  # new ids so far (``job.output`` holds the opener and them)
         self.span_start = 0
         self.spans = 0  # spans closed so far
@@ -106,10 +102,9 @@ class _Running:
         self.logits: torch.Tensor | None = None
         self.uncond: torch.Tensor | None = None  # the same of its unconditional row, while it has one
         self.drafts: list[int] = []  # codes to feed after its last token (speculative Jacobi decoding)
-        self.proposals: torch.Tensor | None = None  # the distributions they were drawn from (drafts, V)
+        self.proposals: torch.Tensor | None = None  # the distributions they were drawn from (drafts, columns)
         self.kept = 0  # of the last window, the columns its rows keep (0: it verified no drafts, one)
         self.sjd = cfg.widest_window > 0
-        self.cold = cfg.by_modality("temperature", device) == 0
         self.lock = threading.Lock()
         self.state = int(self.grammar.state[0])
 
@@ -120,10 +115,6 @@ class _Running:
         if ROWS <= state <= EOI:
             return cfg.image.guidance != 1
         return state == AUDIO and cfg.audio.guidance != 1
-
-    def verifier(self, modality: int) -> torch.Generator | None:
-        """The generator that verifies and draws drafts in this modality (none: greedily, as ``generate``)."""
-        return None if self.generator is None or bool(self.cold[modality]) else self.generator
 
 
 class _Group:
@@ -318,39 +309,17 @@ class Engine:
         and generator, exactly as ``generate`` picks them for that sample: one token, or the drafts of its window
         that stand and one more; then the drafts of its next window."""
         members, grammar = group.members, group.grammar
-        first = members[0]
-        cfg, scale, log_floor = first.job.cfg, first.scale, first.log_floor
-        device = grammar.state.device
+        cfg, device = members[0].job.cfg, grammar.state.device
         width = max(len(r.drafts) for r in members)
         allowed = group.allowed_ahead()  # (n, width + 1, V): drafts are codes of the span
         group.allowed = None  # the picks below move the states on
-        modality = grammar.modality(width)
-        cond = _windows([r.logits for r in members], width + 1)
         guided = [i for i, r in enumerate(members) if r.uncond is not None]
-        if guided:
-            rows = torch.tensor(guided, device=device)
-            m = modality[rows][..., None]
-            mixed = _guided(cond[rows], _windows([members[i].uncond for i in guided], width + 1), allowed[rows],
-                            scale[m], log_floor[m])
-            cond = cond.index_copy(0, rows, mixed)
-        taken: list[list[int]] = [[] for _ in members]
-        predicted: list[torch.Tensor | None] = [None] * len(members)
-        plain = [i for i, r in enumerate(members) if not r.drafts]
-        if plain:
-            rows = torch.tensor(plain, device=device)
-            tokens = _pick(cond[rows, 0], allowed[rows, 0], modality[rows, 0], cfg,
-                           None if cfg.greedy else [members[i].generator for i in plain])
-            for i, t in zip(plain, tokens.tolist()):
-                taken[i] = [t]
-        drafting = [i for i, r in enumerate(members) if r.drafts]
-        if drafting:
-            rows = torch.tensor(drafting, device=device)
-            verified = _verify_windows(cond[rows], allowed[rows], modality[rows], cfg,
-                                       [members[i].drafts for i in drafting], [members[i].proposals for i in drafting],
-                                       lambda j, k: members[drafting[j]].verifier(k))
-            for i, t, rest in zip(drafting, *verified):
-                r = members[i]
-                taken[i], predicted[i] = t, rest
+        generators = None if cfg.greedy else [r.generator for r in members]
+        taken, predicted = _take(grammar, cfg, _windows([r.logits for r in members], width + 1), guided,
+                                 _windows([members[i].uncond for i in guided], width + 1) if guided else None,
+                                 allowed, [r.drafts for r in members], [r.proposals for r in members], generators)
+        for r, t in zip(members, taken):
+            if r.drafts:
                 r.kept = len(t)  # its last token and the drafts that stood
                 self.stats["drafts"] += len(r.drafts)
                 self.stats["accepted"] += len(t) - 1
@@ -362,11 +331,10 @@ class Engine:
             for r, mv, t, state in zip(members, moving, tokens, grammar.state.tolist()):
                 if mv:
                     self._advance(r, t, state)
-        if first.sjd:  # the conditional logits after each job's window, before its drafts are replaced
+        if members[0].sjd:  # the conditional logits after each job's window, before its drafts are replaced
             last = torch.stack([r.logits[len(r.drafts)] for r in members])
             left = torch.tensor([r.budget - r.produced for r in members], device=device)
-            drafts, proposals = _drafts(grammar, left, cfg, predicted, last,
-                                        [r.verifier(m) for r, m in zip(members, grammar.modality().tolist())])
+            drafts, proposals = _drafts(grammar, left, cfg, predicted, last, generators)
             for r, d, q in zip(members, drafts, proposals):
                 r.drafts, r.proposals = d, q
 
