@@ -1,7 +1,8 @@
 """Speculative Jacobi decoding in image spans against plain decoding, in one run: forward passes and wall time per
 image at batch 1 and 8, on an ``omnitok demo`` model (and the red-circle hit rate over the same seeds, SJD on and
 off) and on the tiny random model of ``benchmarks.sample``:
-``python -m benchmarks.sjd [--model DEMO/sft/export] [--window 16] [--seeds 64]``."""
+``python -m benchmarks.sjd [--model DEMO/sft/export] [--window 8 16] [--seeds 64]`` (each window measured against
+plain decoding in the same run)."""
 
 from __future__ import annotations
 
@@ -127,16 +128,19 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sjd", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="an omnitok demo export (DEMO/sft/export or DEMO/export)")
-    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--window", type=int, nargs="+", default=[8, 16], help="drafts per window (several: each)")
     parser.add_argument("--seeds", type=int, default=64, help="red-circle samples per setting")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=default_device())
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     print(f"{device.type}, {torch.get_num_threads()} threads")
+    out = {}
     with torch.inference_mode():
-        out = {"demo": demo_model(args, device)} if args.model else {}
-        out["random"] = random_model(args, device)
+        for window in args.window:
+            one = argparse.Namespace(**{**vars(args), "window": window})
+            out[f"window{window}"] = {"demo": demo_model(one, device)} if args.model else {}
+            out[f"window{window}"]["random"] = random_model(one, device)
     return out
 
 
