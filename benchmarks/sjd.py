@@ -1,6 +1,6 @@
 """Speculative Jacobi decoding in image spans against plain decoding, in one run: forward passes and wall time per
-image at batch 1 and 8, on an ``omnitok demo`` model (and the red-circle hit rate over the same seeds, SJD on and
-off) and on the tiny random model of ``benchmarks.sample``:
+image at batch 1 and 8, on an ``omnitok demo`` model (and, over ``--seeds`` seeds one image at a time, forward
+passes per image and the red-circle hit rate, SJD on and off) and on the tiny random model of ``benchmarks.sample``:
 ``python -m benchmarks.sjd [--model DEMO/sft/export] [--window 8 16] [--seeds 64]`` (each window measured against
 plain decoding in the same run)."""
 
@@ -88,14 +88,20 @@ def demo_model(args: argparse.Namespace, device: torch.device) -> dict:
     g = cfg.grid or (layout.max_grid_side, layout.max_grid_side)
     print(f"demo model {args.model}: images up to {g[0]}x{g[1]} codes, window {args.window}")
     out = compare("demo", model, layout, ids[0], eos, cfg, args.window, args.repeats, device)
-    hits = {}
+    hits, passes = {}, {}
     for label, c in (("plain", cfg), ("sjd", replace(cfg, image=replace(cfg.image, sjd_window=args.window)))):
-        seeds = list(range(1000, 1000 + args.seeds))
-        spans = generate(model, layout, [ids[0]] * args.seeds, eos, c, seeds=seeds)
+        spans = []
+        with counting_passes() as count:  # one at a time: passes per image (a batch waits for its slowest)
+            for seed in range(1000, 1000 + args.seeds):
+                spans += generate(model, layout, [ids[0]], eos, c, seeds=[seed])
+        passes[label] = count[0] / args.seeds
         pictures = tok.image.decode([tok.parse(np.asarray(s))[0].ids for s in spans])
         hits[label] = caption_match(list(pictures), "red", "circle")["both"]
     out["red_circle"] = {**hits, "seeds": args.seeds}
-    print(f"  red circles over the same {args.seeds} seeds: plain {hits['plain']}, SJD {hits['sjd']}")
+    out["passes_per_image"] = {**passes, "ratio": passes["sjd"] / passes["plain"]}
+    print(f"  over the same {args.seeds} seeds one at a time: {passes['plain']:.1f} -> {passes['sjd']:.1f} "
+          f"forward passes per image ({passes['sjd'] / passes['plain']:.2f}x); red circles plain {hits['plain']}, "
+          f"SJD {hits['sjd']}")
     return out
 
 

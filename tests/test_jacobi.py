@@ -153,6 +153,23 @@ def test_sampled_codes_follow_the_models_distribution(model):
     assert chi_square_p(np.bincount(wrong[:, 2], minlength=K), 4000 * expected[2].numpy()) < 1e-3
 
 
+def test_coupled_drafts_follow_the_new_distribution_and_keep_the_old_ones_when_they_can():
+    """MC-SJD's maximal coupling (``sampler._coupled``), 20000 positions of one call: with old drafts drawn from
+    q_old, the new drafts' frequencies fit the new distribution q (chi-square), and a new draft equals the old one
+    with probability sum(min(q_old, q)), the most any coupling allows (drawn independently: sum(q_old * q))."""
+    g = torch.Generator().manual_seed(0)
+    K, n = 12, 20000
+    q_old = torch.softmax(torch.randn(K, generator=g) * 1.5, -1)
+    q = torch.softmax(q_old.log() + 0.7 * torch.randn(K, generator=g), -1)
+    old = torch.multinomial(q_old, n, replacement=True, generator=g)
+    ahead = sampler._Ahead(q.expand(n, K), old.tolist(), q_old.expand(n, K))
+    new = sampler._coupled(q.expand(n, K), ahead, torch.rand(2, n, generator=g))
+    assert chi_square_p(np.bincount(new.numpy(), minlength=K), n * q.numpy()) > 1e-3
+    same, most, independent = (new == old).float().mean(), torch.minimum(q_old, q).sum(), (q_old * q).sum()
+    assert abs(same - most) < 0.015 and most > independent + 0.2, (same, most, independent)
+    assert sampler._coupled(q[None], sampler._Ahead(q[None], [], q[:0]), torch.rand(2, 1)).shape == (1,)  # none old
+
+
 def test_text_has_no_window():
     with pytest.raises(OmnitokError, match="sjd_window"):
         SamplingConfig(text=ModalitySampling(sjd_window=4))
