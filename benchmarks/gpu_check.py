@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     part("sampler", lambda: sample.run(Namespace(size=size, text_vocab=1000 if small else 32000, grid=grid,
                                                  prompt_len=32, new_tokens=16 if small else 128, repeats=1,
                                                  compiled=not small, device=args.device)))
-    spans = Namespace(window=4 if small else 16, repeats=1)
+    spans = Namespace(window=4 if small else 16, repeats=1, images=1)
     # guidance off and on, and (full check) the compiled decoder with its CUDA-graph step, guidance on
     spans_settings = [(1.0, False), (3.0, False)] + ([] if small else [(3.0, True)])
     part("image_spans", lambda: {f"guidance_{g:g}" + ("_compiled" if c else ""):

@@ -38,38 +38,40 @@ def counting_passes() -> Iterator[list[int]]:
         yield count
 
 
-def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: int, repeats: int,
+def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: int, repeats: int, images: int,
             device: torch.device, compiled: bool = False) -> dict:
-    """Forward passes per batch (a batch runs until its slowest sample ends) and seconds per image, SJD off and on,
-    at batch 1 and 8 (best of ``repeats`` after a warm-up, which also pays the compiler with ``compiled``; the seeds
-    differ between repeats, not between SJD off and on)."""
+    """Forward passes (per image at batch 1; per batch of 8, which runs until its slowest sample ends) and seconds
+    per image, SJD off and on: ``images`` seeds one at a time, and the same seeds (at least 8) in batches of 8, so
+    both batch sizes make the same images; each timed as a whole, best of ``repeats`` after a warm-up (which also
+    pays the compiler with ``compiled``)."""
     from omnitok.model.sampler import generate
 
     out = {}
     sjd = replace(cfg, image=replace(cfg.image, sjd_window=window))
+    seeds = list(range(100, 100 + max(images, 8)))
     for batch in (1, 8):
+        chunks = [seeds[i:i + batch] for i in range(0, images if batch == 1 else len(seeds), batch)]
         row = {}
         for label, c in (("plain", cfg), ("sjd", sjd)):
-            best, passes = float("inf"), 0
+            best = float("inf")
             generate(model, layout, [prompt] * batch, eos, c, seeds=list(range(batch)), compiled=compiled)
-            for r in range(repeats):
-                seeds = list(range(100 * (r + 1), 100 * (r + 1) + batch))
+            for _ in range(repeats):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 with counting_passes() as count:
                     start = time.perf_counter()
-                    generate(model, layout, [prompt] * batch, eos, c, seeds=seeds, compiled=compiled)
+                    for chunk in chunks:
+                        generate(model, layout, [prompt] * len(chunk), eos, c, seeds=chunk, compiled=compiled)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - start)
-                passes += count[0]
-            row[label] = {"s_per_image": best / batch, "passes": passes / repeats}
+            row[label] = {"s_per_image": best / sum(map(len, chunks)), "passes": count[0] / len(chunks)}
         row["passes_ratio"] = row["sjd"]["passes"] / row["plain"]["passes"]
         row["speedup"] = row["plain"]["s_per_image"] / row["sjd"]["s_per_image"]
         out[f"batch{batch}"] = row
-        print(f"  {name}, batch {batch}: {row['plain']['passes']:.0f} -> {row['sjd']['passes']:.0f} forward passes "
-              f"({row['passes_ratio']:.2f}x), {row['plain']['s_per_image']:.2f} -> "
-              f"{row['sjd']['s_per_image']:.2f} s per image ({row['speedup']:.2f}x faster)")
+        print(f"  {name}, batch {batch}: {row['plain']['passes']:.1f} -> {row['sjd']['passes']:.1f} forward passes "
+              f"({row['passes_ratio']:.2f}x), {row['plain']['s_per_image']:.3f} -> "
+              f"{row['sjd']['s_per_image']:.3f} s per image ({row['speedup']:.2f}x faster)")
     return out
 
 
@@ -87,7 +89,7 @@ def demo_model(args: argparse.Namespace, device: torch.device) -> dict:
     cfg = SamplingConfig(output="image", max_new_tokens=256)
     g = cfg.grid or (layout.max_grid_side, layout.max_grid_side)
     print(f"demo model {args.model}: images up to {g[0]}x{g[1]} codes, window {args.window}")
-    out = compare("demo", model, layout, ids[0], eos, cfg, args.window, args.repeats, device)
+    out = compare("demo", model, layout, ids[0], eos, cfg, args.window, args.repeats, args.images, device)
     hits, passes = {}, {}
     for label, c in (("plain", cfg), ("sjd", replace(cfg, image=replace(cfg.image, sjd_window=args.window)))):
         spans = []
@@ -124,7 +126,7 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
     print(f"{size} random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid}x{grid} images, "
           f"guidance {guidance:g}{', compiled' if compiled else ''}")
     out = compare(f"random {size}", model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, cfg,
-                  args.window, args.repeats, device, compiled)
+                  args.window, args.repeats, args.images, device, compiled)
     for row in out.values():  # image codes per second of the whole batch
         for label in ("plain", "sjd"):
             row[label]["codes_per_s"] = grid * grid / row[label]["s_per_image"]
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, nargs="+", default=[8, 16], help="drafts per window (several: each)")
     parser.add_argument("--seeds", type=int, default=64, help="red-circle samples per setting")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=8, help="images timed one at a time (and at least 8 batched)")
     parser.add_argument("--device", default=default_device())
     args = parser.parse_args(argv)
     device = torch.device(args.device)
