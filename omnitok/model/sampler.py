@@ -585,6 +585,30 @@ def _right_padded(rows: list[list[int]], width: int, pad: int,
     return ids, valid
 
 
+def _advance_columns(grammar: Grammar, taken: list[list[int]], pad: int) -> list[tuple[int, int, int, int]]:
+    """Moves every sample's grammar past the tokens it took after a pass, column by column (a window's drafts are
+    codes: only a sample's last token can end it); returns (sample, token, state before, state after) in order."""
+    device, out = grammar.state.device, []
+    for col in range(max(len(t) for t in taken)):
+        moving = [col < len(t) for t in taken]
+        tokens = [t[col] if m else pad for t, m in zip(taken, moving)]
+        before = grammar.state.tolist()
+        grammar.advance(torch.tensor(tokens, device=device),
+                        None if all(moving) else torch.tensor(moving, device=device))
+        out += [(b, tokens[b], before[b], after) for b, after in enumerate(grammar.state.tolist()) if moving[b]]
+    return out
+
+
+def _span_event(before: int, after: int) -> str | None:
+    """What a token did to its sample's media spans, from the grammar states before and after it: "open" (one
+    opened), "image" / "audio" (one of that kind closed), None (neither)."""
+    if before == TEXT and after in (ROWS, AUDIO):
+        return "open"
+    if before in (EOI, AUDIO) and after in (TEXT, DONE):
+        return "image" if before == EOI else "audio"
+    return None
+
+
 def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     width = max(len(r) for r in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
@@ -678,20 +702,13 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
             stood = torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
             cache.rewind(stood + 1, width + 1)
             next_pos = next_pos + stood
-        for col in range(max(len(t) for t in taken)):  # drafts are codes: only a sample's last token can end it
-            old = grammar.state.tolist()
-            moving = [col < len(t) for t in taken]
-            token = [t[col] if m else layout.pad_id for t, m in zip(taken, moving)]
-            grammar.advance(torch.tensor(token, device=device), torch.tensor(moving, device=device))
-            states = grammar.state.tolist()
-            for b in range(B):
-                if not moving[b]:
-                    continue
-                new[b].append(token[b])
-                if old[b] == TEXT and states[b] in (ROWS, AUDIO):
-                    span_start[b] = len(opener) + len(new[b]) - 1
-                elif old[b] in (EOI, AUDIO) and states[b] in (TEXT, DONE) and on_span is not None:
-                    on_span(b, "image" if old[b] == EOI else "audio", (opener + new[b])[span_start[b]:])
+        for b, token, before, after in _advance_columns(grammar, taken, layout.pad_id):
+            new[b].append(token)
+            event = _span_event(before, after)
+            if event == "open":
+                span_start[b] = len(opener) + len(new[b]) - 1
+            elif event and on_span is not None:
+                on_span(b, event, (opener + new[b])[span_start[b]:])
         budget_left = budget_left - torch.tensor([len(t) for t in taken], device=device)
         states = grammar.state.tolist()
         if all(st == DONE for st in states):

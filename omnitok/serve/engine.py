@@ -38,12 +38,13 @@ from omnitok.model.sampler import (
     DONE,
     EOI,
     ROWS,
-    TEXT,
     Grammar,
     SamplingConfig,
+    _advance_columns,
     _drafts,
     _left_padded,
     _right_padded,
+    _span_event,
     _take,
     check_request,
     head_columns,
@@ -323,14 +324,8 @@ class Engine:
                 r.kept = len(t)  # its last token and the drafts that stood
                 self.stats["drafts"] += len(r.drafts)
                 self.stats["accepted"] += len(t) - 1
-        for col in range(max(len(t) for t in taken)):  # drafts are codes: only a job's last token can end it
-            moving = [col < len(t) for t in taken]
-            tokens = [t[col] if mv else self.layout.pad_id for t, mv in zip(taken, moving)]
-            grammar.advance(torch.tensor(tokens, device=device),
-                            None if all(moving) else torch.tensor(moving, device=device))
-            for r, mv, t, state in zip(members, moving, tokens, grammar.state.tolist()):
-                if mv:
-                    self._advance(r, t, state)
+        for i, token, before, after in _advance_columns(grammar, taken, self.layout.pad_id):
+            self._advance(members[i], token, before, after)
         if members[0].sjd:  # the conditional logits after each job's window, before its drafts are replaced
             last = torch.stack([r.logits[len(r.drafts)] for r in members])
             left = torch.tensor([r.budget - r.produced for r in members], device=device)
@@ -350,8 +345,8 @@ class Engine:
             r.kept = 0
         self.fed = 1
 
-    def _advance(self, r: _Running, t: int, state: int) -> None:
-        job, old = r.job, r.state
+    def _advance(self, r: _Running, t: int, before: int, state: int) -> None:
+        job = r.job
         r.state = state
         r.produced += 1
         job.output.append(t)
@@ -359,13 +354,13 @@ class Engine:
             job.first_token = time.monotonic()
         self.stats["tokens"] += 1
         job.events.put(("token", t))
-        if old == TEXT and state in (ROWS, AUDIO):
+        event = _span_event(before, state)
+        if event == "open":
             r.span_start = len(job.output) - 1
-        elif old in (EOI, AUDIO) and state in (TEXT, DONE):
+        elif event:
             with r.lock:
                 r.pending += 1
-            kind = "image" if old == EOI else "audio"
-            self.spans.submit((r, r.spans, kind), kind, job.output[r.span_start:])
+            self.spans.submit((r, r.spans, event), event, job.output[r.span_start:])
             r.spans += 1
         if state == DONE or r.produced >= r.budget:
             self._finish(r, "end" if t == job.end_id else "length")
