@@ -330,7 +330,7 @@ def test_inside_spans_only_the_spans_logits_are_computed_and_the_samples_do_not_
         ranges.clear()
         with mock.patch.object(Decoder, "forward", step), mock.patch.object(Decoder, "forward_window", windowed):
             ours = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(6)))
-        with mock.patch.object(sampler, "head_columns", lambda masks: None):
+        with mock.patch.object(sampler, "head_columns", lambda ranges, vocab_size: None):
             assert ours == generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(6)))
         restricted = [c for c in ranges if c is not None]
         if cfg.output == "image":  # the grid markers, the codes, <|eoi|>, the padding of samples that ended

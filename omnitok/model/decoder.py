@@ -185,7 +185,7 @@ class Decoder:
                 columns: tuple[int, int] | None = None) -> torch.Tensor:
         """Feed ``ids`` (rows, t) at ``positions`` (rows, t); ``valid`` (rows, t) is False for padding. Returns the
         float32 logits after each row's last token (rows, V). With ``columns`` (lo, hi), only the logits of ids in
-        [lo, hi) are computed and the others are -inf (the tokens the next picks may take lie there:
+        [lo, hi) are computed and returned, (rows, hi - lo) (the tokens the next picks may take lie there:
         ``sampler.head_columns``)."""
         return self._head(self._hidden(cache, ids, valid, positions, ids.shape[1] == 1)[:, -1], columns)
 
@@ -203,17 +203,14 @@ class Decoder:
         return self.forward_window(cache, ids, valid, positions, columns)
 
     def _head(self, h: torch.Tensor, columns: tuple[int, int] | None) -> torch.Tensor:
-        """The output layer over hidden states ``h``, in float32; with ``columns``, over those rows of its weight
-        only (inside an image span that is the codes and the span's markers: about a third of a 52k vocabulary, and
-        the same values as the whole product's columns)."""
+        """The output layer over hidden states ``h``, in float32; with ``columns`` (lo, hi), over those rows of its
+        weight only, the logits of ids [lo, hi) (inside an image span that is the codes and the span's markers: about
+        a third of a 52k vocabulary, and the same values as the whole product's columns)."""
         head = self.model.lm_head
         if columns is None:
             return head(h).float()
         lo, hi = columns
-        part = F.linear(h, head.weight[lo:hi], None if head.bias is None else head.bias[lo:hi]).float()
-        out = part.new_full((*part.shape[:-1], head.weight.shape[0]), float("-inf"))
-        out[..., lo:hi] = part
-        return out
+        return F.linear(h, head.weight[lo:hi], None if head.bias is None else head.bias[lo:hi]).float()
 
     def window_width(self, longest: int, widest: int) -> int:
         """How many tokens a decoding pass feeds each row, given the longest row's (its last token and its drafts)

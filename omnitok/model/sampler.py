@@ -50,6 +50,7 @@ from omnitok.tokenizers.chat import Request
 from omnitok.tokenizers.layout import Modality, TokenLayout, image_span_length
 
 TEXT, ROWS, COLS, CODES, EOI, AUDIO, DONE = range(7)
+STATE_MODALITY = np.array([Modality.TEXT, *[Modality.IMAGE] * 4, Modality.AUDIO, Modality.TEXT])  # by state
 OUTPUTS = ("any", "text", "image", "audio")
 
 
@@ -118,11 +119,14 @@ def check_request(layout: TokenLayout, cfg: SamplingConfig) -> int:
 
 
 class Grammar:
-    """Per-sample decoding states and the masks of allowed next tokens, all as tensors over the batch."""
+    """Per-sample decoding states and the masks of allowed next tokens. The states are small numpy arrays over the
+    batch, on the host: the sampler reads them every pass to decide what each sample does, and states kept on a GPU
+    would cost a synchronisation (and a dozen kernel launches per update) each time. The masks are tensors on the
+    model's device, gathered by one index a pass."""
 
     def __init__(self, layout: TokenLayout, eos_id: int, cfg: SamplingConfig, batch: int, device: torch.device,
                  forbidden: Sequence[int] = (), nonempty: bool = False):
-        self.layout, self.eos, self.cfg = layout, eos_id, cfg
+        self.layout, self.eos, self.cfg, self.device = layout, eos_id, cfg, device
         self.nonempty = nonempty or cfg.output == "text"  # the first token may not end the sample
         V, n_q = layout.vocab_size, max(layout.audio_num_codebooks, 1)
         self.longest_image = check_request(layout, cfg)
@@ -156,149 +160,198 @@ class Grammar:
             masks["audio0_or_eoa"] = mask([layout.eoa_id], [layout.audio_range(0)])
             masks["eoa"] = mask([layout.eoa_id])
         self.names = list(masks)
-        self.masks = torch.stack([masks[n] for n in self.names]).to(device)  # (n_masks, V)
+        stacked = torch.stack([masks[n] for n in self.names])  # (n_masks, V)
+        self.masks = stacked.to(device)
         self.index = {n: i for i, n in enumerate(self.names)}
         self.n_q = n_q
+        # by state, the mask of a sample in it (text and audio: refined by ``_choice``; DONE: padding)
+        by_state = {TEXT: "text", ROWS: "rows", COLS: "cols", CODES: "codes", EOI: "eoi", AUDIO: "audio0"}
+        self.by_state = np.array([self.index.get(by_state.get(st, "pad"), self.index["pad"]) for st in range(7)])
+        # each mask's allowed ids as a range [first, last + 1), and the same with the end id taken out (``nonempty``)
+        without_end = stacked.clone()
+        without_end[:, eos_id] = False
+        self.bounds = np.array([_bounds(m) for m in stacked]), np.array([_bounds(m) for m in without_end])
 
         # per media Modality code, every token of its spans (markers and codes)
         spans = {Modality.IMAGE: ["rows", "cols", "codes", "eoi"] if layout.has_image else [],
                  Modality.AUDIO: [f"audio{q}" for q in range(n_q)] + ["eoa"] if layout.has_audio else []}
-        self.span_masks = {m: self.masks[[self.index[n] for n in names]].any(0) for m, names in spans.items() if names}
+        span_masks = {m: stacked[[self.index[n] for n in names]].any(0) for m, names in spans.items() if names}
         # per Modality code, the ids [lo, hi) a sample in it may take (a span's markers and codes; text: all): the
         # columns its sampling arithmetic runs over, the same whatever else is in the batch
-        self.columns = {Modality.TEXT: (0, V)}
-        for m, mask in self.span_masks.items():
-            ids = torch.nonzero(mask).flatten()
-            self.columns[m] = int(ids[0]), int(ids[-1]) + 1
-        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        self.columns = {Modality.TEXT: (0, V), **{m: _bounds(mask) for m, mask in span_masks.items()}}
+        zeros = np.zeros(batch, dtype=np.int64)
         self.state = zeros + {"any": TEXT, "text": TEXT, "image": ROWS, "audio": AUDIO}[cfg.output]
-        self.remaining, self.rows, self.q, self.frames = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
-        self.first = torch.ones(batch, dtype=torch.bool, device=device)  # no token sampled yet
+        self.remaining, self.rows, self.q, self.frames = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
+        self.first = np.ones(batch, dtype=bool)  # no token sampled yet
 
-    def allowed(self, steps_left: int | torch.Tensor) -> torch.Tensor:
+    def allowed(self, steps_left: int | np.ndarray) -> torch.Tensor:
         """(B, V) boolean mask of the tokens each sample may take next, given the new tokens each may still add
         (one number for all, or one per sample)."""
         return self.allowed_ahead(steps_left, 0)[:, 0]
 
-    def _ahead(self, ahead: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _ahead(self, ahead: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each sample's state, codebook position and frame count after 0..``ahead`` more codes of its span, (B,
-        ahead + 1) each; outside a span the state now (a sample drafts only codes inside a span)."""
+        ahead + 1) each (positions and frames (B, 1) when no sample is in audio); outside a span the state now (a
+        sample drafts only codes inside a span)."""
         s, q, frames = self.state[:, None], self.q[:, None], self.frames[:, None]
         if ahead == 0:
             return s, q, frames
-        j = torch.arange(ahead + 1, device=s.device)[None, :]
-        s = torch.where((s == CODES) & (self.remaining[:, None] <= j), EOI, s)
+        j = np.arange(ahead + 1)[None, :]
+        s = np.where((s == CODES) & (self.remaining[:, None] <= j), EOI, s)
         audio = s == AUDIO
-        return s, torch.where(audio, (q + j) % self.n_q, q), torch.where(audio, frames + (q + j) // self.n_q, frames)
+        if not audio.any():
+            return s, q, frames
+        return s, np.where(audio, (q + j) % self.n_q, q), np.where(audio, frames + (q + j) // self.n_q, frames)
 
-    def allowed_ahead(self, steps_left: int | torch.Tensor, ahead: int) -> torch.Tensor:
-        """(B, ahead + 1, V): what each sample may take next and, inside a span, after each of ``ahead`` more codes
-        (the masks a window of drafted codes is verified with)."""
+    def _choice(self, steps_left: int | np.ndarray, ahead: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which of ``masks`` each sample may take from next and after each of ``ahead`` more codes, (B, ahead + 1),
+        and where the end id is taken out of it (``nonempty``: the first token of a text output or a turn)."""
         i = self.index
         n_q = self.n_q
         s, q, frames = self._ahead(ahead)
-        left = torch.as_tensor(steps_left, device=s.device).expand(s.shape[0])[:, None] - \
-            torch.arange(ahead + 1, device=s.device)[None, :]
-        text = torch.full_like(s, i["text"])
-        if self.layout.has_audio:
-            text = torch.where(left < n_q + 3, i["text_no_media"], text)
-        if self.layout.has_image:
-            short = torch.where(left >= n_q + 3, i["text_no_image"], i["text_no_media"])
-            text = torch.where(left < self.longest_image + 1, short, text)  # room for the image and eos
-        text = torch.where(left <= 1, i["eos"], text)
-        choice = torch.full_like(s, i["pad"])
-        choice = torch.where(s == TEXT, text, choice)
-        if self.layout.has_image:
-            choice = torch.where(s == ROWS, i["rows"], choice)
-            choice = torch.where(s == COLS, i["cols"], choice)
-            choice = torch.where(s == CODES, i["codes"], choice)
-            choice = torch.where(s == EOI, i["eoi"], choice)
-        if self.layout.has_audio:
-            audio = i["audio0"] + q  # the codebook of this position in the frame
+        left = np.broadcast_to(np.asarray(steps_left), s.shape[:1])[:, None] - np.arange(ahead + 1)[None, :]
+        choice = self.by_state[s]
+        text = s == TEXT
+        if text.any():
+            mask = np.full(left.shape, i["text"])
+            if self.layout.has_audio:
+                mask = np.where(left < n_q + 3, i["text_no_media"], mask)
+            if self.layout.has_image:
+                short = np.where(left >= n_q + 3, i["text_no_image"], i["text_no_media"])
+                mask = np.where(left < self.longest_image + 1, short, mask)  # room for the image and eos
+            choice = np.where(text, np.where(left <= 1, i["eos"], mask), choice)
+        audio = s == AUDIO
+        if audio.any():
+            mask = i["audio0"] + q  # the codebook of this position in the frame
             at_boundary = q == 0
             must_end = at_boundary & ((frames >= self.max_audio_frames) | (left <= n_q + 1))
             may_end = at_boundary & (frames >= 1)
-            audio = torch.where(may_end, i["audio0_or_eoa"], audio)
-            audio = torch.where(must_end, i["eoa"], audio)
-            choice = torch.where(s == AUDIO, audio, choice)
-        allowed = self.masks[choice]  # a copy
-        if self.nonempty:  # text output, an assistant's turn: the first token does not end it
-            allowed[..., self.eos] &= ~((s == TEXT) & (left > 1) & self.first[:, None])
+            mask = np.where(may_end, i["audio0_or_eoa"], mask)
+            choice = np.where(audio, np.where(must_end, i["eoa"], mask), choice)
+        # text output, an assistant's turn: the first token does not end it
+        no_end = text & (left > 1) & self.first[:, None] if self.nonempty else np.zeros(choice.shape, bool)
+        return choice, no_end
+
+    def allowed_ahead(self, steps_left: int | np.ndarray, ahead: int) -> torch.Tensor:
+        """(B, ahead + 1, V) on the device: what each sample may take next and, inside a span, after each of
+        ``ahead`` more codes (the masks a window of drafted codes is verified with)."""
+        choice, no_end = self._choice(steps_left, ahead)
+        allowed = self.masks[torch.from_numpy(choice).to(self.device)]  # a copy
+        if no_end.any():
+            allowed[..., self.eos] &= torch.from_numpy(~no_end).to(self.device)
         return allowed
 
-    def advance(self, token: torch.Tensor, moving: torch.Tensor | None = None) -> None:
+    def id_range(self, steps_left: int | np.ndarray, ahead: int, spans: bool = False) -> tuple[int, int] | None:
+        """The ids [lo, hi) from the first to the last that ``allowed_ahead`` allows any sample anywhere, from the
+        masks' ranges on the host (None: none); with ``spans``, also every token of the span each sample is in, or
+        of any span it may open (a sample in text): what its next windows' drafts may be drawn from (``_drafts``)."""
+        choice, no_end = self._choice(steps_left, ahead)
+        bounds = self.bounds[0][choice]
+        if no_end.any():
+            bounds = np.where(no_end[..., None], self.bounds[1][choice], bounds)
+        lo, hi = int(bounds[..., 0].min()), int(bounds[..., 1].max())
+        if spans:
+            modality, text = self.modality(), self.state == TEXT
+            for m in (Modality.IMAGE, Modality.AUDIO):
+                if m in self.columns and ((modality == m) | text).any():
+                    lo, hi = min(lo, self.columns[m][0]), max(hi, self.columns[m][1])
+        return (lo, hi) if lo < hi else None
+
+    def advance(self, token: Sequence[int] | np.ndarray, moving: np.ndarray | None = None) -> None:
         """Move every sample's state past its new token (B,); with ``moving`` (B,) only those samples (in a window
-        of drafts, samples take different numbers of tokens)."""
+        of drafts, samples take different numbers of tokens). Only the states some sample is in are looked at."""
+        token = np.asarray(token, dtype=np.int64)
         before = {name: getattr(self, name) for name in self._ROW_STATE}
         L, s = self.layout, self.state
-        new = s.clone()
-        if L.has_image:
-            new = torch.where((s == TEXT) & (token == L.boi_id), ROWS, new)
-            rows, cols = L.grid_sides(token)
-            self.rows = torch.where(s == ROWS, rows, self.rows)
-            self.remaining = torch.where(s == COLS, self.rows * cols, self.remaining)
-            new = torch.where(s == ROWS, COLS, new)
-            new = torch.where(s == COLS, CODES, new)
-            self.remaining = torch.where(s == CODES, self.remaining - 1, self.remaining)
-            new = torch.where((s == CODES) & (self.remaining == 0), EOI, new)
-            new = torch.where(s == EOI, TEXT, new)
-        if L.has_audio:
-            starts = (s == TEXT) & (token == L.boa_id)
-            new = torch.where(starts, AUDIO, new)
-            self.q = torch.where(starts, 0, self.q)
-            self.frames = torch.where(starts, 0, self.frames)
+        new, present = s.copy(), set(s.tolist())
+        if TEXT in present:
+            text = s == TEXT
+            if L.has_image:
+                new[text & (token == L.boi_id)] = ROWS
+            if L.has_audio:
+                starts = text & (token == L.boa_id)
+                new[starts] = AUDIO
+                self.q, self.frames = np.where(starts, 0, self.q), np.where(starts, 0, self.frames)
+            new[text & (token == self.eos)] = DONE
+        if ROWS in present:
+            self.rows = np.where(s == ROWS, L.grid_sides(token)[0], self.rows)
+            new[s == ROWS] = COLS
+        if COLS in present:
+            self.remaining = np.where(s == COLS, self.rows * L.grid_sides(token)[1], self.remaining)
+            new[s == COLS] = CODES
+        if CODES in present:
+            codes = s == CODES
+            self.remaining = self.remaining - codes
+            new[codes & (self.remaining == 0)] = EOI
+        if EOI in present:
+            new[s == EOI] = TEXT
+        if AUDIO in present:
             ends = (s == AUDIO) & (token == L.eoa_id)
             code = (s == AUDIO) & ~ends
-            self.q = torch.where(code, (self.q + 1) % self.n_q, self.q)
-            self.frames = torch.where(code & (self.q == 0), self.frames + 1, self.frames)
-            new = torch.where(ends, TEXT, new)
+            self.q = np.where(code, (self.q + 1) % self.n_q, self.q)
+            self.frames = np.where(code & (self.q == 0), self.frames + 1, self.frames)
+            new[ends] = TEXT
         if self.cfg.output in ("image", "audio"):  # the requested span was the whole output
-            new = torch.where((new == TEXT) & (s != TEXT), DONE, new)
-        new = torch.where((s == TEXT) & (token == self.eos), DONE, new)
+            new[(new == TEXT) & (s != TEXT)] = DONE
         self.state = new
-        self.first = torch.zeros_like(self.first)
+        self.first = np.zeros_like(self.first)
         if moving is not None:
             for name, old in before.items():
-                setattr(self, name, torch.where(moving, getattr(self, name), old))
+                setattr(self, name, np.where(moving, getattr(self, name), old))
 
     _ROW_STATE = ("state", "remaining", "rows", "q", "frames", "first")
 
-    def select(self, rows: torch.Tensor) -> None:
+    def select(self, rows: Sequence[int]) -> None:
         """Keep only these samples, in this order (a server's batch after some requests finished)."""
         for name in self._ROW_STATE:
-            setattr(self, name, getattr(self, name).index_select(0, rows))
+            setattr(self, name, getattr(self, name)[np.asarray(rows, dtype=np.int64)])
 
     def extend(self, other: Grammar) -> None:
         """Append ``other``'s samples (same layout, end id and settings: the masks are shared)."""
         for name in self._ROW_STATE:
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
 
-    def span_tokens(self) -> torch.Tensor:
-        """(B, V): every token of the span each sample is in (an image's markers and codes; every audio codebook and
-        <|eoa|>), or of any span it may open next (a sample in text): what its next windows may be drafted from."""
-        s = self.state
-        out = torch.zeros((len(s), self.masks.shape[1]), dtype=torch.bool, device=s.device)
-        for m, mask in self.span_masks.items():
-            inside = ((s >= ROWS) & (s <= EOI)) if m == Modality.IMAGE else s == AUDIO
-            out |= (inside | (s == TEXT))[:, None] & mask
+    def modality(self) -> np.ndarray:
+        """The ``Modality`` code (TEXT, IMAGE or AUDIO) whose sampling settings each sample uses now (B,)."""
+        return STATE_MODALITY[self.state]
+
+
+def _bounds(mask: torch.Tensor) -> tuple[int, int]:
+    """The ids of a (V,) mask from the first allowed to the last, [lo, hi); (V, 0) when it allows none."""
+    ids = torch.nonzero(mask).flatten()
+    return (int(ids[0]), int(ids[-1]) + 1) if len(ids) else (len(mask), 0)
+
+
+class Logits(NamedTuple):
+    """Logits of the ids [lo, lo + values.shape[-1]) along the last dimension: a decoding pass computes only the ids
+    its picks and drafts may take (``head_columns``), a prefill computes them all (lo 0)."""
+    values: torch.Tensor
+    lo: int = 0
+
+    def rows(self, index) -> Logits:
+        return Logits(self.values[index], self.lo)
+
+    def columns(self, lo: int, hi: int) -> torch.Tensor:
+        """The logits of the ids [lo, hi): a view when the pass computed them all, else a copy with -inf where it
+        did not (ids no pick may take)."""
+        start, end, width = lo - self.lo, hi - self.lo, self.values.shape[-1]
+        if 0 <= start and end <= width:
+            return self.values[..., start:end]
+        out = self.values.new_full((*self.values.shape[:-1], hi - lo), float("-inf"))
+        a, b = max(start, 0), min(end, width)
+        if a < b:
+            out[..., a - start:b - start] = self.values[..., a:b]
         return out
 
-    def modality(self, ahead: int | None = None) -> torch.Tensor:
-        """The ``Modality`` code (TEXT, IMAGE or AUDIO) whose sampling settings each sample uses now (B,), or with
-        ``ahead`` at each position of a window of codes (B, ahead + 1)."""
-        s = self.state if ahead is None else self._ahead(ahead)[0]
-        return torch.where((s >= ROWS) & (s <= EOI), Modality.IMAGE,
-                           torch.where(s == AUDIO, Modality.AUDIO, Modality.TEXT))
 
-
-def _take(grammar: Grammar, cfg: SamplingConfig, cond: torch.Tensor, guided: list[int], uncond: torch.Tensor | None,
+def _take(grammar: Grammar, cfg: SamplingConfig, cond: Logits, guided: list[int], uncond: Logits | None,
           allowed: torch.Tensor, drafts: list[list[int]], proposals: list[torch.Tensor | None],
           generators: Sequence[torch.Generator] | None) -> tuple[list[list[int]], list[_Ahead | None]]:
     """The tokens every sample takes after a decoding pass: one, picked from its logits after its last token, or (a
     sample that fed drafts) the drafts that stand and one more (``_verify``).
 
-    ``cond`` (B, W, V): each sample's logits after its last token and after each of its drafts; ``guided``: the
-    samples with an unconditional row, ``uncond`` (len(guided), W, V) those rows' logits; ``allowed`` (B, W, V): the
+    ``cond`` (B, W, ·): each sample's logits after its last token and after each of its drafts; ``guided``: the
+    samples with an unconditional row, ``uncond`` (len(guided), W, ·) those rows' logits; ``allowed`` (B, W, V): the
     grammar's masks at each position; ``drafts[b]`` and ``proposals[b]`` (m, hi - lo): the window sample ``b`` fed and
     the distributions it was drawn from; ``generators``: the samples' own (None: greedy).
 
@@ -306,7 +359,7 @@ def _take(grammar: Grammar, cfg: SamplingConfig, cond: torch.Tensor, guided: lis
     ids, not the whole vocabulary), so a sample's arithmetic is the same whatever else is in its batch. Returns the
     tokens each takes (none for a sample that had ended) and, per drafting sample, what its pass says about the
     positions after them (``_Ahead``: where its next window starts, ``_drafts``)."""
-    device, B = cond.device, len(drafts)
+    device, B = cond.values.device, len(drafts)
     modality, ended = grammar.modality().tolist(), (grammar.state == DONE).tolist()
     uncond_row = {b: j for j, b in enumerate(guided)}
     taken: list[list[int]] = [[] for _ in range(B)]
@@ -318,13 +371,16 @@ def _take(grammar: Grammar, cfg: SamplingConfig, cond: torch.Tensor, guided: lis
             if not rows:
                 continue
             w = 1 + max(len(drafts[b]) for b in rows)
-            index = torch.tensor(rows, device=device)
-            x, a = cond[index, :w, lo:hi], allowed[index, :w, lo:hi]
+            x = _part(cond, rows, w, lo, hi)
+            a = (allowed if len(rows) == B else allowed[torch.tensor(rows, device=device)])[:, :w, lo:hi]
             mine = [i for i, b in enumerate(rows) if b in uncond_row]
             if mine:
-                j = torch.tensor(mine, device=device)
-                u = uncond[torch.tensor([uncond_row[rows[i]] for i in mine], device=device), :w, lo:hi]
-                x = x.index_copy(0, j, _guided(x[j], u, a[j], s.guidance, s.plausibility))
+                u = _part(uncond, [uncond_row[rows[i]] for i in mine], w, lo, hi)
+                if len(mine) == len(rows):
+                    x = _guided(x, u, a, s.guidance, s.plausibility)
+                else:
+                    j = torch.tensor(mine, device=device)
+                    x = x.index_copy(0, j, _guided(x[j], u, a[j], s.guidance, s.plausibility))
             x = _filtered(x.flatten(0, 1), a.flatten(0, 1), s).view(len(rows), w, -1)
             gens = [None if generators is None or s.temperature == 0 else generators[b] for b in rows]
             if drafting:
@@ -336,6 +392,14 @@ def _take(grammar: Grammar, cfg: SamplingConfig, cond: torch.Tensor, guided: lis
     return taken, predicted
 
 
+def _part(t: Logits, rows: list[int], w: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``rows``, positions ``:w`` and ids [lo, hi) of ``t``: a view when the rows are all of ``t``'s in order
+    (the usual case) and the ids were computed, else a copy."""
+    if rows != list(range(len(t.values))):
+        t = t.rows(torch.tensor(rows, device=t.values.device))
+    return t.rows((slice(None), slice(None, w))).columns(lo, hi)
+
+
 def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: float, plausibility: float) -> torch.Tensor:
     """Guided logits ``u + scale * (c - u)`` of conditional rows ``c`` and their unconditional rows ``u``, over the
     tokens the conditional model finds plausible: those allowed with probability at least ``plausibility`` times the
@@ -345,7 +409,9 @@ def _guided(c: torch.Tensor, u: torch.Tensor, allowed: torch.Tensor, scale: floa
     c_allowed = c.masked_fill(~allowed, float("-inf"))
     log_floor = math.log(plausibility) if plausibility > 0 else float("-inf")
     implausible = c_allowed < c_allowed.max(-1, keepdim=True).values + log_floor
-    return (u + scale * (c - u)).masked_fill(implausible, float("-inf"))
+    # in place, the same numbers as u + scale * (c - u) (products and sums commute exactly): a window's logits are
+    # megabytes, and each new tensor of that size costs more than the arithmetic on a CPU
+    return c_allowed.sub_(u).mul_(scale).add_(u).masked_fill_(implausible, float("-inf"))
 
 
 def _pick(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
@@ -353,12 +419,13 @@ def _pick(x: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torc
     or temperature 0) the most likely; else the row draws one uniform number from its own generator and takes the
     token where it falls in the cumulative distribution over token ids, so its draw depends neither on the other
     rows nor on how many candidates top-k / top-p left."""
-    best = x.argmax(-1)
     if all(g is None for g in generators):
-        return best
+        return x.argmax(-1)
     u = torch.cat([x.new_zeros(1) if g is None else torch.rand(1, generator=g, device=x.device) for g in generators])
-    greedy = torch.tensor([g is None for g in generators], device=x.device)
-    return torch.where(greedy, best, _draw(torch.softmax(x, dim=-1), u))
+    drawn = _draw(torch.softmax(x, dim=-1), u)
+    if all(g is not None for g in generators):
+        return drawn
+    return torch.where(torch.tensor([g is None for g in generators], device=x.device), x.argmax(-1), drawn)
 
 
 def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -468,21 +535,21 @@ def _verify(x: torch.Tensor, drafts: list[list[int]], proposals: list[torch.Tens
                    for r, (row, proposal, s, k) in enumerate(zip(drafts, proposals, stand.tolist(), m.tolist()))]
 
 
-def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted: list[_Ahead | None],
-            last: torch.Tensor, generators: Sequence[torch.Generator] | None) -> tuple[list[list[int]], list]:
+def _drafts(grammar: Grammar, left: np.ndarray, cfg: SamplingConfig, predicted: list[_Ahead | None],
+            last: Logits, generators: Sequence[torch.Generator] | None) -> tuple[list[list[int]], list]:
     """Each sample's next window: inside a span whose modality has ``sjd_window`` > 0, up to that many codes, never
     past the span's last code, the audio duration limit or the sample's budget. First the model's latest
-    predictions for those positions (``predicted[b]``, from ``_take``), then draws from the last logits ``last[b]``
-    (V,) restricted to what each position allows; all over the sample's modality's columns (``Grammar.columns``).
+    predictions for those positions (``predicted[b]``, from ``_take``), then draws from the last logits ``last``
+    (B, ·) restricted to what each position allows; all over the sample's modality's columns (``Grammar.columns``).
     ``generators``: the samples' own (None: greedy; a modality at temperature 0 drafts greedily too). Returns the
     drafts and, per sample, the distributions they were drawn from (m, hi - lo) (None without drafts)."""
-    s, device, n_q = grammar.state, grammar.state.device, grammar.n_q
+    s, device, n_q = grammar.state, grammar.device, grammar.n_q
     modality = grammar.modality().tolist()
-    width = torch.tensor([cfg.of(m).sjd_window for m in modality], device=device)
+    width = np.array([cfg.of(m).sjd_window for m in modality])
     # positions where a code may come: before the image's <|eoi|>, before the frame limit or the budget force <|eoa|>
-    audio_room = torch.minimum((grammar.max_audio_frames - grammar.frames) * n_q - grammar.q, left - n_q - 1)
-    room = torch.where(s == CODES, grammar.remaining, torch.where(s == AUDIO, audio_room, 0))
-    count = torch.minimum(torch.minimum(width, room), left - 1).clamp(min=0).tolist()
+    audio_room = np.minimum((grammar.max_audio_frames - grammar.frames) * n_q - grammar.q, left - n_q - 1)
+    room = np.where(s == CODES, grammar.remaining, np.where(s == AUDIO, audio_room, 0))
+    count = np.minimum(np.minimum(width, room), left - 1).clip(min=0).tolist()
     B = len(count)
     if max(count) == 0:
         return [[] for _ in range(B)], [None] * B
@@ -496,11 +563,12 @@ def _drafts(grammar: Grammar, left: torch.Tensor, cfg: SamplingConfig, predicted
             pairs = [(b, j) for b, j in top_up if modality[b] == m]
             if pairs:
                 b, j = (torch.tensor(c, device=device) for c in zip(*pairs))
-                fresh.update(zip(pairs, torch.softmax(_filtered(last[b, lo:hi], masks[b, j, lo:hi], cfg.of(m)), -1)))
+                x = last.rows(b).columns(lo, hi)
+                fresh.update(zip(pairs, torch.softmax(_filtered(x, masks[b, j, lo:hi], cfg.of(m)), -1)))
     drafts, proposals = [], []
     for b, k in enumerate(count):
         lo, hi = grammar.columns[modality[b]]
-        q = last.new_zeros((0, hi - lo)) if predicted[b] is None else predicted[b].dist[:have[b]]
+        q = last.values.new_zeros((0, hi - lo)) if predicted[b] is None else predicted[b].dist[:have[b]]
         q = torch.cat([q, *(fresh[b, j][None] for j in range(have[b], k))])  # a new tensor
         if k and grammar.layout.has_audio and modality[b] == Modality.AUDIO:
             q[:, grammar.layout.eoa_id - lo] = 0  # drafts are codes: the masks of a window assume its span goes on
@@ -563,17 +631,17 @@ def span_opener(layout: TokenLayout, cfg: SamplingConfig) -> list[int]:
     return [layout.boa_id] if cfg.output == "audio" else []
 
 
-def head_columns(masks: Sequence[torch.Tensor]) -> tuple[int, int] | None:
-    """The one range of ids [lo, hi) that holds every token the ``masks`` (..., V) allow anywhere, when it is at most
-    half the vocabulary, else None: which logits a decoding pass must compute. The masks are those of the next picks
-    and, with SJD, every token of each sample's span (``Grammar.span_tokens``: the next window's drafts are topped
-    up from the pass's last logits, ``_drafts``). Inside media spans (the codes, their markers, the padding of
-    samples that ended) it leaves out the text; while any sample is in text, everything."""
-    V = masks[0].shape[-1]
-    # bytes' max, not any(): torch's boolean any over a dimension is 20x slower (150 us a step for 8 rows)
-    used = torch.stack([m.reshape(-1, V).view(torch.uint8).amax(0) for m in masks]).amax(0).cpu().numpy()
-    lo, hi = int(used.argmax()), V - int(used[::-1].argmax())  # the first and the last id allowed
-    return (lo, hi) if used[lo] and hi - lo <= V // 2 else None
+def head_columns(ranges: Sequence[tuple[int, int] | None], vocab_size: int) -> tuple[int, int] | None:
+    """The one range of ids [lo, hi) that holds every range of ``ranges`` (None: no id), when it is at most half the
+    vocabulary, else None: which logits a decoding pass must compute. The ranges are ``Grammar.id_range``'s: what the
+    next picks may take and, with SJD, every token of each sample's span (the next window's drafts are topped up from
+    the pass's last logits, ``_drafts``). Inside media spans (the codes, their markers, the padding of samples that
+    ended) it leaves out the text; while any sample is in text, everything."""
+    ranges = [r for r in ranges if r is not None]
+    if not ranges:
+        return None
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    return (lo, hi) if hi - lo <= vocab_size // 2 else None
 
 
 def _right_padded(rows: list[list[int]], width: int, pad: int,
@@ -588,13 +656,12 @@ def _right_padded(rows: list[list[int]], width: int, pad: int,
 def _advance_columns(grammar: Grammar, taken: list[list[int]], pad: int) -> list[tuple[int, int, int, int]]:
     """Moves every sample's grammar past the tokens it took after a pass, column by column (a window's drafts are
     codes: only a sample's last token can end it); returns (sample, token, state before, state after) in order."""
-    device, out = grammar.state.device, []
+    out = []
     for col in range(max(len(t) for t in taken)):
         moving = [col < len(t) for t in taken]
         tokens = [t[col] if m else pad for t, m in zip(taken, moving)]
         before = grammar.state.tolist()
-        grammar.advance(torch.tensor(tokens, device=device),
-                        None if all(moving) else torch.tensor(moving, device=device))
+        grammar.advance(tokens, None if all(moving) else np.array(moving))
         out += [(b, tokens[b], before[b], after) for b, after in enumerate(grammar.state.tolist()) if moving[b]]
     return out
 
@@ -681,22 +748,23 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                                                  for b in uncond_of]
     cache = decoder.new_cache(len(seqs), capacity=max(len(r) for r in seqs) + max(budget))
     ids, valid, positions = _left_padded(seqs, layout.pad_id, device)
-    logits = decoder.forward(cache, ids, valid, positions)[:, None]  # (rows, window, V)
+    logits = Logits(decoder.forward(cache, ids, valid, positions)[:, None])  # (rows, window, V)
     next_pos = positions[:, -1] + 1
     new: list[list[int]] = [[] for _ in range(B)]
     span_start = [0] * B  # where each sample's current span opened, in ``opener + new[b]``
-    budget_left = torch.tensor(budget, device=device)
+    budget_left = np.array(budget)
     drafts: list[list[int]] = [[] for _ in range(B)]  # each sample's drafts, fed after its last token
     proposals: list[torch.Tensor | None] = [None] * B  # the distributions they were drawn from (m, columns)
     allowed = grammar.allowed_ahead(budget_left, 0)  # (B, w + 1, V): what each position of the window may take
     # the logits a pass computes: those its picks may take, and (SJD) those the next window's drafts may be drawn from
     drafting_on = cfg.widest_window > 0
     for _ in range(max(budget)):  # every sample takes at least one token a pass
-        width = logits.shape[1] - 1
-        taken, predicted = _take(grammar, cfg, logits[:B], uncond_of, logits[B:], allowed, drafts, proposals,
+        width = logits.values.shape[1] - 1
+        taken, predicted = _take(grammar, cfg, logits.rows(slice(B)), uncond_of, logits.rows(slice(B, None)), allowed,
+                                 drafts, proposals,
                                  generators)
         # the conditional logits after each sample's window (guided ones hide what the last position did not allow)
-        last = torch.stack([logits[b, len(drafts[b])] for b in range(B)])
+        last = Logits(torch.stack([logits.values[b, len(drafts[b])] for b in range(B)]), logits.lo)
         if width:  # the cache forgets the drafts that fell (an unconditional row keeps what its sample keeps)
             stood = torch.tensor([max(len(t) - 1, 0) for t in taken], device=device)
             stood = torch.cat([stood, stood[torch.tensor(uncond_of, dtype=torch.long, device=device)]])
@@ -709,7 +777,7 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
                 span_start[b] = len(opener) + len(new[b]) - 1
             elif event and on_span is not None:
                 on_span(b, event, (opener + new[b])[span_start[b]:])
-        budget_left = budget_left - torch.tensor([len(t) for t in taken], device=device)
+        budget_left = budget_left - np.array([len(t) for t in taken])
         states = grammar.state.tolist()
         if all(st == DONE for st in states):
             break
@@ -739,8 +807,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
         step_ids, step_valid = _right_padded(fed_rows, window, layout.pad_id, device)
         step_pos = next_pos[:, None] + torch.arange(window, device=device)
         allowed = grammar.allowed_ahead(budget_left, window - 1)  # the next picks' (drafts are codes of the span)
-        columns = head_columns([allowed, grammar.span_tokens()] if drafting_on else [allowed])
-        logits = decoder.decode(cache, step_ids, step_valid, step_pos, columns)
+        columns = head_columns([grammar.id_range(budget_left, window - 1, spans=drafting_on)], layout.vocab_size)
+        logits = Logits(decoder.decode(cache, step_ids, step_valid, step_pos, columns), columns[0] if columns else 0)
         next_pos = next_pos + 1
     results = []
     for b in range(B):

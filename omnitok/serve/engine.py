@@ -28,6 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from omnitok.errors import OmnitokError
@@ -39,6 +40,7 @@ from omnitok.model.sampler import (
     EOI,
     ROWS,
     Grammar,
+    Logits,
     SamplingConfig,
     _advance_columns,
     _drafts,
@@ -100,8 +102,8 @@ class _Running:
         self.pending = 0  # spans submitted for decoding and not yet delivered
         self.finished = False
         # (1 + drafts fed, V): after the last token fed and after each draft fed with it
-        self.logits: torch.Tensor | None = None
-        self.uncond: torch.Tensor | None = None  # the same of its unconditional row, while it has one
+        self.logits: Logits | None = None
+        self.uncond: Logits | None = None  # the same of its unconditional row, while it has one
         self.drafts: list[int] = []  # codes to feed after its last token (speculative Jacobi decoding)
         self.proposals: torch.Tensor | None = None  # the distributions they were drawn from (drafts, columns)
         self.kept = 0  # of the last window, the columns its rows keep (0: it verified no drafts, one)
@@ -124,19 +126,16 @@ class _Group:
     def __init__(self):
         self.members: list[_Running] = []
         self.grammar: Grammar | None = None
-        self.allowed: torch.Tensor | None = None  # its next picks' masks, from the last pass, while still true
 
-    def allowed_ahead(self) -> torch.Tensor:
-        """(members, window, V): what each member may take at each position of its window (``Grammar.allowed_ahead``
-        with each one's tokens left and the group's widest window); kept until the members or their states change."""
-        if self.allowed is None:
-            device = self.grammar.state.device
-            left = torch.tensor([r.budget - r.produced for r in self.members], device=device)
-            self.allowed = self.grammar.allowed_ahead(left, max(len(r.drafts) for r in self.members))
-        return self.allowed
+    def left(self) -> np.ndarray:
+        """The new tokens each member may still add."""
+        return np.array([r.budget - r.produced for r in self.members])
+
+    def width(self) -> int:
+        """The most drafts a member feeds with its last token in the next pass."""
+        return max(len(r.drafts) for r in self.members)
 
     def add(self, r: _Running) -> None:
-        self.allowed = None
         if self.grammar is None:
             self.grammar = r.grammar
         else:
@@ -146,10 +145,9 @@ class _Group:
     def retire(self) -> None:
         keep = [i for i, r in enumerate(self.members) if not r.finished]
         if len(keep) < len(self.members):
-            self.allowed = None
             self.members = [self.members[i] for i in keep]
             if keep:
-                self.grammar.select(torch.tensor(keep, device=self.grammar.state.device))
+                self.grammar.select(keep)
 
 
 class Engine:
@@ -295,9 +293,9 @@ class Engine:
         logits = self.decoder.forward(cache, ids, valid, positions)
         for i, (r, uncond, _) in enumerate(seqs):
             if uncond:
-                r.uncond = logits[i:i + 1]
+                r.uncond = Logits(logits[i:i + 1])
             else:
-                r.logits = logits[i:i + 1]
+                r.logits = Logits(logits[i:i + 1])
         if self.cache is None or not self.rows:
             self.cache, self.fed = cache, 1
         else:  # after a window, they end where its first column is: the window's other columns are padding to them
@@ -310,10 +308,9 @@ class Engine:
         and generator, exactly as ``generate`` picks them for that sample: one token, or the drafts of its window
         that stand and one more; then the drafts of its next window."""
         members, grammar = group.members, group.grammar
-        cfg, device = members[0].job.cfg, grammar.state.device
-        width = max(len(r.drafts) for r in members)
-        allowed = group.allowed_ahead()  # (n, width + 1, V): drafts are codes of the span
-        group.allowed = None  # the picks below move the states on
+        cfg = members[0].job.cfg
+        width = group.width()
+        allowed = grammar.allowed_ahead(group.left(), width)  # (n, width + 1, V): drafts are codes of the span
         guided = [i for i, r in enumerate(members) if r.uncond is not None]
         generators = None if cfg.greedy else [r.generator for r in members]
         taken, predicted = _take(grammar, cfg, _windows([r.logits for r in members], width + 1), guided,
@@ -327,9 +324,8 @@ class Engine:
         for i, token, before, after in _advance_columns(grammar, taken, self.layout.pad_id):
             self._advance(members[i], token, before, after)
         if members[0].sjd:  # the conditional logits after each job's window, before its drafts are replaced
-            last = torch.stack([r.logits[len(r.drafts)] for r in members])
-            left = torch.tensor([r.budget - r.produced for r in members], device=device)
-            drafts, proposals = _drafts(grammar, left, cfg, predicted, last, generators)
+            last = _stacked([r.logits.rows(len(r.drafts)) for r in members])
+            drafts, proposals = _drafts(grammar, group.left(), cfg, predicted, last, generators)
             for r, d, q in zip(members, drafts, proposals):
                 r.drafts, r.proposals = d, q
 
@@ -423,32 +419,28 @@ class Engine:
         width, device = self.decoder.window_width(max(len(f) for f in fed), widest), self.decoder.device
         ids, valid = _right_padded(fed, width, self.layout.pad_id, device)
         positions = torch.tensor(self.positions, device=device)[:, None] + torch.arange(width, device=device)
-        columns = head_columns([self._lookahead(g) for g in self.groups.values()])
-        logits = self.decoder.decode(self.cache, ids, valid, positions, columns)
+        columns = head_columns([g.grammar.id_range(g.left(), g.width(), spans=g.members[0].sjd)
+                                for g in self.groups.values()], self.layout.vocab_size)
+        logits = Logits(self.decoder.decode(self.cache, ids, valid, positions, columns), columns[0] if columns else 0)
         for i, (r, uncond) in enumerate(self.rows):
             if uncond:
-                r.uncond = logits[i, :len(fed[i])]
+                r.uncond = logits.rows((i, slice(len(fed[i]))))
             else:
-                r.logits = logits[i, :len(fed[i])]
+                r.logits = logits.rows((i, slice(len(fed[i]))))
         self.fed = width
         self.positions = [p + 1 for p in self.positions]
         self.stats["passes"] += 1
 
-    @staticmethod
-    def _lookahead(group: _Group) -> torch.Tensor:
-        """What a group's next picks may take (its ``_pick`` masks, kept for it) and, with SJD, every token of its
-        jobs' spans (their next drafts may be topped up from this pass's logits): the logits the pass must compute."""
-        allowed = group.allowed_ahead()
-        if group.members[0].sjd:
-            allowed = allowed | group.grammar.span_tokens()[:, None]
-        return allowed
+
+def _windows(logits: list[Logits], width: int) -> Logits:
+    """Jobs' logits windows (n_i, ·) stacked as (jobs, width, ·); the positions past a job's window are zeros."""
+    return _stacked([x if len(x.values) == width else
+                     Logits(torch.cat([x.values, x.values.new_zeros((width - len(x.values), x.values.shape[-1]))]),
+                            x.lo) for x in logits])
 
 
-def _windows(logits: list[torch.Tensor], width: int) -> torch.Tensor:
-    """Jobs' logits windows (n_i, V) stacked as (jobs, width, V); the positions past a job's window are zeros."""
-    if all(len(x) == width for x in logits):
-        return torch.stack(logits)
-    out = logits[0].new_zeros((len(logits), width, logits[0].shape[-1]))
-    for i, x in enumerate(logits):
-        out[i, :len(x)] = x
-    return out
+def _stacked(logits: list[Logits]) -> Logits:
+    """Jobs' logits of one shape stacked (jobs, ...), over all the ids any of them covers (a job prefilled this step
+    covers every id, beside jobs decoded over a span's ids)."""
+    lo, hi = min(x.lo for x in logits), max(x.lo + x.values.shape[-1] for x in logits)
+    return Logits(torch.stack([x.columns(lo, hi) for x in logits]), lo)

@@ -330,12 +330,12 @@ class TokenLayout:
             raise MalformedSequence(f"expected a <|cols_C|> token, got {self.describe_id(token_id)}")
         return int(token_id) - first + 1
 
-    def grid_sides(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def grid_sides(self, ids: Array) -> tuple[Array, Array]:
         """Vectorised ``rows_of`` / ``cols_of``: the grid side each id stands for as a ``<|rows_R|>`` and as a
         ``<|cols_C|>`` token, 0 where it is not one."""
         r, c, g = self.rows_id(1), self.cols_id(1), self.max_grid_side
-        rows = torch.where((ids >= r) & (ids < r + g), ids - r + 1, 0)
-        return rows, torch.where((ids >= c) & (ids < c + g), ids - c + 1, 0)
+        where = torch.where if isinstance(ids, torch.Tensor) else np.where
+        return where((ids >= r) & (ids < r + g), ids - r + 1, 0), where((ids >= c) & (ids < c + g), ids - c + 1, 0)
 
     # ---------------------------------------------------------------- modality of ids
 
