@@ -1,11 +1,13 @@
 """Sampler decode tokens/s against transformers' ``generate`` (same model, prompt, temperature / top-p, KV cache),
-text at batch 1 and 8; the time cost of classifier-free guidance on image spans; decode speed against the
-memory-bandwidth bound: ``python -m benchmarks.sample [--size tiny|1b] [--grid 16]``."""
+text at batch 1 and 8; the time cost of classifier-free guidance on image spans, and how much of an image's time
+is the sampler's own work between the model's forward passes; decode speed against the memory-bandwidth bound:
+``python -m benchmarks.sample [--size tiny|1b] [--grid 16]``."""
 
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
@@ -14,6 +16,33 @@ from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 
 SAMPLE_SIZES = {"tiny": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
                 "1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4)}
+
+
+def outside_passes(fn, device: torch.device) -> dict:
+    """One run of ``fn`` (a sampling call) split into the model's decoding passes (``Decoder.decode``, each timed to
+    its end on a GPU) and everything else: the sampler's own work a pass (grammar, guidance, filtering, draws),
+    which a GPU waits through, since the next pass needs the tokens picked."""
+    from omnitok.model.decoder import Decoder
+
+    spent, passes, decode = [0.0], [0], Decoder.decode
+
+    def timed_decode(self, *a, **k):
+        start = time.perf_counter()
+        out = decode(self, *a, **k)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - start
+        passes[0] += 1
+        return out
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with mock.patch.object(Decoder, "decode", timed_decode):
+        start = time.perf_counter()
+        fn()
+        total = time.perf_counter() - start
+    return {"passes": passes[0], "ms_per_pass": 1e3 * total / passes[0],
+            "sampler_ms_per_pass": 1e3 * (total - spent[0]) / passes[0], "sampler_share": 1 - spent[0] / total}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -69,10 +98,13 @@ def run(args: argparse.Namespace) -> dict:
                                  image=ModalitySampling(top_k=1000, guidance=scale))
             times[scale] = timed(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg),
                                   args.repeats, device)
+        split = outside_passes(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg), device)
         out[f"cfg_batch{batch}"] = {"s_per_image_plain": times[1.0] / batch, "s_per_image_cfg": times[3.0] / batch,
-                                    "cost": times[3.0] / times[1.0]}
+                                    "cost": times[3.0] / times[1.0], "guided_split": split}
         print(f"  {g}x{g} image, batch {batch}: {times[1.0] / batch:.2f} s/image without guidance, "
-              f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time")
+              f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time; guided, "
+              f"{split['ms_per_pass']:.2f} ms a pass, of which the sampler's own work "
+              f"{split['sampler_ms_per_pass']:.2f} ms ({split['sampler_share']:.0%})")
     if args.compiled:  # the decoder's layers under torch.compile vs eager, text decode, same tokens
         from torch._dynamo.utils import counters
 
