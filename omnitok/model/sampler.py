@@ -167,10 +167,10 @@ class Grammar:
         # by state, the mask of a sample in it (text and audio: refined by ``_choice``; DONE: padding)
         by_state = {TEXT: "text", ROWS: "rows", COLS: "cols", CODES: "codes", EOI: "eoi", AUDIO: "audio0"}
         self.by_state = np.array([self.index.get(by_state.get(st, "pad"), self.index["pad"]) for st in range(7)])
-        # each mask's allowed ids as a range [first, last + 1), and the same with the end id taken out (``nonempty``)
+        # each mask's allowed ids as a range [first, last + 1), and (``nonempty``) the same with the end id taken out
         without_end = stacked.clone()
         without_end[:, eos_id] = False
-        self.bounds = np.array([_bounds(m) for m in stacked]), np.array([_bounds(m) for m in without_end])
+        self.bounds = _bounds(stacked), _bounds(without_end) if self.nonempty else None
 
         # per media Modality code, every token of its spans (markers and codes)
         spans = {Modality.IMAGE: ["rows", "cols", "codes", "eoi"] if layout.has_image else [],
@@ -178,7 +178,8 @@ class Grammar:
         span_masks = {m: stacked[[self.index[n] for n in names]].any(0) for m, names in spans.items() if names}
         # per Modality code, the ids [lo, hi) a sample in it may take (a span's markers and codes; text: all): the
         # columns its sampling arithmetic runs over, the same whatever else is in the batch
-        self.columns = {Modality.TEXT: (0, V), **{m: _bounds(mask) for m, mask in span_masks.items()}}
+        self.columns = {Modality.TEXT: (0, V), **{m: tuple(_bounds(mask[None])[0].tolist())
+                                                  for m, mask in span_masks.items()}}
         zeros = np.zeros(batch, dtype=np.int64)
         self.state = zeros + {"any": TEXT, "text": TEXT, "image": ROWS, "audio": AUDIO}[cfg.output]
         self.remaining, self.rows, self.q, self.frames = zeros.copy(), zeros.copy(), zeros.copy(), zeros.copy()
@@ -316,10 +317,13 @@ class Grammar:
         return STATE_MODALITY[self.state]
 
 
-def _bounds(mask: torch.Tensor) -> tuple[int, int]:
-    """The ids of a (V,) mask from the first allowed to the last, [lo, hi); (V, 0) when it allows none."""
-    ids = torch.nonzero(mask).flatten()
-    return (int(ids[0]), int(ids[-1]) + 1) if len(ids) else (len(mask), 0)
+def _bounds(masks: torch.Tensor) -> np.ndarray:
+    """Per row of (n, V) boolean masks on the CPU, the ids from the first allowed to the last, [lo, hi), as (n, 2);
+    (V, 0) for a row that allows none."""
+    m = masks.numpy()
+    V = m.shape[-1]
+    bounds = np.stack([m.argmax(-1), V - m[:, ::-1].argmax(-1)], -1)
+    return np.where(m.any(-1)[:, None], bounds, [V, 0])
 
 
 class Logits(NamedTuple):
