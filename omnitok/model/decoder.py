@@ -191,13 +191,14 @@ class Decoder:
 
     def forward_window(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
                        columns: tuple[int, int] | None = None) -> torch.Tensor:
-        """As ``forward``, but the logits after every fed token (rows, t, V): a window of drafts verified in one
-        pass (speculative Jacobi decoding)."""
+        """As ``forward``, but the logits after every fed token (rows, t, V; with ``columns``, (rows, t, hi - lo)): a
+        window of drafts verified in one pass (speculative Jacobi decoding)."""
         return self._head(self._hidden(cache, ids, valid, positions, True), columns)
 
     def decode(self, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
                columns: tuple[int, int] | None = None) -> torch.Tensor:
-        """A decoding pass, (rows, t, V): a one-token step (``forward``) or a window of drafts (``forward_window``)."""
+        """A decoding pass, (rows, t, V) (with ``columns``, (rows, t, hi - lo)): a one-token step (``forward``) or a
+        window of drafts (``forward_window``)."""
         if ids.shape[1] == 1:
             return self.forward(cache, ids, valid, positions, columns)[:, None]
         return self.forward_window(cache, ids, valid, positions, columns)

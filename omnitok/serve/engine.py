@@ -101,7 +101,7 @@ class _Running:
         self.spans = 0  # spans closed so far
         self.pending = 0  # spans submitted for decoding and not yet delivered
         self.finished = False
-        # (1 + drafts fed, V): after the last token fed and after each draft fed with it
+        # (1 + drafts fed, ·) over the ids its last pass computed: after the last token fed and after each draft
         self.logits: Logits | None = None
         self.uncond: Logits | None = None  # the same of its unconditional row, while it has one
         self.drafts: list[int] = []  # codes to feed after its last token (speculative Jacobi decoding)
