@@ -160,23 +160,41 @@ class _NaNGradient(torch.autograd.Function):
 
 @pytest.mark.parametrize("zero", [0, 1])
 def test_non_finite_losses_and_gradients_are_skipped_and_counted(tmp_path, data, monkeypatch, zero):
+    """Two micro-batches a step: a step with a non-finite loss (in its first micro-batch) or gradient (its second)
+    is skipped whole, and every step still hands DeepSpeed both micro-batches, so the accumulation boundaries of the
+    steps after it stay where they were."""
+    import deepspeed
+
     real = pretrain_module.lm_loss
     calls = {"n": 0}
 
     def flaky(logits, labels, layout, cfg, normalizer=None):
         calls["n"] += 1
         loss, metrics = real(logits, labels, layout, cfg, normalizer=normalizer)
-        if calls["n"] == 3:
+        if calls["n"] == 5:  # step 3, first micro-batch
             return loss * float("nan"), metrics
-        if calls["n"] == 5:
+        if calls["n"] == 10:  # step 5, second micro-batch
             return _NaNGradient.apply(loss), metrics
         return loss, metrics
 
+    engines, real_init = [], deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        engine, *rest = real_init(*args, **kwargs)
+        engines.append(engine)
+        backward = engine.backward
+        engine.micro_seen = []
+        engine.backward = lambda loss: (engine.micro_seen.append(engine.micro_steps), backward(loss))[1]
+        return (engine, *rest)
+
     monkeypatch.setattr(pretrain_module, "lm_loss", flaky)
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
     out = tmp_path / "run"
-    pretrain(load_pretrain_config(None, run_args(data, out, "steps=8", "checkpoint_every=100", f"zero_stage={zero}")))
+    pretrain(load_pretrain_config(None, run_args(data, out, "steps=8", "grad_accum=2", "checkpoint_every=100",
+                                                 f"zero_stage={zero}")))
     train = records(out / "train.jsonl")
     assert train[-1]["skipped_steps"] == 2 and train[1]["skipped_steps"] == 0 and train[4]["skipped_steps"] == 2
+    assert engines[0].micro_seen == list(range(16)) and engines[0].micro_steps == 16
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "export")

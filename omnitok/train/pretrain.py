@@ -194,15 +194,16 @@ class PretrainTask:
             tokens = self.world.sum({"n": float((labels != IGNORE).sum())})["n"]
             loss, metrics = lm_loss(logits, labels, self.layout, self.cfg.loss,
                                     normalizer=max(tokens, 1.0) / self.world.size)
-            if self.world.any(not torch.isfinite(loss)):  # every rank skips together, or none does
-                finite = False
-                continue
+            if self.world.any(not torch.isfinite(loss)):  # every rank skips the step together, or none does
+                # Still a backward and a step, with gradients made NaN (whatever made the loss so), so that the
+                # optimizer step skips below and DeepSpeed's micro-step count stays on this step's boundary: a
+                # micro-batch left out would shift every later step's accumulation by one micro-batch.
+                finite, loss = False, loss * float("nan")
             self.engine.backward(loss)
-            if not self._stepped():
-                finite = False
-                continue
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            finite = self._stepped() and finite
+            if finite:
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
         if not finite:
             return None
         return {**sums, "_wait": wait, "_compute": time.perf_counter() - t0}
@@ -215,6 +216,9 @@ class PretrainTask:
             local = any(p.grad is not None and not torch.isfinite(p.grad).all() for p in engine.module.parameters())
             if self.world.any(local):
                 engine.zero_grad()
+                engine.set_gradient_accumulation_boundary(False)  # a step without an update: only the count moves
+                engine.step()
+                engine.set_gradient_accumulation_boundary(None)
                 return False
         before = engine.skipped_steps
         engine.step()
