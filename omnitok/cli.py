@@ -275,11 +275,17 @@ def cmd_eval_lm(args: argparse.Namespace) -> None:
 def cmd_eval_samples(args: argparse.Namespace) -> None:
     from omnitok.eval.evaluate import eval_samples
 
-    r = eval_samples(args.dir)
+    r = eval_samples(args.dir, clip=args.clip, clap=args.clap)
     valid = ", ".join(f"{k} {v:.0%}" for k, v in r["valid"].items() if v is not None)
     print(f"{r['samples']} samples, {r['new_tokens']} new tokens; segments: "
           + ", ".join(f"{n} {k}" for k, n in r["segments"].items()) + (f"; valid: {valid}" if valid else "")
           + (f"; {len(r['problems'])} problems (see eval_samples.json)" if r["problems"] else ""))
+    for name, what in (("clip_score", "images"), ("clap_score", "sounds")):
+        if name in r:
+            print(f"{name.split('_')[0].upper()} score {r[name]['score']:.2f} (mean cosine {r[name]['cosine']:.4f}) "
+                  f"over {r[name]['pairs']} {what} and their prompts")
+        elif getattr(args, name.split("_")[0]) is not None:
+            print(f"{name.split('_')[0].upper()} score skipped: {r['skipped'][name]}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -505,8 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--seq-len", type=int, default=None,
                     help="tokens per packed sequence (default: the model's max_position_embeddings)")
     el.set_defaults(func=cmd_eval_lm)
-    es = ev_cmds.add_parser("samples", help="span validity and counts of an `omnitok sample` output directory")
+    es = ev_cmds.add_parser("samples", help="span validity and counts of an `omnitok sample` output directory; "
+                                              "CLIP / CLAP scores with local models")
     es.add_argument("dir", type=Path)
+    es.add_argument("--clip", type=Path, help="a local CLIP-like model directory (Hugging Face): CLIP score of the "
+                                             "pictures against their prompts")
+    es.add_argument("--clap", type=Path, help="a local CLAP model directory (Hugging Face): CLAP score of the sounds "
+                                             "against their prompts")
     es.set_defaults(func=cmd_eval_samples)
 
     sh = commands.add_parser("shards", help="inspect and merge shard directories")

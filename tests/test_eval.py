@@ -47,7 +47,7 @@ def test_image_report_matches_torchmetrics_on_the_same_tensors(tokdir, photos, t
     used = np.unique(np.concatenate([c.reshape(-1) for c in codes]))
     assert report["codebook"]["usage"] == pytest.approx(len(used) / 256)
     assert 1 <= report["codebook"]["perplexity"] <= len(used)
-    assert set(report["skipped"]) == {"fid", "clip_score"}
+    assert set(report["skipped"]) == {"fid"}
     for name in ("reconstructions.png", "codebook_usage.png"):
         with Image.open(tmp_path / name) as img:
             assert min(img.size) > 100
@@ -156,3 +156,148 @@ def test_eval_usage_errors_are_one_line(capsys, tmp_path):
     assert "--image-tokenizer with --images" in capsys.readouterr().err
     assert main(["eval", "samples", str(tmp_path)]) == 2
     assert "no samples.json" in capsys.readouterr().err
+
+
+def _byte_vocab(directory, specials, chars, suffix=""):
+    """vocab.json and merges.txt of a character-level BPE tokenizer (no merges): real tokenizer files, made here."""
+    vocab = {}
+    for token in [*specials, *chars, *(c + suffix for c in chars if suffix)]:
+        vocab.setdefault(token, len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A random-weight CLIP saved as a Hugging Face directory with its processor files (tokenizer, image processor)."""
+    import string
+
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    root = tmp_path_factory.mktemp("clip")
+    vocab = _byte_vocab(root, ["<|startoftext|>", "<|endoftext|>"], list(string.ascii_lowercase + " .,!?'"), "</w>")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=24)
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=24, bos_token_id=vocab["<|startoftext|>"],
+                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)).save_pretrained(root)
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def clap_dir(tmp_path_factory):
+    """A random-weight CLAP (HTSAT audio, RoBERTa text) with its processor files, inputs of at most 2 s at 48 kHz."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
+
+    root = tmp_path_factory.mktemp("clap")
+    vocab = _byte_vocab(root, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"], ByteLevel.alphabet())
+    tokenizer = RobertaTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=40)
+    features = ClapFeatureExtractor(feature_size=16, sampling_rate=48_000, max_length_s=2, truncation="rand_trunc",
+                                    padding="repeatpad")
+    torch.manual_seed(0)
+    ClapModel(ClapConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, projection_dim=16),
+        audio_config=dict(spec_size=64, window_size=4, num_mel_bins=16, patch_size=4, patch_stride=(4, 4),
+                          depths=[1, 1], num_attention_heads=[2, 2], hidden_size=32, patch_embeds_hidden_size=16,
+                          projection_dim=16, enable_fusion=False), projection_dim=16)).save_pretrained(root)
+    ClapProcessor(feature_extractor=features, tokenizer=tokenizer).save_pretrained(root)
+    return root
+
+
+PAIRS = ["a red circle", "a blue square on a green field", "nothing at all", "a yellow triangle"]
+
+
+def test_clip_score_matches_clips_own_logits_and_torchmetrics(clip_dir):
+    from torchmetrics.functional.multimodal import clip_score
+    from transformers import CLIPModel, CLIPProcessor
+
+    from omnitok.eval.alignment import Aligner
+
+    pictures = [Image.fromarray(p[:96, :128]) for p in PHOTOS[:4]]
+    cos = Aligner(clip_dir, "image").cosines(PAIRS, pictures)
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():  # the model's own forward: logits are the cosines times exp(logit_scale); the second
+        # caption is longer than the model's 24 positions and is cut to them, as the tokenizer cuts (its end kept)
+        out = model(**processor(text=PAIRS, images=pictures, return_tensors="pt", padding=True, truncation=True,
+                                max_length=24))
+    np.testing.assert_allclose(cos, out.logits_per_image.diagonal().numpy() / model.logit_scale.exp().item(), atol=1e-5)
+    assert (cos > 0).any() and (cos < 0).any() and np.ptp(cos) > 0.01  # the check can tell pairs apart
+
+    class Tensors(torch.nn.Module):  # torchmetrics 1.9 expects the feature tensors transformers 4 returned
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def get_text_features(self, *args, **kwargs):
+            return model.get_text_features(*args, **kwargs).pooler_output
+
+        def get_image_features(self, *args, **kwargs):
+            return model.get_image_features(*args, **kwargs).pooler_output
+
+    tensors = [torch.from_numpy(np.asarray(p)).permute(2, 0, 1) for p in pictures]
+    for i in (0, 2, 3):  # torchmetrics: max(100 * cosine, 0) (it cuts long captions differently: no end token)
+        reference = clip_score(tensors[i], PAIRS[i], model_name_or_path=lambda: (Tensors(), processor))
+        assert float(reference) == pytest.approx(max(100 * cos[i], 0), abs=1e-3)
+
+
+def test_clap_score_matches_claps_own_logits_on_resampled_mono_sound(clap_dir):
+    import soxr
+    from transformers import ClapModel, ClapProcessor
+
+    from omnitok.eval.alignment import Aligner
+
+    t = np.arange(24_000 * 3) / 24_000  # 3 s at 24 kHz, stereo: read as mono at 48 kHz and cut to the model's 2 s
+    sounds = [np.stack([np.sin(2 * np.pi * f * t), np.sin(2 * np.pi * 1.5 * f * t)]).astype(np.float32) * 0.5
+              for f in (220, 440, 880, 1760)]
+    cos = Aligner(clap_dir, "audio").cosines(PAIRS, [(s, 24_000) for s in sounds])
+    model, processor = ClapModel.from_pretrained(clap_dir).eval(), ClapProcessor.from_pretrained(clap_dir)
+    waves = [soxr.resample(s.mean(0), 24_000, 48_000).astype(np.float32)[:96_000] for s in sounds]
+    with torch.no_grad():
+        out = model(**processor(text=PAIRS, audio=waves, sampling_rate=48_000, return_tensors="pt", padding=True))
+    own = out.logits_per_audio.diagonal().numpy() / model.logit_scale_a.exp().item()
+    np.testing.assert_allclose(cos, own, atol=1e-5)
+    assert np.ptp(cos) > 0.01
+
+
+def test_samples_are_scored_against_their_prompts_words(model_dir, clip_dir, clap_dir, tmp_path, capsys):
+    from omnitok.eval.alignment import Aligner
+
+    out = tmp_path / "s"
+    photo = tmp_path / "photo.png"
+    Image.fromarray(PHOTOS[0][:64, :64]).save(photo)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a red circle\n  two   squares <image:{photo}> and a tone\n<image:{photo}>\n")
+    assert main(["sample", "--model", str(model_dir), "--prompts", str(prompts), "--num-samples", "4", "--out",
+                 str(out), "--max-new-tokens", "90"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "samples", str(out), "--clip", str(clip_dir), "--clap", str(clap_dir)]) == 0
+    said = capsys.readouterr().out
+    report = json.loads((out / "eval_samples.json").read_text())
+    records = json.loads((out / "samples.json").read_text())["samples"]
+    assert [r["prompt_text"] for r in records[::4]] == ["a red circle", "two squares and a tone", ""]
+    for name, modality, word in (("clip_score", "image", "CLIP"), ("clap_score", "audio", "CLAP")):
+        pairs = [(f"{r['id']}/{s['file']}", r["prompt_text"]) for r in records if r["prompt_text"]
+                 for s in r["segments"] if s["type"] == modality]
+        scored = report[name]
+        assert list(scored["per_segment"]) == [n for n, _ in pairs] and scored["pairs"] == len(pairs) > 0
+        assert f"{word} score {scored['score']:.2f}" in said
+        if modality == "image":  # the same numbers as the scorer on the files
+            files = [Image.open(out / n) for n, _ in pairs]
+            direct = Aligner(clip_dir, "image").cosines([t for _, t in pairs], files)
+            np.testing.assert_allclose(list(scored["per_segment"].values()), direct, atol=1e-5)
+            assert scored["score"] == pytest.approx(float(np.maximum(100 * direct, 0).mean()), abs=1e-3)
+    # without models the scores are skipped with the reason; a directory of the wrong kind is one line
+    assert set(eval_samples(out)["skipped"]) == {"clip_score", "clap_score"}
+    assert main(["eval", "samples", str(out), "--clip", str(clap_dir)]) == 2
+    assert "holds a ClapModel, not a CLIP-like (text, image) model" in capsys.readouterr().err
+    assert main(["eval", "samples", str(out), "--clap", str(tmp_path / "missing")]) == 2
+    assert "missing is not a model directory" in capsys.readouterr().err

@@ -6,12 +6,13 @@
   grid of originals vs reconstructions (images; log-mel spectrograms for audio) and a codebook-usage plot.
 - ``lm``: per-modality next-token loss and perplexity of a model on held-out shards (each target token is counted
   under its own modality; the layout's special tokens form their own group).
-- ``samples``: span validity and counts over an ``omnitok sample`` output directory.
+- ``samples``: span validity and counts over an ``omnitok sample`` output directory, and with local CLIP / CLAP
+  models how well the pictures and sounds match their prompts (``alignment.py``).
 
-FID and CLIP-style scores need feature networks that cannot be downloaded here, so they are computed only when
-local weights are given (``--fid-features``: a ``torch.export``-ed program (``.pt2``) mapping (1, 3, H, W) images
-in [0, 1] to (1, D) features, e.g. an Inception pool3 network exported by the user); otherwise the report lists
-them under ``skipped`` with the reason. CLIP score is not implemented yet and is always listed as skipped.
+FID, CLIP and CLAP scores need networks that cannot be downloaded here, so they are computed only when local weights
+are given (``--fid-features``: a ``torch.export``-ed program (``.pt2``) mapping (1, 3, H, W) images in [0, 1] to
+(1, D) features, e.g. an Inception pool3 network exported by the user; ``--clip`` / ``--clap``: Hugging Face model
+directories); otherwise the report lists them under ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -105,11 +106,11 @@ def _to_float(arrays: list[np.ndarray]) -> torch.Tensor:
 def _fid(weights: str | Path | None, real: torch.Tensor, fake: torch.Tensor) -> dict:
     if weights is None:
         return {"skipped": {"fid": "needs a local feature network (--fid-features, a torch.export .pt2 file); none "
-                                   "given, and nothing can be downloaded", "clip_score": "needs local CLIP weights"}}
+                                   "given, and nothing can be downloaded"}}
     net = torch.export.load(str(weights)).module()
     with torch.no_grad():  # one image at a time: an exported program may have a fixed batch size
         a, b = (torch.cat([net(x[i:i + 1]) for i in range(len(x))]).double().numpy() for x in (real, fake))
-    return {"fid": frechet_distance(a, b), "skipped": {"clip_score": "needs local CLIP weights"}}
+    return {"fid": frechet_distance(a, b), "skipped": {}}
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -265,8 +266,9 @@ def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = N
 # ---------------------------------------------------------------- samples
 
 
-def eval_samples(directory: str | Path) -> dict:
-    """Span validity and counts over an ``omnitok sample`` output directory."""
+def eval_samples(directory: str | Path, clip: str | Path | None = None, clap: str | Path | None = None) -> dict:
+    """Span validity and counts over an ``omnitok sample`` output directory; with a local CLIP (``clip``) or CLAP
+    (``clap``) model directory, how well its pictures or sounds match their prompts' text (``alignment.py``)."""
     import json
 
     import soundfile as sf
@@ -305,6 +307,29 @@ def eval_samples(directory: str | Path) -> dict:
     report = {"samples": len(records), "new_tokens": tokens, "segments": counts,
               "valid": {k: (valid[k] / counts[k] if counts[k] else None) for k in valid},
               "stopped": {k: sum(r["stopped"] == k for r in records) for k in ("eos", "eot", "span", "max_new_tokens")},
-              "problems": problems}
+              "problems": problems, **_alignment(directory, records, {"image": clip, "audio": clap})}
     write_json_atomic(directory / "eval_samples.json", report)
     return report
+
+
+def _alignment(directory: Path, records: list[dict], models: dict[str, str | Path | None]) -> dict:
+    """CLIP and CLAP scores of the samples' pictures and sounds against their prompts' text; each score without a
+    model, or with no picture or sound beside a prompt with words, is listed under ``skipped`` with the reason."""
+    from omnitok.eval.alignment import Aligner, alignment_report
+
+    scores, skipped = {}, {}
+    for modality, name, flag in (("image", "clip_score", "--clip"), ("audio", "clap_score", "--clap")):
+        if models[modality] is None:
+            skipped[name] = f"needs a local {name[:4].upper()} model directory ({flag}); nothing can be downloaded"
+            continue
+        aligner = Aligner(models[modality], modality)  # one line if the directory holds no such model
+        if any("prompt_text" not in r for r in records):
+            skipped[name] = "samples.json has no prompt_text (made by an older omnitok): sample again"
+            continue
+        pairs = [(f"{r['id']}/{s['file']}", r["prompt_text"], directory / r["id"] / s["file"])
+                 for r in records if r["prompt_text"] for s in r["segments"] if s["type"] == modality]
+        if not pairs:
+            skipped[name] = f"no {modality} beside a prompt with words"
+            continue
+        scores[name] = alignment_report(aligner, pairs)
+    return {**scores, "skipped": skipped}

@@ -51,6 +51,16 @@ class Prompt:
     source: str = "prompt"
     conversation: Conversation | None = None  # a chat prompt: the conversation the assistant answers next
 
+    @property
+    def text(self) -> str:
+        """What the prompt says in words (a chat prompt: its last user turn), without its media: the text that CLIP
+        and CLAP scores compare the samples with."""
+        segments = self.document.segments
+        if self.conversation is not None:
+            last = next((t for t in reversed(self.conversation.turns) if t.role == "user"), None)
+            segments = last.segments if last is not None else []
+        return " ".join(" ".join(s.text.split()) for s in segments if isinstance(s, Text) and s.text.strip())
+
 
 def parse_chat_prompt(text: str, base_dir: str | Path | None = None, label: str | None = None) -> Prompt:
     """A chat request: JSON with ``messages`` (or ShareGPT ``conversations``) ending with a user turn, or text with
@@ -326,8 +336,8 @@ def write_sample(out: Path, job: int, prompt: Prompt, seed: int, ids: list[int],
     ended = "eot" if prompt.conversation is not None else "eos"  # the assistant's turn ended, or the document
     stopped = (ended if ids and ids[-1] == end else
                "span" if len(ids) < max_new else "context" if by_context else "max_new_tokens")
-    record = {"id": f"{job:03d}", "prompt": prompt.label, "source": prompt.source, "seed": seed,
-              "new_tokens": len(ids), "stopped": stopped, "segments": segments}
+    record = {"id": f"{job:03d}", "prompt": prompt.label, "prompt_text": prompt.text, "source": prompt.source,
+              "seed": seed, "new_tokens": len(ids), "stopped": stopped, "segments": segments}
     write_json_atomic(folder / "sample.json", record)
     (folder / "text.txt").write_text("".join(text), encoding="utf-8")
     return record
