@@ -67,7 +67,10 @@ def test_conversations_train_on_some_phrasings_and_hold_the_others_out(tmp_path)
             else:
                 assert Path(seg.source).is_file()  # paths relative to the file, resolved
     held = held_out_requests(tmp_path)
-    assert {r["kind"] for r in held} == {"draw", "describe", "play", "follow"}
+    assert {r["kind"] for r in held} == {"draw", "describe", "play", "then_play", "then_draw", "follow"}
+    switching = [[m["content"][0]["type"] for m in r["messages"] if m["role"] == "assistant"] for r in held
+                 if r["kind"].startswith("then_")]
+    assert switching.count(["image"]) == 10 and switching.count(["audio"]) == 12  # the other medium came first
     for r in held:
         asked = [p["text"] for m in r["messages"] if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
         assert asked[-1] not in texts  # the measured phrasing was never trained on

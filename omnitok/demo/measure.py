@@ -83,8 +83,9 @@ def classify_sound(wave: np.ndarray, rate: int) -> str | None:
 
 def instruction_following(samples: str | Path, requests: list[dict]) -> dict:
     """How many answers in an ``omnitok sample`` directory (one sample per request, in order) do what their request
-    asked (``chat_corpus.held_out_requests``): draw / follow, the first picture shows the colour and the shape (each
-    also counted alone); describe, the answer's text names both; play, the first clip is the sound asked for."""
+    asked (``chat_corpus.held_out_requests``): draw / then_draw / follow, the first picture shows the colour and the
+    shape (each also counted alone); describe, the answer's text names both; play / then_play, the first clip is the
+    sound asked for."""
     import json
 
     import soundfile as sf
@@ -96,12 +97,12 @@ def instruction_following(samples: str | Path, requests: list[dict]) -> dict:
     out: dict[str, dict[str, int]] = {}
     for request, record in zip(requests, records):
         kind = request["kind"]
-        tally = out.setdefault(kind, {"requests": 0, "right": 0} | ({"colour": 0, "shape": 0}
-                                                                    if kind in ("draw", "follow") else {}))
+        pictured = kind in ("draw", "then_draw", "follow")
+        tally = out.setdefault(kind, {"requests": 0, "right": 0} | ({"colour": 0, "shape": 0} if pictured else {}))
         tally["requests"] += 1
         first = {t: next((s for s in record["segments"] if s["type"] == t), None) for t in ("image", "audio")}
         folder = samples / record["id"]
-        if kind in ("draw", "follow"):
+        if pictured:
             if first["image"] is None:
                 continue
             colour, shape = classify(np.asarray(Image.open(folder / first["image"]["file"]).convert("RGB")))

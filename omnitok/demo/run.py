@@ -41,7 +41,8 @@ RED_CIRCLES = 32
 TITLES = {"asked_tuned": "held-out requests: instruction-tuned model (chat)",
           "asked_base": "held-out requests: pretrained model (the same requests as plain prompts)"}
 FOLLOWING = {"draw": "right picture", "describe": "names colour and shape", "play": "right sound",
-             "follow": "follow-up: right picture"}
+             "follow": "follow-up: right picture", "then_play": "after a picture: right sound",
+             "then_draw": "after a sound: right picture"}
 
 
 def pretrain_config(out: Path, steps: int) -> dict:
