@@ -280,12 +280,13 @@ def cmd_eval_samples(args: argparse.Namespace) -> None:
     print(f"{r['samples']} samples, {r['new_tokens']} new tokens; segments: "
           + ", ".join(f"{n} {k}" for k, n in r["segments"].items()) + (f"; valid: {valid}" if valid else "")
           + (f"; {len(r['problems'])} problems (see eval_samples.json)" if r["problems"] else ""))
-    for name, what in (("clip_score", "images"), ("clap_score", "sounds")):
+    for flag, what in (("clip", "images"), ("clap", "sounds")):
+        name = f"{flag}_score"
         if name in r:
-            print(f"{name.split('_')[0].upper()} score {r[name]['score']:.2f} (mean cosine {r[name]['cosine']:.4f}) "
-                  f"over {r[name]['pairs']} {what} and their prompts")
-        elif getattr(args, name.split("_")[0]) is not None:
-            print(f"{name.split('_')[0].upper()} score skipped: {r['skipped'][name]}")
+            print(f"{flag.upper()} score {r[name]['score']:.2f} (mean cosine {r[name]['cosine']:.4f}) over "
+                  f"{r[name]['pairs']} {what} and their prompts")
+        elif getattr(args, flag) is not None:
+            print(f"{flag.upper()} score skipped: {r['skipped'][name]}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
