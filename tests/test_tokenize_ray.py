@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from test_tokenize import digest, kill_after_shards, specs
 from omnitok.cli import main
 from omnitok.data.shards import iter_samples, read_manifest
 from omnitok.data.tokenize import TokenizeConfig, tokenize
+from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 ray = pytest.importorskip("ray")
 TESTS = Path(__file__).parent
@@ -88,16 +90,32 @@ def test_a_cluster_nothing_answers_for_is_refused_in_one_line(tmp_path, tokdir, 
     assert not (tmp_path / "s").exists()
 
 
-def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, chat_tokdir, mixed):
+def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, chat_tokdir, mixed, monkeypatch):
     common = {"inputs": mixed, "tokenizer": str(chat_tokdir), "shard_size": 5}
     tokenize(TokenizeConfig(**common, out=str(tmp_path / "local"), workers=0, batch_size=4))
     local = outputs(tmp_path / "local")
     assert len(local[0]) == 6 and read_manifest(tmp_path / "local")["error_count"] == 6
     metas = [meta for _, _, meta in iter_samples(tmp_path / "local")]
     assert sum("trained" in m for m in metas) == 2 and sum("requests" in m for m in metas) == 1  # conversations
-    # other blocks and batches than the local run's (several windows: the killed-driver test)
-    tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray", batch_size=3))
+    # other blocks and batches than the local run's (several windows: the killed-driver test); this process, the
+    # driver, loads no model (its tokenizer loader fails here), the cluster's workers do
+    with monkeypatch.context() as m:
+        m.setattr(MultimodalTokenizer, "from_dir", classmethod(lambda cls, d: pytest.fail("the driver loaded it")))
+        tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray", batch_size=3))
     assert outputs(tmp_path / "ray") == local
+
+
+def test_a_damaged_tokenizer_is_refused_in_one_line_before_any_output(tmp_path, cluster, tokdir, corpus, capsys):
+    damaged = tmp_path / "tok"
+    shutil.copytree(tokdir, damaged)
+    layout = json.loads((damaged / "layout.json").read_text())
+    layout["fingerprints"]["image"] = "0" * 64
+    (damaged / "layout.json").write_text(json.dumps(layout))
+    assert main(["tokenize", "--tokenizer", str(damaged), "--input", str(corpus / "pairs"), "--out",
+                 str(tmp_path / "s"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image tokenizer at" in err[0] and "has fingerprint" in err[0], err
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

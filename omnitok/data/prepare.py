@@ -5,7 +5,7 @@ read and preprocessed (``Preprocessor`` -> ``Prepared``, no models), a run of pr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,13 @@ class Preprocessor:
 
     image: dict | None  # ImagePreprocessConfig fields and the downsampling factor
     audio: tuple[int, int] | None  # sample rate, channels
+
+    @classmethod
+    def of(cls, tok: MultimodalTokenizer) -> Preprocessor:
+        image = None
+        if tok.image is not None:
+            image = {**asdict(tok.image.preprocess_config), "multiple": tok.image.downsample}
+        return cls(image, (tok.audio.sample_rate, tok.audio.channels) if tok.audio is not None else None)
 
     def __call__(self, job: tuple[int, Item]) -> Prepared:
         index, item = job

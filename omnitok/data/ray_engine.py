@@ -1,7 +1,9 @@
 """``omnitok tokenize --engine ray``: the local engine's stages on a Ray Data pipeline, across a cluster.
 
-The driver (this process) lists the items exactly as the local engine does (same readers, same indices, same part)
-and hands them to Ray a window at a time (``ray_window`` items: the driver never holds more of the corpus than that).
+The driver (this process) loads no model: one task on the cluster loads the tokenizer first (every check of its
+parts, the refusal of a damaged one in one line before any output) and sends back its layout and the media sizes.
+It lists the items exactly as the local engine does (same readers, same indices, same part) and hands them to Ray a
+window at a time (``ray_window`` items: the driver never holds more of the corpus than that).
 Each window is one dataset: blocks of items -> ``Preprocessor`` in CPU tasks (decode, EXIF, resize; decode, mix,
 resample) -> ``encode_prepared`` in a pool of encoder actors (each loads the tokenizer once per window, on its GPU
 share when it has one, and encodes ``batch_size`` items at a time) -> back to the driver in item order
@@ -28,9 +30,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from omnitok.data.prepare import Prepared, encode_prepared
+from omnitok.data.prepare import Prepared, Preprocessor, encode_prepared
 from omnitok.data.readers import Item
 from omnitok.errors import OmnitokError
+from omnitok.tokenizers.layout import TokenLayout
 
 INSTALL = "--engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
 
@@ -64,10 +67,19 @@ class _Encoder:
         return {"outcome": column}
 
 
+def _describe(tokenizer: str) -> tuple[TokenLayout, Preprocessor]:
+    """On a worker: the tokenizer loaded as an encoder loads it, and what the driver needs of it."""
+    from omnitok.tokenizers.multimodal import MultimodalTokenizer
+
+    tok = MultimodalTokenizer.from_dir(tokenizer)
+    return tok.layout, Preprocessor.of(tok)
+
+
 @contextmanager
 def ray_engine(cfg) -> Iterator:
-    """Join the cluster (``cfg.ray_address``; else RAY_ADDRESS; else start Ray here) and check its resources, before
-    any work; yields the engine: ``(cfg, tok, jobs, prepare) -> outcomes``, one per item in item order."""
+    """Join the cluster (``cfg.ray_address``; else RAY_ADDRESS; else start Ray here), check its resources and load
+    the tokenizer there, before any work; yields the pipeline: its ``layout`` and ``prepare`` (the tokenizer's), and
+    ``outcomes(jobs, prepare)``, one per item in item order."""
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
@@ -79,7 +91,7 @@ def ray_engine(cfg) -> Iterator:
             raise OmnitokError(f"cannot join the Ray cluster at {cfg.ray_address or 'RAY_ADDRESS'}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     try:
-        yield _Pipeline(ray, cfg).outcomes
+        yield _Pipeline(ray, cfg)
     finally:
         if started:
             ray.shutdown()
@@ -118,9 +130,22 @@ class _Pipeline:
         context.execution_options.preserve_order = True  # the shard writer is fed in item order
         context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
         context.print_on_execution_start = False
+        self.layout, self.prepare = self._describe()
 
-    def outcomes(self, cfg, tok, jobs: Iterator[tuple[int, Item]], prepare) -> Iterator:
-        while window := list(itertools.islice(jobs, cfg.ray_window)):
+    def _describe(self) -> tuple[TokenLayout, Preprocessor]:
+        task = self.ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(_describe)
+        try:
+            return self.ray.get(task.remote(self.cfg.tokenizer))
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, OmnitokError):
+                raise OmnitokError(str(cause)) from None
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+            raise OmnitokError(f"loading the tokenizer {self.cfg.tokenizer} on the Ray cluster failed: "
+                               f"{detail[:300]}") from None
+
+    def outcomes(self, jobs: Iterator[tuple[int, Item]], prepare: Preprocessor) -> Iterator:
+        while window := list(itertools.islice(jobs, self.cfg.ray_window)):
             yield from self.window(window, prepare)
 
     def dataset(self, jobs: list[tuple[int, Item]], prepare):

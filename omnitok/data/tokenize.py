@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
@@ -112,11 +112,15 @@ def tokenize(cfg: TokenizeConfig, command: str | None = None) -> dict:
     if cfg.engine == "ray":
         from omnitok.data.ray_engine import ray_engine
 
-        with ray_engine(cfg) as engine:  # Ray installed, the cluster joined and its resources enough, before any work
-            return _tokenize(cfg, command, engine)
+        # Ray installed, the cluster joined, its resources enough and the tokenizer loaded there, before any work;
+        # this process loads no model
+        with ray_engine(cfg) as pipeline:
+            return _tokenize(cfg, command, pipeline.layout, pipeline.prepare, pipeline.outcomes)
     workers = _Workers(cfg.workers) if cfg.workers else None  # before any model is loaded: no CUDA state forked
     try:
-        return _tokenize(cfg, command, lambda *args: _local_outcomes(*args, workers=workers))
+        tok = MultimodalTokenizer.from_dir(cfg.tokenizer)
+        return _tokenize(cfg, command, tok.layout, Preprocessor.of(tok),
+                         lambda jobs, prepare: _local_outcomes(cfg, tok, jobs, prepare, workers))
     finally:
         if workers is not None:
             workers.close()
@@ -205,17 +209,18 @@ def _local_outcomes(cfg: TokenizeConfig, tok: MultimodalTokenizer, jobs: Iterato
     yield from encode_prepared(tok, pending, cfg.loss_on)
 
 
-def _tokenize(cfg: TokenizeConfig, command: str | None, engine) -> dict:
-    tok = MultimodalTokenizer.from_dir(cfg.tokenizer)
+def _tokenize(cfg: TokenizeConfig, command: str | None, layout: TokenLayout, prepare: Preprocessor,
+              engine: Callable[[Iterator[tuple[int, Item]], Preprocessor], Iterator[Outcome]]) -> dict:
+    """The loop both engines share: ``engine(jobs, prepare)`` gives each item's outcome, in item order."""
     out = Path(cfg.out)
     if (out / LAYOUT_FILE).is_file():  # refuse before any work
-        TokenLayout.load(out / LAYOUT_FILE).check_same(tok.layout, f"the tokenizer {cfg.tokenizer}", str(out))
+        TokenLayout.load(out / LAYOUT_FILE).check_same(layout, f"the tokenizer {cfg.tokenizer}", str(out))
     elif out.exists() and any(out.iterdir()):
         raise OmnitokError(f"{out} is not empty and holds no shard set")
     out.mkdir(parents=True, exist_ok=True)
-    tok.layout.save(out / LAYOUT_FILE)
+    layout.save(out / LAYOUT_FILE)
 
-    manifest = _start_manifest(out, cfg, tok, command)
+    manifest = _start_manifest(out, cfg, layout, command)
     if manifest["complete"]:
         tqdm.write(f"{out} is already complete ({manifest['samples']} samples)")
         return manifest
@@ -224,11 +229,6 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, engine) -> dict:
     for stale in out.glob("*.tar.tmp"):
         stale.unlink()
 
-    image = None
-    if tok.image is not None:
-        image = {**asdict(tok.image.preprocess_config), "multiple": tok.image.downsample}
-    audio = (tok.audio.sample_rate, tok.audio.channels) if tok.audio is not None else None
-    prepare = Preprocessor(image, audio)
     writer = ShardWriter(out, cfg.shard_size, next_index=len(manifest["shards"]))
 
     def jobs() -> Iterator[tuple[int, Item]]:
@@ -240,7 +240,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, engine) -> dict:
     last_index = resume_after
     error_file = open(out / ERRORS, "a")  # noqa: SIM115 (closed in finally)
     try:
-        progress = tqdm(engine(cfg, tok, jobs(), prepare), desc="tokenize", unit="item")
+        progress = tqdm(engine(jobs(), prepare), desc="tokenize", unit="item")
         for outcome in progress:
             last_index = outcome.index
             if outcome.error is not None:
@@ -250,7 +250,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, engine) -> dict:
                 error_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 error_file.flush()
             else:
-                counts = _token_counts(tok.layout, outcome.ids)
+                counts = _token_counts(layout, outcome.ids)
                 finished = writer.add(outcome.key, outcome.ids, outcome.meta, counts)
                 samples, tokens = samples + 1, tokens + len(outcome.ids)
                 if finished is not None:
@@ -271,7 +271,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, engine) -> dict:
     return manifest
 
 
-def _start_manifest(out: Path, cfg: TokenizeConfig, tok: MultimodalTokenizer, command: str | None) -> dict:
+def _start_manifest(out: Path, cfg: TokenizeConfig, layout: TokenLayout, command: str | None) -> dict:
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         if manifest.get("settings") != cfg.identity():
@@ -279,7 +279,7 @@ def _start_manifest(out: Path, cfg: TokenizeConfig, tok: MultimodalTokenizer, co
                                "pair order differ); choose a new --out or rerun the original command")
         return manifest
     return {"format": FORMAT, "version": VERSION, "dtype": np.dtype(ID_DTYPE).name,
-            "tokenizer": {"fingerprints": dict(tok.layout.fingerprints), "vocab_size": tok.layout.vocab_size},
+            "tokenizer": {"fingerprints": dict(layout.fingerprints), "vocab_size": layout.vocab_size},
             "settings": cfg.identity(), "command": command or "", "complete": False, "items_done": -1,
             "shards": [], "samples": 0, "tokens": {m: 0 for m in TOKEN_KINDS}, "errors": {}, "error_count": 0}
 
