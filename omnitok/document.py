@@ -135,6 +135,11 @@ class Conversation:
         """Every turn's segments, in order (the conversation's text and media, roles aside)."""
         return [s for t in self.turns for s in t.segments]
 
+    @property
+    def last_user_segments(self) -> list[Segment]:
+        """The segments of the last user turn (none without one): what a chat prompt asks now."""
+        return next((t.segments for t in reversed(self.turns) if t.role == "user"), [])
+
     def check(self, prompt: bool = False) -> Conversation:
         """Refuse a conversation training cannot use, naming what is wrong; returns it otherwise. With ``prompt``, it
         is a request for the assistant's next turn: it must end with a user turn and need not hold an assistant

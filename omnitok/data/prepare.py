@@ -93,6 +93,7 @@ class Preprocessor:
 
     @classmethod
     def of(cls, tok: MultimodalTokenizer) -> Preprocessor:
+        """The sizes and rates of ``tok``'s media tokenizers."""
         image = None
         if tok.image is not None:
             image = {**asdict(tok.image.preprocess_config), "multiple": tok.image.downsample}

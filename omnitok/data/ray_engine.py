@@ -67,7 +67,7 @@ class _Encoder:
         return {"outcome": column}
 
 
-def _describe(tokenizer: str) -> tuple[TokenLayout, Preprocessor]:
+def _tokenizer_facts(tokenizer: str) -> tuple[TokenLayout, Preprocessor]:
     """On a worker: the tokenizer loaded as an encoder loads it, and what the driver needs of it."""
     from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
@@ -130,19 +130,19 @@ class _Pipeline:
         context.execution_options.preserve_order = True  # the shard writer is fed in item order
         context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
         context.print_on_execution_start = False
-        self.layout, self.prepare = self._describe()
+        self.layout, self.prepare = self._tokenizer_facts()
 
-    def _describe(self) -> tuple[TokenLayout, Preprocessor]:
-        task = self.ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(_describe)
+    def _tokenizer_facts(self) -> tuple[TokenLayout, Preprocessor]:
+        task = self.ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(_tokenizer_facts)
         try:
             return self.ray.get(task.remote(self.cfg.tokenizer))
-        except self.ray.exceptions.RayTaskError as e:
+        except self.ray.exceptions.RayError as e:  # the loader's own error, or its worker died
             cause = getattr(e, "cause", None)
             if isinstance(cause, OmnitokError):
                 raise OmnitokError(str(cause)) from None
-            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else (str(e).strip() or type(e).__name__)
             raise OmnitokError(f"loading the tokenizer {self.cfg.tokenizer} on the Ray cluster failed: "
-                               f"{detail[:300]}") from None
+                               f"{detail.splitlines()[0][:300]}") from None
 
     def outcomes(self, jobs: Iterator[tuple[int, Item]], prepare: Preprocessor) -> Iterator:
         while window := list(itertools.islice(jobs, self.cfg.ray_window)):

@@ -55,10 +55,7 @@ class Prompt:
     def text(self) -> str:
         """What the prompt says in words (a chat prompt: its last user turn), without its media: the text that CLIP
         and CLAP scores compare the samples with."""
-        segments = self.document.segments
-        if self.conversation is not None:
-            last = next((t for t in reversed(self.conversation.turns) if t.role == "user"), None)
-            segments = last.segments if last is not None else []
+        segments = self.conversation.last_user_segments if self.conversation is not None else self.document.segments
         return " ".join(" ".join(s.text.split()) for s in segments if isinstance(s, Text) and s.text.strip())
 
 
@@ -75,9 +72,8 @@ def parse_chat_prompt(text: str, base_dir: str | Path | None = None, label: str 
             raise OmnitokError(f"chat prompt {label or stripped[:40]!r}: a JSON chat prompt holds 'messages'")
         conv = (Conversation.from_messages(data["messages"], base_dir, prompt=True) if "messages" in data
                 else Conversation.from_sharegpt(data, base_dir, prompt=True))
-        last = next((t for t in reversed(conv.turns) if t.role == "user"), None)
         shown = "".join(s.text if isinstance(s, Text) else f"<{type(s).__name__.lower()}>"
-                        for s in (last.segments if last else []))
+                        for s in conv.last_user_segments)
     else:
         conv = Conversation([Turn("user", segments_of(text, base_dir))])
         shown = text
