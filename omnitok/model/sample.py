@@ -160,51 +160,66 @@ def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None, d
 
 
 class SpanDecoder:
-    """Decodes closed media spans on a background thread, batching whatever is waiting. Results are kept for
-    ``finish``, or with ``on_done`` handed to it as they come: ``on_done(key, array)``, or ``on_done(key, error)``
-    for the spans of a batch that failed (the thread goes on)."""
+    """Decodes closed media spans. Results are kept for ``finish``, or with ``on_done`` handed to it as they come:
+    ``on_done(key, array)``, or ``on_done(key, error)`` for the spans of a batch that failed (decoding goes on).
 
-    def __init__(self, tok: MultimodalTokenizer, on_done: Callable[[Any, Any], None] | None = None):
+    ``background`` (default: when the media tokenizers run on a GPU) decodes on a thread of its own, batching
+    whatever is waiting, so that decoding overlaps sampling. Otherwise each span is decoded in the caller's thread as
+    it is submitted: on a CPU the two compete for the same cores, and oneDNN's convolutions and LSTMs run 3-10x slower
+    on a thread other than the one that first ran them (tiny EnCodec clips: 2.9 ms each on the main thread, 10 ms on
+    a second one); the 1000-prompt test spent 48 s sampling with a decoding thread, 30 s without."""
+
+    def __init__(self, tok: MultimodalTokenizer, on_done: Callable[[Any, Any], None] | None = None,
+                 background: bool | None = None):
         self.tok, self.on_done = tok, on_done
-        self.todo: queue.Queue = queue.Queue()
         self.done: dict[tuple[int, int], np.ndarray] = {}
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        if background is None:
+            background = any(part is not None and part.device.type != "cpu" for part in (tok.image, tok.audio))
+        self.todo: queue.Queue | None = queue.Queue() if background else None
+        self.thread = threading.Thread(target=self._run, daemon=True) if background else None
+        if self.thread is not None:
+            self.thread.start()
 
     def submit(self, key: Any, modality: str, ids: list[int]) -> None:
-        self.todo.put((key, modality, ids))
+        if self.todo is None:
+            self._decode([(key, modality, ids)])
+        else:
+            self.todo.put((key, modality, ids))
 
     def _run(self) -> None:
         while True:
             items = [self.todo.get()]
             while not self.todo.empty():
                 items.append(self.todo.get())
-            stop = any(item is None for item in items)
-            for modality in ("image", "audio"):
-                batch = [(key, ids) for key, m, ids in (i for i in items if i is not None) if m == modality]
-                if not batch:
-                    continue
-                try:
-                    codes = [self.tok.parse(np.asarray(ids))[0].ids for _, ids in batch]
-                    codec = self.tok.image if modality == "image" else self.tok.audio
-                    results = list(zip([key for key, _ in batch], codec.decode(codes)))
-                except Exception as e:  # handed to finish(), or to on_done for each span of the batch
-                    if self.on_done is None:
-                        self.error = e
-                        continue
-                    results = [(key, e) for key, _ in batch]
-                for key, out in results:
-                    if self.on_done is not None:
-                        self.on_done(key, out)
-                    else:
-                        self.done[key] = out
-            if stop:
+            self._decode([item for item in items if item is not None])
+            if any(item is None for item in items):
                 return
 
+    def _decode(self, items: list[tuple[Any, str, list[int]]]) -> None:
+        for modality in ("image", "audio"):
+            batch = [(key, ids) for key, m, ids in items if m == modality]
+            if not batch:
+                continue
+            try:
+                codes = [self.tok.parse(np.asarray(ids))[0].ids for _, ids in batch]
+                codec = self.tok.image if modality == "image" else self.tok.audio
+                results = list(zip([key for key, _ in batch], codec.decode(codes)))
+            except Exception as e:  # handed to finish(), or to on_done for each span of the batch
+                if self.on_done is None:
+                    self.error = e
+                    continue
+                results = [(key, e) for key, _ in batch]
+            for key, out in results:
+                if self.on_done is not None:
+                    self.on_done(key, out)
+                else:
+                    self.done[key] = out
+
     def finish(self) -> dict[tuple[int, int], np.ndarray]:
-        self.todo.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.todo.put(None)
+            self.thread.join()
         if self.error is not None:
             raise self.error
         return self.done

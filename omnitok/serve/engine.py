@@ -171,7 +171,7 @@ class Engine:
         self.wake = threading.Condition()
         self.closed = False
         self.thread: threading.Thread | None = None
-        self.spans = SpanDecoder(tok, on_done=self._span_done)
+        self.spans = SpanDecoder(tok, on_done=self._span_done, background=True)  # decoding never stalls the steps
         self.stats = {"requests": 0, "finished": 0, "tokens": 0, "rejected": 0, "cancelled": 0, "timed_out": 0,
                       "passes": 0, "drafts": 0, "accepted": 0}
 
