@@ -103,13 +103,13 @@ def test_a_window_of_drafts_then_rewound_rows_match_hugging_face(form):
 
 
 @pytest.mark.slow
-def test_the_compiled_decoder_gives_the_same_greedy_tokens():
-    """Under torch.compile the greedy tokens are the eager ones."""
+def test_the_compiled_decoder_gives_the_same_greedy_tokens(model_dir):
+    """Under torch.compile the greedy tokens are the eager ones. The model is the one test_serve's compiled engine
+    runs (dynamo reuses graphs across models of one architecture, so the two tests pay for one set of compiles)."""
+    from omnitok.model.sample import load_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
 
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4, num_kv_heads=2),
-                        LAYOUT).eval()
+    model, tok = load_model(model_dir)
     prompts = [[1, 5 + i, 6, 7 + i][: 2 + i % 3] for i in range(6)]
     # one image each: prefill, one-token steps (markers), windows of drafts, guidance rows joining and leaving
     cfg = SamplingConfig(greedy=True, output="image", grid=(2, 3), max_new_tokens=40,
@@ -122,6 +122,6 @@ def test_the_compiled_decoder_gives_the_same_greedy_tokens():
         return window(self, cache, ids, *args)
 
     with mock.patch.object(Decoder, "forward_window", recorded):
-        compiled = generate(model, LAYOUT, prompts, 2, cfg, compiled=True)
-    assert compiled == generate(model, LAYOUT, prompts, 2, cfg)
+        compiled = generate(model, tok.layout, prompts, tok.text.eos_id, cfg, compiled=True)
+    assert compiled == generate(model, tok.layout, prompts, tok.text.eos_id, cfg)
     assert set(widths) == {5}  # every window padded to 1 + sjd_window: one shape, one CUDA graph on a GPU
