@@ -165,9 +165,10 @@ class SpanDecoder:
 
     ``background`` (default: when the media tokenizers run on a GPU) decodes on a thread of its own, batching
     whatever is waiting, so that decoding overlaps sampling. Otherwise each span is decoded in the caller's thread as
-    it is submitted: on a CPU the two compete for the same cores, and oneDNN's convolutions and LSTMs run 3-10x slower
-    on a thread other than the one that first ran them (tiny EnCodec clips: 2.9 ms each on the main thread, 10 ms on
-    a second one); the 1000-prompt test spent 48 s sampling with a decoding thread, 30 s without."""
+    it is submitted: on a CPU the two compete for the same cores, and small oneDNN convolutions and LSTMs run 3-4x
+    slower on a second thread that runs torch ops (tiny EnCodec clips: 2.9 ms each on the main thread, 10 ms on a
+    second one; a 5 s clip at the published size 0.21 s and 0.27 s); the 1000-prompt test took 83 s with a decoding
+    thread, 34 s without."""
 
     def __init__(self, tok: MultimodalTokenizer, on_done: Callable[[Any, Any], None] | None = None,
                  background: bool | None = None):
@@ -175,7 +176,8 @@ class SpanDecoder:
         self.done: dict[tuple[int, int], np.ndarray] = {}
         self.error: BaseException | None = None
         if background is None:
-            background = any(part is not None and part.device.type != "cpu" for part in (tok.image, tok.audio))
+            devices = [getattr(part, "device", None) for part in (tok.image, tok.audio)]  # not in the protocol
+            background = any(d is not None and torch.device(d).type != "cpu" for d in devices)
         self.todo: queue.Queue | None = queue.Queue() if background else None
         self.thread = threading.Thread(target=self._run, daemon=True) if background else None
         if self.thread is not None:
