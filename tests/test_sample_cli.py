@@ -7,7 +7,10 @@ import soundfile as sf
 from PIL import Image
 
 from omnitok.cli import main
-from omnitok.model.sample import SampleRequest, load_model, parse_prompt, sample
+from omnitok.document import Audio, Document
+from omnitok.document import Image as ImageSegment
+from omnitok.errors import OmnitokError
+from omnitok.model.sample import SampleRequest, SpanDecoder, load_model, parse_prompt, sample
 from omnitok.model.sampler import ModalitySampling, SamplingConfig
 
 
@@ -35,6 +38,35 @@ def test_every_media_span_of_many_random_samples_decodes(model_dir, tmp_path):
                 ids = tok.text.encode([s["text"]])[0]
                 assert all(0 <= i < tok.layout.text_vocab_size for i in ids)
     assert kinds["image"] > 100 and kinds["audio"] > 100
+
+
+def test_spans_decode_the_same_on_a_background_thread_and_in_the_callers(model_dir):
+    """A GPU decodes on a thread of its own (batching what is waiting), a CPU in the caller's thread: the same arrays,
+    and an error raised by ``finish`` in both."""
+    _, tok = load_model(model_dir)
+    rng = np.random.default_rng(0)
+    doc = Document([ImageSegment(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)),
+                    Audio((0.1 * rng.standard_normal(2400).astype(np.float32), 24_000)),
+                    ImageSegment(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))])
+    ids = tok.encode_batch([doc])[0].ids
+    spans = [(p.modality, ids[p.span.start:p.span.stop].tolist()) for p in tok.parse(ids) if p.modality != "text"]
+    assert [m for m, _ in spans] == ["image", "audio", "image"]
+    done = {}
+    for background in (True, False):
+        decoder = SpanDecoder(tok, background=background)
+        assert (decoder.thread is not None) == background
+        for k, (modality, span) in enumerate(spans):
+            decoder.submit(k, modality, span)
+        done[background] = decoder.finish()
+    assert sorted(done[True]) == sorted(done[False]) == [0, 1, 2]
+    for k in range(3):  # a thread batches the images waiting: float sums in another order, a pixel may round apart
+        np.testing.assert_allclose(done[True][k].astype(np.float32), done[False][k], atol=1 if k != 1 else 1e-6)
+    assert done[False][0].shape == (32, 32, 3) and done[False][1].shape == (1, 8 * 320)  # 2400 samples: 8 frames
+    for background in (True, False):
+        decoder = SpanDecoder(tok, background=background)
+        decoder.submit(0, "audio", spans[0][1])  # an image span handed over as a sound
+        with pytest.raises(OmnitokError, match="audio codes must have shape"):
+            decoder.finish()
 
 
 def test_sample_command_writes_files_and_a_page(model_dir, tmp_path, capsys):
