@@ -167,8 +167,8 @@ class SpanDecoder:
     whatever is waiting, so that decoding overlaps sampling. Otherwise each span is decoded in the caller's thread as
     it is submitted: on a CPU the two compete for the same cores, and small oneDNN convolutions and LSTMs run 3-4x
     slower on a second thread that runs torch ops (tiny EnCodec clips: 2.9 ms each on the main thread, 10 ms on a
-    second one; a 5 s clip at the published size 0.21 s and 0.27 s); the 1000-prompt test took 83 s with a decoding
-    thread, 34 s without."""
+    second one; a 5 s clip at the published size 0.21 s and 0.27 s); the 1000-prompt test took 41 s with a decoding
+    thread and 32 s without on a quiet machine, 83 s and 34 s on a busy one."""
 
     def __init__(self, tok: MultimodalTokenizer, on_done: Callable[[Any, Any], None] | None = None,
                  background: bool | None = None):
