@@ -178,13 +178,13 @@ class SpanDecoder:
         if background is None:
             devices = [getattr(part, "device", None) for part in (tok.image, tok.audio)]  # not in the protocol
             background = any(d is not None and torch.device(d).type != "cpu" for d in devices)
-        self.todo: queue.Queue | None = queue.Queue() if background else None
+        self.todo: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, daemon=True) if background else None
         if self.thread is not None:
             self.thread.start()
 
     def submit(self, key: Any, modality: str, ids: list[int]) -> None:
-        if self.todo is None:
+        if self.thread is None:
             self._decode([(key, modality, ids)])
         else:
             self.todo.put((key, modality, ids))
