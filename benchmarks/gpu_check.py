@@ -14,7 +14,11 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
   X-Codec2; published sizes, 5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers
   class called directly (``benchmarks.audio``);
 - ``omnitok tokenize --engine ray`` on 2048 JPEG photos with a Janus VQ-GAN encoder actor per GPU: img/s and how busy
-  the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``).
+  the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``);
+- whether a seed samples the same alone as in a batch of 8 on the GPU, in float32 and in bfloat16 (the ~1B random
+  model, 8x8 image spans plain, guided and with SJD, audio spans, a mixed batch), and whether greedy SJD equals greedy
+  decoding there (``benchmarks.exactness``: the CPU's float32 keeps both nearly always; the GPU's kernels and bf16's
+  rounding may not).
 
 ``--reduced`` runs the same code with tiny sizes on any device (CI runs it on the CPU so that the script does not rot;
 its numbers mean nothing), without the compiled decoder (compiling costs a minute on a CPU; a test of its own checks
@@ -35,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import audio, image, pretrain, sample, sjd, tokenize_ray
+from benchmarks import audio, exactness, image, pretrain, sample, sjd, tokenize_ray
 from benchmarks.common import default_device
 
-PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray")
+PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray", "exact")
 # dense bf16 peak FLOP/s by device name (vendor data sheets), for MFU
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
@@ -109,6 +113,8 @@ def run(args: argparse.Namespace) -> dict:
                                               device=args.device)))
     part("tokenize_ray", lambda: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
                                                        4 if small else 64))
+    part("exact", lambda: exactness.run(Namespace(model=None, size=size, grid=4 if small else 8, seeds=8,
+                                                  device=args.device)))
     print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)"
           + (f"; FAILED: {', '.join(report['failed'])}" if report["failed"] else ""))
     return report

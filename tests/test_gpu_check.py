@@ -22,7 +22,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     report = main(["--reduced", "--out", str(out), "--device", "cpu"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["failed"] == [], {name: report[name] for name in report["failed"]}
-    for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray"):
+    for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray", "exact"):
         values = numbers(report[part])
         assert values and all(math.isfinite(v) and v >= 0 for v in values), part
     for guidance in ("guidance_1", "guidance_3"):
@@ -34,6 +34,13 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     assert 0 < report["sampler"]["cfg_batch1"]["guided_split"]["sampler_share"] < 1
     assert sorted(report["audio"]) == ["dac", "encodec", "mimi", "wavtokenizer", "xcodec", "xcodec2"]
     assert report["tokenize_ray"]["images_per_s"] > 0 and report["tokenize_ray"]["gpu_busy"] is None  # no nvidia-smi
+    exact = report["exact"]
+    assert list(exact) == ["float32"]  # bfloat16 too on a GPU
+    settings = ["image", "image_guided", "image_guided_sjd", "audio_sjd", "mixed_sjd"]
+    assert [k for k in exact["float32"] if k in settings] == settings
+    # on this CPU in float32 these seeds keep their samples in a batch (other kernels may round a draw over a boundary)
+    assert all(exact["float32"][k]["alone_equals_batch"] == exact["float32"][k]["of"] == 8 for k in settings)
+    assert exact["float32"]["greedy_sjd_equals_greedy"] and exact["float32"]["greedy_first_difference"] is None
 
 
 def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
@@ -41,7 +48,7 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     from benchmarks import gpu_check
 
     for module, name in ((gpu_check.sample, "run"), (gpu_check.sjd, "random_model"), (gpu_check.pretrain, "run"),
-                         (gpu_check.audio, "run"), (gpu_check.tokenize_ray, "gpu_busy")):
+                         (gpu_check.audio, "run"), (gpu_check.tokenize_ray, "gpu_busy"), (gpu_check.exactness, "run")):
         monkeypatch.setattr(module, name, lambda *args, **kw: {"value": 1.0})
     monkeypatch.setattr(gpu_check, "pretrain_mfu", lambda result, *args: result)
 
@@ -52,7 +59,7 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     out = tmp_path / "report.json"
     report = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu"])
     assert report["failed"] == ["vqgan"] and report["vqgan"] == {"error": "RuntimeError: no kernel image is available"}
-    assert report["audio"] == report["tokenize_ray"] == {"value": 1.0}  # the parts after it ran
+    assert report["audio"] == report["tokenize_ray"] == report["exact"] == {"value": 1.0}  # the parts after it ran
     assert json.loads(out.read_text())["failed"] == ["vqgan"]
     some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "audio", "sampler"])
     assert [k for k in gpu_check.PARTS if k in some] == ["sampler", "audio"] and some["failed"] == []

@@ -31,7 +31,9 @@ spliced into the batch cache) and leaves when it closes, so samples in text pay 
 any state.
 
 Randomness is per sample: sample ``b`` draws its noise from its own generator seeded ``seeds[b]``, indexed by token
-id, so a prompt gives the same output alone or in any batch.
+id, so a prompt gives the same output alone or in any batch, as far as the model computes its row's logits to the same
+bits in both (a BLAS may round a row differently among more rows; ``benchmarks.exactness`` counts how often a draw
+then differs).
 """
 
 from __future__ import annotations
@@ -490,7 +492,7 @@ def _largest(x: torch.Tensor, k: int) -> torch.Tensor:
 # drafts stop changing from pass to pass once the model's predictions settle. Drafting the code one image row above
 # instead (a fixed guess) was tried on the demo model and took as many passes. Unlike the paper's batch loop, each
 # sample keeps its own number of accepted tokens (the cache forgets each row's fallen drafts), so a sample does not
-# depend on its batch.
+# depend on its batch (beyond the model's rounding, above).
 
 
 class _Ahead(NamedTuple):

@@ -5,8 +5,8 @@ running batch (their prompts prefilled in a small KV cache that is spliced into 
 join in ``sampler.generate``) and retires the ones that finished, were cancelled or ran out of time, within limits
 on rows and on cached tokens. Each job keeps its own sampling settings, grammar, end id, seed, guidance and chat
 request, and draws from its own generator, so its output is exactly ``sampler.generate``'s (``omnitok sample``'s)
-for that seed, alone or among any others (tested). Media spans are decoded on a background thread the moment they
-close, and handed to the job as events.
+for that seed, alone or among any others (tested; up to the model's rounding between batch sizes, see ``sampler``).
+Media spans are decoded on a background thread the moment they close, and handed to the job as events.
 
 Speculative Jacobi decoding (``sjd_window``) runs here as in ``generate``: a job inside a span whose settings ask for
 it feeds its last token with its drafted codes, the batch's forward pass is then a window as wide as the longest
