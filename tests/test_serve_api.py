@@ -149,6 +149,37 @@ def test_image_generations_give_n_pictures_of_the_asked_grid(client):
         assert PILImage.open(io.BytesIO(base64.b64decode(d["b64_json"]))).size == (24, 16)  # 4 rows, 6 cols
 
 
+def test_speech_answers_with_the_sound_omnitok_sample_writes_for_that_seed(client, chat_model_dir, tmp_path):
+    """OpenAI's speech route, for any sound: the file itself, WAV, FLAC or bare 16-bit samples, each the sound that
+    ``omnitok sample --chat --output-modality audio`` writes for the seed."""
+    import soundfile as sf
+
+    from omnitok.cli import main
+
+    assert main(["sample", "--chat", "--model", str(chat_model_dir), "--out", str(tmp_path / "s"), "--seed", "3",
+                 "--output-modality", "audio", "--max-new-tokens", "100", "max_audio_s=0.06", "audio.guidance=1.5",
+                 "--prompt", "Play a rising chirp."]) == 0
+    theirs, rate = sf.read(tmp_path / "s" / "000" / "01.wav", dtype="int16")
+    for kind in ("wav", "flac", "pcm"):
+        r = client.post("/v1/audio/speech", json={"input": "Play a rising chirp.", "seed": 3, "voice": "default",
+                                                  "response_format": kind})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-seed"] == "3" and r.headers["x-sample-rate"] == str(rate) == "24000"
+        assert r.headers["content-type"] == {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm"}[kind]
+        if kind == "pcm":
+            ours = np.frombuffer(r.content, dtype="<i2").reshape(-1, int(r.headers["x-channels"])).squeeze(-1)
+        else:
+            ours, their_rate = sf.read(io.BytesIO(r.content), dtype="int16")
+            assert their_rate == rate
+        assert len(ours) > 0 and np.array_equal(ours, theirs)
+    for bad, message in (({"input": ""}, "'input' must be"), ({"input": "x", "voice": "alloy"}, "one voice"),
+                         ({"input": "x", "response_format": "mp3"}, "wav, flac, pcm"),
+                         ({"input": "x", "speed": 1.5}, "speed must be 1"),
+                         ({"input": "x", "stream": True}, "'stream'"), ({"input": "x", "seed": "one"}, "seed must be")):
+        r = client.post("/v1/audio/speech", json=bad)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
 def test_models_health_metrics_and_the_page(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/v1/models").json()["data"][0] == {"id": "tiny-chat", "object": "model", "owned_by": "omnitok",
@@ -312,9 +343,10 @@ def rss_mib(pid: int) -> float:
 
 @pytest.mark.slow
 def test_load_mixed_concurrent_requests_with_cancellations_and_malformed_ones(chat_model_dir, tmp_path):
-    """32 requests at once: 22 valid (chats with text, pictures and sounds in and out, streamed or not, and image
-    generations), 5 cancelled midway by their clients, 5 malformed. Every valid one gets what it gets alone, the
-    malformed get a 4xx, the cancelled leave the batch, nothing hangs, and another round does not grow the memory."""
+    """32 requests at once: 22 valid (chats with text, pictures and sounds in and out, streamed or not, image
+    generations and speech), 5 cancelled midway by their clients, 5 malformed. Every valid one gets what it gets
+    alone, the malformed get a 4xx, the cancelled leave the batch, nothing hangs, and another round does not grow the
+    memory."""
     import asyncio
 
     import httpx
@@ -327,6 +359,8 @@ def test_load_mixed_concurrent_requests_with_cancellations_and_malformed_ones(ch
     for i in range(22):
         if i % 6 == 5:
             valid.append(("/v1/images/generations", {"prompt": "Draw a blue square.", "seed": i}))
+        elif i % 12 == 4:
+            valid.append(("/v1/audio/speech", {"input": "Play a falling chirp.", "seed": i}))
         else:
             valid.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": asks[i % 5]}],
                                                    "seed": i, "stream": i % 2 == 0}))
@@ -347,6 +381,8 @@ def test_load_mixed_concurrent_requests_with_cancellations_and_malformed_ones(ch
                      for p in e["choices"][0]["delta"]["content"]]
             return r.status_code, {"text": text, "media": media, "end": events[-1]["choices"][0]["finish_reason"]}
         r = await client.post(url + path, json=body)
+        if path.endswith("speech"):
+            return r.status_code, r.content  # the WAV file
         if path.endswith("completions") and r.status_code == 200:
             parts = r.json()["choices"][0]["message"]["content"]
             return r.status_code, {"text": "".join(p["text"] for p in parts if p["type"] == "text"),
@@ -394,7 +430,9 @@ def test_load_mixed_concurrent_requests_with_cancellations_and_malformed_ones(ch
     with running_server(chat_model_dir, tmp_path, *settings) as (url, server):
         alone = asyncio.run(solo(url))
         assert all(status == 200 for status, _ in alone)
-        assert {p["type"] for _, r in alone if "media" in r for p in r["media"]} >= {"image_url", "audio"}
+        assert {p["type"] for _, r in alone if isinstance(r, dict) and "media" in r for p in r["media"]} >= {
+            "image_url", "audio"}
+        assert all(len(r) > 44 for (path, _), (_, r) in zip(valid, alone) if path.endswith("speech"))  # WAV samples
         idle = rss_mib(server.pid)
         for round in (1, 2):
             results = asyncio.run(all_at_once(url))

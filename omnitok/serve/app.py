@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions`` (messages whose content parts are text, images as data URLs and audio as
 base64 WAV; the reply's parts carry text, PNG and WAV; ``stream: true`` sends server-sent events: text deltas, then
 each media part as soon as its span is decoded), ``POST /v1/images/generations`` (prompt, n, size = the code grid
-"ROWSxCOLS", ``b64_json``), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
+"ROWSxCOLS", ``b64_json``), ``POST /v1/audio/speech`` (input, seed, response_format wav / flac / pcm: the sound
+file itself), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
 A model whose tokenizer holds conversations (chat markers or a chat template) is served as a chat: the messages
 are the conversation and the answer is the assistant's turn. A base model is served as plain continuation: the
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Turn
 from omnitok.errors import OmnitokError
@@ -43,6 +44,8 @@ from omnitok.tokenizers.layout import Modality
 CHAT_FIELDS = {"messages", "model", "stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
                "n", "omnitok", "user"}
 IMAGE_FIELDS = {"prompt", "model", "n", "size", "seed", "response_format", "omnitok", "user"}
+SPEECH_FIELDS = {"input", "model", "voice", "response_format", "speed", "seed", "omnitok", "user"}
+SOUND_FORMATS = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm"}  # response_format: media type
 _DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+|audio/[a-z0-9.+-]+|application/octet-stream);base64,(.*)", re.S)
 
 
@@ -217,12 +220,28 @@ def _png(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _wav(wave: np.ndarray, rate: int) -> str:
+def _sound(wave: np.ndarray, rate: int, kind: str = "wav") -> bytes:
+    """A (channels, samples) waveform as a file of ``SOUND_FORMATS`` kind (pcm: bare 16-bit little-endian samples,
+    channels interleaved). Every kind holds the 16-bit samples of the WAV file (the one ``omnitok sample`` writes):
+    libsndfile rounds floats to 16 bits one way for WAV and another for FLAC, so FLAC and pcm are made from those
+    samples, not from the floats."""
     import soundfile as sf
 
     buf = io.BytesIO()
-    sf.write(buf, np.asarray(wave).T, rate, format="WAV")
-    return base64.b64encode(buf.getvalue()).decode()
+    sf.write(buf, np.asarray(wave).T, rate, format="WAV", subtype="PCM_16")
+    if kind == "wav":
+        return buf.getvalue()
+    buf.seek(0)
+    samples, _ = sf.read(buf, dtype="int16", always_2d=True)
+    if kind == "pcm":
+        return samples.astype("<i2").tobytes()
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="FLAC", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _wav(wave: np.ndarray, rate: int) -> str:
+    return base64.b64encode(_sound(wave, rate)).decode()
 
 
 def media_part(tok, kind: str, data) -> dict:
@@ -457,12 +476,41 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
             if job.stopped is None:  # the client went away mid-stream
                 job.cancel()
 
+    async def media_of(request: Request, text: str, sampling: SamplingConfig, seed: int, n: int) -> list:
+        """``n`` samples (seeds ``seed``, ``seed + 1``, ...) that answer (a chat model) or continue (a base model)
+        ``text`` with one span of ``sampling.output``'s kind: their jobs and decoded spans."""
+        turn = Conversation([Turn("user", [Text(text)])]) if chat is not None else None
+        ids, end, forbidden, requests = await encode(Prompt(text, Document([Text(text)]), "request", turn))
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = []
+        try:
+            for i in range(n):
+                jobs.append(submit(Job(ids[0], sampling, seed + i, end, tuple(forbidden), False, requests[0],
+                                       limits.request_timeout, events=_Events(loop))))
+        except ApiError:
+            for job in jobs:  # the queue filled midway: the ones already in are not wanted any more
+                job.cancel()
+            raise
+        out = []
+        for job in jobs:
+            media = await finished(job, request)
+            if job.stopped.startswith("error"):
+                raise ApiError(400, job.stopped.removeprefix("error: "))
+            if not isinstance(media.get(0), np.ndarray):
+                raise ApiError(500, f"no {sampling.output} came back ({job.stopped})", "decode_failed")
+            out.append((job, media[0]))
+        return out
+
+    def text_field(body: dict, name: str) -> str:
+        value = body.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise ApiError(400, f"{name!r} must be a non-empty string")
+        return value
+
     @app.post("/v1/images/generations")
     async def images(request: Request):
         body = await read_json(request, IMAGE_FIELDS)
-        prompt_text = body.get("prompt")
-        if not isinstance(prompt_text, str) or not prompt_text.strip():
-            raise ApiError(400, "'prompt' must be a non-empty string")
+        prompt_text = text_field(body, "prompt")
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= limits.max_n:
             raise ApiError(400, f"n must be an integer from 1 to {limits.max_n}")
@@ -478,29 +526,33 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
             raise ApiError(400, "this model's token layout has no image modality")
         fixed = {"output": "image", "grid": grid, "max_new_tokens": limits.max_tokens}
         sampling = sampling_of({k: v for k, v in body.items() if k != "max_tokens"}, cfg.sampling, limits, **fixed)
-        seed = _seed(body)
-        turn = Conversation([Turn("user", [Text(prompt_text)])]) if chat is not None else None
-        prompt = Prompt(prompt_text, Document([Text(prompt_text)]), "request", turn)
-        ids, end, forbidden, requests = await encode(prompt)
-        loop = asyncio.get_running_loop()
-        jobs: list[Job] = []
-        try:
-            for i in range(n):
-                jobs.append(submit(Job(ids[0], sampling, seed + i, end, tuple(forbidden), False, requests[0],
-                                       limits.request_timeout, events=_Events(loop))))
-        except ApiError:
-            for job in jobs:  # the queue filled midway: the ones already in are not wanted any more
-                job.cancel()
-            raise
-        results = [await finished(job, request) for job in jobs]
-        data = []
-        for job, media in zip(jobs, results):
-            if job.stopped.startswith("error"):
-                raise ApiError(400, job.stopped.removeprefix("error: "))
-            if not isinstance(media.get(0), np.ndarray):
-                raise ApiError(500, f"no image came back ({job.stopped})", "decode_failed")
-            data.append({"b64_json": _png(media[0]), "seed": job.seed})
-        return {"created": int(time.time()), "data": data}
+        done = await media_of(request, prompt_text, sampling, _seed(body), n)
+        return {"created": int(time.time()), "data": [{"b64_json": _png(image), "seed": job.seed}
+                                                      for job, image in done]}
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: Request):
+        """OpenAI's speech route for any sound the model makes: ``input`` is the request (a chat model answers it
+        with a sound) or the text a sound follows (a base model); the answer is the audio file itself."""
+        body = await read_json(request, SPEECH_FIELDS)
+        text = text_field(body, "input")
+        if body.get("voice", "default") != "default":
+            raise ApiError(400, "this model has one voice: leave out 'voice' or give \"default\"")
+        kind = body.get("response_format", "wav")
+        if kind not in SOUND_FORMATS:
+            raise ApiError(400, f"response_format must be one of {', '.join(SOUND_FORMATS)} (pcm: 16-bit "
+                                "little-endian samples at the rate in the X-Sample-Rate header)")
+        speed = body.get("speed", 1)
+        if not isinstance(speed, int | float) or isinstance(speed, bool) or speed != 1:
+            raise ApiError(400, "speed must be 1: the sound comes at the pace the model makes it")
+        if not tok.layout.has_audio:
+            raise ApiError(400, "this model's token layout has no audio modality")
+        sampling = sampling_of(body, cfg.sampling, limits, output="audio", max_new_tokens=limits.max_tokens)
+        [(job, wave)] = await media_of(request, text, sampling, _seed(body), 1)
+        rate = tok.audio.sample_rate
+        return Response(_sound(wave, rate, kind), media_type=SOUND_FORMATS[kind],
+                        headers={"X-Seed": str(job.seed), "X-Sample-Rate": str(rate),
+                                 "X-Channels": str(np.asarray(wave).shape[0])})
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
