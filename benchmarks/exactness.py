@@ -52,7 +52,8 @@ def _exported(args: argparse.Namespace, device: torch.device):
 
 def run(args: argparse.Namespace) -> dict:
     """Per dtype (float32; bfloat16 too on a GPU), per setting: how many of ``args.seeds`` seeds sample the same
-    alone as together, and the earliest position where one differs; then whether greedy SJD equals greedy decoding.
+    alone as together, and the earliest position where one differs; how far a row's logits move between a batch of
+    one and of ``args.seeds`` (the rounding a difference comes from); whether greedy SJD equals greedy decoding.
     The model: ``args.model`` (an ``omnitok export``, prompted with ``args.prompt``) or a random one of
     ``args.size``."""
     from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
@@ -94,6 +95,13 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"  {name} {label}: {where.count(None)}/{n} seeds the same alone as in a batch"
                       + ("" if row[label]["first_difference"] is None
                          else f" (first difference at token {row[label]['first_difference']})"))
+            # how far the batch moves a row's logits: one sampled sequence alone and as n identical rows
+            ids = torch.tensor([prompt + together[0]], device=device)
+            one, many = model(ids).logits[0].float(), model(ids.repeat(n, 1)).logits[0].float()
+            drift = (one - many).abs().max().item()
+            row["logit_drift"] = {"max_abs": drift, "relative_to_std": drift / one.std().item()}
+            print(f"  {name} a row's logits alone vs among {n}: at most {drift:.3g} apart "
+                  f"({row['logit_drift']['relative_to_std']:.2g} of their spread)")
             plain, sjd = (generate(model, layout, [prompt], eos, greedy[w])[0] for w in (0, window))
             row["greedy_sjd_equals_greedy"] = plain == sjd
             row["greedy_first_difference"] = _first_difference(plain, sjd)
