@@ -13,6 +13,7 @@ import torch
 
 from benchmarks.common import default_device, timed
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
+from omnitok.device import model_dtype
 
 SAMPLE_SIZES = {"tiny": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4),
                 "1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4)}
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
                          audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SAMPLE_SIZES[args.size]), layout).eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = model_dtype(device)
     model = model.to(device=device, dtype=dtype)
     eos = EOS
     with torch.no_grad():

@@ -18,6 +18,7 @@ import torch
 from benchmarks.common import default_device
 from benchmarks.sample import SAMPLE_SIZES
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
+from omnitok.device import model_dtype
 
 
 @contextlib.contextmanager
@@ -120,7 +121,7 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
                          audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
     torch.manual_seed(0)
     model = build_model(ModelConfig(**SAMPLE_SIZES[size]), layout).eval()
-    model = model.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = model.to(device=device, dtype=model_dtype(device))
     cfg = SamplingConfig(output="image", grid=(grid, grid), max_new_tokens=image_span_length(grid, grid),
                          image=ModalitySampling(top_k=1000, guidance=guidance))
     print(f"{size} random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid}x{grid} images, "

@@ -12,10 +12,16 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """What a model runs in for sampling and media coding: bf16 on a GPU (half the bytes each decoding step reads),
+    fp32 on a CPU (bf16 matmuls are slower there, and the tests' exactness is measured in fp32)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for convolutions and matmuls on GPU; full fp32 on CPU (bf16 is slower there)."""
+    """Autocast to ``model_dtype`` for convolutions and matmuls on GPU; full fp32 on CPU."""
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=model_dtype(device))
     return contextlib.nullcontext()
 
 

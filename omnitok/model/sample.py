@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from omnitok.config import apply_overrides, build, to_dict
-from omnitok.device import default_device
+from omnitok.device import default_device, model_dtype
 from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
@@ -150,8 +150,7 @@ def load_model(model_dir: str | Path, tokenizer_dir: str | Path | None = None, d
     if tokenizer_dir != own and (own / LAYOUT_FILE).is_file():
         tok.layout.check_same(TokenLayout.load(own / LAYOUT_FILE), str(tokenizer_dir), f"the model's {own}")
     device = device or default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=dtype).to(device).eval()
+    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=model_dtype(device)).to(device).eval()
     rows = model.get_input_embeddings().weight.shape[0]
     if rows != tok.layout.vocab_size:
         raise OmnitokError(f"the model in {model_dir} has {rows} token rows but the tokenizer's layout has "
