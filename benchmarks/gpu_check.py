@@ -6,7 +6,9 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
   of guidance on 32x32 image spans, and batch-1 decode as a fraction of the memory-bandwidth bound (weight bytes /
   measured copy bandwidth);
 - 32x32 image spans on the same model with and without guidance, with and without speculative Jacobi decoding, at
-  batch 1 and 8 (``benchmarks.sjd``: forward passes, seconds per image, codes/s);
+  batch 1 and 8 (``benchmarks.sjd``: forward passes, seconds per image, codes/s, and ``window_cost``, what a window
+  pass costs against a one-token step: the random model accepts next to no drafts, so SJD's gain on a GPU is a trained
+  model's passes ratio, measured on the CPU, times this);
 - ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
   against a plain loop (``benchmarks.pretrain``);
 - VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64 (``benchmarks.image``);

@@ -66,13 +66,20 @@ def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: 
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     best = min(best, time.perf_counter() - start)
-            row[label] = {"s_per_image": best / sum(map(len, chunks)), "passes": count[0] / len(chunks)}
+            row[label] = {"s_per_image": best / sum(map(len, chunks)), "passes": count[0] / len(chunks),
+                          "ms_per_pass": 1e3 * best / count[0]}
         row["passes_ratio"] = row["sjd"]["passes"] / row["plain"]["passes"]
         row["speedup"] = row["plain"]["s_per_image"] / row["sjd"]["s_per_image"]
+        # what a window pass costs against a one-token step (prefill and the sampler's own work included): a model's
+        # time with SJD against without is about its passes_ratio x window_cost on this device. A random ~1B model
+        # accepts next to no drafts (its codes are near-uniform: passes_ratio ~1 measured on the CPU), so on a GPU
+        # its window_cost, with the passes ratio of a trained model, is what says whether SJD pays there
+        row["window_cost"] = row["sjd"]["ms_per_pass"] / row["plain"]["ms_per_pass"]
         out[f"batch{batch}"] = row
         print(f"  {name}, batch {batch}: {row['plain']['passes']:.1f} -> {row['sjd']['passes']:.1f} forward passes "
               f"({row['passes_ratio']:.2f}x), {row['plain']['s_per_image']:.3f} -> "
-              f"{row['sjd']['s_per_image']:.3f} s per image ({row['speedup']:.2f}x faster)")
+              f"{row['sjd']['s_per_image']:.3f} s per image ({row['speedup']:.2f}x faster); a window pass costs "
+              f"{row['window_cost']:.2f}x a one-token step")
     return out
 
 
