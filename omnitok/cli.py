@@ -477,8 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Serve a model over HTTP: POST /v1/chat/completions (stream: true for "
                              "server-sent events), POST /v1/images/generations, POST /v1/audio/speech, "
                              "GET /v1/models, /health, /metrics, and a chat page at /. Media come inline (data URLs, "
-                             "base64 WAV); no path in a request "
-                             "is ever read.")
+                             "base64 WAV); no path in a request is ever read.")
     _model_arguments(sv, "an `omnitok export` (a chat model, or a base model served as continuation)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)

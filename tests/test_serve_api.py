@@ -175,7 +175,8 @@ def test_speech_answers_with_the_sound_omnitok_sample_writes_for_that_seed(clien
     for bad, message in (({"input": ""}, "'input' must be"), ({"input": "x", "voice": "alloy"}, "one voice"),
                          ({"input": "x", "response_format": "mp3"}, "wav, flac, pcm"),
                          ({"input": "x", "speed": 1.5}, "speed must be 1"),
-                         ({"input": "x", "stream": True}, "'stream'"), ({"input": "x", "seed": "one"}, "seed must be")):
+                         ({"input": "x", "stream": True}, "'stream'"), ({"input": "x", "seed": "one"}, "seed must be"),
+                         ({"input": "x", "omnitok": {"output": "image"}}, "cannot set 'output'")):
         r = client.post("/v1/audio/speech", json=bad)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
@@ -248,7 +249,8 @@ def test_limits_routes_and_a_full_queue_are_refused_and_the_server_goes_on(clien
     assert client.get("/v1/nothing").status_code == 404
     assert client.get("/v1/chat/completions").status_code == 405
     for bad in ({"prompt": ""}, {"prompt": "x", "n": 10000}, {"prompt": "x", "size": "big"}, {"prompt": "x", "q": 1},
-                {"prompt": "x", "size": "99x99"}, {"prompt": "x", "response_format": "url"}):
+                {"prompt": "x", "size": "99x99"}, {"prompt": "x", "response_format": "url"},
+                {"prompt": "x", "omnitok": {"output": "audio"}}, {"prompt": "x", "omnitok": {"max_new_tokens": 5}}):
         assert client.post("/v1/images/generations", json=bad).status_code == 400
     engine = client.app.state.engine
     engine.max_queue = 0

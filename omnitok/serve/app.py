@@ -177,10 +177,14 @@ def conversation_of(messages: Any, limits: ServeLimits) -> Conversation:
 
 def sampling_of(body: dict, base: SamplingConfig, limits: ServeLimits, **fixed) -> SamplingConfig:
     """The request's sampling settings: the server's defaults, OpenAI's ``max_tokens`` / ``temperature`` /
-    ``top_p`` (text), and omnitok's own as ``"omnitok": {"image.top_k": 500, ...}``."""
+    ``top_p`` (text), and omnitok's own as ``"omnitok": {"image.top_k": 500, ...}``; ``fixed`` (the route's own:
+    an image route's output and grid) cannot be overridden."""
     overrides = body.get("omnitok", {})
     if not isinstance(overrides, dict):
         raise ApiError(400, "'omnitok' must be an object of sampling settings, e.g. {\"image.guidance\": 3}")
+    taken = sorted(k for k in overrides if fixed.get(k) is not None)
+    if taken:
+        raise ApiError(400, f"'omnitok' cannot set {taken[0]!r} on this route (the route sets it)")
     settings = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is not None:
