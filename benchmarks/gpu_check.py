@@ -9,6 +9,10 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
   batch 1 and 8 (``benchmarks.sjd``: forward passes, seconds per image, codes/s, and ``window_cost``, what a window
   pass costs against a one-token step: the random model accepts next to no drafts, so SJD's gain on a GPU is a trained
   model's passes ratio, measured on the CPU, times this);
+- whether a seed samples the same alone as in a batch of 4 on the GPU, in float32 and in bfloat16 (the ~1B random
+  model, 8x8 image spans plain, guided and with SJD, audio spans, a mixed batch), and whether greedy SJD equals greedy
+  decoding there (``benchmarks.exactness``: the CPU's float32 keeps both nearly always; the GPU's kernels and bf16's
+  rounding may not);
 - ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
   against a plain loop (``benchmarks.pretrain``);
 - VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64 (``benchmarks.image``);
@@ -16,11 +20,7 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
   X-Codec2; published sizes, 5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers
   class called directly (``benchmarks.audio``);
 - ``omnitok tokenize --engine ray`` on 2048 JPEG photos with a Janus VQ-GAN encoder actor per GPU: img/s and how busy
-  the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``);
-- whether a seed samples the same alone as in a batch of 4 on the GPU, in float32 and in bfloat16 (the ~1B random
-  model, 8x8 image spans plain, guided and with SJD, audio spans, a mixed batch), and whether greedy SJD equals greedy
-  decoding there (``benchmarks.exactness``: the CPU's float32 keeps both nearly always; the GPU's kernels and bf16's
-  rounding may not).
+  the GPU was while encoding (``nvidia-smi``'s utilization; the goal is > 0.8) (``benchmarks.tokenize_ray``).
 
 ``--reduced`` runs the same code with tiny sizes on any device (CI runs it on the CPU so that the script does not rot;
 its numbers mean nothing), without the compiled decoder (compiling costs a minute on a CPU; a test of its own checks
@@ -44,7 +44,7 @@ import torch
 from benchmarks import audio, exactness, image, pretrain, sample, sjd, tokenize_ray
 from benchmarks.common import default_device
 
-PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray", "exact")
+PARTS = ("sampler", "image_spans", "exact", "pretrain", "vqgan", "audio", "tokenize_ray")  # the order they run
 # dense bf16 peak FLOP/s by device name (vendor data sheets), for MFU
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
@@ -102,6 +102,9 @@ def run(args: argparse.Namespace) -> dict:
     spans_settings = [(1.0, False), (3.0, False)] + ([] if small else [(3.0, True)])
     part("image_spans", lambda: {f"guidance_{g:g}" + ("_compiled" if c else ""):
                                  sjd.random_model(spans, device, size, grid, g, c) for g, c in spans_settings})
+    # 4 seeds on the GPU: each setting is 5 samplings a dtype there (about 1 s each for the ~1B model)
+    part("exact", lambda: exactness.run(Namespace(model=None, size=size, grid=4 if small else 8,
+                                                  seeds=8 if small else 4, device=args.device)))
     config = "configs/pretrain-tiny-cpu.yaml" if small else "configs/pretrain-150m-gpu.yaml"
     steps = 4 if small else 100
     overrides = [] if small else ["grad_accum=1", "eval_every=100000"]
@@ -115,9 +118,6 @@ def run(args: argparse.Namespace) -> dict:
                                               device=args.device)))
     part("tokenize_ray", lambda: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
                                                        4 if small else 64))
-    # 4 seeds on the GPU: each setting is 5 samplings a dtype there (about 1 s each for the ~1B model)
-    part("exact", lambda: exactness.run(Namespace(model=None, size=size, grid=4 if small else 8,
-                                                  seeds=8 if small else 4, device=args.device)))
     print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)"
           + (f"; FAILED: {', '.join(report['failed'])}" if report["failed"] else ""))
     return report
