@@ -7,9 +7,9 @@ The sampler treats every sample on its own (grammar, generator, draws, drafts, g
 depend on its batch only through the logits the model computes for its row, and those are not always the same bits:
 a BLAS picks its matrix kernel by the number of rows (MKL on the CPU here rounds a row one way alone, another among
 2 to 10-15 rows, another among more, and again past about 256 rows with a large inner size; the bounds depend on the
-shapes), and PyTorch's elementwise kernels compute a tensor's
-last few values with scalar code (a SiLU over a width that is not a multiple of 32 rounds the last row's tail
-differently). A draw that lands within that rounding of the boundary between two codes then goes the other way.
+shapes), and PyTorch's elementwise kernels compute a tensor's last few values with scalar code (a SiLU over a width
+that is not a multiple of 32 rounds the last row's tail differently). A draw that lands within that rounding of the
+boundary between two codes then goes the other way.
 Measured on the CPU here in float32, 64 seeds: the tiny random model (8x8 images, codes near-uniform over top-k 1000)
 62/64 the same in each image setting, 64/64 for audio and the mixed batch; the demo model 64/64 in every setting.
 bfloat16 rounds 2^16 times coarser; on a GPU the report has both dtypes."""
