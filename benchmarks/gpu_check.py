@@ -15,7 +15,8 @@ every GPU measurement this project wants, sized to finish in about 8 minutes on 
   rounding may not);
 - ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
   against a plain loop (``benchmarks.pretrain``);
-- VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64 (``benchmarks.image``);
+- VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64, and the share of codes that
+  change when the photos are encoded one at a time instead (``benchmarks.image``);
 - every audio codec (EnCodec 24 kHz 6 kbps, Mimi 8 codebooks, DAC 44.1 kHz, WavTokenizer 40 Hz, X-Codec 4 kbps,
   X-Codec2; published sizes, 5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers
   class called directly (``benchmarks.audio``);

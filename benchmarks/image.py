@@ -1,6 +1,8 @@
 """Image tokenizer encode / decode images/s against transformers' ``JanusVQVAE`` with the same weights, on the same
 already-preprocessed batch of real photos (uint8 -> codes and codes -> uint8 for both, so both pay the same
-conversions), in one run: ``python -m benchmarks.image [--arch janus|tiny] [--batch 16] [--size 256]``."""
+conversions), in one run: ``python -m benchmarks.image [--arch janus|tiny] [--batch 16] [--size 256]``; and the
+share of codes that differ when the photos are encoded one at a time (shards promise not to depend on the batch
+size: tested on the CPU in float32; a GPU's bf16 convolutions may round a code over to its neighbour)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ def run(args: argparse.Namespace) -> dict:
     peer.to(device)
     arrays = photos(args.batch, args.size)
     codes = ours.encode_preprocessed(arrays)
+    ours.batch_size = 1  # the same photos one at a time: do their codes depend on the batch (the shards' promise)?
+    alone = ours.encode_preprocessed(arrays)
+    ours.batch_size = args.batch
+    differ = sum(int((a != b).sum()) for a, b in zip(alone, codes)) / sum(c.size for c in codes)
 
     def peer_encode():
         with torch.inference_mode(), autocast(device):
@@ -54,12 +60,14 @@ def run(args: argparse.Namespace) -> dict:
          "ours_decode": timed(lambda: ours.decode(codes), args.repeats, device),
          "peer_decode": timed(peer_decode, args.repeats, device)}
     rates = {k: n / v for k, v in t.items()}
+    rates["codes_differ_alone_vs_batch"] = differ
     where = f"{device.type}{' bf16' if device.type == 'cuda' else ' fp32'}, {torch.get_num_threads()} threads"
     print(f"image tokenizer, {args.arch} VQ-16 architecture, {args.size}x{args.size}, batch {n} ({where})")
     for op in ("encode", "decode"):
         ratio = rates[f"ours_{op}"] / rates[f"peer_{op}"]
         print(f"  {op}: omnitok {rates[f'ours_{op}']:.2f} img/s, transformers JanusVQVAE {rates[f'peer_{op}']:.2f} "
               f"img/s, ratio {ratio:.3f}")
+    print(f"  codes that differ between encoding one at a time and in batches of {n}: {differ:.2%}")
     return rates
 
 

@@ -30,6 +30,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
             row = report["image_spans"][guidance][batch]
             assert row["sjd"]["passes"] < row["plain"]["passes"]  # drafts stood on the random model
     assert report["pretrain"]["ours"] > 0 and report["pretrain"]["mfu"] is None  # no peak FLOP/s for a CPU
+    assert report["vqgan"]["codes_differ_alone_vs_batch"] == 0  # float32 on the CPU: the batch changes no code
     assert "compiled_batch1" not in report["sampler"]  # the reduced check does not compile
     assert 0 < report["sampler"]["cfg_batch1"]["guided_split"]["sampler_share"] < 1
     assert sorted(report["audio"]) == ["dac", "encodec", "mimi", "wavtokenizer", "xcodec", "xcodec2"]
