@@ -1,10 +1,12 @@
 """``omnitok tokenize --engine ray`` on a local Ray cluster: the local engine's bytes, crashes, kills, no Ray."""
 
+import gc
 import json
 import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 from test_tokenize import digest, kill_after_shards, specs
 
 from omnitok.cli import main
+from omnitok.data.ray_engine import _Encoders
 from omnitok.data.shards import iter_samples, read_manifest
 from omnitok.data.tokenize import TokenizeConfig, tokenize
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
@@ -25,12 +28,10 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A local Ray cluster whose workers die on media named crash* (tests/worker_crash.py). 3 CPUs: one encoder, one
-    to prepare media, and a spare. When a prepare task dies while the failing dataset's encoder is still being
-    created, Ray Data (2.60) drops that actor without killing it, and it may keep its CPU for minutes: on 2 CPUs the
-    retried window's tasks then waited forever (twice in CI, session 21; the engine's own issue, in the README)."""
+    """A local Ray cluster of 2 CPUs (one encoder, one to prepare media: no room to spare) whose workers die on media
+    named crash* and whose encoders take 10 s over a batch from files named busy* (tests/worker_crash.py)."""
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "worker_crash.install"})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -106,6 +107,7 @@ def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, chat_t
         m.setattr(MultimodalTokenizer, "from_dir", classmethod(lambda cls, d: pytest.fail("the driver loaded it")))
         tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray", batch_size=3))
     assert outputs(tmp_path / "ray") == local
+    assert cluster_idle()  # its encoders went with their dataset (the next test needs both CPUs)
 
 
 def test_a_damaged_tokenizer_is_refused_in_one_line_before_any_output(tmp_path, cluster, tokdir, corpus, capsys):
@@ -123,13 +125,22 @@ def test_a_damaged_tokenizer_is_refused_in_one_line_before_any_output(tmp_path, 
 
 @pytest.mark.slow
 def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, tokdir, corpus):
+    """The worker preparing crash.png dies while the encoder is busy with busy.png's batch (tests/worker_crash.py
+    orders them). Ray Data drops that encoder without killing it, and the failure leaves it referenced from a cycle
+    of garbage: on 2 CPUs the retry waited forever for its CPU unless Python's cycle collector happened to run
+    first (twice in CI). With the collector off, the job must end with the item recorded and no encoder left."""
     folder = tmp_path / "pairs"
     folder.mkdir()
-    for i, name in enumerate(["a", "crash", "b", "c", "d"]):
+    for i, name in enumerate(["a", "b", "busy", "c", "crash", "d"]):
         Image.fromarray(PHOTOS[i % 4][::8, ::8]).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text(f"photo {name}")
     common = {"inputs": [str(folder)], "tokenizer": str(tokdir), "batch_size": 2}
-    manifest = tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray"))
+    gc.disable()
+    try:
+        manifest = tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray"))
+    finally:
+        gc.enable()
+    assert cluster_idle()
     errors = [json.loads(line) for line in (tmp_path / "ray" / "errors.jsonl").read_text().splitlines()]
     assert [(e["source"], e["reason"]) for e in errors] == [(str(folder / "crash.png"), "a worker died preparing "
                                                              "this item")]
@@ -138,7 +149,35 @@ def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, to
     local = {key: tokens.tobytes() for key, tokens, meta in iter_samples(tmp_path / "local")
              if meta["source"] != str(folder / "crash.png")}
     ours = {key: tokens.tobytes() for key, tokens, _ in iter_samples(tmp_path / "ray")}
-    assert ours == local and len(ours) == 4
+    assert ours == local and len(ours) == 5
+
+
+def test_the_driver_ends_each_attempts_encoders_even_those_enrolling_late(cluster):
+    enrolled = ray.remote(num_cpus=0)(_Encoders).remote()
+    early, late, other = (ray.remote(num_cpus=0)(Idle).remote() for _ in range(3))
+    ray.get([enrolled.enrol.remote(0, early), enrolled.enrol.remote(1, other)])
+    assert ray.get(enrolled.end.remote(0)) == 1
+    ray.get(enrolled.enrol.remote(0, late))  # an encoder that finished starting after its attempt ended
+    for actor in (early, late):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ready.remote(), timeout=30)
+    assert ray.get(other.ready.remote())  # another attempt's encoder is left alone
+    ray.kill(other)
+
+
+class Idle:
+    def ready(self) -> bool:
+        return True
+
+
+def cluster_idle(timeout: float = 15) -> bool:
+    """Whether every CPU of the test cluster is free again within ``timeout`` s: no encoder outlived its dataset."""
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ Failures: a Python error on one file is an outcome like any other (``Preprocesso
 that dies (a crash in a decoder, the OOM killer) fails its task; Ray retries it once (a lost node's work is redone),
 and if the dataset still fails, every remaining item of the window is prepared alone in a task of its own with no
 retry: the items whose task dies are recorded as errors ("a worker died preparing this item") and the window is run
-again without them. A killed driver is the local engine's case: the rerun resumes after the last complete shard.
+again without them. Every attempt at a window ends its encoder actors when the driver is done with it (``_Encoders``:
+Ray Data only drops them). A killed driver is the local engine's case: the rerun resumes after the last complete
+shard.
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ def import_ray():
 
 
 class _Encoder:
-    """An encoder actor: the tokenizer loaded once, then batches of prepared items -> outcomes."""
+    """An encoder actor: the tokenizer loaded once, then batches of prepared items -> outcomes. It enrols in the
+    job's ``_Encoders`` first, so that the driver can end it with its dataset."""
 
-    def __init__(self, tokenizer: str, loss_on: str, threads: int | None):
+    def __init__(self, tokenizer: str, loss_on: str, threads: int | None, encoders, attempt: int):
+        import ray
         import torch
 
         from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
+        encoders.enrol.remote(attempt, ray.get_runtime_context().current_actor)
         if threads is not None:
             torch.set_num_threads(threads)
         self.tok = MultimodalTokenizer.from_dir(tokenizer)
@@ -65,6 +70,38 @@ class _Encoder:
         column = np.empty(len(outcomes), dtype=object)
         column[:] = outcomes
         return {"outcome": column}
+
+
+class _Encoders:
+    """The job's encoder actors, by attempt (one Ray dataset each), which the driver ends when it is done with an
+    attempt. Ray Data (2.60) ends a dataset's actors by dropping its references to them, never by killing them, and
+    an actor that was busy (or still starting) when its dataset ended could live on, holding its CPU or GPU, until the
+    driver's garbage collector happened to run (a failure's traceback keeps the executor in a reference cycle): on a
+    cluster with none to spare the next dataset waited for it forever (twice in CI). An encoder that
+    enrols in an attempt already ended is ended at once."""
+
+    def __init__(self):
+        self.actors: dict[int, list] = {}
+        self.ended: set[int] = set()
+
+    def enrol(self, attempt: int, actor) -> None:
+        if attempt in self.ended:
+            _kill(actor)
+        else:
+            self.actors.setdefault(attempt, []).append(actor)
+
+    def end(self, attempt: int) -> int:
+        self.ended.add(attempt)
+        actors = self.actors.pop(attempt, [])
+        for actor in actors:
+            _kill(actor)
+        return len(actors)
+
+
+def _kill(actor) -> None:
+    import ray
+
+    ray.kill(actor)
 
 
 def _tokenizer_facts(tokenizer: str) -> tuple[TokenLayout, Preprocessor]:
@@ -131,6 +168,8 @@ class _Pipeline:
         context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
         context.print_on_execution_start = False
         self.layout, self.prepare = self._tokenizer_facts()
+        self.enrolled = ray.remote(num_cpus=0)(_Encoders).remote()
+        self.attempts = itertools.count()
 
     def _tokenizer_facts(self) -> tuple[TokenLayout, Preprocessor]:
         task = self.ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(_tokenizer_facts)
@@ -148,7 +187,7 @@ class _Pipeline:
         while window := list(itertools.islice(jobs, self.cfg.ray_window)):
             yield from self.window(window, prepare)
 
-    def dataset(self, jobs: list[tuple[int, Item]], prepare):
+    def dataset(self, jobs: list[tuple[int, Item]], prepare, attempt: int):
         ray, cfg = self.ray, self.cfg
         rows = [{"job": job} for job in jobs]
         ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / cfg.batch_size))
@@ -159,7 +198,8 @@ class _Pipeline:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ds.map(lambda row: {"prepared": prepare(row["job"])}, num_cpus=1, max_retries=1)
-            return ds.map_batches(_Encoder, fn_constructor_args=(cfg.tokenizer, cfg.loss_on, self.threads),
+            encoder = (cfg.tokenizer, cfg.loss_on, self.threads, self.enrolled, attempt)
+            return ds.map_batches(_Encoder, fn_constructor_args=encoder,
                                   batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, **resources,
                                   compute=ray.data.ActorPoolStrategy(size=self.encoders), max_restarts=1,
                                   max_task_retries=1)
@@ -169,8 +209,9 @@ class _Pipeline:
         done = -1
         rest = jobs
         while True:
+            attempt = next(self.attempts)
             try:
-                for row in self.dataset(rest, prepare).iter_rows():
+                for row in self.dataset(rest, prepare, attempt).iter_rows():
                     outcome = row["outcome"]
                     yield from self._died_before(died, outcome.index)
                     done = outcome.index
@@ -178,13 +219,16 @@ class _Pipeline:
                 yield from self._died_before(died, math.inf)
                 return
             except self.ray.exceptions.RayError as e:
-                rest = [(i, item) for i, item in rest if i > done and i not in died]
-                found = self._find_dead(rest, prepare)
-                if not found:
-                    raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {e}; rerun the "
-                                       "same command to continue after the last complete shard") from None
-                died.update(found)
-                rest = [(i, item) for i, item in rest if i not in died]
+                failure = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            finally:  # its encoders go now, whatever Ray Data does with them
+                self.ray.get(self.enrolled.end.remote(attempt))
+            rest = [(i, item) for i, item in rest if i > done and i not in died]
+            found = self._find_dead(rest, prepare)
+            if not found:
+                raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {failure}; rerun the "
+                                   "same command to continue after the last complete shard") from None
+            died.update(found)
+            rest = [(i, item) for i, item in rest if i not in died]
 
     @staticmethod
     def _died_before(died: dict, index: float) -> Iterator:
