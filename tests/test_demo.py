@@ -54,10 +54,15 @@ def test_conversations_train_on_some_phrasings_and_hold_the_others_out(tmp_path)
     from omnitok.demo.chat_corpus import PHRASINGS, conversations, held_out_requests, phrasing_text
     from omnitok.document import Conversation
 
-    make_corpus(tmp_path, per_shape=3, per_sound=2, mixed=0)
+    make_corpus(tmp_path, per_shape=6, per_sound=2, mixed=0)
     n = conversations(tmp_path)
     lines = (tmp_path / "chats.jsonl").read_text().splitlines()
-    assert n == len(lines) == 12 * 3 + 12 + 12 + 5 * 2 * 2  # draw every picture; describe, follow a third; sounds x2
+    # every picture drawn, a third described, a third followed up, a sixth then a sound; every sound twice, a quarter
+    # of them then a picture
+    assert n == len(lines) == 12 * 6 + 24 + 24 + 12 + 5 * 2 * 2 + 5
+    answers = [[m["content"][0]["type"] for m in json.loads(line)["messages"] if m["role"] == "assistant"
+                and isinstance(m["content"], list)] for line in lines]
+    assert answers.count(["image", "audio"]) == 12 and answers.count(["audio", "image"]) == 5
     texts = []
     for line in lines:
         conv = Conversation.from_messages(json.loads(line)["messages"], tmp_path)  # a valid training conversation

@@ -3,7 +3,8 @@ on and those held out to measure instruction following.
 
 Four kinds of request, each with its answer taken from the corpus: draw a shape (the answer is the picture),
 describe a picture (the answer names its colour and shape), play a sound (the answer is the clip), and the follow-up
-"now make it green" after a picture (the answer is the same shape in the new colour). ``conversations`` writes the
+"now make it green" after a picture (the answer is the same shape in the new colour); and chats that switch medium,
+a sound asked for after a picture and a picture after a sound. ``conversations`` writes the
 training set (chat JSONL, the ``messages`` form); ``held_out_requests`` the requests the demo measures the base and
 the tuned model on, phrased only in ways training never used.
 """
@@ -55,8 +56,9 @@ def _media(kind: str, path: str) -> dict:
 
 
 def conversations(corpus: str | Path, seed: int = 0) -> int:
-    """Writes ``corpus/chats.jsonl`` (paths relative to it): every picture asked for once, a third of them described
-    and a third changed by a follow-up, every sound asked for twice; each in a trained phrasing drawn at random.
+    """Writes ``corpus/chats.jsonl`` (paths relative to it): every picture asked for once, a third of them described,
+    a third changed by a follow-up and a sixth followed by a request for a sound; every sound asked for twice, a
+    quarter of the times followed by a request for a picture; each request in a trained phrasing drawn at random.
     Returns the number of conversations."""
     corpus = Path(corpus)
     rng = np.random.default_rng(seed)
@@ -65,10 +67,24 @@ def conversations(corpus: str | Path, seed: int = 0) -> int:
     def say(kind: str, **names) -> str:
         return trained[kind][rng.integers(len(trained[kind]))].format(**names)
 
-    images, out = _images(corpus), []
+    images, sounds, out = _images(corpus), _sounds(corpus), []
+
+    def sound_turns() -> list[dict]:
+        sound = SOUNDS[rng.integers(len(SOUNDS))]
+        clips = sounds[sound]
+        return [_user(say("play", sound=sound)), _media("audio", f"audio/{clips[rng.integers(len(clips))]}")]
+
+    def picture_turns() -> list[dict]:
+        colour, shape = list(images)[rng.integers(len(images))]
+        files = images[(colour, shape)]
+        return [_user(say("draw", colour=colour, shape=shape)),
+                _media("image", f"images/{files[rng.integers(len(files))]}")]
+
     for (colour, shape), files in images.items():
         for i, name in enumerate(files):
             out.append([_user(say("draw", colour=colour, shape=shape)), _media("image", f"images/{name}")])
+            if i % 6 == 5:  # then a sound
+                out.append([*out[-1], *sound_turns()])
             if i % 3 == 0:
                 out.append([_user(say("describe"), name),
                             {"role": "assistant", "content": ANSWER.format(colour=colour, shape=shape)}])
@@ -77,9 +93,11 @@ def conversations(corpus: str | Path, seed: int = 0) -> int:
                 again = images[(other, shape)][i]
                 out.append([_user(say("draw", colour=colour, shape=shape)), _media("image", f"images/{name}"),
                             _user(say("follow", colour=other)), _media("image", f"images/{again}")])
-    for sound, files in _sounds(corpus).items():
-        for name in files * 2:
+    for sound, files in sounds.items():
+        for j, name in enumerate(files * 2):
             out.append([_user(say("play", sound=sound)), _media("audio", f"audio/{name}")])
+            if j % 4 == 3:  # then a picture
+                out.append([*out[-1], *picture_turns()])
     order = rng.permutation(len(out))
     with open(corpus / "chats.jsonl", "w", encoding="utf-8") as f:
         for i in order:
@@ -93,12 +111,10 @@ def held_out_requests(corpus: str | Path) -> list[dict]:
     (``colour`` / ``shape`` / ``sound``), the chat ``messages`` for the tuned model and the same content as a plain
     prompt for the base model (``prompt``: text with ``<image:PATH>`` / ``<audio:PATH>`` references).
 
-    Training has no conversation that switches between pictures and sounds, and the tuned model mostly cannot (it
-    draws again after a picture); then_play and then_draw measure it. They come last, so the other requests keep
-    their sampling seeds. (Tried: training with such switches, 1 in 6 pictures again after a sound and 1 in 4 sounds
-    after a picture, with more follow-up phrasings: switching rose to about half right, but the text tokenizer
-    trained on the new phrasings changed the whole pretraining and its red circles fell from 32/32 to 6/32; the
-    tiny demo is that sensitive.)"""
+    then_play and then_draw measure switching medium within a chat (training switches in trained phrasings only, so
+    the text tokenizer and the pretraining stay as they were: a session that added phrasings for it saw the red
+    circles fall from 32/32 to 6/32, the tiny demo is that sensitive). They come last, so the other requests keep
+    their sampling seeds."""
     corpus = Path(corpus)
     images, requests = _images(corpus), []
     for colour in COLOURS:
