@@ -168,7 +168,8 @@ class _Pipeline:
         context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
         context.print_on_execution_start = False
         self.layout, self.prepare = self._tokenizer_facts()
-        self.enrolled = ray.remote(num_cpus=0)(_Encoders).remote()
+        # restarted (empty) if its node is lost: the encoders it knew are then left to Ray Data, as before it
+        self.enrolled = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Encoders).remote()
         self.attempts = itertools.count()
 
     def _tokenizer_facts(self) -> tuple[TokenLayout, Preprocessor]:
