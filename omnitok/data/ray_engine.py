@@ -77,8 +77,8 @@ class _Encoders:
     attempt. Ray Data (2.60) ends a dataset's actors by dropping its references to them, never by killing them, and
     an actor that was busy (or still starting) when its dataset ended could live on, holding its CPU or GPU, until the
     driver's garbage collector happened to run (a failure's traceback keeps the executor in a reference cycle): on a
-    cluster with none to spare the next dataset waited for it forever (twice in CI). An encoder that
-    enrols in an attempt already ended is ended at once."""
+    cluster with none to spare the next dataset waited for it forever (twice in CI). An encoder that enrols in an
+    attempt already ended is ended at once."""
 
     def __init__(self):
         self.actors: dict[int, list] = {}

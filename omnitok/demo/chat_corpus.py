@@ -4,9 +4,9 @@ on and those held out to measure instruction following.
 Four kinds of request, each with its answer taken from the corpus: draw a shape (the answer is the picture),
 describe a picture (the answer names its colour and shape), play a sound (the answer is the clip), and the follow-up
 "now make it green" after a picture (the answer is the same shape in the new colour); and chats that switch medium,
-a sound asked for after a picture and a picture after a sound. ``conversations`` writes the
-training set (chat JSONL, the ``messages`` form); ``held_out_requests`` the requests the demo measures the base and
-the tuned model on, phrased only in ways training never used.
+a sound asked for after a picture and a picture after a sound. ``conversations`` writes the training set (chat
+JSONL, the ``messages`` form); ``held_out_requests`` the requests the demo measures the base and the tuned model on,
+phrased only in ways training never used.
 """
 
 from __future__ import annotations
