@@ -81,12 +81,15 @@ class _Encoders:
     attempt already ended is ended at once."""
 
     def __init__(self):
+        import ray
+
+        self.kill = ray.kill
         self.actors: dict[int, list] = {}
         self.ended: set[int] = set()
 
     def enrol(self, attempt: int, actor) -> None:
         if attempt in self.ended:
-            _kill(actor)
+            self.kill(actor)
         else:
             self.actors.setdefault(attempt, []).append(actor)
 
@@ -94,14 +97,8 @@ class _Encoders:
         self.ended.add(attempt)
         actors = self.actors.pop(attempt, [])
         for actor in actors:
-            _kill(actor)
+            self.kill(actor)
         return len(actors)
-
-
-def _kill(actor) -> None:
-    import ray
-
-    ray.kill(actor)
 
 
 def _tokenizer_facts(tokenizer: str) -> tuple[TokenLayout, Preprocessor]:
@@ -199,8 +196,8 @@ class _Pipeline:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ds.map(lambda row: {"prepared": prepare(row["job"])}, num_cpus=1, max_retries=1)
-            encoder = (cfg.tokenizer, cfg.loss_on, self.threads, self.enrolled, attempt)
-            return ds.map_batches(_Encoder, fn_constructor_args=encoder,
+            args = (cfg.tokenizer, cfg.loss_on, self.threads, self.enrolled, attempt)
+            return ds.map_batches(_Encoder, fn_constructor_args=args,
                                   batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, **resources,
                                   compute=ray.data.ActorPoolStrategy(size=self.encoders), max_restarts=1,
                                   max_task_retries=1)
