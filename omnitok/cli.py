@@ -227,18 +227,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from omnitok.model.sample import load_model
-    from omnitok.serve.app import ServeConfig, ServeLimits, create_app
+    from omnitok.serve.app import ServeConfig, ServeLimits, bind, create_app
 
     key = args.api_key or os.environ.get("OMNITOK_API_KEY") or None
     limits = ServeLimits(max_tokens=args.max_tokens, max_n=args.max_n, request_timeout=args.request_timeout)
     cfg = ServeConfig(name=args.model.resolve().name, api_key=key, max_rows=args.max_rows, max_queue=args.max_queue,
                       compiled=args.compile, limits=limits, sampling=_sampling(args))
+    sock = bind(args.host, args.port)
     model, tok = load_model(args.model, args.tokenizer)
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {args.host} without an API key: anyone who reaches it can use the model",
               file=sys.stderr)
-    print(f"serving {args.model} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)", flush=True)
-    uvicorn.run(create_app(model, tok, cfg), host=args.host, port=args.port, log_level="warning")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.model} on http://{host}:{sock.getsockname()[1]}/ (chat page at /, API at /v1)", flush=True)
+    uvicorn.Server(uvicorn.Config(create_app(model, tok, cfg), log_level="warning")).run(sockets=[sock])
 
 
 def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
@@ -480,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "base64 WAV); no path in a request is ever read.")
     _model_arguments(sv, "an `omnitok export` (a chat model, or a base model served as continuation)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: a free one, printed)")
     sv.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) on every route but /health; "
                     "default: $OMNITOK_API_KEY, else none")
     sv.add_argument("--max-rows", type=int, default=16, help="requests decoded at once (continuous batching)")

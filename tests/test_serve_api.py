@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from conftest import ASSETS, PHOTOS
 from PIL import Image as PILImage
 
+from omnitok.cli import main
 from omnitok.model.sample import load_model
 from omnitok.model.sampler import ModalitySampling, SamplingConfig
 from omnitok.serve.app import ServeConfig, ServeLimits, create_app
@@ -289,24 +291,24 @@ def test_a_base_model_is_served_as_continuation(model_dir):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 40
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(model_dir, tmp_path, *args, env=None):
-    """`omnitok serve` in a process of its own on a free loopback port: yields its URL and its process."""
+    """`omnitok serve` in a process of its own on the free loopback port it picks (``--port 0``, read from the URL it
+    prints): yields its URL and its process."""
     import httpx
 
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "omnitok", "serve", "--model", str(model_dir), "--port",
-                               str(port), *args], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, **(env or {})})
+    log_path = tmp_path / "server.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "omnitok", "serve", "--model", str(model_dir), "--port", "0",
+                               *args], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
-        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            url = re.search(r"on (http://127\.0\.0\.1:\d+)/", log_path.read_text())
+            if url or server.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert url and server.poll() is None, log_path.read_text()
+        url = url.group(1)
         for _ in range(240):
             try:
                 if httpx.get(url + "/health").status_code == 200:
@@ -317,12 +319,28 @@ def running_server(model_dir, tmp_path, *args, env=None):
                 time.sleep(0.5)
         else:
             raise AssertionError("the server did not start")
-        assert server.poll() is None, (tmp_path / "server.log").read_text()
+        assert server.poll() is None, log_path.read_text()
         yield url, server
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_an_address_it_cannot_listen_on_is_refused_in_one_line_before_the_model_loads(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setattr("omnitok.model.sample.load_model", lambda *a, **k: pytest.fail("it loaded the model"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args, says in [(["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                           (["--port", "99999"], "port must be 0-65535, got 99999"),  # not wrapped round to 34463
+                           (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1:8000: Cannot assign requested"),
+                           (["--host", "no-such-host.invalid"], "cannot listen on no-such-host.invalid:8000: ")]:
+            assert main(["serve", "--model", str(tmp_path), *args]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"omnitok: error: {says}"), err
 
 
 def test_the_real_server_process_answers_a_real_http_client(chat_model_dir, tmp_path):

@@ -25,6 +25,7 @@ import io
 import json
 import re
 import secrets
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -287,6 +288,27 @@ class Metrics:
         self.tokens_window = [(t, n) for t, n in self.tokens_window if now - t < 10] + [(now, tokens)]
         (t0, n0), (t1, n1) = self.tokens_window[0], self.tokens_window[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use or out of range, or an address this machine
+    does not have, is refused in one line at once. Port 0 takes a free one (``getsockname`` says which)."""
+    if not 0 <= port <= 65535:  # getaddrinfo would wrap it round
+        raise OmnitokError(f"port must be 0-65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart need not wait
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        raise OmnitokError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def create_app(model, tok, cfg: ServeConfig | None = None):
