@@ -25,8 +25,8 @@ def load_config_file(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise OmnitokError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise OmnitokError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise OmnitokError(f"{path} must hold a mapping of settings")

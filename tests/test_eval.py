@@ -156,6 +156,17 @@ def test_eval_usage_errors_are_one_line(capsys, tmp_path):
     assert "--image-tokenizer with --images" in capsys.readouterr().err
     assert main(["eval", "samples", str(tmp_path)]) == 2
     assert "no samples.json" in capsys.readouterr().err
+    index = tmp_path / "samples.json"
+    for text, says in [("{bad", "is not valid JSON"), ('{"samples": [{"id": "000"}]}', "does not hold `omnitok sample` "
+                                                                                       "records")]:
+        index.write_text(text)
+        assert main(["eval", "samples", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    # a picture segment whose record lost its file name is a problem found, not a crash
+    index.write_text(json.dumps({"samples": [{"id": "000", "new_tokens": 3, "stopped": "eos",
+                                              "segments": [{"type": "image", "tokens": 3}]}]}))
+    assert eval_samples(tmp_path)["problems"] == ["000/?: KeyError: 'file'"]
 
 
 def _byte_vocab(directory, specials, chars, suffix=""):

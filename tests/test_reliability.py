@@ -408,6 +408,11 @@ def test_a_config_value_of_the_wrong_type_names_the_setting(tmp_path, capsys):
     assert "setting 'steps' must be a whole number" in one_line(capsys)
     cfg = load_pretrain_config(None, ["tokenizer=x", "optim.lr=1", "optim.betas=[0.9, 0.95]"])
     assert cfg.optim.lr == 1 and cfg.optim.betas == (0.9, 0.95)  # ints pass for floats; lists for tuples
+    binary = tmp_path / "run.yaml"
+    binary.write_bytes(b"steps: 3\n\xd0\x00\n")  # not UTF-8 (a binary given by mistake)
+    for command in ("pretrain", "finetune"):
+        assert main([command, "--config", str(binary)]) == 2
+        assert f"{binary} is not valid YAML: 'utf-8' codec can't decode byte 0xd0" in one_line(capsys)
 
 
 def test_sampling_stops_at_the_models_positions_per_prompt(model_dir, tmp_path, capsys):

@@ -115,3 +115,10 @@ def test_bad_requests_get_one_line(model_dir, tmp_path, capsys, sp_dir):
     shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer"))
     assert "not trained together" in error("--prompt", "x", "--model", str(bare), "--tokenizer", str(text_only))
     assert "not a model directory" in error("--prompt", "x", "--model", str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a red circle\n\n{"image": "x.png"\n')  # the bad line is the third
+    assert error("--prompts", str(prompts)).startswith("omnitok: error: prompts.txt:3: prompt '{\"image\": \"x.png\"' "
+                                                       "looks like JSON but is not: Expecting ',' delimiter (column")
+    prompts.write_bytes(b"a red circle\na bad \xff byte\n")
+    assert error("--prompts", str(prompts)) == f"omnitok: error: prompt file {prompts} is not UTF-8 text (byte 19)"
+    assert error("--prompts", str(tmp_path)) == f"omnitok: error: prompt file {tmp_path} is not a file"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import write_json_atomic
+from omnitok.jsonfile import read_json_object, write_json_atomic
 from omnitok.tokenizers.codebook import usage_stats
 from omnitok.tokenizers.layout import TOKEN_KINDS, Span, image_span_length
 
@@ -269,16 +269,11 @@ def eval_lm(model_dir: str | Path, shards: list[str], out: str | Path | None = N
 def eval_samples(directory: str | Path, clip: str | Path | None = None, clap: str | Path | None = None) -> dict:
     """Span validity and counts over an ``omnitok sample`` output directory; with a local CLIP (``clip``) or CLAP
     (``clap``) model directory, how well its pictures or sounds match their prompts' text (``alignment.py``)."""
-    import json
-
     import soundfile as sf
     from PIL import Image
 
     directory = Path(directory)
-    index = directory / "samples.json"
-    if not index.is_file():
-        raise OmnitokError(f"{directory} is not an `omnitok sample` output (no samples.json)")
-    records = json.loads(index.read_text())["samples"]
+    records = _sample_records(directory)
     counts = {"text": 0, "image": 0, "audio": 0}
     valid = {"image": 0, "audio": 0}
     problems = []
@@ -289,8 +284,8 @@ def eval_samples(directory: str | Path, clip: str | Path | None = None, clap: st
             counts[s["type"]] += 1
             if s["type"] == "text":
                 continue
-            path = directory / r["id"] / s["file"]
             try:
+                path = directory / r["id"] / s["file"]
                 if s["type"] == "image":
                     with Image.open(path) as img:
                         img.load()
@@ -303,13 +298,28 @@ def eval_samples(directory: str | Path, clip: str | Path | None = None, clap: st
                 problem = f"{type(e).__name__}: {e}"
             valid[s["type"]] += not problem
             if problem:
-                problems.append(f"{r['id']}/{s['file']}: {problem}")
+                problems.append(f"{r['id']}/{s.get('file', '?')}: {problem}")
     report = {"samples": len(records), "new_tokens": tokens, "segments": counts,
               "valid": {k: (valid[k] / counts[k] if counts[k] else None) for k in valid},
               "stopped": {k: sum(r["stopped"] == k for r in records) for k in ("eos", "eot", "span", "max_new_tokens")},
               "problems": problems, **_alignment(directory, records, {"image": clip, "audio": clap})}
     write_json_atomic(directory / "eval_samples.json", report)
     return report
+
+
+def _sample_records(directory: Path) -> list[dict]:
+    """``samples.json``'s records, refused in one line unless each is a sample with its segments."""
+    index = directory / "samples.json"
+    data = read_json_object(index, f"{directory} is not an `omnitok sample` output (no samples.json)")
+    records = data.get("samples")
+    fields = {"id": str, "new_tokens": int, "stopped": str, "segments": list}
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in fields.items())
+            and all(isinstance(seg, dict) and seg.get("type") in ("text", "image", "audio") for seg in r["segments"])
+            for r in records):
+        raise OmnitokError(f"{index} does not hold `omnitok sample` records (samples: each with "
+                           f"{', '.join(fields)}; segments typed text, image or audio)")
+    return records
 
 
 def _alignment(directory: Path, records: list[dict], models: dict[str, str | Path | None]) -> dict:

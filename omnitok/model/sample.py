@@ -59,15 +59,20 @@ class Prompt:
         return " ".join(" ".join(s.text.split()) for s in segments if isinstance(s, Text) and s.text.strip())
 
 
+def _json_prompt(text: str, label: str | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OmnitokError(f"prompt {label or text[:40]!r} looks like JSON but is not: {e.msg} (column {e.colno})"
+                           ) from None
+
+
 def parse_chat_prompt(text: str, base_dir: str | Path | None = None, label: str | None = None) -> Prompt:
     """A chat request: JSON with ``messages`` (or ShareGPT ``conversations``) ending with a user turn, or text with
     media references as the one user turn."""
     stripped = text.strip()
     if stripped.startswith("{"):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise OmnitokError(f"prompt {label or stripped[:40]!r} looks like JSON but is not: {e.msg}") from None
+        data = _json_prompt(stripped, label)
         if not isinstance(data, dict) or not ("messages" in data or "conversations" in data):
             raise OmnitokError(f"chat prompt {label or stripped[:40]!r}: a JSON chat prompt holds 'messages'")
         conv = (Conversation.from_messages(data["messages"], base_dir, prompt=True) if "messages" in data
@@ -85,10 +90,7 @@ def parse_prompt(text: str, base_dir: str | Path | None = None, label: str | Non
     """A text prompt with ``<image:path>`` / ``<audio:path>`` references, or a JSON document."""
     stripped = text.strip()
     if stripped.startswith(("{", "[")):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise OmnitokError(f"prompt {label or stripped[:40]!r} looks like JSON but is not: {e.msg}") from None
+        data = _json_prompt(stripped, label)
         return Prompt(label or stripped, Document.from_json(data, base_dir))
     return Prompt(label or text, Document(segments_of(text, base_dir)))
 
@@ -114,11 +116,18 @@ def read_prompt_file(path: str | Path, chat: bool = False) -> list[Prompt]:
     parse = parse_chat_prompt if chat else parse_prompt
     path = Path(path)
     if not path.is_file():
-        raise OmnitokError(f"prompt file {path} does not exist")
+        raise OmnitokError(f"prompt file {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise OmnitokError(f"prompt file {path} is not UTF-8 text (byte {e.start})") from None
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
-            prompts.append(parse(line, path.parent, label=None if chat else line.strip()))
+            try:
+                prompts.append(parse(line, path.parent, label=None if chat else line.strip()))
+            except OmnitokError as e:
+                raise OmnitokError(f"{path.name}:{n}: {e}") from None
             prompts[-1].source = f"{path.name}:{n}"
     if not prompts:
         raise OmnitokError(f"prompt file {path} holds no prompt")
