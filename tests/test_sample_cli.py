@@ -122,3 +122,5 @@ def test_bad_requests_get_one_line(model_dir, tmp_path, capsys, sp_dir):
     prompts.write_bytes(b"a red circle\na bad \xff byte\n")
     assert error("--prompts", str(prompts)) == f"omnitok: error: prompt file {prompts} is not UTF-8 text (byte 19)"
     assert error("--prompts", str(tmp_path)) == f"omnitok: error: prompt file {tmp_path} is not a file"
+    assert "a seed must be from 0 to 2**64 - 1, got -1" in error("--prompt", "x", "--seed", "-1")
+    assert f"got {1 << 64}" in error("--prompt", "x", "--seed", str((1 << 64) - 1), "--num-samples", "2")

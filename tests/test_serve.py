@@ -13,7 +13,7 @@ from omnitok.document import Document, Text
 from omnitok.errors import OmnitokError
 from omnitok.model.sample import load_model, parse_chat_prompt, prompt_tokens
 from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
-from omnitok.serve.engine import Engine, Job, QueueFull
+from omnitok.serve.engine import Engine, Job, QueueFull, _Running
 
 SETTINGS = [SamplingConfig(max_new_tokens=60, max_audio_s=0.05, image=ModalitySampling(top_k=50, guidance=2.0),
                            audio=ModalitySampling(guidance=1.5)),
@@ -152,6 +152,9 @@ def test_a_full_queue_and_bad_requests_are_refused_at_once(served):
         engine.submit(jobs[2])
     with pytest.raises(OmnitokError, match="grid"):
         engine.submit(Job([1, 2], SamplingConfig(output="image", grid=(99, 99)), 0, tok.text.eos_id))
+    for seed in (-1, 1 << 64):  # torch would fold the first into another seed's stream and fail on the second
+        with pytest.raises(OmnitokError, match=f"a seed must be from 0 to 2\\*\\*64 - 1, got {seed}"):
+            engine.submit(Job([1, 2], SamplingConfig(), seed, tok.text.eos_id))
     # a prompt that leaves no room in the model's positions ends with an error, and the engine goes on
     long = Job([tok.text.bos_id] * (model.config.max_position_embeddings + 5), SamplingConfig(), 0, tok.text.eos_id)
     engine.max_queue = 10
@@ -190,6 +193,38 @@ def test_a_failing_step_ends_the_batch_with_an_error_and_the_engine_goes_on(serv
         monkeypatch.setattr(Engine, "_forward", original)
         job = engine.submit(plain_jobs(tok, 1)[0])
         assert events(job)[-1][0] == "done" and job.output == reference(model, tok, job)
+    finally:
+        engine.close()
+
+
+def test_a_job_that_fails_to_start_ends_alone_and_none_is_lost(served, monkeypatch):
+    """A bug while a job joins the batch ends that job (not its neighbours); one in the prefill of joining jobs ends
+    them with an error (they used to be dropped, their clients waiting until they timed out)."""
+    model, tok = served
+    engine = Engine(model, tok)
+    jobs = plain_jobs(tok, 3)
+    start = _Running.__init__
+
+    def failing(self, job, *args):
+        if job is jobs[1]:
+            raise RuntimeError("boom")
+        start(self, job, *args)
+
+    monkeypatch.setattr(_Running, "__init__", failing)
+    for job in jobs:
+        engine.submit(job)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert events(jobs[1]) == [("done", "error: the engine failed (RuntimeError: boom)")]
+    for job in (jobs[0], jobs[2]):
+        assert job.output == reference(model, tok, job)
+    monkeypatch.setattr(_Running, "__init__", start)
+    engine = Engine(model, tok).start()
+    try:
+        monkeypatch.setattr(Engine, "_prefill", lambda self, seqs: (_ for _ in ()).throw(RuntimeError("no memory")))
+        joining = [engine.submit(job) for job in plain_jobs(tok, 2)]
+        assert all(events(job)[-1] == ("done", "error: the engine failed (RuntimeError: no memory)")
+                   for job in joining)
     finally:
         engine.close()
 

@@ -222,7 +222,9 @@ def test_models_health_metrics_and_the_page(client):
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400, "text, image_url or input_audio"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, 400, "max_tokens must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n must be 1"),
-    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "a seed must be from 0 to 2**64 - 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 1 << 64}, 400, "a seed must be from 0 to 2**64 - 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": "7"}, 400, "seed must be an integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "omnitok": {"image.top_q": 3}}, 400, "top_q"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature must be"),
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "unsupported field 'logit_bias'"),
@@ -252,8 +254,12 @@ def test_limits_routes_and_a_full_queue_are_refused_and_the_server_goes_on(clien
     assert client.get("/v1/chat/completions").status_code == 405
     for bad in ({"prompt": ""}, {"prompt": "x", "n": 10000}, {"prompt": "x", "size": "big"}, {"prompt": "x", "q": 1},
                 {"prompt": "x", "size": "99x99"}, {"prompt": "x", "response_format": "url"},
-                {"prompt": "x", "omnitok": {"output": "audio"}}, {"prompt": "x", "omnitok": {"max_new_tokens": 5}}):
+                {"prompt": "x", "omnitok": {"output": "audio"}}, {"prompt": "x", "omnitok": {"max_new_tokens": 5}},
+                {"prompt": "x", "n": 2, "seed": (1 << 64) - 1}):  # the second picture's seed is one too many
         assert client.post("/v1/images/generations", json=bad).status_code == 400
+    for bad in ({"input": "x", "response_format": "mp3"}, {"input": "x", "response_format": ["wav"]},
+                {"input": "x", "response_format": {}}):
+        assert client.post("/v1/audio/speech", json=bad).status_code == 400
     engine = client.app.state.engine
     engine.max_queue = 0
     try:

@@ -22,7 +22,7 @@ from omnitok.document import Conversation, Document, Image, Text, Tokens, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.model.sample import Prompt, SpanDecoder, check_media, segments_of, write_sample
-from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
+from omnitok.model.sampler import SamplingConfig, check_request, check_seed, generate, new_token_budget
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 HELP = "type a message (<image:PATH> / <audio:PATH> to attach media); /reset, /save PATH, /quit"
@@ -35,7 +35,7 @@ class ChatSession:
                  compiled: bool = False):
         self.format = tok.need_chat()
         check_request(tok.layout, sampling)
-        self.model, self.tok, self.out, self.sampling, self.seed = model, tok, Path(out), sampling, seed
+        self.model, self.tok, self.out, self.sampling, self.seed = model, tok, Path(out), sampling, check_seed(seed)
         self.compiled = compiled
         self.replies = 0  # numbers the answers' folders across resets
         self.reset()

@@ -35,7 +35,7 @@ from omnitok.device import default_device, model_dtype
 from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
-from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
+from omnitok.model.sampler import SamplingConfig, check_request, check_seed, generate, new_token_budget
 from omnitok.tokenizers.chat import Request
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
@@ -248,6 +248,8 @@ class SampleRequest:
         if self.num_samples < 1 or self.batch_size < 1:
             raise OmnitokError(f"--num-samples and --batch-size must be at least 1, got {self.num_samples} and "
                                f"{self.batch_size}")
+        for seed in (self.seed, self.seed + self.num_samples - 1):  # the first sample's and the last one's
+            check_seed(seed)
 
 
 def sampling_config(overrides: list[str], base: SamplingConfig | None = None, **flags) -> SamplingConfig:

@@ -696,6 +696,14 @@ def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple
 SpanCallback = Callable[[int, str, list[int]], None]
 
 
+def check_seed(seed: int) -> int:
+    """A sample's seed, 0 .. 2**64 - 1: torch's generators fold a negative one into that range (two seeds, one
+    stream) and fail on a larger one."""
+    if not 0 <= seed < 1 << 64:
+        raise OmnitokError(f"a seed must be from 0 to 2**64 - 1, got {seed}")
+    return seed
+
+
 def new_token_budget(model, cfg: SamplingConfig, prompt_lengths: list[int]) -> list[int]:
     """How many new tokens each prompt may get: ``max_new_tokens``, limited so that prompt and output fit in the
     model's ``max_position_embeddings`` (beyond them a model trained on shorter sequences has never seen a position,
@@ -742,7 +750,8 @@ def generate(model, layout: TokenLayout, prompts: list[list[int]], eos_id: int, 
     if cfg.output == "image" and min(budget) < grammar.longest_image:
         raise OmnitokError(f"only {min(budget)} new tokens fit in the model's positions after the prompt: too few "
                            f"for an image span of up to {grammar.longest_image} tokens")
-    generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    generators = None if cfg.greedy else [torch.Generator(device=device).manual_seed(check_seed(s))
+                                          for s in seeds]
     guided = {m for m in (Modality.IMAGE, Modality.AUDIO) if cfg.of(m).guidance != 1}
 
     def wants_guidance() -> list[int]:

@@ -38,7 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.model.sample import Prompt, prompt_tokens, sampling_config
-from omnitok.model.sampler import SamplingConfig
+from omnitok.model.sampler import SamplingConfig, check_seed
 from omnitok.serve.engine import Engine, Job, QueueFull
 from omnitok.tokenizers.layout import Modality
 
@@ -210,9 +210,12 @@ def _seed(body: dict) -> int:
     seed = body.get("seed")
     if seed is None:
         return secrets.randbelow(1 << 31)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ApiError(400, "seed must be a non-negative integer")
-    return seed
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ApiError(400, "seed must be an integer")
+    try:
+        return check_seed(seed)
+    except OmnitokError as e:
+        raise ApiError(400, str(e)) from None
 
 
 # ---------------------------------------------------------------- answers out
@@ -565,7 +568,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
         if body.get("voice", "default") != "default":
             raise ApiError(400, "this model has one voice: leave out 'voice' or give \"default\"")
         kind = body.get("response_format", "wav")
-        if kind not in SOUND_FORMATS:
+        if not isinstance(kind, str) or kind not in SOUND_FORMATS:
             raise ApiError(400, f"response_format must be one of {', '.join(SOUND_FORMATS)} (pcm: 16-bit "
                                 "little-endian samples at the rate in the X-Sample-Rate header)")
         speed = body.get("speed", 1)

@@ -49,6 +49,7 @@ from omnitok.model.sampler import (
     _span_event,
     _take,
     check_request,
+    check_seed,
     head_columns,
     new_token_budget,
     span_opener,
@@ -84,6 +85,11 @@ class Job:
     def cancel(self) -> None:
         """Stop at the next step (a client that went away); the job ends with ``stopped`` "cancelled"."""
         self.cancelled = True
+
+
+def _failed(e: Exception) -> str:
+    """How a job that a bug ended says so."""
+    return f"error: the engine failed ({type(e).__name__}: {e})"
 
 
 class _Running:
@@ -178,8 +184,10 @@ class Engine:
     # ---------------------------------------------------------------- the caller's side
 
     def submit(self, job: Job) -> Job:
-        """Queue a job (checked first: a request the layout cannot serve is refused here, in one line)."""
+        """Queue a job (checked first: a request the layout cannot serve, or its seed, is refused here, in one
+        line)."""
         check_request(self.layout, job.cfg)
+        check_seed(job.seed)
         with self.wake:
             if len(self.waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
@@ -221,7 +229,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # a bug costs the jobs in the batch, never the server
-                self._fail_all(f"error: the engine failed ({type(e).__name__}: {e})")
+                self._fail_all(_failed(e))
 
     def _fail_all(self, why: str) -> None:
         """End every running job with ``why`` and start again from an empty batch."""
@@ -270,8 +278,8 @@ class Engine:
                 r = _Running(job, self, budget)
                 if job.cfg.output == "image" and budget < r.grammar.longest_image:
                     raise OmnitokError(f"only {budget} new tokens fit after the prompt: too few for an image")
-            except OmnitokError as e:
-                job.stopped = f"error: {e}"
+            except Exception as e:  # this job cannot start (a bug too ends it alone: it has no row yet)
+                job.stopped = f"error: {e}" if isinstance(e, OmnitokError) else _failed(e)
                 self.stats["finished"] += 1
                 job.events.put(("done", job.stopped))
                 continue
@@ -280,9 +288,9 @@ class Engine:
             seqs.append((r, False, job.prompt + opener))
             if r.guided():  # image / audio output opens its span at once: its unconditional row starts too
                 seqs.append((r, True, unconditional(job.prompt, self.layout, job.request) + opener))
+        self.running += new  # before their prefill: if it fails, they end with the batch, not lost
         if seqs:
             self._prefill(seqs)
-            self.running += new
             for r in new:
                 self.groups.setdefault(r.settings, _Group()).add(r)
 
