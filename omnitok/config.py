@@ -144,3 +144,11 @@ def _plain(x: Any) -> Any:
 
 def _deep_copy(x: Any) -> Any:
     return {k: _deep_copy(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+
+def check_seed(seed: int) -> int:
+    """A seed (a sample's, a run's), 0 .. 2**64 - 1: torch's generators fold a negative one into that range (two
+    seeds, one stream) and fail on a larger one; numpy's refuse negative ones."""
+    if not 0 <= seed < 1 << 64:
+        raise OmnitokError(f"a seed must be from 0 to 2**64 - 1, got {seed}")
+    return seed

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnitok.cli import main
 from omnitok.demo.corpus import COLOURS, SHAPES, draw_shape, make_corpus, synth_sound
 from omnitok.demo.measure import caption_match, classify
 
@@ -84,3 +85,13 @@ def test_conversations_train_on_some_phrasings_and_hold_the_others_out(tmp_path)
         assert not any(p.split("{")[0] and p.split("{")[0] in t for p in held_out for t in texts), kind
     words = set(" ".join(phrasing_text()).split())
     assert {"Paint", "Change", "Tell", "chirp", "triangle"} <= words
+
+
+def test_the_demo_refuses_a_used_directory_or_a_bad_seed_before_any_work(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "file").touch()
+    for argv, says in ([str(tmp_path / "used")], "is not empty"), ([str(tmp_path / "new"), "--seed", "-1"],
+                                                                    "--seed must be from 0 to 2**32 - 1, got -1"):
+        assert main(["demo", "--out", *argv]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -86,6 +86,8 @@ def run_demo(omnitok: Callable[[list[str]], int], out: str | Path, steps: int = 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise OmnitokError(f"{out} is not empty; give a new --out directory")
+    if not 0 <= seed < 1 << 32:  # every seed the demo derives from it (up to seed + 1000 + RED_CIRCLES) stays valid
+        raise OmnitokError(f"--seed must be from 0 to 2**32 - 1, got {seed}")
     for part in ("image", "audio"):
         if not (WEIGHTS / part / "omnitok.json").is_file():
             raise OmnitokError(f"the package's demo {part} tokenizer is missing from {WEIGHTS}; reinstall omnitok")

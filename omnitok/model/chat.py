@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from omnitok.config import check_seed
 from omnitok.document import Conversation, Document, Image, Text, Tokens, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
 from omnitok.model.sample import Prompt, SpanDecoder, check_media, segments_of, write_sample
-from omnitok.model.sampler import SamplingConfig, check_request, check_seed, generate, new_token_budget
+from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 HELP = "type a message (<image:PATH> / <audio:PATH> to attach media); /reset, /save PATH, /quit"

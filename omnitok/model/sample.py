@@ -30,12 +30,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from omnitok.config import apply_overrides, build, to_dict
+from omnitok.config import apply_overrides, build, check_seed, to_dict
 from omnitok.device import default_device, model_dtype
 from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import write_json_atomic
-from omnitok.model.sampler import SamplingConfig, check_request, check_seed, generate, new_token_budget
+from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
 from omnitok.tokenizers.chat import Request
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
 from omnitok.tokenizers.multimodal import MultimodalTokenizer

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from omnitok.config import check_seed
 from omnitok.errors import OmnitokError
 from omnitok.model.decoder import Decoder
 from omnitok.tokenizers.chat import Request
@@ -694,14 +695,6 @@ def _left_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple
 
 
 SpanCallback = Callable[[int, str, list[int]], None]
-
-
-def check_seed(seed: int) -> int:
-    """A sample's seed, 0 .. 2**64 - 1: torch's generators fold a negative one into that range (two seeds, one
-    stream) and fail on a larger one."""
-    if not 0 <= seed < 1 << 64:
-        raise OmnitokError(f"a seed must be from 0 to 2**64 - 1, got {seed}")
-    return seed
 
 
 def new_token_budget(model, cfg: SamplingConfig, prompt_lengths: list[int]) -> list[int]:

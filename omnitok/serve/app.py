@@ -35,10 +35,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from omnitok.config import check_seed
 from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.model.sample import Prompt, prompt_tokens, sampling_config
-from omnitok.model.sampler import SamplingConfig, check_seed
+from omnitok.model.sampler import SamplingConfig
 from omnitok.serve.engine import Engine, Job, QueueFull
 from omnitok.tokenizers.layout import Modality
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from omnitok.config import check_seed
 from omnitok.errors import OmnitokError
 from omnitok.model.decoder import Decoder
 from omnitok.model.sample import SpanDecoder
@@ -49,7 +50,6 @@ from omnitok.model.sampler import (
     _span_event,
     _take,
     check_request,
-    check_seed,
     head_columns,
     new_token_budget,
     span_opener,

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from omnitok.config import check_seed
 from omnitok.distributed import World
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
@@ -67,6 +68,7 @@ class RunSettings:
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise OmnitokError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_seed(self.seed)
 
 
 class TrainTask(Protocol):
