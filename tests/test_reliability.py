@@ -293,8 +293,32 @@ def test_shard_samples_that_need_pickle_are_refused_in_one_line(tmp_path, capsys
         (d / "manifest.json").write_text(json.dumps({"format": "omnitok.shards", "version": 1, "shards": [
             {"name": "shard-000000.tar", "samples": 1}], "samples": 1, "tokens": {}, "errors": {}, "error_count": 0,
             "complete": True}))
-        assert main(["shards", "stats", str(d)]) == 2
-        assert "sample 'k'" in one_line(capsys)
+        assert main(["shards", "stats", str(d)]) == 2  # the report lists it, then one line says so
+        out, err = capsys.readouterr()
+        assert "damaged shards: 1 of 1" in out and "sample 'k'" in out
+        assert err.strip() == f"omnitok: error: 1 damaged shard in {d} (above)"
+
+
+def test_a_damaged_shard_is_skipped_and_recorded_and_training_goes_on(shards, tmp_path, capsys):
+    """A shard cut short (a bad copy): `shards stats` lists it and exits 2; pretraining skips it each epoch, says so
+    on the terminal and in errors.jsonl, and trains on the other shards."""
+    data = tmp_path / "train"
+    shutil.copytree(shards / "train", data)
+    damaged = sorted(data.glob("*.tar"))[1]
+    damaged.write_bytes(damaged.read_bytes()[:3000])
+    assert main(["shards", "stats", str(data), "--no-plot"]) == 2
+    out, err = capsys.readouterr()
+    assert f"damaged shards: 1 of 3 (training skips them)\n{damaged}: not a whole shard tar" in out
+    assert err.strip() == f"omnitok: error: 1 damaged shard in {data} (above)"
+    run = tmp_path / "run"
+    assert main(["pretrain", *args(shards, run, "steps=8"), f"data.shards=[{data}]"]) == 0  # 3 epochs of 2 shards
+    errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) >= 2 and all(e["error"].startswith(f"{damaged}: not a whole shard tar (unexpected end of "
+                                                          "data)") for e in errors)
+    assert {e["error"].rsplit(" ", 1)[1] for e in errors} >= {"0", "1"}  # skipped again in each epoch
+    said = re.findall(rf"step (\d+): {re.escape(str(damaged))}: not a whole shard tar", capsys.readouterr().out)
+    assert [int(step) for step in said] == [e["step"] for e in errors]  # each printed when it was recorded
+    assert json.loads((run / "train.jsonl").read_text().splitlines()[-1])["step"] == 8
 
 
 def test_a_key_that_appears_twice_is_an_error_never_a_drop(tmp_path):
@@ -329,7 +353,8 @@ def test_every_sample_is_counted_alike_by_manifest_stats_and_one_epoch_of_traini
     manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / "a" / "docs.jsonl"), str(tmp_path / "b" / "docs.jsonl")],
                                        tokenizer=str(tmp_path / "tok"), out=str(out), workers=0, shard_size=4))
     assert manifest["samples"] == 6
-    stats = shard_stats(out)
+    stats, damaged = shard_stats(out)
+    assert damaged == []
     histogram = [int(line.split()[-1]) for line in stats.splitlines() if line.startswith("  ")]
     assert "6 samples" in stats and sum(histogram) == 6
     urls = shard_urls(str(out))

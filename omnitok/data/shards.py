@@ -144,22 +144,26 @@ def read_shard(url: str) -> list[tuple[str, np.ndarray, dict]]:
     drop. ``tokens.npy`` must be a plain 1-D integer array (no pickled objects) and ``meta.json`` a JSON object."""
     samples: list[tuple[str, dict[str, bytes]]] = []
     seen: set[str] = set()
-    with open_tar(url) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if not samples or samples[-1][0] != key:
-                if key in seen:
-                    raise OmnitokError(f"{url}: sample key {key!r} appears twice; every key in a shard set must be "
-                                       "unique (re-make the shards with this omnitok)")
-                seen.add(key)
-                samples.append((key, {}))
-            parts = samples[-1][1]
-            if ext in parts:
-                raise OmnitokError(f"{url}: sample key {key!r} appears twice (two {ext} members); every key in a "
-                                   "shard set must be unique (re-make the shards with this omnitok)")
-            parts[ext] = tar.extractfile(member).read()
+    try:
+        with open_tar(url) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if not samples or samples[-1][0] != key:
+                    if key in seen:
+                        raise OmnitokError(f"{url}: sample key {key!r} appears twice; every key in a shard set must "
+                                           "be unique (re-make the shards with this omnitok)")
+                    seen.add(key)
+                    samples.append((key, {}))
+                parts = samples[-1][1]
+                if ext in parts:
+                    raise OmnitokError(f"{url}: sample key {key!r} appears twice (two {ext} members); every key in "
+                                       "a shard set must be unique (re-make the shards with this omnitok)")
+                parts[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:  # truncated or damaged in a copy, missing, a pipe that failed
+        raise OmnitokError(f"{url}: not a whole shard tar ({getattr(e, 'strerror', None) or e}); copy or re-make "
+                           "it") from None
     return [(key, *_decode_sample(url, key, p)) for key, p in samples if "tokens.npy" in p and "meta.json" in p]
 
 
@@ -186,16 +190,25 @@ def iter_samples(directory: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
         yield from read_shard(str(directory / shard["name"]))
 
 
-def shard_stats(directory: Path, plot: Path | None = None) -> str:
-    """The manifest's counts and a token-length histogram (text, and a PNG when ``plot`` is given)."""
+def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[str]]:
+    """The manifest's counts and a token-length histogram (text, and a PNG when ``plot`` is given), and why each
+    damaged shard could not be read (they are listed in the text too)."""
     manifest = read_manifest(directory)
-    lengths = np.array([len(tokens) for _, tokens, _ in iter_samples(directory)])
+    lengths, damaged = [], []
+    for shard in manifest["shards"]:
+        try:
+            lengths += [len(tokens) for _, tokens, _ in read_shard(str(directory / shard["name"]))]
+        except OmnitokError as e:  # every damaged shard is listed, not only the first
+            damaged.append(str(e))
+    lengths = np.array(lengths)
     lines = [f"{directory}: {manifest['samples']} samples in {len(manifest['shards'])} shards"
              + ("" if manifest.get("complete") else " (incomplete run)"),
              "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in TOKEN_KINDS)
              + f" (total {sum(manifest['tokens'].values())})",
              f"errors: {manifest['error_count']}" + ("" if not manifest["errors"] else " ("
              + ", ".join(f"{n} {r}" for r, n in sorted(manifest["errors"].items(), key=lambda kv: -kv[1])) + ")")]
+    if damaged:
+        lines += [f"damaged shards: {len(damaged)} of {len(manifest['shards'])} (training skips them)", *damaged]
     if len(lengths):
         lines.append(f"sample length: min {lengths.min()}, median {int(np.median(lengths))}, mean "
                      f"{lengths.mean():.1f}, max {lengths.max()}")
@@ -216,7 +229,7 @@ def shard_stats(directory: Path, plot: Path | None = None) -> str:
             fig.savefig(plot, dpi=100)
             plt.close(fig)
             lines.append(f"histogram written to {plot}")
-    return "\n".join(lines)
+    return "\n".join(lines), damaged
 
 
 def merge_shards(out: Path, parts: list[Path]) -> dict:

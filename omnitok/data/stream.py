@@ -87,6 +87,7 @@ class _Source:
         self.urls, self.index, self.seed, self.rank, self.world = urls, index, seed, rank, world
         self.epoch, self.shard, self.sample = 0, 0, 0
         self._cache: tuple[tuple[int, int], list] | None = None
+        self.problems: list[str] = []  # shards skipped since the caller last took them, with the reasons
 
     def _order(self) -> list[int]:
         order = np.random.default_rng([self.seed, self.index, self.epoch]).permutation(len(self.urls))
@@ -96,9 +97,14 @@ class _Source:
         key = (self.epoch, shard_pos)
         if self._cache is None or self._cache[0] != key:
             shard = self._order()[shard_pos]
+            try:
+                read = read_shard(self.urls[shard])
+            except OmnitokError as e:  # damaged (a bad copy, a lost sample): skipped, recorded, the run goes on
+                self.problems.append(f"{e}; skipped in epoch {self.epoch}")
+                read = []
             samples = [(tokens.astype(np.int64), [Span(*s) for s in meta["spans"]],
                         trained_mask(meta.get("trained"), len(tokens)), meta.get("requests", []))
-                       for _, tokens, meta in read_shard(self.urls[shard])]
+                       for _, tokens, meta in read]
             perm = np.random.default_rng([self.seed, self.index, self.epoch, int(shard)]).permutation(len(samples))
             samples = [samples[i] for i in perm]
             if len(self.urls) < self.world:  # fewer shards than ranks: split by sample
@@ -397,10 +403,11 @@ class PackedStream:
         return [s for lane in self.lanes for s in lane.sources]
 
     def take_problems(self) -> list[str]:
-        """What this rank's lanes skipped since the last call, with the reasons."""
-        problems = [p for lane in self.lanes for p in lane.problems]
-        for lane in self.lanes:
-            lane.problems = []
+        """What this rank's lanes skipped since the last call (damaged shards, conversations that do not fit), with
+        the reasons."""
+        problems = [p for owner in [*self.sources, *self.lanes] for p in owner.problems]
+        for owner in [*self.sources, *self.lanes]:
+            owner.problems = []
         return problems
 
     @property

@@ -162,6 +162,9 @@ def run(task: TrainTask, settings: RunSettings, config: dict, out: Path, *, worl
         window_start = time.perf_counter()
         for step, (batch, problems) in enumerate(progress, start=start + 1):
             log.errors(step, problems)
+            if world.main and problems:  # a damaged shard, a conversation that does not fit: seen, not only logged
+                tqdm.write("\n".join(f"step {step}: {p}" for p in problems[:3])
+                           + (f"\nstep {step}: {len(problems) - 3} more in errors.jsonl" if len(problems) > 3 else ""))
             values = task.train_step(step, batch) if batch is not None else None
             if values is None:
                 skipped += 1
