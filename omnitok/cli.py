@@ -263,8 +263,10 @@ def cmd_eval_tokenizer(args: argparse.Namespace) -> None:
     if args.audio_tokenizer is not None:
         r = eval_audio_tokenizer(args.audio_tokenizer, args.audio, args.out, args.limit)
         usage = ", ".join(f"{c['usage']:.0%}" for c in r["codebooks"])
+        left_out = ", ".join(f"{len(r[k])} {k.replace('_', ' ')}" for k in ("unreadable", "too_short") if r[k])
         print(f"audio: {r['clips']} clips, {r['seconds']:.1f} s: SI-SDR {r['si_sdr']:.2f} dB, mel distance "
-              f"{r['mel_distance']:.3f}, STOI {r['stoi']:.3f}, codebook usage {usage}; WAV pairs in {args.out}/samples")
+              f"{r['mel_distance']:.3f}, STOI {r['stoi']:.3f}, codebook usage {usage}; WAV pairs in {args.out}/samples"
+              + (f"; skipped: {left_out} (audio_report.json)" if left_out else ""))
     print(f"reports and plots in {args.out}")
 
 

@@ -93,6 +93,13 @@ def test_audio_report_matches_torchmetrics(tokdir, tmp_path):
     assert sf.info(tmp_path / "out" / "samples" / "clip1_reconstruction.wav").frames == x.shape[-1]
     assert report["mel_distance"] > 0 and len(report["codebooks"]) == tok.num_codebooks
     assert (tmp_path / "out" / "reconstructions.png").is_file() and (tmp_path / "out" / "codebook_usage.png").is_file()
+    # a clip too short to measure (STOI, the longest mel window) and an empty one are listed, the others measured
+    sf.write(folder / "blip.wav", wave[:100], rate)
+    sf.write(folder / "empty.wav", wave[:0], rate)
+    again = eval_audio_tokenizer(tokdir / "audio", folder, tmp_path / "again")
+    assert again["per_clip_si_sdr"] == pytest.approx(report["per_clip_si_sdr"], abs=1e-4)
+    assert list(again["too_short"]) == [str(folder / "blip.wav")] and min(again["too_short"].values()) < 0.01
+    assert list(again["unreadable"]) == [str(folder / "empty.wav")]
 
 
 def test_mel_image_draws_a_rising_chirp_rising():

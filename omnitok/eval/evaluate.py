@@ -123,6 +123,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
+# STOI compares 384 ms stretches of speech (Taal et al. 2011), and the longest mel window is 2048 samples: clips
+# shorter than this are listed under ``too_short`` rather than measured
+MIN_CLIP_SECONDS = 0.5
+
+
 def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str | Path, limit: int = 64) -> dict:
     import soundfile as sf
     from pystoi import stoi
@@ -135,14 +140,19 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = AudioTokenizer.from_dir(tokenizer_dir)
-    clips, skipped = [], {}
+    clips, skipped, short = [], {}, {}
     for path in list_audio([audio])[:limit]:
         try:
-            clips.append(load_audio(str(path), tok.sample_rate, tok.channels))
+            clip = load_audio(str(path), tok.sample_rate, tok.channels)
         except AudioError as e:
             skipped[str(path)] = str(e)
+            continue
+        if clip.shape[-1] < MIN_CLIP_SECONDS * tok.sample_rate:
+            short[str(path)] = round(clip.shape[-1] / tok.sample_rate, 3)
+            continue
+        clips.append(clip)
     if not clips:
-        raise OmnitokError(f"no readable audio in {audio}")
+        raise OmnitokError(f"no readable audio of at least {MIN_CLIP_SECONDS} s in {audio}")
     codes = tok.encode([(c, tok.sample_rate) for c in clips])
     recon = tok.decode(codes)
     sdr, mel, intelligibility = [], [], []
@@ -160,7 +170,7 @@ def eval_audio_tokenizer(tokenizer_dir: str | Path, audio: str | Path, out: str 
         if i < 8:
             sf.write(out / "samples" / f"clip{i}_original.wav", x.T.numpy(), tok.sample_rate)
             sf.write(out / "samples" / f"clip{i}_reconstruction.wav", y.clamp(-1, 1).T.numpy(), tok.sample_rate)
-    report = {"clips": len(clips), "unreadable": skipped, "sample_rate": tok.sample_rate,
+    report = {"clips": len(clips), "unreadable": skipped, "too_short": short, "sample_rate": tok.sample_rate,
               "seconds": float(sum(x.shape[-1] for x, _ in pairs) / tok.sample_rate),
               "si_sdr": float(np.mean(sdr)), "mel_distance": float(np.mean(mel)),
               "stoi": float(np.mean(intelligibility)), "per_clip_si_sdr": sdr, "per_clip_stoi": intelligibility}
