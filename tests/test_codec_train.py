@@ -185,3 +185,31 @@ def test_learning_rate_falls_linearly_over_the_last_steps(tmp_path, sounds):
     train_codec([sounds], tmp_path / "c", cfg, device="cpu")
     record = [json.loads(line) for line in (tmp_path / "c" / "train.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in record] == pytest.approx([1e-3, 1e-3, 1e-3, 0.75e-3, 0.5e-3, 0.25e-3])
+
+
+def test_a_file_of_nan_samples_is_recorded_and_never_held_out_or_trained_on(tmp_path):
+    """Sound files hold floats, NaN included: one such clip would make a whole batch's loss non-finite, and a
+    held-out one every evaluation's SI-SDR NaN."""
+    folder = tmp_path / "sounds"
+    folder.mkdir()
+    t = np.arange(12_000) / 24_000
+    for i in range(3):
+        sf.write(folder / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32), 24_000)
+    sf.write(folder / "nan.wav", np.full(12_000, np.nan, np.float32), 24_000, subtype="FLOAT")
+    where = set()
+    for holdout in (1, 2):  # seed 0's order: nan.wav is a training file with one held out, held out with two
+        task = CodecTask([folder], load_codec_config(None, [*SMALL, f"holdout={holdout}"]), torch.device("cpu"))
+        assert torch.isfinite(task.held).all()
+        if any(path.name == "nan.wav" for path, _, _ in task.train_files):
+            where.add("train")
+            assert task.startup_errors == [] and len(task.held) == holdout
+            batches = [task._batch(step) for step in range(1, 4)]
+            assert all(batch is None or torch.isfinite(batch).all() for batch, _ in batches)
+            errors = [e for _, errors in batches for e in errors]
+            assert errors and all("nan.wav: unreadable at" in e and "holds NaN or infinite samples" in e
+                                  for e in errors)
+        else:
+            where.add("held out")
+            assert task.startup_errors == [f"{folder / 'nan.wav'}: unreadable (holds NaN or infinite samples); not "
+                                           "held out"] and len(task.held) == holdout - 1
+    assert where == {"train", "held out"}

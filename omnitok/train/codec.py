@@ -158,7 +158,16 @@ class CodecTask(ModuleTask):
         self.durations, self.pick_p = durations, durations / durations.sum()  # files drawn by duration
         self.segment = int(cfg.segment_s * self.rate) // self.hop * self.hop  # samples per training clip
         seconds = int(cfg.eval_seconds * self.rate)
-        self.held = torch.stack([self._read(files[i], 0, seconds) for i in order[:cfg.holdout]])  # (H, C, T)
+        held = []
+        for i in order[:cfg.holdout]:  # a held-out file that cannot be read is recorded; the others are the set
+            try:
+                held.append(self._read(files[i], 0, seconds))
+            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+                self.startup_errors.append(f"{files[i][0]}: unreadable ({e}); not held out")
+        if not held:
+            raise OmnitokError(f"none of the {cfg.holdout} held-out audio files can be read: "
+                               f"{self.startup_errors[-1]}")
+        self.held = torch.stack(held)  # (H, C, T)
 
     # ---------------------------------------------------------------- data
 
@@ -168,6 +177,8 @@ class CodecTask(ModuleTask):
         first = int(start_s * rate)
         count = min(frames - first, int(np.ceil(samples * rate / self.rate)) + 64)
         wave, _ = sf.read(str(path), start=first, frames=count, dtype="float32", always_2d=True)  # (n, ch)
+        if not np.isfinite(wave).all():  # one such clip would make the whole batch's loss non-finite
+            raise ValueError("holds NaN or infinite samples")
         if wave.shape[1] != self.channels:
             mono = wave.mean(axis=1, keepdims=True)
             wave = np.repeat(mono, self.channels, axis=1) if self.channels == 2 else mono
