@@ -319,6 +319,11 @@ def test_a_damaged_shard_is_skipped_and_recorded_and_training_goes_on(shards, tm
     said = re.findall(rf"step (\d+): {re.escape(str(damaged))}: not a whole shard tar", capsys.readouterr().out)
     assert [int(step) for step in said] == [e["step"] for e in errors]  # each printed when it was recorded
     assert json.loads((run / "train.jsonl").read_text().splitlines()[-1])["step"] == 8
+    for tar in data.glob("*.tar"):  # nothing left to train on: one line that says why
+        tar.write_bytes(b"")
+    assert main(["pretrain", *args(shards, tmp_path / "none", "steps=2"), f"data.shards=[{data}]"]) == 2
+    assert re.search(r"shard set 0 holds no samples for rank 0 \(the last problem: .*: not a whole shard tar",
+                     one_line(capsys))
 
 
 def test_a_key_that_appears_twice_is_an_error_never_a_drop(tmp_path):

@@ -123,7 +123,8 @@ class _Source:
                 self.sample += 1
                 return samples[self.sample - 1]
             self.shard, self.sample = self.shard + 1, 0
-        raise OmnitokError(f"shard set {self.index} holds no samples for rank {self.rank}")
+        raise OmnitokError(f"shard set {self.index} holds no samples for rank {self.rank}"
+                           + (f" (the last problem: {self.problems[-1]})" if self.problems else ""))
 
     def where(self) -> str:
         """The shard and sample ``next`` returned last."""
