@@ -9,12 +9,21 @@ from typing import Any
 from omnitok.errors import OmnitokError
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for text from outside: nesting too deep for Python's recursive parser (``[[[[...]]]]``, a
+    RecursionError that would end the job or the request) is a ``JSONDecodeError`` like any other bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+
+
 def read_json_object(path: Path, missing: str) -> dict[str, Any]:
     """The JSON object in ``path``; ``missing`` is the message when the file is absent."""
     if not path.is_file():
         raise OmnitokError(missing)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OmnitokError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -43,7 +52,7 @@ def cut_jsonl(path: Path, key: str, last: int) -> list[dict[str, Any]]:
     kept = []
     for line in lines:
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and record.get(key, 0) <= last:

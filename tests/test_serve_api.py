@@ -205,6 +205,7 @@ def test_models_health_metrics_and_the_page(client):
 @pytest.mark.parametrize("body, status, message", [
     (b"{not json", 400, "not JSON"),
     (b"[1, 2]", 400, "JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ({"messages": []}, 400, "non-empty list"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "'user' belongs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},

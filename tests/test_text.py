@@ -59,11 +59,12 @@ def test_cli_train_skips_and_counts_bad_lines(tmp_path, capsys):
     good = [f"line number {i} of a small corpus about cats, dogs and {i % 7} birds" for i in range(400)]
     (tmp_path / "a.txt").write_bytes("\n".join(good).encode() + b"\nbad \xff\xfe bytes\n")
     records = [json.dumps({"text": f"record {i}\nsecond line {i}"}) for i in range(100)]
-    (tmp_path / "b.jsonl").write_text("\n".join(records + ["{not json", json.dumps({"txt": "no"})]) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(records + ["{not json", json.dumps({"txt": "no"}),
+                                                           "[" * 5000 + "]" * 5000]) + "\n")  # too deep to parse
     assert main(["text-tokenizer", "train", "--input", str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"),
                  "--vocab-size", "320", "--out", str(tmp_path / "tok")]) == 0
     out = capsys.readouterr().out
-    assert "1 no text field, 1 not JSON, 1 not UTF-8" in out and "coverage" in out and "characters per token" in out
+    assert "1 no text field, 2 not JSON, 1 not UTF-8" in out and "coverage" in out and "characters per token" in out
     report = json.loads((tmp_path / "tok" / "train_report.json").read_text())
     assert report["corpus"]["lines"] == 400 + 200
     tok = TextTokenizer.from_dir(tmp_path / "tok")

@@ -113,7 +113,8 @@ def test_hostile_files_are_recorded_and_every_good_sample_is_kept(tmp_path, tokd
     (root / "latin1.jpg").write_bytes(good["rotated.jpg"])
     (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "more.jsonl").write_text(json.dumps({"image": "hostile/missing.png", "text": "gone"}) + "\n"
-                                         + "{broken json\n" + json.dumps([{"text": ""}]) + "\n")
+                                         + "{broken json\n" + json.dumps([{"text": ""}]) + "\n"
+                                         + "[" * 100_000 + "]" * 100_000 + "\n")  # too deep for json's parser
     out = tmp_path / "shards"
     manifest = tokenize(TokenizeConfig(inputs=[str(root), str(tmp_path / "more.jsonl")], tokenizer=str(tokdir),
                                        out=str(out), workers=2, shard_size=4))
@@ -126,10 +127,12 @@ def test_hostile_files_are_recorded_and_every_good_sample_is_kept(tmp_path, tokd
     assert errors["corrupt.wav"] == "not a sound file libsndfile can read"
     assert errors["bomb.png"] == "over Pillow's decompression-bomb limit"
     assert errors["latin1.jpg"] == "caption is not UTF-8"
-    assert manifest["error_count"] == 8 and manifest["samples"] == 5
+    assert manifest["error_count"] == 9 and manifest["samples"] == 5
     lines = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert {e["reason"] for e in lines} >= {"cannot open", "empty document"}
     assert any(e["reason"].startswith("line is not JSON") for e in lines)
+    deep = [e["error"] for e in lines if e["source"].endswith("more.jsonl:4")]
+    assert deep == ["line is not JSON (nested too deeply)"]
 
 
 def test_parts_together_equal_the_single_process_output(tmp_path, tokdir, corpus):

@@ -37,6 +37,7 @@ from omnitok.data.media import media_kind, media_under
 from omnitok.data.shards import open_tar
 from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
+from omnitok.jsonfile import parse_json
 
 PAIR_ORDERS = ("caption-first", "media-first", "both")
 
@@ -99,7 +100,7 @@ def read_jsonl(path: Path, order: str, seed: int) -> Iterator[Item]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = parse_json(raw.decode("utf-8"))
             except UnicodeDecodeError:
                 yield Item(make_key(source), source, error="line is not UTF-8")
                 continue
@@ -151,7 +152,7 @@ def _caption_of(stem: Path) -> tuple[str | None, str | None]:
         if txt.is_file():
             return txt.read_bytes().decode("utf-8").strip(), None
         if js.is_file():
-            record = json.loads(js.read_bytes().decode("utf-8"))
+            record = parse_json(js.read_bytes().decode("utf-8"))
             caption = record.get("text", record.get("caption")) if isinstance(record, dict) else None
             return (caption, None) if isinstance(caption, str) else (None, f"{js.name} has no text or caption")
     except UnicodeDecodeError:
@@ -193,7 +194,7 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
         caption = parts.get("txt")
         if caption is None and "json" in parts:
             try:
-                record = json.loads(parts["json"].decode("utf-8"))
+                record = parse_json(parts["json"].decode("utf-8"))
                 if isinstance(record, dict) and ("messages" in record or "conversations" in record):
                     return Item(item_key, source, _tar_conversation(record, parts, item_key))
                 caption = record.get("text", record.get("caption")) if isinstance(record, dict) else None

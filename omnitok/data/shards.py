@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import read_json_object, write_json_atomic
+from omnitok.jsonfile import parse_json, read_json_object, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, TokenLayout
 
 MANIFEST, ERRORS = "manifest.json", "errors.jsonl"
@@ -176,7 +176,7 @@ def _decode_sample(url: str, key: str, parts: dict[str, bytes]) -> tuple[np.ndar
         raise OmnitokError(f"{url}: sample {key!r}: tokens.npy must be a 1-D integer array, got {tokens.dtype} "
                            f"with shape {tokens.shape}")
     try:
-        meta = json.loads(parts["meta.json"].decode("utf-8"))
+        meta = parse_json(parts["meta.json"].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise OmnitokError(f"{url}: sample {key!r}: meta.json is not JSON ({e})") from None
     if not isinstance(meta, dict):

@@ -34,7 +34,7 @@ from omnitok.config import apply_overrides, build, check_seed, to_dict
 from omnitok.device import default_device, model_dtype
 from omnitok.document import Audio, Conversation, Document, Image, Text, Turn
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import write_json_atomic
+from omnitok.jsonfile import parse_json, write_json_atomic
 from omnitok.model.sampler import SamplingConfig, check_request, generate, new_token_budget
 from omnitok.tokenizers.chat import Request
 from omnitok.tokenizers.layout import LAYOUT_FILE, TokenLayout
@@ -61,7 +61,7 @@ class Prompt:
 
 def _json_prompt(text: str, label: str | None) -> Any:
     try:
-        return json.loads(text)
+        return parse_json(text)
     except json.JSONDecodeError as e:
         raise OmnitokError(f"prompt {label or text[:40]!r} looks like JSON but is not: {e.msg} (column {e.colno})"
                            ) from None

@@ -37,6 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 
 from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Turn
 from omnitok.errors import OmnitokError
+from omnitok.jsonfile import parse_json
 from omnitok.model.sample import Prompt, prompt_tokens, sampling_config
 from omnitok.model.sampler import SamplingConfig
 from omnitok.serve.engine import Engine, Job, QueueFull
@@ -367,7 +368,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
             if len(body) > limits.max_body_bytes:
                 raise ApiError(413, f"the body is over the limit of {limits.max_body_bytes} bytes", "too_large")
         try:
-            data = json.loads(body)
+            data = parse_json(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not JSON: {e}") from None
         if not isinstance(data, dict):

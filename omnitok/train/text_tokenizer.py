@@ -21,7 +21,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from omnitok.errors import OmnitokError
-from omnitok.jsonfile import write_json_atomic
+from omnitok.jsonfile import parse_json, write_json_atomic
 from omnitok.tokenizers.text import TextTokenizer, _SentencePiece
 
 REPORT_FILE = "train_report.json"
@@ -77,7 +77,7 @@ def read_corpus(paths: list[Path], counts: CorpusCounts, max_line_bytes: int, pr
                     if not line.strip():
                         continue
                     try:
-                        record = json.loads(line)
+                        record = parse_json(line)
                     except json.JSONDecodeError:
                         counts.skip("not JSON")
                         continue
