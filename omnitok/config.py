@@ -25,8 +25,8 @@ def load_config_file(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise OmnitokError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        data = _yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+    except UnicodeDecodeError as e:
         raise OmnitokError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise OmnitokError(f"{path} must hold a mapping of settings")
@@ -46,8 +46,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise OmnitokError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = _yaml(raw, f"override {item[:60]!r}")
     return out
+
+
+def _yaml(text: str, what: str) -> Any:
+    """YAML from a user (a config file, an override, a server request's setting): bad YAML, or nesting too deep for
+    the parser (a RecursionError), is one line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise OmnitokError(f"{what} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except RecursionError:
+        raise OmnitokError(f"{what} is not valid YAML: nested too deeply") from None
 
 
 def build(cls: type[T], data: dict[str, Any], where: str = "") -> T:

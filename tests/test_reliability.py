@@ -432,7 +432,8 @@ def test_a_config_value_of_the_wrong_type_names_the_setting(tmp_path, capsys):
                            ("optim.lr=fast", "setting 'optim.lr' must be a number, got 'fast'"),
                            ("bf16=maybe", "setting 'bf16' must be true or false, got 'maybe'"),
                            ("data.shards=3", "setting 'data.shards' must be a list"),
-                           ("seed=-1", "a seed must be from 0 to 2**64 - 1, got -1")):
+                           ("seed=-1", "a seed must be from 0 to 2**64 - 1, got -1"),
+                           ("steps=[", "override 'steps=[' is not valid YAML: while parsing a flow node")):
         with pytest.raises(OmnitokError, match=re.escape(said)):
             load_pretrain_config(None, ["tokenizer=x", override])
     assert main(["pretrain", "tokenizer=x", "steps=abc"]) == 2

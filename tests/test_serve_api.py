@@ -206,6 +206,8 @@ def test_models_health_metrics_and_the_page(client):
     (b"{not json", 400, "not JSON"),
     (b"[1, 2]", 400, "JSON object"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    ({"messages": [{"role": "user", "content": "hi"}], "omnitok": {"image.guidance": json.loads("[" * 500 + "]" * 500)}
+      }, 400, "nested too deeply"),  # JSON's parser takes it, the settings' YAML parser did not (a 500)
     ({"messages": []}, 400, "non-empty list"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "'user' belongs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
