@@ -68,13 +68,14 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def from_pretrained(cls: Any, directory: str | Path, **kwargs) -> Any:
     """``cls.from_pretrained`` on a local directory, safetensors only (a ``pytorch_model.bin`` is a pickle and is
     never read); a missing or damaged weights file is one line naming the directory."""
+    from huggingface_hub.errors import StrictDataclassError  # a config.json value of the wrong type
     from safetensors import SafetensorError
 
     try:
         return cls.from_pretrained(str(directory), local_files_only=True, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # missing, truncated, foreign
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OmnitokError(f"{directory}: cannot load the model (safetensors weights only): {first[:300]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, StrictDataclassError) as e:
+        why = " ".join(str(e).split()) or type(e).__name__  # several lines (a config's validation) made one
+        raise OmnitokError(f"{directory}: cannot load the model (safetensors weights only): {why[:300]}") from None
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

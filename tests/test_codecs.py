@@ -250,6 +250,8 @@ def test_what_is_not_a_codec_omnitok_reads_is_refused_in_one_line(tmp_path, caps
     err = refused(directory("vocos", {"model_type": "vocos"}), capsys)
     assert "holds a 'vocos' model, not an audio codec omnitok reads" in err
     assert "a config without model_type" in refused(directory("bare", {"hidden_size": 8}), capsys)
+    err = refused(directory("typed", {"model_type": "mimi", "num_quantizers": "x"}), capsys)  # transformers' check
+    assert "cannot load the model (safetensors weights only): Validation error for field 'num_quantizers': " in err
     assert "no config.json" in refused(["audio-tokenizer", "import", "--format", "hf", "--src", str(tmp_path),
                                         "--out", str(tmp_path / "o")], capsys)
     transformers.EncodecModel(transformers.EncodecConfig(audio_channels=3, num_filters=4, hidden_size=16,

@@ -178,6 +178,16 @@ def test_mismatched_checkpoints_list_the_first_mismatches(tmp_path, janus_tok):
         import_image_tokenizer("chameleon", tmp_path / "bad.pt")
     with pytest.raises(OmnitokError, match="unknown image checkpoint format"):
         import_image_tokenizer("taming", tmp_path / "bad.pt")
+    (tmp_path / "bad.yaml").write_text("model: 3\n")  # YAML, but not a taming-transformers VQGAN config
+    with pytest.raises(OmnitokError, match=r"bad.pt is not a chameleon checkpoint as omnitok reads one \(TypeError"):
+        import_image_tokenizer("chameleon", tmp_path / "bad.pt")
+    (tmp_path / "hf").mkdir()
+    for config, says in [("{broken", "config.json is not valid JSON"),
+                         ('{"model_type": "janus_vqgan", "channel_multiplier": 5}', "is not a janus checkpoint as "
+                                                                                    "omnitok reads one (TypeError")]:
+        (tmp_path / "hf" / "config.json").write_text(config)
+        with pytest.raises(OmnitokError, match=re.escape(says)):
+            import_image_tokenizer("janus", tmp_path / "hf")
 
 
 # ---------------------------------------------------------------- preprocessing of real-world files

@@ -21,16 +21,16 @@ model's, when the checkpoint's rows are unit-norm, as Janus initialises them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
+from omnitok.config import load_config_file
 from omnitok.errors import OmnitokError
+from omnitok.jsonfile import read_json_object
 from omnitok.tokenizers.image import ImagePreprocessConfig, ImageTokenizer
 from omnitok.tokenizers.vqgan import VQGAN, VQGANConfig
 from omnitok.weights import load_safetensors, load_weights, torch_load_state
@@ -55,7 +55,7 @@ def _hf_config(directory: Path, sub: str) -> tuple[dict, str]:
     path = directory / "config.json"
     if not path.is_file():
         raise OmnitokError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path, f"{path} not found")
     if "vq_config" in cfg:
         return cfg["vq_config"], "model.vqmodel."
     if cfg.get("model_type") != sub:
@@ -163,7 +163,7 @@ def from_chameleon(src: Path, image_size: int | None) -> tuple[VQGAN, dict, Imag
     yaml_path = src.with_suffix(".yaml")
     if not yaml_path.is_file():
         raise OmnitokError(f"{src}: Chameleon's vqgan.ckpt needs its vqgan.yaml beside it ({yaml_path} is missing)")
-    params = yaml.safe_load(yaml_path.read_text())["model"]["params"]
+    params = load_config_file(yaml_path)["model"]["params"]
     dd = params["ddconfig"]
     if dd.get("double_z"):
         raise OmnitokError("double_z VQGAN configs are not supported")
@@ -196,7 +196,10 @@ def import_image_tokenizer(fmt: str, src: str | Path, out: str | Path | None = N
     src = Path(src)
     if not src.exists():
         raise OmnitokError(f"{src} does not exist")
-    model, state, preprocess = _IMPORTERS[fmt](src, image_size)
+    try:
+        model, state, preprocess = _IMPORTERS[fmt](src, image_size)
+    except (KeyError, IndexError, TypeError, AttributeError) as e:  # a foreign file without the structure expected
+        raise OmnitokError(f"{src} is not a {fmt} checkpoint as omnitok reads one ({type(e).__name__}: {e})") from None
     load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, str(src))
     # The original pipeline's recipe, unless the user asks for omnitok's aspect-keeping grids instead.
     recipe = fmt if resize == "crop" else "omnitok"
