@@ -53,9 +53,7 @@ def _hf_config(directory: Path, sub: str) -> tuple[dict, str]:
     """The VQ sub-config of a Hugging Face directory and the key prefix of its weights (a VQ model saved alone has
     none; a full Janus / Chameleon model nests it under ``model.vqmodel.``)."""
     path = directory / "config.json"
-    if not path.is_file():
-        raise OmnitokError(f"{directory} is not a Hugging Face model directory (no config.json)")
-    cfg = read_json_object(path, f"{path} not found")
+    cfg = read_json_object(path, f"{directory} is not a Hugging Face model directory (no config.json)")
     if "vq_config" in cfg:
         return cfg["vq_config"], "model.vqmodel."
     if cfg.get("model_type") != sub:
