@@ -128,12 +128,15 @@ def test_chat_session_keeps_history_and_its_commands_work(chat, chat_model_dir, 
     session = ChatSession(model, tok, tmp_path / "answers", SAMPLING, seed=3)
     shown = []
     chat_loop(session, ["Draw a red circle.", "What is this? <image:cat.png>", "<audio:meow.wav> and this?",
-                        "/save saved.json", "<image:missing.png>", "/bogus", "/save", "/reset", "hello again",
-                        "/quit", "never read"], shown.append)
+                        "/save saved.json", "<image:missing.png>", "/bogus", "/save", "/save /",
+                        "/save cat.png/x.json", "/reset", "hello again", "/quit", "never read"], shown.append)
     assert shown[0].startswith("type a message")
     errors = [s for s in shown if s.startswith("error:")]
-    assert len(errors) == 3 and "missing.png does not exist" in errors[0] and "unknown command /bogus" in errors[1]
+    assert len(errors) == 5 and "missing.png does not exist" in errors[0] and "unknown command /bogus" in errors[1]
     assert "/save needs a path" in errors[2] and "(history cleared)" in shown and "(saved to saved.json)" in shown
+    # a directory, a folder that cannot be made (it used to end the chat with a traceback, history lost)
+    assert errors[3] == "error: cannot save to /: it is a directory; give a file name (/save chat.json)"
+    assert errors[4].startswith("error: cannot save to cat.png/x.json: ")
     answers = [s for s in shown if not s.startswith(("type a message", "error:", "("))]
     assert len(answers) == session.replies == 4 and session.ids[0] == tok.text.bos_id
     assert session.ids.count(tok.layout.role_id("user")) == 1  # after /reset, one exchange

@@ -94,7 +94,12 @@ class ChatSession:
         if not self.messages:
             raise OmnitokError("nothing to save yet: the conversation is empty")
         path = Path(path)
-        write_json_atomic(path, {"messages": self.messages})
+        if path.is_dir() or not path.name:
+            raise OmnitokError(f"cannot save to {path}: it is a directory; give a file name (/save chat.json)")
+        try:
+            write_json_atomic(path, {"messages": self.messages})
+        except OSError as e:  # a folder that cannot be made, no permission, a full disk: the chat goes on
+            raise OmnitokError(f"cannot save to {path}: {e.strerror or e}") from None
         return path
 
 
