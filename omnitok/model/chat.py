@@ -94,7 +94,7 @@ class ChatSession:
         if not self.messages:
             raise OmnitokError("nothing to save yet: the conversation is empty")
         path = Path(path)
-        if path.is_dir() or not path.name:
+        if path.is_dir():
             raise OmnitokError(f"cannot save to {path}: it is a directory; give a file name (/save chat.json)")
         try:
             write_json_atomic(path, {"messages": self.messages})
