@@ -245,3 +245,36 @@ def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, tokdir, mon
     assert manifest["samples"] == 5 and manifest["errors"] == {"a worker died preparing this item": 1}
     clean = {k: t.tobytes() for k, t, meta in iter_samples(tmp_path / "clean") if "crash" not in meta["source"]}
     assert {k: t.tobytes() for k, t, _ in iter_samples(tmp_path / "crashed")} == clean
+
+
+def test_a_tar_sample_whose_members_are_ambiguous_is_recorded_and_the_shards_stay_readable(tmp_path, tokdir):
+    """A key that comes back after another sample, or one sample with two members of one extension (``a.txt`` twice,
+    ``c.png`` and ``c.PNG``): which file is meant is unknown, so that sample is recorded; before, the key was
+    written twice and omnitok's own reader refused the whole shard."""
+    import tarfile
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    photo = jpeg(PHOTOS[0][::8, ::8])
+    with tarfile.open(tmp_path / "in.tar", "w") as tar:
+        for name, caption in [("a", b"first a"), ("b", b"b"), ("a", b"second a"), ("c", b"c"), ("d", b"d")]:
+            add(tar, f"{name}.jpg", photo)
+            add(tar, f"{name}.txt", caption)
+            if name == "c":
+                add(tar, "c.JPG", photo)
+            if name == "d":
+                add(tar, "d.txt", b"another caption")
+        add(tar, "e.jpg", photo)
+        add(tar, "e.txt", b"e")
+    out = tmp_path / "shards"
+    manifest = tokenize(TokenizeConfig(inputs=[str(tmp_path / "in.tar")], tokenizer=str(tokdir), out=str(out),
+                                       workers=0))
+    tok = MultimodalTokenizer.from_dir(tokdir)
+    written = {meta["source"].rsplit(":", 1)[1]: tok.decode(ids).segments for _, ids, meta in iter_samples(out)}
+    assert set(written) == {"a", "b", "e"} and written["a"][0].text == "first a"  # caption-first pairs
+    assert manifest["errors"] == {"sample key comes again after other samples": 1, "two jpg members in one sample": 1,
+                                  "two txt members in one sample": 1}
+    assert main(["shards", "stats", str(out)]) == 0

@@ -187,9 +187,11 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
     location = _tar_location(url)
     name = Path(location).stem
 
-    def finish(key: str, parts: dict[str, bytes]) -> Item:
+    def finish(key: str, parts: dict[str, bytes], problem: str | None) -> Item:
         source = f"{url}:{key}"
         item_key = make_key(f"{location}:{key}", f"{name}/{key}")
+        if problem is not None:
+            return Item(item_key, source, error=problem)
         media = next(((kind, data) for ext, data in parts.items() if (kind := media_kind(ext))), None)
         caption = parts.get("txt")
         if caption is None and "json" in parts:
@@ -211,7 +213,10 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
             return Item(item_key, source, error="caption is not UTF-8")
         return Item(item_key, source, pair_document(item_key, _media(*media), text, order, seed))
 
-    current, parts = None, {}
+    # a sample's members lie together; a key that comes back after another sample, or a member name twice in one
+    # sample (a.txt twice, a.jpg and a.JPG) leaves which file is meant unknown: the sample is recorded, not written
+    # (a key twice in the output would make the whole shard unreadable)
+    current, parts, problem, seen = None, {}, None, set()
     try:
         with open_tar(url) as tar:
             for member in tar:
@@ -220,14 +225,21 @@ def read_tar(url: str, order: str, seed: int) -> Iterator[Item]:
                 base = member.name.rsplit("/", 1)[-1]
                 prefix = member.name[: len(member.name) - len(base)]
                 key, _, ext = base.partition(".")
-                key = prefix + key
-                if current is not None and key != current:
-                    yield finish(current, parts)
-                    parts = {}
+                key, ext = prefix + key, ext.lower()
+                if key != current:
+                    if current is not None:
+                        yield finish(current, parts, problem)
+                    parts, problem = {}, None
+                    if key in seen:
+                        problem = ("sample key comes again after other samples (a WebDataset tar holds each "
+                                   "sample's members together; its first part was read as the sample)")
+                    seen.add(key)
                 current = key
-                parts[ext.lower()] = tar.extractfile(member).read()
+                if ext in parts and problem is None:
+                    problem = f"two {ext} members in one sample (the second: {member.name})"
+                parts[ext] = tar.extractfile(member).read()
         if current is not None:
-            yield finish(current, parts)
+            yield finish(current, parts, problem)
     except (tarfile.TarError, OSError, EOFError) as e:
         yield Item(make_key(f"{url}:broken"), url, error=f"cannot read tar: truncated, corrupt or missing ({e})")
 
