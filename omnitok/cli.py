@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -576,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     except OmnitokError as e:
         print(f"omnitok: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"omnitok: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("omnitok: interrupted", file=sys.stderr)
         return 130

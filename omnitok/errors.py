@@ -1,6 +1,7 @@
-"""The one exception type that means "the user gave us something wrong".
+"""The exception types the CLI answers without a traceback: ``OmnitokError`` means "the user gave us something wrong".
 
-The CLI prints an ``OmnitokError`` as one line (no traceback); anything else is a bug and keeps its traceback.
+The CLI prints an ``OmnitokError`` as one line (no traceback); anything else is a bug and keeps its traceback, except
+``Stopped``, which is no error: a training run that a stop signal ended as asked.
 """
 
 
@@ -14,3 +15,12 @@ class LayoutMismatch(OmnitokError):
 
 class MalformedSequence(OmnitokError):
     """An id sequence that does not follow the document grammar of ARCHITECTURE.md."""
+
+
+class Stopped(Exception):
+    """A training run that a stop signal (a scheduler's preemption) ended after saving a checkpoint: the CLI prints
+    its message as one line and exits with 128 + the signal's number, as a process the signal killed would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

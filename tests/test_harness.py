@@ -1,6 +1,8 @@
 """The training harness every trainer runs on: one run-directory layout, one resume rule, one way of counting."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,10 @@ from test_vqgan_train import TINY as VQ_TINY
 from benchmarks.synthetic import write_shards
 from omnitok import distributed
 from omnitok.cli import main
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, Stopped
 from omnitok.train import harness
 from omnitok.train.checkpoint import complete_checkpoints
+from omnitok.weights import load_safetensors
 
 RUN_FILES = {"run_config.json", "train.jsonl", "eval.jsonl", "errors.jsonl", "tb", "checkpoints", "loss.png"}
 HARNESS_CHECKPOINT_FILES = {"run.json", "rank00000.pt", "COMPLETE"}
@@ -147,3 +150,35 @@ def test_records_are_window_means_and_skips_are_counted(tmp_path):
     _run(Counting({2: "empty", 3: "empty", 4: "empty"}), tmp_path / "b", steps=6, max_nonfinite=2)
     with pytest.raises(OmnitokError, match="2 steps in a row had a non-finite loss"):
         _run(Counting({2: "nan", 3: "nan"}), tmp_path / "c", steps=6, max_nonfinite=2)
+
+
+class Preempted(Counting):
+    """Sends this process a stop signal during one step, as a scheduler does before it kills a job."""
+
+    def __init__(self, at: int, signum: int):
+        super().__init__({})
+        self.at, self.signum = at, signum
+
+    def train_step(self, step, x):
+        if step == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().train_step(step, x)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path,
+                                                                                                       signum):
+    settings = {"steps": 8, "log_every": 3, "checkpoint_every": 100}
+    _run(Counting({}), tmp_path / "whole", **settings)
+    with pytest.raises(Stopped, match=f"stopped by {signal.Signals(signum).name} after step 5 of 8") as stopped:
+        _run(Preempted(5, signum), tmp_path / "cut", **settings)
+    assert stopped.value.signum == signum
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert [p.name for p in complete_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step_00000005"]
+    harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 8}, tmp_path / "cut",
+                world=distributed.single(torch.device("cpu")), resume=True, desc="test")
+    whole, cut = ((tmp_path / d / "train.jsonl").read_text() for d in ("whole", "cut"))
+    assert cut == whole and [json.loads(x)["step"] for x in cut.splitlines()] == [3, 6, 8]  # the window spans the stop
+    a, b = (load_safetensors(tmp_path / d / "checkpoints" / "step_00000008" / "model.safetensors")
+            for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -288,3 +288,58 @@ def test_an_export_continues_on_its_layout_with_chat_markers(tmp_path, data, cap
     assert main(["pretrain", f"tokenizer={tmp_path / 'other'}", f"out={tmp_path / 'x'}", *kept,
                  f"model.init_from={base / 'export'}"]) == 2
     assert "image_codebook_size is 32 there and 16 here" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, data):
+    """Real preemption through torchrun's two ranks over gloo: SIGTERM to rank 1 alone, then SIGTERM to torchrun
+    itself (which forwards it to both ranks, as a scheduler's does); each time every rank stops after the same step,
+    that step's checkpoint is saved, and ``--resume`` goes on from it: every step is recorded once."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = [a for a in run_args(data, out, "checkpoint_every=1000", "data.lanes=2") if not a.startswith("micro")]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+
+    def launch(steps, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(port), "-m", "omnitok", "pretrain", *args, "micro_batch_size=2",
+                                 f"steps={steps}", *extra], env=env, stderr=subprocess.PIPE, text=True)
+
+    def stop(process, victim) -> tuple[int, str]:
+        """Signal ``victim`` once the run has logged a step past its last checkpoint; the step it stopped after."""
+        seen = len(records(out / "train.jsonl")) if (out / "train.jsonl").exists() else 0
+        deadline = time.monotonic() + 180
+        while not (out / "train.jsonl").exists() or len(records(out / "train.jsonl")) < seen + 2:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        os.kill(victim(process), signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+        last = records(out / "train.jsonl")[-1]["step"]
+        assert last < 400 and complete_checkpoints(out / "checkpoints")[-1].name == f"step_{last:08d}"
+        return last, err
+
+    first = launch(400)
+    def rank1(process):
+        return next(c.pid for c in psutil.Process(process.pid).children() if c.environ()["RANK"] == "1")
+
+    step, err = stop(first, rank1)
+    assert f"omnitok: stopped by a stop signal to another rank after step {step} of 400" in err
+    assert f"omnitok: stopped by SIGTERM after step {step} of 400" in err
+    second = launch(400, "--resume")
+    step2, err = stop(second, lambda p: p.pid)  # torchrun: it forwards SIGTERM to both ranks
+    assert step2 > step and f"omnitok: stopped by SIGTERM after step {step2} of 400" in err
+    third = launch(step2 + 2, "--resume")
+    assert third.wait(timeout=180) == 0
+    assert [r["step"] for r in records(out / "train.jsonl")] == list(range(1, step2 + 3))

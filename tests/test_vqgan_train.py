@@ -103,6 +103,33 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+
+def test_sigterm_to_the_whole_process_group_stops_with_a_checkpoint_despite_loader_workers(tmp_path, crops):
+    """SLURM signals every process of a job: the data-loader workers must leave it to the trainer (a worker killed by
+    it ended the run at once with DataLoader's error and no checkpoint)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "vq"
+    args = [a if a != "num_workers=0" else "num_workers=2" for a in TINY]
+    run = subprocess.Popen([sys.executable, "-m", "omnitok", "image-tokenizer", "train", "--images", str(crops),
+                            "--out", str(out), *args, "steps=400", "eval_every=1000", "checkpoint_every=1000"],
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (out / "train.jsonl").exists() or len(losses(out)) < 2:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    step = losses(out)[-1]["step"]
+    assert run.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"omnitok: stopped by SIGTERM after step {step} of 400; its checkpoint is "
+                                            "saved: rerun the same command with --resume to continue")
+    assert complete_checkpoints(out / "checkpoints")[-1].name == f"step_{step:08d}"
+
 def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(OmnitokError, match="unknown setting 'model.colour'"):
         load_train_config(None, ["model.colour=3"])

@@ -19,11 +19,19 @@ Every run directory has the same layout:
 ``--resume`` continues from the newest intact checkpoint, refuses a different config (``checkpoint.MAY_CHANGE`` lists
 what may change) and first cuts the logs back to that step, so steps a killed run did after its checkpoint are
 recorded once.
+
+Preemption: SIGTERM (what SLURM, Kubernetes and torchrun send before they kill) or SIGUSR1 (SLURM's ``--signal``)
+makes a run finish the step it is in, save a checkpoint there and stop (``Stopped``: one line, exit status 128 + the
+signal's number); ``--resume`` then continues exactly where it stopped. The ranks agree on it after every step (one
+scalar all-reduce), so a signal that reached only one rank stops them all at the same step. Ctrl-C still stops at
+once (the last checkpoint stays the newest).
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -37,7 +45,7 @@ from tqdm import tqdm
 
 from omnitok.config import check_seed
 from omnitok.distributed import World
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, Stopped
 from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
 from omnitok.train.checkpoint import (
     check_same_config,
@@ -128,7 +136,7 @@ def run(task: TrainTask, settings: RunSettings, config: dict, out: Path, *, worl
     log = _Records(out, world, start)
     log.write_config(config)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, export: bool = True) -> None:
         tmp = root / f".tmp-step_{step:08d}"
         if world.main:
             start_checkpoint(root, step)
@@ -143,7 +151,8 @@ def run(task: TrainTask, settings: RunSettings, config: dict, out: Path, *, worl
             write_json_atomic(tmp / "run.json", {"format": FORMAT, "step": step, "config": config})
             finish_checkpoint(tmp, settings.keep_checkpoints)
         world.barrier()
-        task.export(out)
+        if export:
+            task.export(out)
 
     result = RunResult({}, {})
 
@@ -154,6 +163,7 @@ def run(task: TrainTask, settings: RunSettings, config: dict, out: Path, *, worl
             log.record("eval", step, metrics)
 
     steps = settings.steps
+    stop = _StopSignals()
     try:
         if start == 0:
             evaluate(0)
@@ -188,11 +198,40 @@ def run(task: TrainTask, settings: RunSettings, config: dict, out: Path, *, worl
                 window, window_start = {}, time.perf_counter()
             if step % settings.eval_every == 0 or step == steps:
                 evaluate(step)
-            if step % settings.checkpoint_every == 0 or step == steps:
+            saved = step % settings.checkpoint_every == 0 or step == steps
+            if saved:
                 checkpoint(step)
+            if step < steps and world.any(stop.signum is not None):  # every rank stops at the same step
+                if not saved:
+                    checkpoint(step, export=False)  # the export can wait for the resumed run: grace periods are short
+                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal to another rank"
+                raise Stopped(f"stopped by {name} after step {step} of {steps}; its checkpoint is saved: rerun the "
+                              "same command with --resume to continue", stop.signum or signal.SIGTERM)
     finally:
+        stop.restore()
         log.close()
     return result
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class _StopSignals:
+    """While a run trains: ``STOP_SIGNALS`` only note that the run should stop (``signum``, the last one seen); the
+    harness checks after each step. Installed from the main thread only (Python's rule); ``restore`` puts the
+    previous handlers back."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        main = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.signal(s, self._note) for s in STOP_SIGNALS} if main else {}
+
+    def _note(self, signum: int, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def mean_window(window: dict[str, float]) -> dict[str, float]:
@@ -307,3 +346,11 @@ def plot_losses(run: Path) -> None:
     fig.tight_layout()
     fig.savefig(run / "loss.png", dpi=110)
     plt.close(fig)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data-loader worker's ``worker_init_fn``: a stop signal sent to the whole process group (SLURM signals every
+    process of a job step) is the main process's to act on at the next step; left to kill the workers, it would end
+    the run at once with DataLoader's "worker killed" error and no checkpoint."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -226,7 +226,7 @@ class VQGANTask(ModuleTask):
         cfg = self.cfg
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=StepBatches(self.train_idx, cfg.batch_size, cfg.seed, start, steps, cfg.flip),
-            collate_fn=_collate, num_workers=cfg.num_workers,
+            collate_fn=_collate, num_workers=cfg.num_workers, worker_init_fn=harness.ignore_stop_signals,
             generator=torch.Generator().manual_seed(cfg.seed)))  # its own generator: the global RNG stays resumable
 
     def train_step(self, step: int, pixels: torch.Tensor) -> dict[str, float] | None:
