@@ -8,6 +8,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -575,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except OmnitokError as e:
         print(f"omnitok: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the writers that know what they were writing say so themselves (shards, checkpoints)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"omnitok: error: {e.strerror}" + (f" (writing {e.filename})" if e.filename else "") + ": free space, "
+              "then rerun the same command (a training run: with --resume; what was complete is kept)", file=sys.stderr)
         return 2
     except Stopped as e:
         print(f"omnitok: {e}", file=sys.stderr)

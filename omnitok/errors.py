@@ -4,6 +4,10 @@ The CLI prints an ``OmnitokError`` as one line (no traceback); anything else is 
 ``Stopped``, which is no error: a training run that a stop signal ended as asked.
 """
 
+import errno
+import shutil
+from pathlib import Path
+
 
 class OmnitokError(Exception):
     """Wrong usage or bad input, with a message that names what is wrong."""
@@ -24,3 +28,16 @@ class Stopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def disk_full(error: BaseException, where: Path) -> bool:
+    """Whether ``error``, raised while writing under ``where``, comes from a full disk or quota: an OSError saying so
+    (here or in its cause), or a failed write with under 1 MiB left there (torch.save reports a short write as a
+    RuntimeError about stream positions; safetensors as its own error)."""
+    chain = [error, error.__cause__, error.__context__]
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 2**20
+    except OSError:
+        return False

@@ -169,11 +169,12 @@ class Preempted(Counting):
 def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path,
                                                                                                        signum):
     settings = {"steps": 8, "log_every": 3, "checkpoint_every": 100}
+    before = [signal.getsignal(s) for s in harness.STOP_SIGNALS]
     _run(Counting({}), tmp_path / "whole", **settings)
     with pytest.raises(Stopped, match=f"stopped by {signal.Signals(signum).name} after step 5 of 8") as stopped:
         _run(Preempted(5, signum), tmp_path / "cut", **settings)
     assert stopped.value.signum == signum
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+    assert [signal.getsignal(s) for s in harness.STOP_SIGNALS] == before  # put back
     assert [p.name for p in complete_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step_00000005"]
     harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 8}, tmp_path / "cut",
                 world=distributed.single(torch.device("cpu")), resume=True, desc="test")
@@ -182,3 +183,43 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_the_resumed_run_equal
     a, b = (load_safetensors(tmp_path / d / "checkpoints" / "step_00000008" / "model.safetensors")
             for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_keeps_the_last_checkpoint_and_frees_the_partial_one(
+        tmp_path, monkeypatch):
+    """torch.save on a full disk raises an opaque RuntimeError about stream positions after a short write; the
+    harness recognises the full disk, removes the half-written checkpoint and says what to do."""
+    import shutil
+    from collections import namedtuple
+
+    real_save, real_usage = torch.save, shutil.disk_usage
+
+    def short_write(obj, path):
+        Path(path).write_bytes(b"\0" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    settings = {"steps": 6, "log_every": 1, "checkpoint_every": 2}
+    _run(Counting({}), tmp_path / "whole", **settings)
+    calls = {"n": 0}
+
+    def full_from_the_second_save(obj, path):
+        calls["n"] += 1
+        return (short_write if calls["n"] == 2 else real_save)(obj, path)
+
+    monkeypatch.setattr(torch, "save", full_from_the_second_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("usage", "total used free")(1, 1, 0))
+    with pytest.raises(OmnitokError, match="saving the step 4 checkpoint failed: the disk holding .* is full; the "
+                                           "newest complete checkpoint is kept: free space, then rerun with --resume"):
+        _run(Counting({}), tmp_path / "run", **settings)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000002"] and not list(root.glob(".tmp-*"))
+    # a failure that is not a full disk keeps its traceback
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    calls["n"] = 1
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 6}, tmp_path / "run",
+                    world=distributed.single(torch.device("cpu")), resume=True, desc="test")
+    monkeypatch.setattr(torch, "save", real_save)
+    harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 6}, tmp_path / "run",
+                world=distributed.single(torch.device("cpu")), resume=True, desc="test")
+    assert (tmp_path / "run" / "train.jsonl").read_text() == (tmp_path / "whole" / "train.jsonl").read_text()

@@ -278,3 +278,32 @@ def test_a_tar_sample_whose_members_are_ambiguous_is_recorded_and_the_shards_sta
     assert manifest["errors"] == {"sample key comes again after other samples": 1, "two jpg members in one sample": 1,
                                   "two txt members in one sample": 1}
     assert main(["shards", "stats", str(out)]) == 0
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_ends_with_the_shards_of_an_uninterrupted_run(tmp_path, tokdir, corpus,
+                                                                                         monkeypatch, capsys):
+    import errno
+
+    from omnitok.data import shards
+
+    args = ["tokenize", "--tokenizer", str(tokdir), "--input", *specs(corpus), "--workers", "0", "--shard-size", "5"]
+    assert main([*args, "--out", str(tmp_path / "clean")]) == 0
+    real, written = shards._member, {"n": 0}
+
+    def full_disk(tar, name, data):
+        written["n"] += 1
+        if written["n"] > 25:  # in the third shard (two members a sample)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tar, name, data)
+
+    monkeypatch.setattr(shards, "_member", full_disk)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"omnitok: error: writing shard-000002.tar failed: the disk holding {out} is full; the shards before it are "
+        "complete: free space, then rerun the same command to continue")
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]  # no .tmp left
+    monkeypatch.setattr(shards, "_member", real)
+    assert main([*args, "--out", str(out)]) == 0
+    assert digest(out) == digest(tmp_path / "clean")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from omnitok.errors import OmnitokError
+from omnitok.errors import OmnitokError, disk_full
 from omnitok.jsonfile import parse_json, read_json_object, write_json_atomic
 from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, TokenLayout
 
@@ -67,10 +67,17 @@ class ShardWriter:
             return None
         name = shard_name(self.next_index)
         tmp = self.directory / (name + ".tmp")
-        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-            for key, tokens, meta in self.pending:
-                _member(tar, f"{key}.tokens.npy", tokens)
-                _member(tar, f"{key}.meta.json", meta)
+        try:
+            with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+                for key, tokens, meta in self.pending:
+                    _member(tar, f"{key}.tokens.npy", tokens)
+                    _member(tar, f"{key}.meta.json", meta)
+        except Exception as e:
+            tmp.unlink(missing_ok=True)  # the space it held is the user's again
+            if not disk_full(e, self.directory):
+                raise
+            raise OmnitokError(f"writing {name} failed: the disk holding {self.directory} is full; the shards before "
+                               "it are complete: free space, then rerun the same command to continue") from None
         os.replace(tmp, self.directory / name)
         entry = {"name": name, "samples": len(self.pending), "tokens": {m: self.counts[m] for m in TOKEN_KINDS}}
         self.pending, self.counts, self.next_index = [], Counter(), self.next_index + 1

@@ -30,6 +30,7 @@ once (the last checkpoint stays the newest).
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 from omnitok.config import check_seed
 from omnitok.distributed import World
-from omnitok.errors import OmnitokError, Stopped
+from omnitok.errors import OmnitokError, Stopped, disk_full
 from omnitok.jsonfile import cut_jsonl, read_json_object, write_json_atomic
 from omnitok.train.checkpoint import (
     check_same_config,
@@ -138,21 +139,29 @@ def run(task: TrainTask, settings: RunSettings, config: dict, out: Path, *, worl
 
     def checkpoint(step: int, export: bool = True) -> None:
         tmp = root / f".tmp-step_{step:08d}"
-        if world.main:
-            start_checkpoint(root, step)
-        world.barrier()
-        rng = {"rng": torch.get_rng_state()}
-        if world.device.type == "cuda":
-            rng["cuda_rng"] = torch.cuda.get_rng_state(world.device)
-        local = {"task": task.save(tmp), "skipped": skipped, "nonfinite": nonfinite, "window": window, **rng}
-        torch.save(local, tmp / f"rank{world.rank:05d}.pt")
-        world.barrier()
-        if world.main:
-            write_json_atomic(tmp / "run.json", {"format": FORMAT, "step": step, "config": config})
-            finish_checkpoint(tmp, settings.keep_checkpoints)
-        world.barrier()
-        if export:
-            task.export(out)
+        try:
+            if world.main:
+                start_checkpoint(root, step)
+            world.barrier()
+            rng = {"rng": torch.get_rng_state()}
+            if world.device.type == "cuda":
+                rng["cuda_rng"] = torch.cuda.get_rng_state(world.device)
+            local = {"task": task.save(tmp), "skipped": skipped, "nonfinite": nonfinite, "window": window, **rng}
+            torch.save(local, tmp / f"rank{world.rank:05d}.pt")
+            world.barrier()
+            if world.main:
+                write_json_atomic(tmp / "run.json", {"format": FORMAT, "step": step, "config": config})
+                finish_checkpoint(tmp, settings.keep_checkpoints)
+            world.barrier()
+            if export:
+                task.export(out)
+        except Exception as e:
+            if not disk_full(e, root):
+                raise
+            if world.main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the space it held is the user's again
+            raise OmnitokError(f"saving the step {step} checkpoint failed: the disk holding {out} is full; the newest "
+                               "complete checkpoint is kept: free space, then rerun with --resume") from None
 
     result = RunResult({}, {})
 
