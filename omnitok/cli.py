@@ -98,7 +98,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
                          batch_size=args.batch_size, shard_size=args.shard_size, pair_order=args.pair_order,
                          seed=args.seed, num_parts=args.num_parts, part=args.part, loss_on=args.loss_on,
                          engine=args.engine, ray_address=args.ray_address, encoders=args.encoders,
-                         gpus_per_encoder=args.gpus_per_encoder, ray_window=args.ray_window)
+                         gpus_per_encoder=args.gpus_per_encoder)
     print(summary(tokenize(cfg, command_line()), str(args.out)))
 
 
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "WORLD_SIZE under torchrun/deepspeed, else 1)")
     tz.add_argument("--part", type=int, default=0, help="which part this process writes (default: RANK)")
     tz.add_argument("--engine", choices=["local", "ray"], default="local",
-                    help="local: a process pool here (default); ray: Ray Data tasks and encoder actors on a cluster "
+                    help="local: a process pool here (default); ray: Ray tasks and encoder actors on a cluster "
                     "(pip install 'omnitok[ray]'); the shards are the same")
     tz.add_argument("--ray-address", help="with --engine ray: the cluster (auto or HOST:PORT; default RAY_ADDRESS, "
                     "else a local cluster)")
@@ -422,8 +422,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "else half the CPUs)")
     tz.add_argument("--gpus-per-encoder", type=float, help="with --engine ray: GPUs per encoder actor (default 1 "
                     "when the cluster has GPUs, else 0)")
-    tz.add_argument("--ray-window", type=int, default=10_000, help="with --engine ray: items listed per dataset "
-                    "(default 10000; encoders load the tokenizer once per window)")
     tz.set_defaults(func=cmd_tokenize)
 
     pt = commands.add_parser("pretrain", help="pretrain the decoder LM on token shards with DeepSpeed",

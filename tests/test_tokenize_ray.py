@@ -17,7 +17,6 @@ from PIL import Image
 from test_tokenize import digest, kill_after_shards, specs
 
 from omnitok.cli import main
-from omnitok.data.ray_engine import _Encoders
 from omnitok.data.shards import iter_samples, read_manifest
 from omnitok.data.tokenize import TokenizeConfig, tokenize
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
@@ -27,13 +26,16 @@ TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     """A local Ray cluster of 2 CPUs (one encoder, one to prepare media: no room to spare) whose workers die on media
-    named crash* and whose encoders take 10 s over a batch from files named busy* (tests/worker_crash.py)."""
+    named crash*, whose encoders take 10 s over a batch from files named busy* and log each start to the file
+    ``STARTS`` names (tests/worker_crash.py)."""
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
+    starts = tmp_path_factory.mktemp("encoders") / "starts"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}, "worker_process_setup_hook": "worker_crash.install"})
-    yield ray.get_runtime_context().gcs_address
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMNITOK_TEST_ENCODER_STARTS": str(starts)},
+                          "worker_process_setup_hook": "worker_crash.install"})
+    yield ray.get_runtime_context().gcs_address, starts
     ray.shutdown()
 
 
@@ -79,7 +81,7 @@ def test_without_ray_the_engine_says_how_to_install_it(tmp_path, tokdir, corpus,
     assert main(["tokenize", "--tokenizer", str(tokdir), "--input", str(corpus / "pairs"), "--out",
                  str(tmp_path / "s"), "--engine", "ray"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "omnitok: error: --engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
+    assert err == "omnitok: error: --engine ray needs Ray: pip install 'omnitok[ray]' (or pip install ray)"
     assert not (tmp_path / "s").exists()
 
 
@@ -101,13 +103,16 @@ def test_the_ray_engine_writes_the_local_engines_bytes(tmp_path, cluster, chat_t
     assert len(local[0]) == 6 and read_manifest(tmp_path / "local")["error_count"] == 6
     metas = [meta for _, _, meta in iter_samples(tmp_path / "local")]
     assert sum("trained" in m for m in metas) == 2 and sum("requests" in m for m in metas) == 1  # conversations
-    # other blocks and batches than the local run's (several windows: the killed-driver test); this process, the
-    # driver, loads no model (its tokenizer loader fails here), the cluster's workers do
+    # other blocks and batches than the local run's; this process, the driver, loads no model (its tokenizer
+    # loader fails here), the cluster's workers do
+    starts = cluster[1]
+    starts.unlink(missing_ok=True)
     with monkeypatch.context() as m:
         m.setattr(MultimodalTokenizer, "from_dir", classmethod(lambda cls, d: pytest.fail("the driver loaded it")))
         tokenize(TokenizeConfig(**common, out=str(tmp_path / "ray"), engine="ray", batch_size=3))
     assert outputs(tmp_path / "ray") == local
-    assert cluster_idle()  # its encoders went with their dataset (the next test needs both CPUs)
+    assert len(starts.read_text().splitlines()) == 1  # one encoder (2 CPUs), started once for all the blocks
+    assert cluster_idle()  # the encoder went with the job (the next test needs both CPUs)
 
 
 def test_a_damaged_tokenizer_is_refused_in_one_line_before_any_output(tmp_path, cluster, tokdir, corpus, capsys):
@@ -125,10 +130,10 @@ def test_a_damaged_tokenizer_is_refused_in_one_line_before_any_output(tmp_path, 
 
 @pytest.mark.slow
 def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, tokdir, corpus):
-    """The worker preparing crash.png dies while the encoder is busy with busy.png's batch (tests/worker_crash.py
-    orders them). Ray Data drops that encoder without killing it, and the failure leaves it referenced from a cycle
-    of garbage: on 2 CPUs the retry waited forever for its CPU unless Python's cycle collector happened to run
-    first (twice in CI). With the collector off, the job must end with the item recorded and no encoder left."""
+    """The worker preparing crash.png dies while the encoder is busy with busy.png's block (tests/worker_crash.py
+    orders them): the job ends with that item recorded and no encoder left. With Python's cycle collector off: Ray
+    Data, used before, left a failed dataset's busy encoder referenced from a cycle of garbage, and on 2 CPUs the
+    retry waited forever for its CPU (twice in CI); the driver now kills its encoders itself."""
     folder = tmp_path / "pairs"
     folder.mkdir()
     for i, name in enumerate(["a", "b", "busy", "c", "crash", "d"]):
@@ -152,24 +157,6 @@ def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, to
     assert ours == local and len(ours) == 5
 
 
-def test_the_driver_ends_each_attempts_encoders_even_those_enrolling_late(cluster):
-    enrolled = ray.remote(num_cpus=0)(_Encoders).remote()
-    early, late, other = (ray.remote(num_cpus=0)(Idle).remote() for _ in range(3))
-    ray.get([enrolled.enrol.remote(0, early), enrolled.enrol.remote(1, other)])
-    assert ray.get(enrolled.end.remote(0)) == 1
-    ray.get(enrolled.enrol.remote(0, late))  # an encoder that finished starting after its attempt ended
-    for actor in (early, late):
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.ready.remote(), timeout=30)
-    assert ray.get(other.ready.remote())  # another attempt's encoder is left alone
-    ray.kill(other)
-
-
-class Idle:
-    def ready(self) -> bool:
-        return True
-
-
 def cluster_idle(timeout: float = 15) -> bool:
     """Whether every CPU of the test cluster is free again within ``timeout`` s: no encoder outlived its dataset."""
     deadline = time.monotonic() + timeout
@@ -185,11 +172,11 @@ def test_a_killed_driver_resumes_to_the_shards_of_an_uninterrupted_run(tmp_path,
     """Last in the module: the rerun restarts the cluster (3 CPUs, without the crash hook) and resumes with two
     encoders (so that they leave one CPU to prepare media); three are refused."""
     args = ["--tokenizer", str(tokdir), "--input", *specs(corpus), "--shard-size", "2", "--batch-size", "2",
-            "--engine", "ray", "--ray-window", "12"]
+            "--engine", "ray"]
     tokenize(TokenizeConfig(inputs=specs(corpus), tokenizer=str(tokdir), out=str(tmp_path / "clean"), workers=0,
                             shard_size=2))
     out = tmp_path / "killed"
-    kill_after_shards([*args, "--out", str(out), "--ray-address", cluster], out, 3, wait=180)
+    kill_after_shards([*args, "--out", str(out), "--ray-address", cluster[0]], out, 3, wait=180)
     killed = read_manifest(out)
     assert not killed["complete"] and 3 <= len(killed["shards"]) < 12
     ray.shutdown()

@@ -84,6 +84,11 @@ def encode_prepared(tok: MultimodalTokenizer, batch: list[Prepared], loss_on: st
     return out
 
 
+def prepare_all(prepare: Preprocessor, jobs: list[tuple[int, Item]]) -> list[Prepared]:
+    """A run of items prepared in one task (a worker process, a Ray task)."""
+    return [prepare(job) for job in jobs]
+
+
 @dataclass
 class Preprocessor:
     """What a worker needs to prepare media: sizes and rates only, no models (cheap to send to processes)."""

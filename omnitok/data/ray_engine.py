@@ -1,104 +1,68 @@
-"""``omnitok tokenize --engine ray``: the local engine's stages on a Ray Data pipeline, across a cluster.
+"""``omnitok tokenize --engine ray``: the local engine's stages as Ray tasks and actors, across a cluster.
 
 The driver (this process) loads no model: one task on the cluster loads the tokenizer first (every check of its
 parts, the refusal of a damaged one in one line before any output) and sends back its layout and the media sizes.
-It lists the items exactly as the local engine does (same readers, same indices, same part) and hands them to Ray a
-window at a time (``ray_window`` items: the driver never holds more of the corpus than that).
-Each window is one dataset: blocks of items -> ``Preprocessor`` in CPU tasks (decode, EXIF, resize; decode, mix,
-resample) -> ``encode_prepared`` in a pool of encoder actors (each loads the tokenizer once per window, on its GPU
-share when it has one, and encodes ``batch_size`` items at a time) -> back to the driver in item order
-(``preserve_order``), where ``tokenize.py``'s loop writes shards, the manifest and ``errors.jsonl`` as for the local
-engine. Encoding a document does not depend on which batch it is in (the local engine's own property), so the shards
-are byte for byte the local engine's, whatever the number of tasks, actors, blocks or windows.
+It lists the items exactly as the local engine does (same readers, same indices, same part) and streams them to the
+cluster in blocks of ``batch_size``: each block is prepared in a CPU task (decode, EXIF, resize; decode, mix,
+resample) and encoded by one of the job's encoder actors (``encode_prepared``; each loads the tokenizer once, on its
+GPU share when it has one), which take the blocks in turn. At most ``in_flight`` blocks are out at a time (two per
+CPU of the cluster, at most 8192 items: what the driver holds of the corpus) and their outcomes come back in item
+order, where ``tokenize.py``'s loop writes shards, the manifest and ``errors.jsonl`` as for the local engine.
+Encoding a document does not depend on which batch it is in (the local engine's own property), so the shards are
+byte for byte the local engine's, whatever the number of tasks, actors or nodes.
+
+The encoders start once and live as long as the job (Ray Data, used before, started a pool per dataset, and a
+dataset per window of items: about 7 s of actor start-up and tokenizer loading each time, and a drained pipeline at
+every window's end); the driver kills them when the job ends, however it ends.
 
 Failures: a Python error on one file is an outcome like any other (``Preprocessor`` catches it). A worker process
-that dies (a crash in a decoder, the OOM killer) fails its task; Ray retries it once (a lost node's work is redone),
-and if the dataset still fails, every remaining item of the window is prepared alone in a task of its own with no
-retry: the items whose task dies are recorded as errors ("a worker died preparing this item") and the window is run
-again without them. Every attempt at a window ends its encoder actors when the driver is done with it (``_Encoders``:
-Ray Data only drops them). A killed driver is the local engine's case: the rerun resumes after the last complete
-shard.
+that dies (a crash in a decoder, the OOM killer) fails its task; Ray retries it once (a lost node's work is redone)
+and restarts a dead encoder once. A block that still fails has each of its items prepared alone in a task of its
+own with no retry: the items whose task dies are recorded as errors ("a worker died preparing this item") and the
+others are encoded; a failure no single item explains ends the job in one line. A killed driver is the local
+engine's case: the rerun resumes after the last complete shard.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import socket
-import warnings
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
-
-from omnitok.data.prepare import Prepared, Preprocessor, encode_prepared
+from omnitok.data.prepare import Outcome, Prepared, Preprocessor, encode_prepared, prepare_all
 from omnitok.data.readers import Item
 from omnitok.errors import OmnitokError
 from omnitok.tokenizers.layout import TokenLayout
 
-INSTALL = "--engine ray needs Ray Data: pip install 'omnitok[ray]' (or pip install 'ray[data]')"
+INSTALL = "--engine ray needs Ray: pip install 'omnitok[ray]' (or pip install ray)"
 
 
 def import_ray():
     try:
         import ray
-        import ray.data
     except ImportError:
         raise OmnitokError(INSTALL) from None
     return ray
 
 
 class _Encoder:
-    """An encoder actor: the tokenizer loaded once, then batches of prepared items -> outcomes. It enrols in the
-    job's ``_Encoders`` first, so that the driver can end it with its dataset."""
+    """An encoder actor: the tokenizer loaded once for the whole job, then blocks of prepared items -> outcomes."""
 
-    def __init__(self, tokenizer: str, loss_on: str, threads: int | None, encoders, attempt: int):
-        import ray
+    def __init__(self, tokenizer: str, loss_on: str, threads: int | None):
         import torch
 
         from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
-        encoders.enrol.remote(attempt, ray.get_runtime_context().current_actor)
         if threads is not None:
             torch.set_num_threads(threads)
         self.tok = MultimodalTokenizer.from_dir(tokenizer)
         self.loss_on = loss_on
 
-    def __call__(self, batch: dict) -> dict:
-        outcomes = encode_prepared(self.tok, list(batch["prepared"]), self.loss_on)
-        column = np.empty(len(outcomes), dtype=object)
-        column[:] = outcomes
-        return {"outcome": column}
-
-
-class _Encoders:
-    """The job's encoder actors, by attempt (one Ray dataset each), which the driver ends when it is done with an
-    attempt. Ray Data (2.60) ends a dataset's actors by dropping its references to them, never by killing them, and
-    an actor that was busy (or still starting) when its dataset ended could live on, holding its CPU or GPU, until the
-    driver's garbage collector happened to run (a failure's traceback keeps the executor in a reference cycle): on a
-    cluster with none to spare the next dataset waited for it forever (twice in CI). An encoder that enrols in an
-    attempt already ended is ended at once."""
-
-    def __init__(self):
-        import ray
-
-        self.kill = ray.kill
-        self.actors: dict[int, list] = {}
-        self.ended: set[int] = set()
-
-    def enrol(self, attempt: int, actor) -> None:
-        if attempt in self.ended:
-            self.kill(actor)
-        else:
-            self.actors.setdefault(attempt, []).append(actor)
-
-    def end(self, attempt: int) -> int:
-        self.ended.add(attempt)
-        actors = self.actors.pop(attempt, [])
-        for actor in actors:
-            self.kill(actor)
-        return len(actors)
+    def encode(self, prepared: list[Prepared]) -> list[Outcome]:
+        return encode_prepared(self.tok, prepared, self.loss_on)
 
 
 def _tokenizer_facts(tokenizer: str) -> tuple[TokenLayout, Preprocessor]:
@@ -160,14 +124,9 @@ class _Pipeline:
         # preparing media is light and bursty, so, as the local engine's encoding process does beside its workers,
         # the encoders use the cores the tasks leave idle. Measured on 2 CPUs: 0.49 -> 0.81 of the local engine.
         self.threads = None if per else max(1, int(cpus) // self.encoders)
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True  # the shard writer is fed in item order
-        context.enable_progress_bars = False  # the driver shows items/s, tokens/s and errors
-        context.print_on_execution_start = False
+        # enough blocks out to keep every CPU and encoder busy while the oldest is awaited, bounded in items
+        self.in_flight = max(2 * self.encoders, min(2 * int(cpus), 8192 // cfg.batch_size), 2)
         self.layout, self.prepare = self._tokenizer_facts()
-        # restarted (empty) if its node is lost: the encoders it knew are then left to Ray Data, as before it
-        self.enrolled = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(_Encoders).remote()
-        self.attempts = itertools.count()
 
     def _tokenizer_facts(self) -> tuple[TokenLayout, Preprocessor]:
         task = self.ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(_tokenizer_facts)
@@ -181,69 +140,53 @@ class _Pipeline:
             raise OmnitokError(f"loading the tokenizer {self.cfg.tokenizer} on the Ray cluster failed: "
                                f"{detail.splitlines()[0][:300]}") from None
 
-    def outcomes(self, jobs: Iterator[tuple[int, Item]], prepare: Preprocessor) -> Iterator:
-        while window := list(itertools.islice(jobs, self.cfg.ray_window)):
-            yield from self.window(window, prepare)
-
-    def dataset(self, jobs: list[tuple[int, Item]], prepare, attempt: int):
-        ray, cfg = self.ray, self.cfg
-        rows = [{"job": job} for job in jobs]
-        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / cfg.batch_size))
-        resources = {"num_gpus": self.gpus_per_encoder} if self.gpus_per_encoder else {}
-        # Ray Data retries a failed task and restarts a dead actor forever by default: a file that kills its worker
-        # would never end the job. Once is enough for a lost node. Only the (deprecated since Ray 2.60, hence the
-        # extra's upper bound) remote-args keywords set these.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ds.map(lambda row: {"prepared": prepare(row["job"])}, num_cpus=1, max_retries=1)
-            args = (cfg.tokenizer, cfg.loss_on, self.threads, self.enrolled, attempt)
-            return ds.map_batches(_Encoder, fn_constructor_args=args,
-                                  batch_size=cfg.batch_size, batch_format="numpy", num_cpus=1, **resources,
-                                  compute=ray.data.ActorPoolStrategy(size=self.encoders), max_restarts=1,
-                                  max_task_retries=1)
-
-    def window(self, jobs: list[tuple[int, Item]], prepare) -> Iterator:
-        died: dict[int, object] = {}  # index -> its error outcome, for items whose worker died
-        done = -1
-        rest = jobs
-        while True:
-            attempt = next(self.attempts)
-            try:
-                for row in self.dataset(rest, prepare, attempt).iter_rows():
-                    outcome = row["outcome"]
-                    yield from self._died_before(died, outcome.index)
-                    done = outcome.index
-                    yield outcome
-                yield from self._died_before(died, math.inf)
-                return
-            except self.ray.exceptions.RayError as e:
-                failure = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            finally:  # its encoders go now, whatever Ray Data does with them
-                self.ray.get(self.enrolled.end.remote(attempt))
-            rest = [(i, item) for i, item in rest if i > done and i not in died]
-            found = self._find_dead(rest, prepare)
-            if not found:
-                raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {failure}; rerun the "
-                                   "same command to continue after the last complete shard") from None
-            died.update(found)
-            rest = [(i, item) for i, item in rest if i not in died]
-
-    @staticmethod
-    def _died_before(died: dict, index: float) -> Iterator:
-        for i in sorted(i for i in died if i < index):
-            yield died.pop(i)
-
-    def _find_dead(self, jobs: list[tuple[int, Item]], prepare) -> dict:
-        """Each item prepared in a task of its own, never retried: the items whose worker dies."""
+    def outcomes(self, jobs: Iterator[tuple[int, Item]], prepare: Preprocessor) -> Iterator[Outcome]:
+        """Blocks of ``batch_size`` items, each prepared in a task and encoded by one of the job's encoder actors
+        (in turn), at most ``in_flight`` blocks at a time; outcomes in item order. The encoders live as long as the
+        job, and go with it whatever ends it."""
         ray = self.ray
-        alone = ray.remote(num_cpus=1, max_retries=0)(lambda prepare, job: prepare(job))
         shared = ray.put(prepare)
-        refs = [(job, alone.remote(shared, job)) for job in jobs]
-        dead = {}
-        for job, ref in refs:
+        # Ray retries a failed task and restarts a dead actor: once is enough for a lost node; a file that kills its
+        # worker every time is found by ``_settle``
+        task = ray.remote(num_cpus=1, max_retries=1)(prepare_all)
+        actor = ray.remote(num_cpus=1, num_gpus=self.gpus_per_encoder, max_restarts=1, max_task_retries=1)(_Encoder)
+        encoders = [actor.remote(self.cfg.tokenizer, self.cfg.loss_on, self.threads) for _ in range(self.encoders)]
+        flight: deque = deque()
+        try:
+            for n, block in enumerate(iter(lambda: list(itertools.islice(jobs, self.cfg.batch_size)), [])):
+                flight.append((block, encoders[n % len(encoders)].encode.remote(task.remote(shared, block))))
+                if len(flight) >= self.in_flight:
+                    yield from self._settle(*flight.popleft(), shared, encoders)
+            while flight:
+                yield from self._settle(*flight.popleft(), shared, encoders)
+        finally:
+            for encoder in encoders:
+                ray.kill(encoder)
+
+    def _settle(self, block: list[tuple[int, Item]], ref, shared, encoders: list) -> list[Outcome]:
+        """A block's outcomes. When its task or encoder failed for good, each item is prepared alone in a task of its
+        own with no retry: those whose task dies are recorded ("a worker died preparing this item"), the others are
+        encoded again; a failure no single item explains ends the job in one line (a rerun resumes)."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:
+            failure = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        alone = ray.remote(num_cpus=1, max_retries=0)(lambda prepare, job: prepare(job))
+        refs = [(job, alone.remote(shared, job)) for job in block]
+        prepared, died = [], []
+        for job, one in refs:
             try:
-                ray.get(ref)
+                prepared.append(ray.get(one))
             except ray.exceptions.RayError as e:
-                died = Prepared.worker_died(job, f" ({type(e).__name__})")
-                dead[died.index] = died.failed(died.error)
-        return dead
+                dead = Prepared.worker_died(job, f" ({type(e).__name__})")
+                died.append(dead.failed(dead.error))
+        try:
+            if not died:
+                raise OmnitokError(failure)
+            outcomes = ray.get(encoders[0].encode.remote(prepared)) + died
+        except (ray.exceptions.RayError, OmnitokError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {first}; rerun the same "
+                               "command to continue after the last complete shard") from None
+        return sorted(outcomes, key=lambda o: o.index)

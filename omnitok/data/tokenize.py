@@ -14,7 +14,7 @@ shards of an uninterrupted run. A different command on the same directory is ref
 Engines: both produce the same ``Outcome`` stream, one per item in item order (the sample to write, or why the item
 was left out), which one loop here turns into shards, the manifest and ``errors.jsonl``. The local engine prepares
 in a process pool and encodes in this process; ``--engine ray`` (``ray_engine.py``) prepares in Ray tasks and
-encodes in actor pools across a cluster. The engine is not part of the command's identity: a run started on one may
+encodes in encoder actors across a cluster. The engine is not part of the command's identity: a run started on one may
 be resumed on the other.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from omnitok.data.prepare import Outcome, Prepared, Preprocessor, encode_prepared
+from omnitok.data.prepare import Outcome, Prepared, Preprocessor, encode_prepared, prepare_all
 from omnitok.data.readers import Item, read_inputs
 from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest
 from omnitok.distributed import launched_part
@@ -67,7 +67,6 @@ class TokenizeConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster; "auto" or HOST:PORT
     encoders: int | None = None  # encoder actors (default: one per GPU share, else half the cluster's CPUs)
     gpus_per_encoder: float | None = None  # default: 1 when the cluster has GPUs, else 0
-    ray_window: int = 10_000  # items listed per Ray dataset (bounds the driver's memory; actors load once per window)
 
     def __post_init__(self) -> None:
         if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
@@ -78,14 +77,13 @@ class TokenizeConfig:
             raise OmnitokError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
         if self.engine not in ENGINES:
             raise OmnitokError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.ray_window < 1 or (self.encoders is not None and self.encoders < 1) or (self.gpus_per_encoder or 0) < 0:
-            raise OmnitokError("--ray-window and --encoders must be at least 1, --gpus-per-encoder at least 0")
+        if (self.encoders is not None and self.encoders < 1) or (self.gpus_per_encoder or 0) < 0:
+            raise OmnitokError("--encoders must be at least 1, --gpus-per-encoder at least 0")
 
     def identity(self) -> dict:
         """What decides the output; a resumed run must match it exactly (workers and batch size do not count)."""
         d = asdict(self)
-        for k in ("workers", "batch_size", "out", "engine", "ray_address", "encoders", "gpus_per_encoder",
-                  "ray_window"):
+        for k in ("workers", "batch_size", "out", "engine", "ray_address", "encoders", "gpus_per_encoder"):
             d.pop(k)
         if d["loss_on"] == "assistant":  # the default is left out, as in settings written before conversations
             d.pop("loss_on")
@@ -126,10 +124,6 @@ def tokenize(cfg: TokenizeConfig, command: str | None = None) -> dict:
             workers.close()
 
 
-def _prepare_all(prepare: Preprocessor, chunk: list[tuple[int, Item]]) -> list[Prepared]:
-    return [prepare(job) for job in chunk]
-
-
 def _exit_with(parent: int) -> None:
     """Worker initializer: a worker whose parent is gone (SIGKILL, the OOM killer) ends within a second, instead of
     waiting on the task queue for ever (its siblings hold the queue open, so it never sees end-of-file)."""
@@ -166,7 +160,7 @@ class _Workers:
 
         def fill() -> None:
             while len(flight) < 4 * self.workers and (chunk := list(itertools.islice(jobs, self.chunk))):
-                flight.append((chunk, self.pool.submit(_prepare_all, prepare, chunk)))
+                flight.append((chunk, self.pool.submit(prepare_all, prepare, chunk)))
 
         fill()
         while flight:
