@@ -28,8 +28,8 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray cluster of 2 CPUs (one encoder, one to prepare media: no room to spare) whose workers die on media
-    named crash*, whose encoders take 10 s over a batch from files named busy* and log each start to the file
-    ``STARTS`` names (tests/worker_crash.py)."""
+    named crash*, whose encoders take 10 s over a block from files named busy* and log each start
+    (tests/worker_crash.py); yields the cluster's address and the log's path."""
     path = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
     starts = tmp_path_factory.mktemp("encoders") / "starts"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -158,7 +158,7 @@ def test_a_worker_that_dies_on_a_file_loses_only_that_item(tmp_path, cluster, to
 
 
 def cluster_idle(timeout: float = 15) -> bool:
-    """Whether every CPU of the test cluster is free again within ``timeout`` s: no encoder outlived its dataset."""
+    """Whether every CPU of the test cluster is free again within ``timeout`` s: no encoder outlived its job."""
     deadline = time.monotonic() + timeout
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
         if time.monotonic() > deadline:
