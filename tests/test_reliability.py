@@ -326,6 +326,35 @@ def test_a_damaged_shard_is_skipped_and_recorded_and_training_goes_on(shards, tm
                      one_line(capsys))
 
 
+
+def test_a_shard_that_stops_where_a_member_would_begin_is_damaged_not_silently_short(tmp_path):
+    """tarfile takes a tar that stops exactly where a member would begin (a copy cut on a block boundary, as
+    4 KiB-aligned cuts often are) or that holds garbage there for a whole, shorter archive: its other samples would
+    be lost without a word. Such a shard, and a ``pipe:`` command that fails after a good stream, are damaged, for
+    reading as for ``shards merge``'s check."""
+    from omnitok.data.shards import _not_as_listed
+
+    sample = (_npy(np.arange(5, dtype=np.int32)), b'{"spans": []}')
+    whole = tmp_path / "whole.tar"
+    _tar(whole, [(f"k{i}.{ext}", data) for i in range(6) for ext, data in zip(("tokens.npy", "meta.json"), sample)])
+    assert len(read_shard(str(whole))) == len(read_shard(f"pipe:cat {whole}")) == 6 and not _not_as_listed(whole, 6)
+    with tarfile.open(whole) as tar:
+        third = tar.getmembers()[4].offset  # where sample k2's first header begins
+    data = whole.read_bytes()
+    cut, garbage = tmp_path / "cut.tar", tmp_path / "garbage.tar"
+    cut.write_bytes(data[:third])
+    garbage.write_bytes(data[:third] + b"x" * 512 + data[third + 512:])
+    for damaged in (cut, garbage):
+        with tarfile.open(damaged) as tar:
+            assert len(tar.getmembers()) == 4  # what tarfile alone makes of it
+        for url in (str(damaged), f"pipe:cat {damaged}"):
+            with pytest.raises(OmnitokError, match=f"^{re.escape(url)}: not a whole shard tar \\(it ends without "
+                                                   "tar's end-of-archive block"):
+                read_shard(url)
+        assert _not_as_listed(damaged, 6).startswith("not a whole shard tar (it ends without")
+    with pytest.raises(OmnitokError, match="not a whole shard tar \\(the command exited with status 3\\)"):
+        read_shard(f"pipe:cat {whole}; exit 3")
+
 def test_a_key_that_appears_twice_is_an_error_never_a_drop(tmp_path):
     a = (_npy(np.arange(3, dtype=np.int32)), b'{"spans": []}')
     _tar(tmp_path / "x.tar", [("k.tokens.npy", a[0]), ("k.meta.json", a[1]), ("k.tokens.npy", a[0]),

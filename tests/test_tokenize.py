@@ -15,9 +15,9 @@ from conftest import PHOTOS, jpeg
 from PIL import Image
 
 from omnitok.cli import main
-from omnitok.data.shards import iter_samples, read_manifest
+from omnitok.data.shards import iter_samples, merge_shards, read_manifest
 from omnitok.data.tokenize import TokenizeConfig, tokenize
-from omnitok.errors import LayoutMismatch
+from omnitok.errors import LayoutMismatch, OmnitokError
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 ASSETS = Path(__file__).parent / "assets"
@@ -148,6 +148,17 @@ def test_parts_together_equal_the_single_process_output(tmp_path, tokdir, corpus
     assert main(["shards", "merge", "--out", str(tmp_path / "merged"), *[str(tmp_path / f"part{p}")
                                                                          for p in range(3)]]) == 0
     assert samples(tmp_path / "merged") == samples(tmp_path / "single")
+    # a part's shard cut short by a bad copy, or gone: refused in one line naming it, before anything is written
+    shard = tmp_path / "part1" / read_manifest(tmp_path / "part1")["shards"][0]["name"]
+    whole = shard.read_bytes()
+    cut = r"(not a whole shard tar|holds \d+ samples, its manifest lists \d+)"  # where the cut falls decides
+    for damage, said in ((whole[: len(whole) // 2], cut), (whole[: len(whole) // 3], cut), (None, "missing")):
+        shard.unlink()
+        if damage is not None:
+            shard.write_bytes(damage)
+        with pytest.raises(OmnitokError, match=f"^{shard}: {said}.*copy that part again or re-make it"):
+            merge_shards(tmp_path / "again", [tmp_path / f"part{p}" for p in range(3)])
+        assert not (tmp_path / "again").exists()
 
 
 def kill_after_shards(args: list[str], out: Path, shards: int, env: dict | None = None, wait: float = 120) -> None:

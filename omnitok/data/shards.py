@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,19 +128,53 @@ def read_manifest(directory: Path) -> dict:
 
 @contextlib.contextmanager
 def open_tar(url: str) -> Iterator[tarfile.TarFile]:
-    """A tar read as a stream: a local path, or ``pipe:COMMAND`` whose output is the tar (object stores)."""
+    """A tar read as a stream: a local path, or ``pipe:COMMAND`` whose output is the tar (object stores). Once the
+    caller has read every member, a tar that stops where a member would begin (tarfile takes the end of a copy cut
+    short there, or garbage there, for the end of the archive) and a command that failed raise ``tarfile.ReadError``."""
     proc = None
     if url.startswith("pipe:"):
         proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        tar = tarfile.open(fileobj=proc.stdout, mode="r|*")
+        raw = proc.stdout
     else:
-        tar = tarfile.open(url, mode="r|*")
+        raw = open(url, "rb")
+    stream = _Recent(raw)
     try:
-        yield tar
-    finally:
-        tar.close()
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            yield tar
+            plain = getattr(tar.fileobj, "comptype", "tar") == "tar"  # offsets in a compressed one are not the file's
+            if plain and stream.block(tar.offset) != bytes(tarfile.BLOCKSIZE):
+                raise tarfile.ReadError("it ends without tar's end-of-archive block: cut short or damaged")
         if proc is not None:
-            proc.wait()
+            while raw.read(1 << 16):  # the padding after the end
+                pass
+            if proc.wait() != 0:
+                raise tarfile.ReadError(f"the command exited with status {proc.returncode}")
+    finally:
+        raw.close()
+        if proc is not None:
+            proc.wait()  # a command still writing ends on the closed pipe
+
+
+class _Recent:
+    """A binary stream's reader that keeps its last few reads, so that the block at a position tarfile has just read
+    (where it found the archive's end) can be looked at."""
+
+    def __init__(self, raw):
+        self.raw, self.pos, self.recent = raw, 0, deque(maxlen=8)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.recent.append((self.pos, data))
+        self.pos += len(data)
+        return data
+
+    def block(self, offset: int) -> bytes:
+        """The 512 bytes from ``offset`` (fewer at the end of the stream; none when no longer held)."""
+        if not self.recent or offset < self.recent[0][0]:
+            return b""
+        held = b"".join(data for _, data in self.recent)
+        start = offset - self.recent[0][0]
+        return held[start:start + tarfile.BLOCKSIZE]
 
 
 def read_shard(url: str) -> list[tuple[str, np.ndarray, dict]]:
@@ -239,9 +273,26 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
     return "\n".join(lines), damaged
 
 
+def _not_as_listed(path: Path, samples: int) -> str | None:
+    """What is wrong with the shard at ``path`` against its manifest entry (missing, cut short, another number of
+    samples), from its tar headers alone (each member's data is skipped, not read); None when nothing is."""
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
+            found = sum(member.name.endswith(".tokens.npy") for member in tar)
+            f.seek(tar.offset)
+            if f.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):  # as ``open_tar`` checks
+                return "not a whole shard tar (it ends without tar's end-of-archive block: cut short or damaged)"
+    except FileNotFoundError:
+        return "missing"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return f"not a whole shard tar ({getattr(e, 'strerror', None) or e})"
+    return None if found == samples else f"holds {found} samples, its manifest lists {samples}"
+
+
 def merge_shards(out: Path, parts: list[Path]) -> dict:
     """Join the shard directories of parts into one (shards renumbered, hard-linked or copied; manifests and error
-    records combined). Every part must have the same token layout and be complete."""
+    records combined). Every part must have the same token layout and be complete, and each of its shards whole and
+    as its manifest lists it (checked before anything is written)."""
     if out.exists() and any(out.iterdir()):
         raise OmnitokError(f"{out} is not empty")
     manifests = [read_manifest(p) for p in parts]
@@ -250,6 +301,11 @@ def merge_shards(out: Path, parts: list[Path]) -> dict:
         layouts[0].check_same(layout, str(parts[0]), str(p))
         if not m.get("complete"):
             raise OmnitokError(f"{p} is an incomplete run; finish it (rerun its command) before merging")
+        for shard in m["shards"]:
+            problem = _not_as_listed(p / shard["name"], shard["samples"])
+            if problem:
+                raise OmnitokError(f"{p / shard['name']}: {problem}; copy that part again or re-make it (its "
+                                   "tokenize command, into a new directory), then merge")
     out.mkdir(parents=True, exist_ok=True)
     shards, index = [], 0
     errors: Counter = Counter()
