@@ -330,14 +330,14 @@ def test_a_damaged_shard_is_skipped_and_recorded_and_training_goes_on(shards, tm
 def test_a_shard_that_stops_where_a_member_would_begin_is_damaged_not_silently_short(tmp_path):
     """tarfile takes a tar that stops exactly where a member would begin (a copy cut on a block boundary, as
     4 KiB-aligned cuts often are) or that holds garbage there for a whole, shorter archive: its other samples would
-    be lost without a word. Such a shard, and a ``pipe:`` command that fails after a good stream, are damaged, for
-    reading as for ``shards merge``'s check."""
-    from omnitok.data.shards import _not_as_listed
+    be lost without a word. Such a shard, and a ``pipe:`` command that fails after a good stream, are damaged; a cut
+    one is also caught by ``shards merge``'s quick check (size and last bytes)."""
+    from omnitok.data.shards import _not_whole
 
     sample = (_npy(np.arange(5, dtype=np.int32)), b'{"spans": []}')
     whole = tmp_path / "whole.tar"
     _tar(whole, [(f"k{i}.{ext}", data) for i in range(6) for ext, data in zip(("tokens.npy", "meta.json"), sample)])
-    assert len(read_shard(str(whole))) == len(read_shard(f"pipe:cat {whole}")) == 6 and not _not_as_listed(whole, 6)
+    assert len(read_shard(str(whole))) == len(read_shard(f"pipe:cat {whole}")) == 6 and not _not_whole(whole)
     with tarfile.open(whole) as tar:
         third = tar.getmembers()[4].offset  # where sample k2's first header begins
     data = whole.read_bytes()
@@ -351,7 +351,7 @@ def test_a_shard_that_stops_where_a_member_would_begin_is_damaged_not_silently_s
             with pytest.raises(OmnitokError, match=f"^{re.escape(url)}: not a whole shard tar \\(it ends without "
                                                    "tar's end-of-archive block"):
                 read_shard(url)
-        assert _not_as_listed(damaged, 6).startswith("not a whole shard tar (it ends without")
+    assert _not_whole(cut).startswith("not a whole shard tar (it does not end as tar ends an archive")
     with pytest.raises(OmnitokError, match="not a whole shard tar \\(the command exited with status 3\\)"):
         read_shard(f"pipe:cat {whole}; exit 3")
 

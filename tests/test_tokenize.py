@@ -151,8 +151,8 @@ def test_parts_together_equal_the_single_process_output(tmp_path, tokdir, corpus
     # a part's shard cut short by a bad copy, or gone: refused in one line naming it, before anything is written
     shard = tmp_path / "part1" / read_manifest(tmp_path / "part1")["shards"][0]["name"]
     whole = shard.read_bytes()
-    cut = r"(not a whole shard tar|holds \d+ samples, its manifest lists \d+)"  # where the cut falls decides
-    for damage, said in ((whole[: len(whole) // 2], cut), (whole[: len(whole) // 3], cut), (None, "missing")):
+    cut = "not a whole shard tar"
+    for damage, said in ((whole[: len(whole) // 2], cut), (whole[: len(whole) - 512], cut), (None, "missing")):
         shard.unlink()
         if damage is not None:
             shard.write_bytes(damage)

@@ -168,10 +168,16 @@ class _Pipeline:
         own with no retry: those whose task dies are recorded ("a worker died preparing this item"), the others are
         encoded again; a failure no single item explains ends the job in one line (a rerun resumes)."""
         ray = self.ray
+
+        def unexplained(e: Exception) -> OmnitokError:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {first}; rerun the same "
+                                "command to continue after the last complete shard")
+
         try:
             return ray.get(ref)
         except ray.exceptions.RayError as e:
-            failure = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            failure = e
         alone = ray.remote(num_cpus=1, max_retries=0)(lambda prepare, job: prepare(job))
         refs = [(job, alone.remote(shared, job)) for job in block]
         prepared, died = [], []
@@ -181,12 +187,10 @@ class _Pipeline:
             except ray.exceptions.RayError as e:
                 dead = Prepared.worker_died(job, f" ({type(e).__name__})")
                 died.append(dead.failed(dead.error))
+        if not died:
+            raise unexplained(failure)
         try:
-            if not died:
-                raise OmnitokError(failure)
             outcomes = ray.get(encoders[0].encode.remote(prepared)) + died
-        except (ray.exceptions.RayError, OmnitokError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise OmnitokError(f"the Ray pipeline failed and no single item makes it fail: {first}; rerun the same "
-                               "command to continue after the last complete shard") from None
+        except ray.exceptions.RayError as e:
+            raise unexplained(e) from None
         return sorted(outcomes, key=lambda o: o.index)
