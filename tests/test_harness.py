@@ -134,9 +134,9 @@ class Counting(harness.ModuleTask):
         pass
 
 
-def _run(task, out, **settings):
+def _run(task, out, resume=False, **settings):
     return harness.run(task, harness.RunSettings(**settings), {"steps": settings["steps"]}, out,
-                       world=distributed.single(torch.device("cpu")), resume=False, desc="test")
+                       world=distributed.single(torch.device("cpu")), resume=resume, desc="test")
 
 
 def test_records_are_window_means_and_skips_are_counted(tmp_path):
@@ -176,8 +176,7 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_the_resumed_run_equal
     assert stopped.value.signum == signum
     assert [signal.getsignal(s) for s in harness.STOP_SIGNALS] == before  # put back
     assert [p.name for p in complete_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step_00000005"]
-    harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 8}, tmp_path / "cut",
-                world=distributed.single(torch.device("cpu")), resume=True, desc="test")
+    _run(Counting({}), tmp_path / "cut", resume=True, **settings)
     whole, cut = ((tmp_path / d / "train.jsonl").read_text() for d in ("whole", "cut"))
     assert cut == whole and [json.loads(x)["step"] for x in cut.splitlines()] == [3, 6, 8]  # the window spans the stop
     a, b = (load_safetensors(tmp_path / d / "checkpoints" / "step_00000008" / "model.safetensors")
@@ -217,9 +216,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_keeps_the_last_checkpoint_a
     monkeypatch.setattr(shutil, "disk_usage", real_usage)
     calls["n"] = 1
     with pytest.raises(RuntimeError, match="unexpected pos"):
-        harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 6}, tmp_path / "run",
-                    world=distributed.single(torch.device("cpu")), resume=True, desc="test")
+        _run(Counting({}), tmp_path / "run", resume=True, **settings)
     monkeypatch.setattr(torch, "save", real_save)
-    harness.run(Counting({}), harness.RunSettings(**settings), {"steps": 6}, tmp_path / "run",
-                world=distributed.single(torch.device("cpu")), resume=True, desc="test")
+    _run(Counting({}), tmp_path / "run", resume=True, **settings)
     assert (tmp_path / "run" / "train.jsonl").read_text() == (tmp_path / "whole" / "train.jsonl").read_text()
