@@ -1,7 +1,8 @@
 """Sampler decode tokens/s against transformers' ``generate`` (same model, prompt, temperature / top-p, KV cache),
 text at batch 1 and 8; the time cost of classifier-free guidance on image spans, and how much of an image's time
-is the sampler's own work between the model's forward passes; decode speed against the memory-bandwidth bound:
-``python -m benchmarks.sample [--size tiny|1b] [--grid 16]``."""
+is the sampler's own work between the model's forward passes; decode speed against the memory-bandwidth bound;
+with ``--compiled`` the compiled decoder (CUDA graphs on a GPU) against eager, and guidance measured with it:
+``python -m benchmarks.sample [--size tiny|1b] [--grid 16] [--compiled]``."""
 
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def outside_passes(fn, device: torch.device) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Decode tokens/s of omnitok's sampler vs transformers' ``generate`` (same model, prompt, temperature / top-p,
-    KV cache), text mode at batch 1 and 8; then the cost of classifier-free guidance on image spans; then decode
-    speed as a fraction of the memory-bandwidth bound (weight bytes per step / measured copy bandwidth)."""
+    KV cache), text mode at batch 1 and 8, and (``compiled``) the compiled decoder's against eager; then the cost of
+    classifier-free guidance on image spans (with the compiled decoder when ``compiled``); then decode speed as a
+    fraction of the memory-bandwidth bound (weight bytes per step / measured copy bandwidth)."""
     from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
     from omnitok.tokenizers.layout import TokenLayout, image_span_length
@@ -91,51 +93,54 @@ def run(args: argparse.Namespace) -> dict:
         out[f"batch{batch}"] = {"ours": r_ours, "peer": r_peer, "ratio": r_ours / r_peer}
         print(f"  text, batch {batch}: omnitok {r_ours:.0f} tokens/s, transformers generate {r_peer:.0f} tokens/s, "
               f"ratio {r_ours / r_peer:.2f}")
+    if args.compiled:  # the compiled decoder (CUDA graphs on a GPU) against eager: text decode, same greedy tokens
+        from omnitok.model.decoder import CudaGraphs
+
+        for batch in (1, 8):
+            cfg = SamplingConfig(greedy=True, output="text", max_new_tokens=n)
+            prompts = [prompt] * batch
+            captured, start = CudaGraphs.captured, time.perf_counter()
+            same = generate(model, layout, prompts, eos, cfg, compiled=True) == generate(model, layout, prompts,
+                                                                                           eos, cfg)
+            warm = time.perf_counter() - start  # the first compiled run pays the compiler
+            captured = CudaGraphs.captured - captured
+            rates = {c: batch * n / timed(lambda c=c: generate(model, layout, prompts, eos, cfg, compiled=c),
+                                          args.repeats, device) for c in (False, True)}
+            out[f"compiled_batch{batch}"] = {"eager": rates[False], "compiled": rates[True],
+                                             "ratio": rates[True] / rates[False], "same_tokens": same,
+                                             "first_run_s": warm, "graphs_captured": captured}
+            print(f"  text, batch {batch}: compiled {rates[True]:.0f} tokens/s, eager {rates[False]:.0f} tokens/s, "
+                  f"ratio {rates[True] / rates[False]:.2f}; greedy tokens {'equal' if same else 'DIFFER'}; first "
+                  f"run {warm:.1f} s with {captured} CUDA graphs captured")
     g = args.grid
     for batch in (1, 8):
         times = {}
         for scale in (1.0, 3.0):
             cfg = SamplingConfig(output="image", grid=(g, g), max_new_tokens=image_span_length(g, g),
                                  image=ModalitySampling(top_k=1000, guidance=scale))
-            times[scale] = timed(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg),
-                                  args.repeats, device)
-        split = outside_passes(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg), device)
+            times[scale] = timed(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg,
+                                                         compiled=args.compiled), args.repeats, device)
+        split = outside_passes(lambda cfg=cfg: generate(model, layout, [prompt] * batch, eos, cfg,
+                                                        compiled=args.compiled), device)
         out[f"cfg_batch{batch}"] = {"s_per_image_plain": times[1.0] / batch, "s_per_image_cfg": times[3.0] / batch,
                                     "cost": times[3.0] / times[1.0], "guided_split": split}
         print(f"  {g}x{g} image, batch {batch}: {times[1.0] / batch:.2f} s/image without guidance, "
               f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time; guided, "
               f"{split['ms_per_pass']:.2f} ms a pass, of which the sampler's own work "
               f"{split['sampler_ms_per_pass']:.2f} ms ({split['sampler_share']:.0%})")
-    if args.compiled:  # the decoder's layers under torch.compile vs eager, text decode, same tokens
-        from torch._dynamo.utils import counters
-
-        for batch in (1, 8):
-            skips = counters["inductor"]["cudagraph_skips"]
-            cfg = SamplingConfig(greedy=True, output="text", max_new_tokens=n)
-            prompts = [prompt] * batch
-            start = time.perf_counter()
-            same = generate(model, layout, prompts, eos, cfg, compiled=True) == generate(model, layout, prompts,
-                                                                                           eos, cfg)
-            warm = time.perf_counter() - start  # the first compiled run pays the compiler
-            rates = {c: batch * n / timed(lambda c=c: generate(model, layout, prompts, eos, cfg, compiled=c),
-                                          args.repeats, device) for c in (False, True)}
-            out[f"compiled_batch{batch}"] = {"eager": rates[False], "compiled": rates[True],
-                                             "ratio": rates[True] / rates[False], "same_tokens": same,
-                                             "first_run_s": warm,
-                                             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips}
-            print(f"  text, batch {batch}: compiled {rates[True]:.0f} tokens/s, eager {rates[False]:.0f} tokens/s, "
-                  f"ratio {rates[True] / rates[False]:.2f}; greedy tokens {'equal' if same else 'DIFFER'}")
     big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
     dst = torch.empty_like(big)
     copy_s = timed(lambda: dst.copy_(big), args.repeats + 2, device)
     bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    per_token = 1 / out["batch1"]["ours"]
     bound = weight_bytes / bandwidth
-    out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound / per_token}
+    out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound * out["batch1"]["ours"]}
+    if args.compiled:
+        out["bandwidth"]["fraction_compiled"] = bound * out["compiled_batch1"]["compiled"]
     print(f"  memory bound: {weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s copy bandwidth = "
-          f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {per_token * 1e3:.2f} ms/token: "
-          f"{bound / per_token:.1%} of the bound")
+          f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {1e3 / out['batch1']['ours']:.2f} ms/token: "
+          f"{out['bandwidth']['fraction']:.1%} of the bound"
+          + (f" (compiled {out['bandwidth']['fraction_compiled']:.1%})" if args.compiled else ""))
     return out
 
 
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile'd decoder")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the compiled decoder; guidance is then timed with it")
     parser.add_argument("--device", default=default_device())
     return run(parser.parse_args(argv))
 

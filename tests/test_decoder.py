@@ -6,7 +6,7 @@ from test_pretrain_parts import LAYOUT
 
 from omnitok.errors import OmnitokError
 from omnitok.model.build import ModelConfig, build_model
-from omnitok.model.decoder import Decoder
+from omnitok.model.decoder import CudaGraphs, Decoder
 from omnitok.model.sampler import _left_padded
 
 
@@ -15,16 +15,36 @@ def hf_last_logits(model, seqs):
     return torch.stack([model(torch.tensor([s])).logits[0, -1] for s in seqs])
 
 
+class Rerun:
+    """CUDA graph capture emulated on the CPU, for ``CudaGraphs``: the output is one tensor that each replay
+    overwrites, recomputed from the captured input tensors over the cache tensors of the capture, which is what a
+    graph reads and writes (so inputs not copied in, or a graph replayed over a replaced cache, give wrong logits)."""
+
+    def __init__(self):
+        self.replays = 0
+
+    def __call__(self, fn):
+        out = fn()
+
+        def replay():
+            self.replays += 1
+            out.copy_(fn())
+
+        return replay, out
+
+
 def decoder(model, form: str) -> Decoder:
     """An eager decoder; with ``form`` "static", it runs the compiled decoder's static form eagerly (keys and values
-    written at tensor indices, attention over the cache's whole capacity: what the graphs, and on a GPU the CUDA
-    graphs, run)."""
+    written at tensor indices, attention over the cache's whole capacity: what compiled passes and CUDA graphs run);
+    "graphs": its decoding passes through ``CudaGraphs`` with the capture emulated (``Rerun``)."""
     dec = Decoder(model)
-    dec.static = form == "static"
+    dec.static = form != "sliced"
+    if form == "graphs":
+        dec.graphs = CudaGraphs(dec._static, record=Rerun())
     return dec
 
 
-FORMS = pytest.mark.parametrize("form", ["sliced", "static"])
+FORMS = pytest.mark.parametrize("form", ["sliced", "static", "graphs"])
 
 
 @FORMS
@@ -57,6 +77,32 @@ def test_logits_match_hugging_face_with_padding_steps_and_spliced_rows(arch, for
     nxt = torch.cat([nxt, pos[:, -1] + 1])
     ours = dec.forward(cache, torch.full((3, 1), 8), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
     torch.testing.assert_close(ours, hf_last_logits(model, [s + [8] for s in seqs]), atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_graphs_are_replayed_while_the_cache_stays_and_captured_again_when_it_is_replaced():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2),
+                        LAYOUT).eval()
+    dec = decoder(model, "graphs")
+    record = dec.graphs.record
+    seqs = [[1, 5, 9], [1, 7, 8]]
+    cache = dec.new_cache(2, capacity=16)
+    ids, valid, pos = _left_padded(seqs, LAYOUT.pad_id, dec.device)
+    dec.forward(cache, ids, valid, pos)  # a prefill: no graph
+    before = CudaGraphs.captured
+    nxt = pos[:, -1] + 1
+    for token in range(20, 26):
+        seqs = [s + [token] for s in seqs]
+        ours = dec.forward(cache, torch.full((2, 1), token), torch.ones(2, 1, dtype=torch.bool), nxt[:, None])
+        torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
+        nxt = nxt + 1
+    assert (CudaGraphs.captured - before, record.replays) == (1, 6)  # one shape, one cache: one graph
+    cache.select(torch.tensor([1]))  # new tensors: the graph over the old ones must not be replayed
+    seqs = [seqs[1] + [30]]
+    ours = dec.forward(cache, torch.full((1, 1), 30), torch.ones(1, 1, dtype=torch.bool), nxt[1:, None])
+    torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
+    assert CudaGraphs.captured - before == 2 and len(dec.graphs.graphs) == 1
 
 
 def test_unsupported_models_are_refused_by_name():
@@ -125,3 +171,4 @@ def test_the_compiled_decoder_gives_the_same_greedy_tokens(model_dir):
         compiled = generate(model, tok.layout, prompts, tok.text.eos_id, cfg, compiled=True)
     assert compiled == generate(model, tok.layout, prompts, tok.text.eos_id, cfg)
     assert set(widths) == {5}  # every window padded to 1 + sjd_window: one shape, one CUDA graph on a GPU
+

@@ -6,18 +6,20 @@ over a ``KVCache`` that is preallocated and grows by doubling. Rows of the cache
 steps, which is what classifier-free guidance needs: an unconditional row joins while its sample is inside a media
 span and leaves when the span closes.
 
-With ``compiled``, the layers run under ``torch.compile`` with dynamic shapes in a static form: new keys and values are
-written at columns given as a tensor (``index_copy_``) and attention reads the cache's whole capacity under an
-explicit mask, so nothing in a graph depends on where in the cache a step writes. Steps of any batch, window and cache
-length reuse a handful of graphs (prefill, window, one-token step), and from one decoding pass to the next no shape
-and no address changes (only when rows join or leave or the cache grows; windows are padded to the widest the
-settings allow, ``window_width``). Decoding passes (one-token steps and windows) are compiled apart with
-``mode="reduce-overhead"``: on a GPU, inductor captures them as a CUDA graph per shape and replays it (the cache's
-tensors are marked static addresses, so a replay copies only the new tokens' inputs); on a CPU the same code runs
-without graphs. (Slicing the cache at a symbolic ``start`` / ``end`` instead, as the eager path does, let a
-graph compiled where the cache happened to be exactly full be reused for a larger cache: a size assertion failed
-inside the graph once the server's cache grew.) The tokens are the same as eager (tested greedy, ``generate`` and the
-server's engine).
+With ``compiled``, one decoder layer runs under ``torch.compile`` with dynamic shapes (every layer calls the same
+compiled function with its own weights, so compiling costs one layer's graph whatever the depth: compiling all the
+layers as one graph took minutes per shape for a 22-layer model on an H200 and did not finish there), in a static
+form: new keys and values are written at columns given as a tensor (``index_copy_``) and attention reads the cache's
+whole capacity under an explicit mask, so nothing in a pass depends on where in the cache it writes. On a GPU the
+decoding passes (one-token steps, and windows padded to the widest the settings allow, ``window_width``) then run as
+CUDA graphs (``CudaGraphs``): captured at a pass's first shape over the cache's current tensors and replayed after
+it, so a 1B model's step is no longer paid in kernel launches (eager, it is launch-bound: ~16 ms a step on an H200
+where its weights take ~0.6 ms to read). Shapes and addresses change only when rows join or leave or the cache
+grows, and then the graphs are captured again. On a CPU the same static form runs without graphs. (Slicing the cache
+at a symbolic ``start`` / ``end`` instead, as the eager path does, let a graph compiled where the cache happened to
+be exactly full be reused for a larger cache: a size assertion failed inside the graph once the server's cache
+grew.) The tokens are the same as eager (tested greedy, ``generate`` and the server's engine; the graphs' plumbing
+with an emulated capture on the CPU).
 
 Supported: ``llama``, ``mistral`` and ``qwen2`` without sliding windows, ``qwen3`` (QK-norm), i.e. every model that
 ``omnitok pretrain`` builds or continues from those families. Parity with Hugging Face is tested (logits with left
@@ -25,6 +27,8 @@ padding, greedy tokens equal to ``generate``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +135,53 @@ class KVCache:
         self.length -= first
 
 
-def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Llama-style RMSNorm module's function in one op (computed in float32 like the module)."""
-    w = module.weight
-    return w * F.rms_norm(x.float(), w.shape, None, module.variance_epsilon).to(x.dtype)
+def cuda_graph(fn) -> tuple:
+    """``fn()`` captured as a CUDA graph: (replay, output), the output tensor overwritten by each replay. A first run
+    on a side stream compiles what is still to compile and sets up cuBLAS's workspaces (which a capture cannot);
+    it writes the same keys and values into the cache as the replays will."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+class CudaGraphs:
+    """A compiled decoder's decoding passes as CUDA graphs: ``run(keys, values, *inputs)`` is captured once per
+    shape of ``inputs`` over the cache's current tensors, then replayed with the new inputs copied into the graph's
+    own. A cache whose tensors were replaced (it grew, rows joined or left, it was trimmed) drops every graph: they
+    read and write the old tensors' memory. ``record`` captures (``cuda_graph``; a test emulates it on the CPU)."""
+
+    captured = 0  # graphs captured in this process (the GPU check reports it)
+
+    def __init__(self, run, record=cuda_graph):
+        self.run, self.record = run, record
+        self.keys = self.values = None  # the cache tensors the graphs were captured over
+        self.graphs: dict = {}
+
+    def __call__(self, keys: list[torch.Tensor], values: list[torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        if keys is not self.keys or values is not self.values:
+            self.graphs.clear()
+            self.keys, self.values = keys, values
+        shapes = tuple(t.shape for t in inputs)
+        if shapes not in self.graphs:
+            mine = tuple(t.clone() for t in inputs)
+            self.graphs[shapes] = (mine, *self.record(lambda: self.run(keys, values, *mine)))
+            CudaGraphs.captured += 1
+        mine, replay, out = self.graphs[shapes]
+        for dst, src in zip(mine, inputs):
+            dst.copy_(src)
+        replay()
+        return out
+
+
+def _norm(w: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
+    """A Llama-style RMSNorm's function in one op (computed in float32 like Hugging Face's module), weight ``w``."""
+    return w * F.rms_norm(x.float(), w.shape, None, eps).to(x.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -162,21 +209,24 @@ class Decoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
-        self.weights = []  # per layer, read once: module attribute lookups cost more than a small matmul
+        self.eps = config.rms_norm_eps  # every RMSNorm of these families (layers, QK-norm, final) uses it
+        self.weights = []  # per layer, tensors only, read once: module attribute lookups cost more than a small matmul
         for layer in self.layers:
             a, m = layer.self_attn, layer.mlp
-            qk_norm = (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else (None, None)
-            self.weights.append((layer.input_layernorm, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
+            qk_norm = (a.q_norm.weight, a.k_norm.weight) if hasattr(a, "q_norm") else (None, None)
+            self.weights.append((layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight,
                                  a.k_proj.bias, a.v_proj.weight, a.v_proj.bias, *qk_norm, a.o_proj.weight,
-                                 a.o_proj.bias, layer.post_attention_layernorm, m.gate_proj.weight, m.gate_proj.bias,
-                                 m.up_proj.weight, m.up_proj.bias, m.down_proj.weight, m.down_proj.bias))
+                                 a.o_proj.bias, layer.post_attention_layernorm.weight, m.gate_proj.weight,
+                                 m.gate_proj.bias, m.up_proj.weight, m.up_proj.bias, m.down_proj.weight,
+                                 m.down_proj.bias))
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
-        # torch.compile over the layers (dynamic shapes: the rows, the tokens fed and the cache length vary from step
+        # torch.compile over one layer (dynamic shapes: the rows, the tokens fed and the cache length vary from step
         # to step without recompiling); embedding, RoPE tables, masks and cache bookkeeping stay in Python
-        self.static = compiled  # the static form (``_blocks`` with ``index``), what compiled graphs run
-        self.blocks = torch.compile(self._blocks, dynamic=True) if compiled else self._blocks
-        self.step_blocks = torch.compile(self._step, dynamic=True, mode="reduce-overhead") if compiled else self._blocks
+        self.static = compiled  # the static form (``_blocks`` with ``index``), what compiled passes and graphs run
+        self.compiled = compiled
+        self.layer = torch.compile(self._layer, dynamic=True) if compiled else self._layer
+        self.graphs = CudaGraphs(self._static) if compiled and self.device.type == "cuda" else None
 
     def new_cache(self, rows: int, capacity: int = 64) -> KVCache:
         return KVCache(len(self.layers), rows, self.kv_heads, self.head_dim, self.dtype, self.device, capacity)
@@ -231,63 +281,64 @@ class Decoder:
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, positions)
         if self.static:
-            run = self.blocks
-            if decode:
-                run = self.step_blocks
-                if self.device.type == "cuda":  # CUDA graphs replay over the cache in place (re-recorded if it moves)
-                    for tensor in (*cache.keys, *cache.values):
-                        torch._dynamo.mark_static_address(tensor)
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's output is used up: reuse its memory
             mask, _ = self._mask(cache, start, end, full=True)
-            index = torch.arange(start, end, device=ids.device)
-            x = run(x, cos[:, None], sin[:, None], mask, False, cache.keys, cache.values, start, index)
+            inputs = (x, cos[:, None], sin[:, None], mask, torch.arange(start, end, device=ids.device))
+            x = (self.graphs if decode and self.graphs else self._static)(cache.keys, cache.values, *inputs)
         else:
             mask, causal = self._mask(cache, start, end)
-            x = self.blocks(x, cos[:, None], sin[:, None], mask, causal, cache.keys, cache.values, start)
+            x = self._blocks(x, cos[:, None], sin[:, None], mask, causal, cache.keys, cache.values, start)
         cache.length = end
         return x
 
     def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 causal: bool, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
                 start: int, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Every decoder layer and the final norm over embedded tokens ``x`` (rows, t, hidden), their keys and values
-        written into the cache's tensors at ``start``: tensor operations only, what ``torch.compile`` compiles.
-        With ``index`` (the columns ``start ...`` as a tensor) the static form: keys and values are written at
-        ``index`` and attention reads the cache's whole capacity (``mask`` covers it), so neither shapes nor
-        addresses depend on ``start`` (what a CUDA graph replays)."""
-        B, t, _ = x.shape
-        gqa = self.heads != self.kv_heads
-        H, KV, d = self.heads, self.kv_heads, self.head_dim
-        for i, (n1, wq, bq, wk, bk, wv, bv, qn, kn, wo, bo, n2, wg, bg, wu, bu, wd, bd) in enumerate(self.weights):
-            h = _norm(n1, x)
-            q = F.linear(h, wq, bq).view(B, t, H, d)
-            k = F.linear(h, wk, bk).view(B, t, KV, d)
-            v = F.linear(h, wv, bv).view(B, t, KV, d).transpose(1, 2)
-            if qn is not None:
-                q, k = _norm(qn, q), _norm(kn, k)
-            qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H + KV, t, d)
-            if index is None:
-                cache_keys[i][:, :, start:start + t] = qk[:, H:]
-                cache_values[i][:, :, start:start + t] = v
-                keys, values = cache_keys[i][:, :, :start + t], cache_values[i][:, :, :start + t]
-            else:
-                cache_keys[i].index_copy_(2, index, qk[:, H:])
-                cache_values[i].index_copy_(2, index, v)
-                keys, values = cache_keys[i], cache_values[i]
-            if gqa:
-                keys = keys.repeat_interleave(H // KV, dim=1)
-                values = values.repeat_interleave(H // KV, dim=1)
-            out = F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=mask, is_causal=causal,
-                                                 scale=self.scaling)
-            x = x + F.linear(out.transpose(1, 2).reshape(B, t, -1), wo, bo)
-            h = _norm(n2, x)
-            x = x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
-        return _norm(self.body.norm, x)
+        """Every decoder layer (``layer``, compiled or not) and the final norm over embedded tokens ``x`` (rows, t,
+        hidden), their keys and values written into the cache's tensors at ``start``. With ``index`` (the columns
+        ``start ...`` as a tensor) the static form: keys and values are written at ``index`` and attention reads the
+        cache's whole capacity (``mask`` covers it), so neither shapes nor addresses depend on ``start`` (what a CUDA
+        graph replays)."""
+        # compiled, one code object serves every model in the process, about 4 graphs each (one row or more, one
+        # token or more): dynamo's default limit of 8 had the third model run eagerly, silently
+        with torch._dynamo.config.patch(recompile_limit=64) if self.compiled else contextlib.nullcontext():
+            for w, keys, values in zip(self.weights, cache_keys, cache_values):
+                x = self.layer(x, cos, sin, mask, causal, w, keys, values, start, index)
+        return _norm(self.body.norm.weight, self.eps, x)
 
-    def _step(self, *args) -> torch.Tensor:
-        """``_blocks`` for one-token steps and windows, under a code object of its own: its compiled graphs (CUDA
-        graphs on a GPU) are cached and counted apart from the prefill graphs."""
-        return self._blocks(*args)
+    def _static(self, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor], x: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``_blocks`` in the static form, the cache first (what ``CudaGraphs`` captures)."""
+        return self._blocks(x, cos, sin, mask, False, cache_keys, cache_values, 0, index)
+
+    def _layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               weights: tuple, keys: torch.Tensor, values: torch.Tensor, start: int,
+               index: torch.Tensor | None) -> torch.Tensor:
+        """One decoder layer: tensor operations only, what ``torch.compile`` compiles (once for every layer)."""
+        n1, wq, bq, wk, bk, wv, bv, qn, kn, wo, bo, n2, wg, bg, wu, bu, wd, bd = weights
+        B, t, _ = x.shape
+        H, KV, d = self.heads, self.kv_heads, self.head_dim
+        h = _norm(n1, self.eps, x)
+        q = F.linear(h, wq, bq).view(B, t, H, d)
+        k = F.linear(h, wk, bk).view(B, t, KV, d)
+        v = F.linear(h, wv, bv).view(B, t, KV, d).transpose(1, 2)
+        if qn is not None:
+            q, k = _norm(qn, self.eps, q), _norm(kn, self.eps, k)
+        qk = _rotate(torch.cat([q, k], dim=2).transpose(1, 2), cos, sin)  # (B, H + KV, t, d)
+        if index is None:
+            keys[:, :, start:start + t] = qk[:, H:]
+            values[:, :, start:start + t] = v
+            keys, values = keys[:, :, :start + t], values[:, :, :start + t]
+        else:
+            keys.index_copy_(2, index, qk[:, H:])
+            values.index_copy_(2, index, v)
+        if H != KV:
+            keys = keys.repeat_interleave(H // KV, dim=1)
+            values = values.repeat_interleave(H // KV, dim=1)
+        out = F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=mask, is_causal=causal,
+                                             scale=self.scaling)
+        x = x + F.linear(out.transpose(1, 2).reshape(B, t, -1), wo, bo)
+        h = _norm(n2, self.eps, x)
+        return x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
 
     @staticmethod
     def _mask(cache: KVCache, start: int, end: int, full: bool = False) -> tuple[torch.Tensor | None, bool]:
