@@ -207,7 +207,8 @@ def test_models_health_metrics_and_the_page(client):
     (b"[1, 2]", 400, "JSON object"),
     (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     ({"messages": [{"role": "user", "content": "hi"}], "omnitok": {"image.guidance": json.loads("[" * 500 + "]" * 500)}
-      }, 400, "nested too deeply"),  # JSON's parser takes it, the settings' YAML parser did not (a 500)
+      }, 400, "'image.guidance' must be a number, string, boolean or a flat list"),  # once a 500 from the YAML parser
+    ({"messages": [{"role": "user", "content": "hi"}], "omnitok": {"grid": [4, {"a": 1}]}}, 400, "flat list of them"),
     ({"messages": []}, 400, "non-empty list"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "'user' belongs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},

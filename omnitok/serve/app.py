@@ -187,6 +187,10 @@ def sampling_of(body: dict, base: SamplingConfig, limits: ServeLimits, **fixed) 
     taken = sorted(k for k in overrides if fixed.get(k) is not None)
     if taken:
         raise ApiError(400, f"'omnitok' cannot set {taken[0]!r} on this route (the route sets it)")
+    for key, value in overrides.items():  # checked here, not left to the YAML parser's recursion limit (torch's
+        # compiler raises the process's: a 500-deep list then parsed, where it had been a RecursionError)
+        if not all(_scalar(v) for v in (value if isinstance(value, list) else [value])):
+            raise ApiError(400, f"'omnitok' setting {key!r} must be a number, string, boolean or a flat list of them")
     settings = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     if max_tokens is not None:
@@ -205,6 +209,10 @@ def sampling_of(body: dict, base: SamplingConfig, limits: ServeLimits, **fixed) 
     if cfg.max_new_tokens > limits.max_tokens:
         raise ApiError(400, f"max_new_tokens must be at most {limits.max_tokens}")
     return cfg
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, int | float | str | bool)
 
 
 def _seed(body: dict) -> int:
