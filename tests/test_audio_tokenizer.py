@@ -214,9 +214,10 @@ def test_odd_inputs_encode_and_bad_files_raise_one_clear_error(tmp_path):
     sf.write(tmp_path / "phone.wav", speech(8_000), 8_000)
     sf.write(tmp_path / "blip.wav", chord(24_000, 0.05), 24_000)
     sf.write(tmp_path / "silence.flac", np.zeros(48_000, np.float32), 48_000)
+    sf.write(tmp_path / "hot.wav", chord(24_000, 0.1) * 1.5 / np.abs(chord(24_000, 0.1)).max(), 24_000, subtype="FLOAT")
     codes = tok.encode([tmp_path / "eight.wav", tmp_path / "phone.wav", tmp_path / "blip.wav",
-                        tmp_path / "silence.flac", (np.zeros((2, 2400), np.int16), 24_000)])
-    assert [c.shape for c in codes] == [(4, 75), (4, 376), (4, 4), (4, 75), (4, 8)]
+                        tmp_path / "silence.flac", (np.zeros((2, 2400), np.int16), 24_000), tmp_path / "hot.wav"])
+    assert [c.shape for c in codes] == [(4, 75), (4, 376), (4, 4), (4, 75), (4, 8), (4, 8)]  # a master 1.5 over: kept
     good = (tmp_path / "phone.wav").read_bytes()
     (tmp_path / "corrupt.wav").write_bytes(b"RIFX" + good[4:44] + good[44:2000])
     (tmp_path / "empty.wav").write_bytes(b"")
@@ -226,6 +227,11 @@ def test_odd_inputs_encode_and_bad_files_raise_one_clear_error(tmp_path):
             tok.encode([tmp_path / name])
     with pytest.raises(AudioError, match="NaN"):
         tok.encode([(np.full(100, np.nan, np.float32), 24_000)])
+    pcm = (speech(24_000) * 30_000).astype(np.float32)  # integer PCM stored as float without scaling
+    sf.write(tmp_path / "unscaled.wav", pcm, 24_000, subtype="FLOAT")
+    for source in (tmp_path / "unscaled.wav", (pcm, 24_000)):
+        with pytest.raises(AudioError, match=r"samples reach [\d.]+e\+04; float audio lies within about \[-1, 1\]"):
+            tok.encode([source])
     with pytest.raises(AudioError, match="sample rate must be a positive integer"):
         tok.encode([(np.zeros(100, np.float32), 0)])
 

@@ -93,6 +93,11 @@ class _Window:
     clip: Any = None  # the codec's clip_statistics, for a window of a clip longer than one window
 
 
+# float samples beyond this (24 dB over full scale) are not audio a codec was trained on: integer PCM stored as float
+# without scaling (peaks near 32768) encodes to noise; a float master a little over full scale still passes
+MAX_PEAK = 16.0
+
+
 def model_rate_blocks(source: Any, sample_rate: int, channels: int) -> Iterator[np.ndarray]:
     """Stream ``source`` (``(waveform, rate)``, a path or file bytes) as float32 ``(channels, n)`` blocks at
     ``sample_rate``: mono models take the channel mean; stereo models duplicate mono and take the mean of more than
@@ -121,8 +126,12 @@ def model_rate_blocks(source: Any, sample_rate: int, channels: int) -> Iterator[
     pending = next(blocks, None)
     while pending is not None:
         block, pending = pending, next(blocks, None)
-        if not np.isfinite(block).all():
+        peak = float(np.abs(block).max()) if block.size else 0.0
+        if not np.isfinite(peak):
             raise AudioError(f"{name}: holds NaN or infinite samples")
+        if peak > MAX_PEAK:
+            raise AudioError(f"{name}: samples reach {peak:.3g}; float audio lies within about [-1, 1] (integer PCM "
+                             "stored as float without scaling?)")
         mixed = _mix(block, channels)  # (n, model channels)
         out = stream.resample_chunk(mixed, last=pending is None) if stream is not None else mixed
         if len(out):
