@@ -80,43 +80,44 @@ def run(args: argparse.Namespace) -> dict:
     report["failed"] = []
 
     def part(name: str, fn) -> None:
-        """One measurement; a part that fails is recorded with its error and the others still run (a GPU session
-        is short: one broken part must not cost the rest of the report)."""
+        """One measurement, ``fn(partial)``; a part that fails is recorded with its error and whatever it had put
+        in ``partial``, and the others still run (a GPU session is short: one broken measurement must not cost the
+        rest of the report)."""
         if name not in args.parts:
             return
-        start = time.perf_counter()
+        start, partial = time.perf_counter(), {}
         try:
-            report[name] = fn()
+            report[name] = fn(partial)
         except Exception as e:
             traceback.print_exc()
-            report[name] = {"error": f"{type(e).__name__}: {e}"}
+            report[name] = {**partial, "error": f"{type(e).__name__}: {e}"}
             report["failed"].append(name)
         report["seconds"][name] = round(time.perf_counter() - start, 1)
         Path(args.out).write_text(json.dumps(report, indent=1))  # what is done survives a later failure
 
     size, grid = ("tiny", 4) if small else ("1b", 32)
-    part("sampler", lambda: sample.run(Namespace(size=size, text_vocab=1000 if small else 32000, grid=grid,
-                                                 prompt_len=32, new_tokens=16 if small else 128, repeats=1,
-                                                 compiled=True, device=args.device)))
+    part("sampler", lambda partial: sample.run(Namespace(size=size, text_vocab=1000 if small else 32000, grid=grid,
+                                                         prompt_len=32, new_tokens=16 if small else 128, repeats=1,
+                                                         compiled=True, device=args.device), partial))
     spans = Namespace(window=4 if small else 16, repeats=1, images=1)
     # guided, as images are made, with the compiled decoder, the fast path on a GPU (eager, a 1B model's pass there is
     # launch-bound: a 32x32 image took ~17 s on an H200, too long for the check's time)
-    part("image_spans", lambda: sjd.random_model(spans, device, size, grid, 3.0, True))
+    part("image_spans", lambda _: sjd.random_model(spans, device, size, grid, 3.0, True))
     # 4 seeds on the GPU: each setting is 5 samplings a dtype there (about 1 s each for the ~1B model)
-    part("exact", lambda: exactness.run(Namespace(model=None, size=size, grid=4 if small else 8,
+    part("exact", lambda _: exactness.run(Namespace(model=None, size=size, grid=4 if small else 8,
                                                   seeds=8 if small else 4, device=args.device)))
     config = "configs/pretrain-tiny-cpu.yaml" if small else "configs/pretrain-150m-gpu.yaml"
     steps = 4 if small else 100
     overrides = [] if small else ["grad_accum=1", "eval_every=100000"]
-    part("pretrain", lambda: pretrain_mfu(pretrain.run(Namespace(config=config, steps=steps, overrides=overrides)),
+    part("pretrain", lambda _: pretrain_mfu(pretrain.run(Namespace(config=config, steps=steps, overrides=overrides)),
                                           config, overrides, device))
     batch = 2 if small else 64
-    part("vqgan", lambda: image.run(Namespace(arch="tiny" if small else "janus", size=64 if small else 256,
+    part("vqgan", lambda _: image.run(Namespace(arch="tiny" if small else "janus", size=64 if small else 256,
                                               batch=batch, repeats=1, device=args.device)))
-    part("audio", lambda: audio.run(Namespace(codecs=list(audio.PUBLISHED), seconds=0.5 if small else 5.0,
+    part("audio", lambda _: audio.run(Namespace(codecs=list(audio.PUBLISHED), seconds=0.5 if small else 5.0,
                                               batches=[1, 2 if small else 8], repeats=1, tiny=small,
                                               device=args.device)))
-    part("tokenize_ray", lambda: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
+    part("tokenize_ray", lambda _: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
                                                        4 if small else 64))
     print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)"
           + (f"; FAILED: {', '.join(report['failed'])}" if report["failed"] else ""))

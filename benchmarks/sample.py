@@ -47,11 +47,12 @@ def outside_passes(fn, device: torch.device) -> dict:
             "sampler_ms_per_pass": 1e3 * (total - spent[0]) / passes[0], "sampler_share": 1 - spent[0] / total}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, out: dict | None = None) -> dict:
     """Decode tokens/s of omnitok's sampler vs transformers' ``generate`` (same model, prompt, temperature / top-p,
-    KV cache), text mode at batch 1 and 8, and (``compiled``) the compiled decoder's against eager; then the cost of
-    classifier-free guidance on image spans (with the compiled decoder when ``compiled``); then decode speed as a
-    fraction of the memory-bandwidth bound (weight bytes per step / measured copy bandwidth)."""
+    KV cache), text mode at batch 1 and 8, and decode speed as a fraction of the memory-bandwidth bound (weight bytes
+    per step / measured copy bandwidth); then (``compiled``) the compiled decoder's against eager; then the cost of
+    classifier-free guidance on image spans (with the compiled decoder when ``compiled``). Results go into
+    ``out`` as they are measured (what the GPU check keeps of a run that fails half-way)."""
     from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
     from omnitok.tokenizers.layout import TokenLayout, image_span_length
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     prompt = [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + args.prompt_len))
     n = args.new_tokens
     text = ModalitySampling(temperature=0.8, top_p=0.95)
-    out: dict = {}
+    out = {} if out is None else out
     where = f"{device.type} {str(dtype).split('.')[1]}, {torch.get_num_threads()} threads"
     params = sum(p.numel() for p in model.parameters())
     print(f"sampling, {params / 1e6:.0f}M-parameter llama, vocab {layout.vocab_size}, {where}")
@@ -93,6 +94,16 @@ def run(args: argparse.Namespace) -> dict:
         out[f"batch{batch}"] = {"ours": r_ours, "peer": r_peer, "ratio": r_ours / r_peer}
         print(f"  text, batch {batch}: omnitok {r_ours:.0f} tokens/s, transformers generate {r_peer:.0f} tokens/s, "
               f"ratio {r_ours / r_peer:.2f}")
+    big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
+    dst = torch.empty_like(big)
+    copy_s = timed(lambda: dst.copy_(big), args.repeats + 2, device)
+    bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = weight_bytes / bandwidth
+    out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound * out["batch1"]["ours"]}
+    print(f"  memory bound: {weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s copy bandwidth = "
+          f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {1e3 / out['batch1']['ours']:.2f} ms/token: "
+          f"{out['bandwidth']['fraction']:.1%} of the bound")
     if args.compiled:  # the compiled decoder (CUDA graphs on a GPU) against eager: text decode, same greedy tokens
         from omnitok.model.decoder import CudaGraphs
 
@@ -112,6 +123,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  text, batch {batch}: compiled {rates[True]:.0f} tokens/s, eager {rates[False]:.0f} tokens/s, "
                   f"ratio {rates[True] / rates[False]:.2f}; greedy tokens {'equal' if same else 'DIFFER'}; first "
                   f"run {warm:.1f} s with {captured} CUDA graphs captured")
+        out["bandwidth"]["fraction_compiled"] = bound * out["compiled_batch1"]["compiled"]
+        print(f"  compiled, batch 1 decode is {out['bandwidth']['fraction_compiled']:.1%} of the memory bound")
     g = args.grid
     for batch in (1, 8):
         times = {}
@@ -128,19 +141,6 @@ def run(args: argparse.Namespace) -> dict:
               f"{times[3.0] / batch:.2f} with (scale 3): CFG costs {times[3.0] / times[1.0]:.2f}x time; guided, "
               f"{split['ms_per_pass']:.2f} ms a pass, of which the sampler's own work "
               f"{split['sampler_ms_per_pass']:.2f} ms ({split['sampler_share']:.0%})")
-    big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
-    dst = torch.empty_like(big)
-    copy_s = timed(lambda: dst.copy_(big), args.repeats + 2, device)
-    bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bound = weight_bytes / bandwidth
-    out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound * out["batch1"]["ours"]}
-    if args.compiled:
-        out["bandwidth"]["fraction_compiled"] = bound * out["compiled_batch1"]["compiled"]
-    print(f"  memory bound: {weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s copy bandwidth = "
-          f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {1e3 / out['batch1']['ours']:.2f} ms/token: "
-          f"{out['bandwidth']['fraction']:.1%} of the bound"
-          + (f" (compiled {out['bandwidth']['fraction_compiled']:.1%})" if args.compiled else ""))
     return out
 
 

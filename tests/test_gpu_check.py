@@ -66,6 +66,15 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "audio", "sampler"])
     assert [k for k in gpu_check.PARTS if k in some] == ["sampler", "audio"] and some["failed"] == []
 
+    def half_way(args, out):  # the eager numbers measured, then the compiled decoder fails
+        out["batch1"] = {"ours": 62.0}
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(gpu_check.sample, "run", half_way)
+    some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "sampler"])
+    assert some["sampler"] == {"batch1": {"ours": 62.0}, "error": "RuntimeError: CUDA error: operation not permitted "
+                                                                  "when stream is capturing"}
+
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the full check")
 def test_the_full_check_needs_a_gpu(capsys):
