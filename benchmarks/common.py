@@ -13,6 +13,12 @@ import numpy as np
 import torch
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first position where two samples differ (the shorter one's length when one continues the other)."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if a == b else i
+
+
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     """Best wall time of ``repeats`` runs after one warm-up (best-of suppresses noise from other processes)."""
     fn()

@@ -20,15 +20,9 @@ import argparse
 
 import torch
 
-from benchmarks.common import default_device
+from benchmarks.common import default_device, first_difference
 from benchmarks.sample import SAMPLE_SIZES
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
-
-
-def _first_difference(a: list[int], b: list[int]) -> int | None:
-    """The first position where two samples differ (the shorter one's length when one continues the other)."""
-    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return None if a == b else i
 
 
 def _random_model(args: argparse.Namespace, device: torch.device):
@@ -89,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
                 seeds = list(range(n))
                 together = generate(model, layout, [prompt] * n, eos, cfg, seeds=seeds)
                 alone = [generate(model, layout, [prompt], eos, cfg, seeds=[s])[0] for s in seeds]
-                where = [_first_difference(a, b) for a, b in zip(alone, together)]
+                where = [first_difference(a, b) for a, b in zip(alone, together)]
                 row[label] = {"alone_equals_batch": where.count(None), "of": n,
                               "first_difference": min((w for w in where if w is not None), default=None)}
                 print(f"  {name} {label}: {where.count(None)}/{n} seeds the same alone as in a batch"
@@ -104,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                   f"({row['logit_drift']['relative_to_std']:.2g} of their spread)")
             plain, sjd = (generate(model, layout, [prompt], eos, greedy[w])[0] for w in (0, window))
             row["greedy_sjd_equals_greedy"] = plain == sjd
-            row["greedy_first_difference"] = _first_difference(plain, sjd)
+            row["greedy_first_difference"] = first_difference(plain, sjd)
             print(f"  {name} greedy SJD (window {window}) {'equals' if plain == sjd else 'DIFFERS from'} greedy "
                   "decoding" + ("" if plain == sjd else f" from token {row['greedy_first_difference']}"))
             out[name] = row

@@ -31,7 +31,8 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     assert report["pretrain"]["ours"] > 0 and report["pretrain"]["mfu"] is None  # no peak FLOP/s for a CPU
     assert report["vqgan"]["codes_differ_alone_vs_batch"] == 0  # float32 on the CPU: the batch changes no code
     for batch in ("compiled_batch1", "compiled_batch8"):  # compiled: the same tokens; CUDA graphs on a GPU only
-        assert report["sampler"][batch]["same_tokens"] and report["sampler"][batch]["graphs_captured"] == 0
+        row = report["sampler"][batch]
+        assert row["same_tokens"] and row["first_difference"] is None and row["graphs_captured"] == 0
     assert 0 < report["sampler"]["cfg_batch1"]["guided_split"]["sampler_share"] < 1
     assert sorted(report["audio"]) == ["dac", "encodec", "mimi", "wavtokenizer", "xcodec", "xcodec2"]
     assert report["tokenize_ray"]["images_per_s"] > 0 and report["tokenize_ray"]["gpu_busy"] is None  # no nvidia-smi
