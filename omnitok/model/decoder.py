@@ -7,8 +7,8 @@ steps, which is what classifier-free guidance needs: an unconditional row joins 
 span and leaves when the span closes.
 
 With ``compiled``, one decoder layer runs under ``torch.compile`` with dynamic shapes (every layer calls the same
-compiled function with its own weights, so compiling costs one layer's graph whatever the depth: compiling all the
-layers as one graph took minutes per shape for a 22-layer model on an H200 and did not finish there), in a static
+compiled function with its own weights, so compiling costs one layer's graph whatever the depth: with all the layers
+as one graph, a 22-layer model's first compiled runs had not finished after about 5 minutes on an H200), in a static
 form: new keys and values are written at columns given as a tensor (``index_copy_``) and attention reads the cache's
 whole capacity under an explicit mask, so nothing in a pass depends on where in the cache it writes. On a GPU the
 decoding passes (one-token steps, and windows padded to the widest the settings allow, ``window_width``) then run as
