@@ -105,10 +105,10 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 def cmd_shards_stats(args: argparse.Namespace) -> None:
     from omnitok.data.shards import shard_stats
 
-    report, damaged = shard_stats(args.dir, plot=args.dir / "token_lengths.png" if not args.no_plot else None)
+    report, problems = shard_stats(args.dir, plot=args.dir / "token_lengths.png" if not args.no_plot else None)
     print(report)
-    if damaged:  # a check that scripts can rely on
-        raise OmnitokError(f"{len(damaged)} damaged shard{'s' if len(damaged) > 1 else ''} in {args.dir} (above)")
+    if problems:  # a check that scripts can rely on
+        raise OmnitokError(f"{' and '.join(problems)} in {args.dir} (above)")
 
 
 def cmd_shards_merge(args: argparse.Namespace) -> None:

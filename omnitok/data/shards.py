@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -232,16 +233,25 @@ def iter_samples(directory: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
 
 
 def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[str]]:
-    """The manifest's counts and a token-length histogram (text, and a PNG when ``plot`` is given), and why each
-    damaged shard could not be read (they are listed in the text too)."""
+    """The manifest's counts and a token-length histogram (text, and a PNG when ``plot`` is given), every damaged
+    shard with why it could not be read, and every shard whose samples' keys another shard already has (a shard
+    copied over another, or the shards of one corpus merged twice: training would read those samples twice).
+    Returns the text and its problems in a few words each (none: the set is sound)."""
     manifest = read_manifest(directory)
-    lengths, damaged = [], []
-    for shard in manifest["shards"]:
+    damaged = []
+    lengths, hashes, owner = array("q"), array("q"), array("q")  # 8 bytes a sample each (a list's int: 36)
+    for i, shard in enumerate(manifest["shards"]):
         try:
-            lengths += [len(tokens) for _, tokens, _ in read_shard(str(directory / shard["name"]))]
+            samples = read_shard(str(directory / shard["name"]))
         except OmnitokError as e:  # every damaged shard is listed, not only the first
             damaged.append(str(e))
-    lengths = np.array(lengths)
+            continue
+        lengths.extend(len(tokens) for _, tokens, _ in samples)
+        hashes.extend(hash(key) for key, _, _ in samples)  # collisions are checked on the keys themselves
+        owner.extend([i] * len(samples))
+    repeated = _repeated_keys(directory, manifest["shards"], np.frombuffer(hashes, np.int64),
+                              np.frombuffer(owner, np.int64))
+    lengths = np.frombuffer(lengths, np.int64)
     lines = [f"{directory}: {manifest['samples']} samples in {len(manifest['shards'])} shards"
              + ("" if manifest.get("complete") else " (incomplete run)"),
              "tokens: " + ", ".join(f"{m} {manifest['tokens'].get(m, 0)}" for m in TOKEN_KINDS)
@@ -250,6 +260,9 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
              + ", ".join(f"{n} {r}" for r, n in sorted(manifest["errors"].items(), key=lambda kv: -kv[1])) + ")")]
     if damaged:
         lines += [f"damaged shards: {len(damaged)} of {len(manifest['shards'])} (training skips them)", *damaged]
+    if repeated:
+        lines += [f"repeated samples: {len(repeated)} of {len(manifest['shards'])} shards hold samples whose keys an "
+                  "earlier shard has (training reads them twice: remove the copies, or re-make the set)", *repeated]
     if len(lengths):
         lines.append(f"sample length: min {lengths.min()}, median {int(np.median(lengths))}, mean "
                      f"{lengths.mean():.1f}, max {lengths.max()}")
@@ -270,7 +283,32 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
             fig.savefig(plot, dpi=100)
             plt.close(fig)
             lines.append(f"histogram written to {plot}")
-    return "\n".join(lines), damaged
+    problems = [f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((len(damaged), "damaged shard"),
+                                                                   (len(repeated), "shard repeating samples")) if n]
+    return "\n".join(lines), problems
+
+
+def _repeated_keys(directory: Path, shards: list[dict], hashes: np.ndarray, owner: np.ndarray) -> list[str]:
+    """A line for each shard holding samples whose keys an earlier shard of the set has: only shards whose key
+    hashes collide are read again, and their keys compared (a hash collision alone says nothing)."""
+    order = np.argsort(hashes, kind="stable")
+    same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    involved = sorted(set(owner[order[same]].tolist()) | set(owner[order[same + 1]].tolist()))
+    first: dict[str, int] = {}
+    lines = []
+    for i in involved:
+        keys = [key for key, _, _ in read_shard(str(directory / shards[i]["name"]))]
+        earlier: dict[int, int] = {}
+        for key in keys:
+            j = first.setdefault(key, i)
+            if j != i:
+                earlier[j] = earlier.get(j, 0) + 1
+        if earlier:
+            where = ", ".join(f"{n} of {shards[j]['name']}" for j, n in earlier.items())
+            lines.append(f"{directory / shards[i]['name']}: {sum(earlier.values())} of its {len(keys)} samples have "
+                         f"the keys of earlier samples ({where}): a shard copied over another, or one corpus merged "
+                         "twice?")
+    return lines
 
 
 def _not_whole(path: Path) -> str | None:
