@@ -148,6 +148,12 @@ def test_parts_together_equal_the_single_process_output(tmp_path, tokdir, corpus
     assert main(["shards", "merge", "--out", str(tmp_path / "merged"), *[str(tmp_path / f"part{p}")
                                                                          for p in range(3)]]) == 0
     assert samples(tmp_path / "merged") == samples(tmp_path / "single")
+    # the same items twice (keys hash where an item is, so they would repeat): refused before anything is written
+    for pair, said in ((["part0", "part2", "part0"], "part0 and .*part0 are the same part \\(1 of 3\\)"),
+                       (["single", "part1"], "single and .*part1 both tokenized '")):
+        with pytest.raises(OmnitokError, match=f"{said}.*: merged, those samples would be in the set twice"):
+            merge_shards(tmp_path / "again", [tmp_path / name for name in pair])
+        assert not (tmp_path / "again").exists()
     # a part's shard cut short by a bad copy, or gone: refused in one line naming it, before anything is written
     shard = tmp_path / "part1" / read_manifest(tmp_path / "part1")["shards"][0]["name"]
     whole = shard.read_bytes()

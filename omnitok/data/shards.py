@@ -328,14 +328,34 @@ def _not_whole(path: Path) -> str | None:
     return None
 
 
+def _same_items(parts: list[Path], manifests: list[dict]) -> str | None:
+    """Which two parts tokenized the same items, from their manifests' settings: one part given twice, or two runs
+    whose inputs overlap and that are not parts of one split run (``num_parts``). None: no two did (or a manifest
+    does not say: a merged set, or an older omnitok's)."""
+    runs = [(p, list(s["inputs"]), s.get("num_parts", 1), s.get("part", 0))
+            for p, m in zip(parts, manifests) if "inputs" in (s := m.get("settings") or {})]
+    for i, (p, inputs, n, part) in enumerate(runs):
+        for q, other, other_n, other_part in runs[:i]:
+            if (inputs, n) == (other, other_n):
+                if part == other_part:
+                    return f"{q} and {p} are the same part ({part + 1} of {n}) of one tokenize run"
+            elif shared := next((x for x in inputs if x in other), None):
+                return f"{q} and {p} both tokenized {shared!r}"
+    return None
+
+
 def merge_shards(out: Path, parts: list[Path]) -> dict:
     """Join the shard directories of parts into one (shards renumbered, hard-linked or copied; manifests and error
-    records combined). Every part must have the same token layout and be complete, and each of its shards present and
-    not cut short (checked before anything is written)."""
+    records combined). Every part must have the same token layout and be complete, each of its shards present and
+    not cut short, and no two parts may have tokenized the same items (checked before anything is written)."""
     if out.exists() and any(out.iterdir()):
         raise OmnitokError(f"{out} is not empty")
     manifests = [read_manifest(p) for p in parts]
     layouts = [TokenLayout.load(p / LAYOUT_FILE) for p in parts]
+    twice = _same_items(parts, manifests)
+    if twice:
+        raise OmnitokError(f"{twice}: merged, those samples would be in the set twice (a sample's key comes from "
+                           "where its item is); merge the parts of one run, or runs over different inputs")
     for p, m, layout in zip(parts, manifests, layouts):
         layouts[0].check_same(layout, str(parts[0]), str(p))
         if not m.get("complete"):
