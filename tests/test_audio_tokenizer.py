@@ -234,6 +234,10 @@ def test_odd_inputs_encode_and_bad_files_raise_one_clear_error(tmp_path):
             tok.encode([source])
     with pytest.raises(AudioError, match="sample rate must be a positive integer"):
         tok.encode([(np.zeros(100, np.float32), 0)])
+    sf.write(tmp_path / "one_hertz.wav", chord(24_000, 0.1), 1)  # a broken header: 2400 samples "at 1 Hz"
+    for source in (tmp_path / "one_hertz.wav", (np.zeros(100, np.float32), 999)):
+        with pytest.raises(AudioError, match=r"a sample rate of (1|999) Hz is not sound a codec can take \(below 1000"):
+            tok.encode([source])
 
 
 def test_long_audio_is_streamed_in_bounded_memory_and_close_to_whole_file(tmp_path, monkeypatch):

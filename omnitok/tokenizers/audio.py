@@ -96,6 +96,9 @@ class _Window:
 # float samples beyond this (24 dB over full scale) are not audio a codec was trained on: integer PCM stored as float
 # without scaling (peaks near 32768) encodes to noise; a float master a little over full scale still passes
 MAX_PEAK = 16.0
+# below this a sample rate is a broken header, not audio (telephone speech is 8 kHz): a 2000-sample file claiming 1 Hz
+# would be resampled to 33 minutes at 24 kHz and encoded
+MIN_RATE = 1000
 
 
 def model_rate_blocks(source: Any, sample_rate: int, channels: int) -> Iterator[np.ndarray]:
@@ -120,6 +123,8 @@ def model_rate_blocks(source: Any, sample_rate: int, channels: int) -> Iterator[
         blocks: Iterator[np.ndarray] = iter([wave.astype(np.float32).T])  # (n, channels)
     else:
         rate, blocks = _file_blocks(source)
+    if rate < MIN_RATE:
+        raise AudioError(f"{name}: a sample rate of {rate} Hz is not sound a codec can take (below {MIN_RATE} Hz)")
     stream = soxr.ResampleStream(rate, sample_rate, channels, dtype="float32", quality="HQ") \
         if rate != sample_rate else None
     any_samples = False
