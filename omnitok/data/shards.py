@@ -332,14 +332,14 @@ def _same_items(parts: list[Path], manifests: list[dict]) -> str | None:
     """Which two parts tokenized the same items, from their manifests' settings: one part given twice, or two runs
     whose inputs overlap and that are not parts of one split run (``num_parts``). None: no two did (or a manifest
     does not say: a merged set, or an older omnitok's)."""
-    runs = [(p, list(s["inputs"]), s.get("num_parts", 1), s.get("part", 0))
+    runs = [(p, list(s["inputs"]), set(s["inputs"]), s.get("num_parts", 1), s.get("part", 0))
             for p, m in zip(parts, manifests) if "inputs" in (s := m.get("settings") or {})]
-    for i, (p, inputs, n, part) in enumerate(runs):
-        for q, other, other_n, other_part in runs[:i]:
+    for i, (p, inputs, _, n, part) in enumerate(runs):
+        for q, other, other_set, other_n, other_part in runs[:i]:
             if (inputs, n) == (other, other_n):
                 if part == other_part:
                     return f"{q} and {p} are the same part ({part + 1} of {n}) of one tokenize run"
-            elif shared := next((x for x in inputs if x in other), None):
+            elif shared := next((x for x in inputs if x in other_set), None):
                 return f"{q} and {p} both tokenized {shared!r}"
     return None
 
