@@ -77,7 +77,7 @@ def write_shards(directory: Path, layout: TokenLayout, n_docs: int, shard_size: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    writer, shards = ShardWriter(directory, shard_size), []
+    writer, shards = ShardWriter(directory, shard_size, layout), []
     for i in range(n_docs):
         meta = {"source": f"synthetic:{i}"}
         if chat:
@@ -87,7 +87,7 @@ def write_shards(directory: Path, layout: TokenLayout, n_docs: int, shard_size: 
                 meta["requests"] = requests
         else:
             tokens, spans = document(rng, layout, **shape)
-        entry = writer.add(f"doc{i:05d}", tokens, {**meta, "spans": [list(s) for s in spans]}, {})
+        entry = writer.add(f"doc{i:05d}", tokens, {**meta, "spans": [list(s) for s in spans]})
         if entry:
             shards.append(entry)
     if (entry := writer.flush()) is not None:

@@ -151,8 +151,8 @@ def test_media_take_the_placeholders_place_and_dropout_equals_guidance(instruct,
     assert enc.ids[~media].tolist() == reference(instruct, "chatml", text_only)
     # the shard sample under full conditioning dropout vs the sampler's unconditional row for the same request
     (tmp_path / "s").mkdir()
-    writer = ShardWriter(tmp_path / "s", 10)
-    writer.add("c0", enc.ids, sample_meta(enc), {})
+    writer = ShardWriter(tmp_path / "s", 10, L)
+    writer.add("c0", enc.ids, sample_meta(enc))
     write_manifest(tmp_path / "s", [writer.flush()], 1)
     L.save(tmp_path / "s" / "layout.json")
     trained_on = PackedStream(StreamConfig(shards=[str(tmp_path / "s")], seq_len=256, cond_dropout=1.0), L,

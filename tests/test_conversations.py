@@ -209,8 +209,8 @@ def test_guidance_dropout_empties_the_request_before_a_media_answer(tok, media, 
     conv = Conversation([Turn("user", [Text("Draw a cat.")]), Turn("assistant", [Image(cat), Text("Done.")])])
     enc = tok.encode_conversations([conv])[0]
     (tmp_path / "s").mkdir()
-    writer = ShardWriter(tmp_path / "s", 10)
-    writer.add("c0", enc.ids, sample_meta(enc), {})
+    writer = ShardWriter(tmp_path / "s", 10, tok.layout)
+    writer.add("c0", enc.ids, sample_meta(enc))
     write_manifest(tmp_path / "s", [writer.flush()], 1)
     tok.layout.save(tmp_path / "s" / "layout.json")
     L = tok.layout

@@ -108,8 +108,8 @@ def test_long_documents_split_only_in_text_or_at_audio_frames(tmp_path):
     tokens = np.array([1, *text, *audio, 2], dtype=np.int32)
     spans = [["text", 1, 31], ["audio", 31, 31 + len(audio)]]
     (tmp_path / "s").mkdir()
-    writer = ShardWriter(tmp_path / "s", 10)
-    writer.add("long", tokens, {"spans": spans}, {})
+    writer = ShardWriter(tmp_path / "s", 10, layout)
+    writer.add("long", tokens, {"spans": spans})
     shard = writer.flush()
     layout.save(tmp_path / "s")
     write_manifest(tmp_path / "s", [shard], 1)

@@ -301,22 +301,36 @@ def test_shard_samples_that_need_pickle_are_refused_in_one_line(tmp_path, capsys
 
 
 def test_a_shard_copied_over_another_is_reported_by_shards_stats(shards, tmp_path, capsys, monkeypatch):
-    """Every shard is whole, but one holds another's samples (a copy over it; one corpus's shards merged twice):
-    training would read them twice. `shards stats` names it and exits 2; a hash collision alone reports nothing."""
+    """Every shard is whole, but one is not the shard written there: another shard of the set (a copy over it; one
+    corpus's shards merged twice: training would read its samples twice) or one from another set. `shards stats`
+    names it and exits 2; a hash collision alone reports nothing."""
     data = tmp_path / "train"
     shutil.copytree(shards / "train", data)
     first, _, third = sorted(data.glob("*.tar"))
     shutil.copyfile(first, third)
     assert main(["shards", "stats", str(data), "--no-plot"]) == 2
     out, err = capsys.readouterr()
+    assert re.search(rf"shards unlike the manifest: 1 of 3\n{re.escape(str(third))}: holds 20 samples of \d+ tokens; "
+                     r"the manifest lists 20 of \d+ \(a shard from elsewhere copied over it\?\)", out)
     assert (f"repeated samples: 1 of 3 shards hold samples whose keys an earlier shard has (training reads them "
             f"twice: remove the copies, or re-make the set)\n{third}: 20 of its 20 samples have the keys of earlier "
             f"samples (20 of {first.name}): a shard copied over another, or one corpus merged twice?") in out
-    assert err.strip() == f"omnitok: error: 1 shard repeating samples in {data} (above)"
+    assert err.strip() == (f"omnitok: error: 1 shard unlike the manifest and 1 shard repeating samples in {data} "
+                           "(above)")
+    other = tmp_path / "other"
+    write_shards(other, LAYOUT, n_docs=80, shard_size=20, seed=7)  # its fourth shard: keys this set has not
+    shutil.copytree(shards / "train", data, dirs_exist_ok=True)
+    shutil.copyfile(sorted(other.glob("*.tar"))[3], third)
+    assert main(["shards", "stats", str(data), "--no-plot"]) == 2
+    out, err = capsys.readouterr()
+    assert "shards unlike the manifest: 1 of 3" in out and "repeated" not in out
+    assert err.strip() == f"omnitok: error: 1 shard unlike the manifest in {data} (above)"
     clean = tmp_path / "clean"
     shutil.copytree(shards / "train", clean)
     monkeypatch.setattr("builtins.hash", lambda key: 7)  # every key collides: the keys themselves decide
-    assert main(["shards", "stats", str(clean), "--no-plot"]) == 0 and "repeated" not in capsys.readouterr().out
+    assert main(["shards", "stats", str(clean), "--no-plot"]) == 0
+    assert "repeated" not in capsys.readouterr().out
+
 
 def test_a_damaged_shard_is_skipped_and_recorded_and_training_goes_on(shards, tmp_path, capsys):
     """A shard cut short (a bad copy): `shards stats` lists it and exits 2; pretraining skips it each epoch, says so

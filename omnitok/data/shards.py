@@ -53,14 +53,15 @@ class ShardWriter:
 
     directory: Path
     shard_size: int
+    layout: TokenLayout  # what the manifest entry's token counts by kind are counted with
     next_index: int = 0
     pending: list[tuple[str, bytes, bytes]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
 
-    def add(self, key: str, tokens: np.ndarray, meta: dict[str, Any], counts: dict[str, int]) -> dict | None:
+    def add(self, key: str, tokens: np.ndarray, meta: dict[str, Any]) -> dict | None:
         """Add a sample; returns the finished shard's manifest entry when this sample completes one."""
         self.pending.append((key, *encode_sample(tokens, meta)))
-        self.counts.update(counts)
+        self.counts.update(self.layout.token_counts(tokens))
         return self.flush() if len(self.pending) >= self.shard_size else None
 
     def flush(self) -> dict | None:
@@ -115,9 +116,12 @@ def trained_mask(ranges: list, length: int) -> np.ndarray:
 
 def write_manifest(directory: Path, shards: list[dict], samples: int) -> None:
     """A complete manifest for shards written outside ``omnitok tokenize`` (synthetic data in tests, benchmarks)."""
+    tokens = Counter()
+    for shard in shards:
+        tokens.update(shard["tokens"])
     write_json_atomic(directory / MANIFEST, {
         "format": FORMAT, "version": VERSION, "dtype": "int32", "complete": True, "shards": shards,
-        "samples": samples, "tokens": {m: 0 for m in TOKEN_KINDS}, "errors": {}, "error_count": 0})
+        "samples": samples, "tokens": {m: tokens[m] for m in TOKEN_KINDS}, "errors": {}, "error_count": 0})
 
 
 def read_manifest(directory: Path) -> dict:
@@ -234,11 +238,12 @@ def iter_samples(directory: Path) -> Iterator[tuple[str, np.ndarray, dict]]:
 
 def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[str]]:
     """The manifest's counts and a token-length histogram (text, and a PNG when ``plot`` is given), every damaged
-    shard with why it could not be read, and every shard whose samples' keys another shard already has (a shard
-    copied over another, or the shards of one corpus merged twice: training would read those samples twice).
+    shard with why it could not be read, every shard whose samples or tokens are not the manifest's for it (a shard
+    from elsewhere copied over it), and every shard whose samples' keys another shard already has (a shard copied
+    over another, or the shards of one corpus merged twice: training would read those samples twice).
     Returns the text and its problems in a few words each (none: the set is sound)."""
     manifest = read_manifest(directory)
-    damaged = []
+    damaged, unlike = [], []
     lengths, hashes, owner = array("q"), array("q"), array("q")  # 8 bytes a sample each (a list's int: 36)
     for i, shard in enumerate(manifest["shards"]):
         try:
@@ -246,6 +251,11 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
         except OmnitokError as e:  # every damaged shard is listed, not only the first
             damaged.append(str(e))
             continue
+        held = (len(samples), sum(len(tokens) for _, tokens, _ in samples))
+        listed = (shard.get("samples"), sum(shard.get("tokens", {}).values()))
+        if "samples" in shard and held != listed:  # whole, but not the shard written here
+            unlike.append(f"{directory / shard['name']}: holds {held[0]} samples of {held[1]} tokens; the manifest "
+                          f"lists {listed[0]} of {listed[1]} (a shard from elsewhere copied over it?)")
         lengths.extend(len(tokens) for _, tokens, _ in samples)
         hashes.extend(hash(key) for key, _, _ in samples)  # collisions are checked on the keys themselves
         owner.extend([i] * len(samples))
@@ -260,6 +270,8 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
              + ", ".join(f"{n} {r}" for r, n in sorted(manifest["errors"].items(), key=lambda kv: -kv[1])) + ")")]
     if damaged:
         lines += [f"damaged shards: {len(damaged)} of {len(manifest['shards'])} (training skips them)", *damaged]
+    if unlike:
+        lines += [f"shards unlike the manifest: {len(unlike)} of {len(manifest['shards'])}", *unlike]
     if repeated:
         lines += [f"repeated samples: {len(repeated)} of {len(manifest['shards'])} shards hold samples whose keys an "
                   "earlier shard has (training reads them twice: remove the copies, or re-make the set)", *repeated]
@@ -284,6 +296,7 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
             plt.close(fig)
             lines.append(f"histogram written to {plot}")
     problems = [f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((len(damaged), "damaged shard"),
+                                                                   (len(unlike), "shard unlike the manifest"),
                                                                    (len(repeated), "shard repeating samples")) if n]
     return "\n".join(lines), problems
 

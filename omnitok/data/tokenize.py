@@ -44,7 +44,7 @@ from omnitok.data.shards import ERRORS, FORMAT, MANIFEST, VERSION, ShardWriter, 
 from omnitok.distributed import launched_part
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import cut_jsonl, write_json_atomic
-from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, Modality, TokenLayout
+from omnitok.tokenizers.layout import LAYOUT_FILE, TOKEN_KINDS, TokenLayout
 from omnitok.tokenizers.multimodal import ID_DTYPE, LOSS_ON, MultimodalTokenizer
 
 ENGINES = ("local", "ray")
@@ -89,11 +89,6 @@ class TokenizeConfig:
             d.pop("loss_on")
         d["tokenizer"] = str(Path(self.tokenizer).resolve())
         return d
-
-
-def _token_counts(layout: TokenLayout, ids: np.ndarray) -> dict[str, int]:
-    kinds = np.bincount(layout.modality_of(ids), minlength=len(Modality))
-    return {m: int(kinds[Modality[m.upper()]]) for m in TOKEN_KINDS}
 
 
 def _part_from_env(cfg: TokenizeConfig) -> TokenizeConfig:
@@ -223,7 +218,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, layout: TokenLayout, pre
     for stale in out.glob("*.tar.tmp"):
         stale.unlink()
 
-    writer = ShardWriter(out, cfg.shard_size, next_index=len(manifest["shards"]))
+    writer = ShardWriter(out, cfg.shard_size, layout, next_index=len(manifest["shards"]))
 
     def jobs() -> Iterator[tuple[int, Item]]:
         for index, item in enumerate(read_inputs(cfg.inputs, cfg.pair_order, cfg.seed)):
@@ -244,8 +239,7 @@ def _tokenize(cfg: TokenizeConfig, command: str | None, layout: TokenLayout, pre
                 error_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 error_file.flush()
             else:
-                counts = _token_counts(layout, outcome.ids)
-                finished = writer.add(outcome.key, outcome.ids, outcome.meta, counts)
+                finished = writer.add(outcome.key, outcome.ids, outcome.meta)
                 samples, tokens = samples + 1, tokens + len(outcome.ids)
                 if finished is not None:
                     _shard_done(out, manifest, finished, outcome.index, errors)

@@ -339,6 +339,11 @@ class TokenLayout:
 
     # ---------------------------------------------------------------- modality of ids
 
+    def token_counts(self, ids: np.ndarray) -> dict[str, int]:
+        """How many of ``ids`` are of each kind (``TOKEN_KINDS``: text, special, image, audio)."""
+        kinds = np.bincount(self.modality_of(ids), minlength=len(Modality))
+        return {m: int(kinds[Modality[m.upper()]]) for m in TOKEN_KINDS}
+
     def modality_of(self, ids: Array) -> Array:
         """Modality code (``Modality`` values) of every id; ids outside ``[0, vocab_size)`` are refused."""
         ids = _as_index_array(ids)
