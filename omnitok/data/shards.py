@@ -251,12 +251,12 @@ def shard_stats(directory: Path, plot: Path | None = None) -> tuple[str, list[st
         except OmnitokError as e:  # every damaged shard is listed, not only the first
             damaged.append(str(e))
             continue
-        held = (len(samples), sum(len(tokens) for _, tokens, _ in samples))
-        listed = (shard.get("samples"), sum(shard.get("tokens", {}).values()))
+        sizes = [len(tokens) for _, tokens, _ in samples]
+        held, listed = (len(sizes), sum(sizes)), (shard.get("samples"), sum(shard.get("tokens", {}).values()))
         if "samples" in shard and held != listed:  # whole, but not the shard written here
             unlike.append(f"{directory / shard['name']}: holds {held[0]} samples of {held[1]} tokens; the manifest "
                           f"lists {listed[0]} of {listed[1]} (a shard from elsewhere copied over it?)")
-        lengths.extend(len(tokens) for _, tokens, _ in samples)
+        lengths.extend(sizes)
         hashes.extend(hash(key) for key, _, _ in samples)  # collisions are checked on the keys themselves
         owner.extend([i] * len(samples))
     repeated = _repeated_keys(directory, manifest["shards"], np.frombuffer(hashes, np.int64),
