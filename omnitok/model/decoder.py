@@ -331,12 +331,19 @@ class Decoder:
         else:
             keys.index_copy_(2, index, qk[:, H:])
             values.index_copy_(2, index, v)
-        if H != KV:
-            keys = keys.repeat_interleave(H // KV, dim=1)
-            values = values.repeat_interleave(H // KV, dim=1)
-        out = F.scaled_dot_product_attention(qk[:, :H], keys, values, attn_mask=mask, is_causal=causal,
-                                             scale=self.scaling)
-        x = x + F.linear(out.transpose(1, 2).reshape(B, t, -1), wo, bo)
+        q, G = qk[:, :H], H // KV
+        if G > 1 and not causal:
+            # grouped-query attention without copying the cache: the G query heads that share a key / value head
+            # (heads kv * G ... kv * G + G - 1, Hugging Face's repeat_kv order) become G * t queries of that head,
+            # each under its own token's mask row; repeat_interleave wrote the whole cache G times over per layer,
+            # which outweighed the weights' own reads at a long image span and 16 rows
+            q = q.reshape(B, KV, G * t, d)
+            if mask is not None:
+                mask = mask[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, 1, G * t, -1)
+        elif G > 1:  # a causal prefill (SDPA's causal flag is per query index: it cannot take grouped queries)
+            keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling)
+        x = x + F.linear(out.reshape(B, H, t, d).transpose(1, 2).reshape(B, t, -1), wo, bo)
         h = _norm(n2, self.eps, x)
         return x + F.linear(F.silu(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
 
