@@ -6,12 +6,15 @@
 # the image lacks into .whl/ (ignored by git): the versions installed here, which the tests pass with, built for
 # CPython 3.12 on manylinux x86-64. DeepSpeed publishes only a source archive: its wheel is built here (pure Python;
 # its CUDA ops compile on first use there). Ray's wheel (about 80 MB) does not fit: the check's tokenize_ray part
-# records an error there and the others run.
+# records an error there and the others run. transformers' own requirements come too (huggingface-hub and what it
+# needs): the image's huggingface-hub 1.33 stopped transformers 5.25 from importing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS="deepspeed hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset braceexpand
 soundfile cffi pycparser soxr pystoi fastapi starlette annotated-doc opentelemetry-api uvicorn vector-quantize-pytorch
-einx frozendict loguru torch-einops-utils kaldi-native-fbank transformers regex"
+einx frozendict loguru torch-einops-utils kaldi-native-fbank transformers regex huggingface-hub tokenizers
+safetensors hf-xet httpx2 httpcore2 h11 anyio idna certifi truststore shellingham typer click rich markdown-it-py mdurl
+pygments kernels tomlkit"
 rm -rf .whl && mkdir -p .whl
 specs=()
 for name in $PKGS; do
