@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -17,6 +18,32 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     """The first position where two samples differ (the shorter one's length when one continues the other)."""
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return None if a == b else i
+
+
+@contextlib.contextmanager
+def model_passes() -> Iterator[dict]:
+    """Counts the sampler's forward passes (prefills, one-token steps, SJD windows) into ``["passes"]`` and the
+    seconds spent in them into ``["seconds"]`` (each pass timed to its end on a GPU, which costs nothing: the sampler
+    reads its picks right after). The rest of a sampling call's time is the sampler's own work between passes
+    (grammar, guidance, filtering, draws), which a GPU waits through."""
+    from omnitok.model.decoder import Decoder
+
+    seen = {"passes": 0, "seconds": 0.0}
+
+    def timed_pass(original):
+        def run(self, *args, **kwargs):
+            start = time.perf_counter()
+            out = original(self, *args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seen["seconds"] += time.perf_counter() - start
+            seen["passes"] += 1
+            return out
+        return run
+
+    with mock.patch.object(Decoder, "forward", timed_pass(Decoder.forward)), \
+            mock.patch.object(Decoder, "forward_window", timed_pass(Decoder.forward_window)):
+        yield seen
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:

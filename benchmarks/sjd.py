@@ -1,73 +1,61 @@
-"""Speculative Jacobi decoding in image spans against plain decoding, in one run: forward passes and wall time per
-image at batch 1 and 8, on an ``omnitok demo`` model (and, over ``--seeds`` seeds one image at a time, forward
-passes per image and the red-circle hit rate, SJD on and off) and on the tiny random model of ``benchmarks.sample``:
-``python -m benchmarks.sjd [--model DEMO/sft/export] [--window 8 16] [--seeds 64]`` (each window measured against
-plain decoding in the same run)."""
+"""Speculative Jacobi decoding in image spans against plain decoding, and guided image spans against unguided, in
+one run: forward passes, wall time per image and the sampler's own share of it at batch 1 and 8, on an ``omnitok
+demo`` model (and, over ``--seeds`` seeds one image at a time, forward passes per image and the red-circle hit rate,
+SJD on and off) and on the tiny random model of ``benchmarks.sample``: ``python -m benchmarks.sjd [--model
+DEMO/sft/export] [--window 8 16] [--seeds 64]`` (each window measured against plain decoding in the same run)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import replace
-from unittest import mock
 
 import torch
 
-from benchmarks.common import default_device
+from benchmarks.common import default_device, model_passes
 from benchmarks.sample import SAMPLE_SIZES
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 from omnitok.device import model_dtype
 
 
-@contextlib.contextmanager
-def counting_passes() -> Iterator[list[int]]:
-    """Counts the sampler's forward passes (one-token steps, windows and prefills alike)."""
-    from omnitok.model.decoder import Decoder
-
-    count = [0]
-
-    def counted(original):
-        def run(self, *args):
-            count[0] += 1
-            return original(self, *args)
-        return run
-
-    with mock.patch.object(Decoder, "forward", counted(Decoder.forward)), \
-            mock.patch.object(Decoder, "forward_window", counted(Decoder.forward_window)):
-        yield count
-
-
 def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: int, repeats: int, images: int,
             device: torch.device, compiled: bool = False) -> dict:
-    """Forward passes (per image at batch 1; per batch of 8, which runs until its slowest sample ends) and seconds
-    per image, SJD off and on: ``images`` seeds one at a time, and the same seeds (at least 8) in batches of 8, so
-    both batch sizes make the same images; each timed as a whole, best of ``repeats`` after a warm-up (which also
-    pays the compiler with ``compiled``)."""
+    """Forward passes (per image at batch 1; per batch of 8, which runs until its slowest sample ends), seconds per
+    image and the sampler's own share of them, SJD off and on, and with ``cfg``'s guidance off when it guides (what
+    guidance costs): ``images`` seeds one at a time, and the same seeds (at least 8) in batches of 8, so both batch
+    sizes make the same images; each timed as a whole, best of ``repeats`` after a warm-up on 4x4 images (which pays
+    the compiler with ``compiled``: the shapes are dynamic, so a larger image compiles nothing new)."""
     from omnitok.model.sampler import generate
+    from omnitok.tokenizers.layout import image_span_length
 
+    settings = {"plain": cfg, "sjd": replace(cfg, image=replace(cfg.image, sjd_window=window))}
+    if cfg.image.guidance != 1:
+        settings = {"unguided": replace(cfg, image=replace(cfg.image, guidance=1.0)), **settings}
     out = {}
-    sjd = replace(cfg, image=replace(cfg.image, sjd_window=window))
     seeds = list(range(100, 100 + max(images, 8)))
     for batch in (1, 8):
         chunks = [seeds[i:i + batch] for i in range(0, images if batch == 1 else len(seeds), batch)]
         row = {}
-        for label, c in (("plain", cfg), ("sjd", sjd)):
-            best = float("inf")
-            generate(model, layout, [prompt] * batch, eos, c, seeds=list(range(batch)), compiled=compiled)
+        for label, c in settings.items():
+            small = replace(c, grid=(4, 4), max_new_tokens=image_span_length(4, 4))
+            generate(model, layout, [prompt] * batch, eos, small, seeds=list(range(batch)), compiled=compiled)
+            best, spent = float("inf"), {}
             for _ in range(repeats):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                with counting_passes() as count:
+                with model_passes() as seen:
                     start = time.perf_counter()
                     for chunk in chunks:
                         generate(model, layout, [prompt] * len(chunk), eos, c, seeds=chunk, compiled=compiled)
                     if device.type == "cuda":
                         torch.cuda.synchronize()
-                    best = min(best, time.perf_counter() - start)
-            row[label] = {"s_per_image": best / sum(map(len, chunks)), "passes": count[0] / len(chunks),
-                          "ms_per_pass": 1e3 * best / count[0]}
+                    took = time.perf_counter() - start
+                if took < best:
+                    best, spent = took, dict(seen)
+            row[label] = {"s_per_image": best / sum(map(len, chunks)), "passes": spent["passes"] / len(chunks),
+                          "ms_per_pass": 1e3 * best / spent["passes"],
+                          "sampler_ms_per_pass": 1e3 * (best - spent["seconds"]) / spent["passes"],
+                          "sampler_share": 1 - spent["seconds"] / best}
         row["passes_ratio"] = row["sjd"]["passes"] / row["plain"]["passes"]
         row["speedup"] = row["plain"]["s_per_image"] / row["sjd"]["s_per_image"]
         # what a window pass costs against a one-token step (prefill and the sampler's own work included): a model's
@@ -75,11 +63,17 @@ def compare(name: str, model, layout, prompt: list[int], eos: int, cfg, window: 
         # accepts next to no drafts (its codes are near-uniform: passes_ratio ~1 measured on the CPU), so on a GPU
         # its window_cost, with the passes ratio of a trained model, is what says whether SJD pays there
         row["window_cost"] = row["sjd"]["ms_per_pass"] / row["plain"]["ms_per_pass"]
+        guided = ""
+        if "unguided" in row:
+            row["guidance_cost"] = row["plain"]["s_per_image"] / row["unguided"]["s_per_image"]
+            guided = (f"; unguided {row['unguided']['s_per_image']:.3f} s per image (guidance costs "
+                      f"{row['guidance_cost']:.2f}x)")
         out[f"batch{batch}"] = row
         print(f"  {name}, batch {batch}: {row['plain']['passes']:.1f} -> {row['sjd']['passes']:.1f} forward passes "
               f"({row['passes_ratio']:.2f}x), {row['plain']['s_per_image']:.3f} -> "
               f"{row['sjd']['s_per_image']:.3f} s per image ({row['speedup']:.2f}x faster); a window pass costs "
-              f"{row['window_cost']:.2f}x a one-token step")
+              f"{row['window_cost']:.2f}x a one-token step; {row['plain']['ms_per_pass']:.2f} ms a pass, "
+              f"{row['plain']['sampler_share']:.0%} of it the sampler's own work{guided}")
     return out
 
 
@@ -101,10 +95,10 @@ def demo_model(args: argparse.Namespace, device: torch.device) -> dict:
     hits, passes = {}, {}
     for label, c in (("plain", cfg), ("sjd", replace(cfg, image=replace(cfg.image, sjd_window=args.window)))):
         spans = []
-        with counting_passes() as count:  # one at a time: passes per image (a batch waits for its slowest)
+        with model_passes() as seen:  # one at a time: passes per image (a batch waits for its slowest)
             for seed in range(1000, 1000 + args.seeds):
                 spans += generate(model, layout, [ids[0]], eos, c, seeds=[seed])
-        passes[label] = count[0] / args.seeds
+        passes[label] = seen["passes"] / args.seeds
         pictures = tok.image.decode([tok.parse(np.asarray(s))[0].ids for s in spans])
         hits[label] = caption_match(list(pictures), "red", "circle")["both"]
     out["red_circle"] = {**hits, "seeds": args.seeds}

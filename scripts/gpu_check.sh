@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE, on the lent GPU machine, as the one prepared device call (README: The GPU check):
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# (arguments go to benchmarks.gpu_check: `--parts sampler image_spans exact`, then `--parts pretrain vqgan audio
+# (arguments go to benchmarks.gpu_check: `--parts sampler image_spans`, then `--parts pretrain vqgan audio exact
 # tokenize_ray`, split it over two calls; `bash scripts/gpu_check.sh --reduced --device cpu` is the smoke test here)
 # Installs the carried wheels (scripts/gpu_kit.sh made them) beside the image's packages, prints the versions, and
 # runs the GPU check; the report and the log come back in $OUT.

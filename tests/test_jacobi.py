@@ -9,7 +9,7 @@ import torch
 from test_pretrain_parts import LAYOUT
 from test_sampler import EOS, check, well_formed_over_random_prompts
 
-from benchmarks.sjd import counting_passes
+from benchmarks.common import model_passes
 from omnitok.errors import OmnitokError
 from omnitok.model import sampler
 from omnitok.model.build import ModelConfig, build_model
@@ -31,9 +31,9 @@ def model():
 
 def passes(fn):
     """``fn()``'s result and how many forward passes it ran."""
-    with counting_passes() as count:
+    with model_passes() as seen:
         out = fn()
-    return out, count[0]
+    return out, seen["passes"]
 
 
 def with_sjd(cfg: SamplingConfig, image: int, audio: int) -> SamplingConfig:
