@@ -47,6 +47,41 @@ def compiled_drift(model, prompt: list[int], tokens: list[int], device: torch.de
             "widest_flip_margin": max(margins, default=None)}
 
 
+def pass_split(model, prompt: list[int], device: torch.device, steps: int = 32) -> dict:
+    """A batch-1 one-token pass of the compiled decoder on a GPU, split: its CUDA graph replayed alone (the layers)
+    against the whole pass (the embedding, RoPE tables, mask and input copies around the replay, and the output
+    layer), each the mean over ``steps``; with the sampler's tokens/s it says where a decoded token's time goes
+    outside the layers. Empty off a GPU (no graphs)."""
+    from omnitok.model.decoder import Decoder
+
+    dec = Decoder(model, compiled=True)
+    if dec.graphs is None:
+        return {}
+    n = len(prompt)
+    cache = dec.new_cache(1, capacity=n + steps + 2)  # room for every pass: the cache never grows, the graph stays
+    ids = torch.tensor([prompt], device=device)
+    valid = torch.ones(1, 1, dtype=torch.bool, device=device)
+
+    def step():
+        dec.forward(cache, ids[:, -1:], valid, torch.full((1, 1), cache.length, device=device))
+
+    def mean_ms(fn) -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize(device)
+        return 1e3 * (time.perf_counter() - start) / steps
+
+    with torch.inference_mode():
+        dec.forward(cache, ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(n, device=device)[None])
+        step()  # captures the step's graph
+        (_, replay, _), = dec.graphs.graphs.values()
+        graph_ms = mean_ms(replay)  # rewrites the last step's keys and values with the same ones
+        pass_ms = mean_ms(step)
+    return {"graph_ms": graph_ms, "pass_ms": pass_ms, "outside_graph_ms": pass_ms - graph_ms}
+
+
 def run(args: argparse.Namespace, out: dict | None = None) -> dict:
     """Decode tokens/s of omnitok's sampler vs transformers' ``generate`` (same model, prompt, temperature / top-p,
     KV cache), text mode at batch 1 and 8, and decode speed as a fraction of the memory-bandwidth bound (weight bytes
@@ -138,6 +173,11 @@ def run(args: argparse.Namespace, out: dict | None = None) -> dict:
               f"steps of eager's tokens; top tokens differ at {drift['flips']}{flips or ''}")
         out["bandwidth"]["fraction_compiled"] = bound * out["compiled_batch1"]["compiled"]
         print(f"  compiled, batch 1 decode is {out['bandwidth']['fraction_compiled']:.1%} of the memory bound")
+        split = out["compiled_pass"] = pass_split(model, prompt, device)
+        if split:
+            print(f"  compiled batch-1 pass {split['pass_ms']:.2f} ms: its CUDA graph (the layers) "
+                  f"{split['graph_ms']:.2f} ms, around it {split['outside_graph_ms']:.2f} ms; a decoded token "
+                  f"{1e3 / out['compiled_batch1']['compiled']:.2f} ms, the bound {bound * 1e3:.2f} ms")
     return out
 
 
