@@ -300,6 +300,10 @@ class Decoder:
         graph replays)."""
         # compiled, one code object serves every model in the process, about 4 graphs each (one row or more, one
         # token or more): dynamo's default limit of 8 had the third model run eagerly, silently
+        group = self.heads // self.kv_heads
+        if group > 1 and mask is not None:  # a row per grouped query (``_layer``), made once for every layer
+            rows, _, t, width = mask.shape
+            mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(rows, 1, group * t, width)
         with torch._dynamo.config.patch(recompile_limit=64) if self.compiled else contextlib.nullcontext():
             for w, keys, values in zip(self.weights, cache_keys, cache_values):
                 x = self.layer(x, cos, sin, mask, causal, w, keys, values, start, index)
@@ -335,11 +339,9 @@ class Decoder:
         if G > 1 and not causal:
             # grouped-query attention without copying the cache: the G query heads that share a key / value head
             # (heads kv * G ... kv * G + G - 1, Hugging Face's repeat_kv order) become G * t queries of that head,
-            # each under its own token's mask row; repeat_interleave wrote the whole cache G times over per layer,
-            # which outweighed the weights' own reads at a long image span and 16 rows
+            # each under its own token's mask row (``_blocks`` repeats the rows); repeat_interleave wrote the whole
+            # cache G times over per layer, which outweighed the weights' own reads at a long image span and 16 rows
             q = q.reshape(B, KV, G * t, d)
-            if mask is not None:
-                mask = mask[:, :, None].expand(-1, -1, G, -1, -1).reshape(B, 1, G * t, -1)
         elif G > 1:  # a causal prefill (SDPA's causal flag is per query index: it cannot take grouped queries)
             keys, values = keys.repeat_interleave(G, dim=1), values.repeat_interleave(G, dim=1)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling)
