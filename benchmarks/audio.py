@@ -1,7 +1,8 @@
 """Audio tokenizer real-time factor (compute seconds per audio second) of encode and decode, per codec, against
 calling the transformers model directly on the same tensors (one clip a call at batch 1; the clips stacked in one call
 at batch 8), and tokens per second of audio:
-``python -m benchmarks.audio [--codecs encodec mimi dac wavtokenizer xcodec xcodec2] [--seconds 5] [--batches 1 8]``.
+``python -m benchmarks.audio [--codecs encodec mimi dac wavtokenizer xcodec xcodec2] [--seconds 5] [--batches 1 8]
+[--bf16-batch 64]`` (the last: what bf16 autocast would change, ``bf16``).
 """
 
 from __future__ import annotations
@@ -92,28 +93,41 @@ def peer_calls(kind: str, model: Any, n_q: int, bandwidth: float | None):
     return lambda x: model.encode(x).audio_codes, lambda c: model.decode(c).audio_values
 
 
-def measure(kind: str, args: argparse.Namespace) -> dict:
+def tokenizer(kind: str, tiny: bool, device: torch.device):
+    """An ``AudioTokenizer`` over a random-weight codec (``codec_model``), its codebooks spread (zero codebooks give
+    one code; any spread works for timing)."""
     from omnitok.tokenizers.audio import AudioTokenizer, AudioTokenizerConfig
 
-    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = codec_model(kind, tiny=args.tiny)
-    for name, buffer in model.named_buffers():  # zero codebooks give one code; any spread works for timing
+    model = codec_model(kind, tiny=tiny)
+    for name, buffer in model.named_buffers():
         if name.endswith(("codebook.embed", "codebook.embed_sum")):
             buffer.normal_(0, 0.1)
-    tok = AudioTokenizer(model, AudioTokenizerConfig(**SETTING[kind]), device=device)
-    encode, decode = peer_calls(kind, tok.model, tok.num_codebooks, tok.config.bandwidth)
+    return AudioTokenizer(model, AudioTokenizerConfig(**SETTING[kind]), device=device)
+
+
+def clips(tok, seconds: float, n: int) -> list[np.ndarray]:
+    """``n`` clips of ``seconds`` (whole frames) at the codec's rate: a tone a clip and a little noise."""
     rate = tok.sample_rate
-    samples = round(args.seconds * rate / tok.hop) * tok.hop  # whole frames: both sides see the same tensor
+    samples = round(seconds * rate / tok.hop) * tok.hop  # whole frames: both sides see the same tensor
     rng = np.random.default_rng(0)
     t = np.arange(samples) / rate
+    return [np.tile((0.3 * np.sin(2 * np.pi * (110 + 50 * i) * t) + 0.05 * rng.standard_normal(samples))
+                    .astype(np.float32), (tok.channels, 1)) for i in range(n)]
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    tok = tokenizer(kind, args.tiny, device)
+    encode, decode = peer_calls(kind, tok.model, tok.num_codebooks, tok.config.bandwidth)
+    rate = tok.sample_rate
     row = {"tokens_per_s": tok.frame_rate * tok.num_codebooks, "frame_rate": tok.frame_rate,
            "codebooks": tok.num_codebooks, "sample_rate": rate}
     for batch in args.batches:
-        clips = [np.tile((0.3 * np.sin(2 * np.pi * (110 + 50 * i) * t) + 0.05 * rng.standard_normal(samples))
-                         .astype(np.float32), (tok.channels, 1)) for i in range(batch)]
-        tensors = [torch.from_numpy(c)[None].to(device) for c in clips]
-        codes = tok.encode([(c, rate) for c in clips])
+        waves = clips(tok, args.seconds, batch)
+        samples = waves[0].shape[1]
+        tensors = [torch.from_numpy(c)[None].to(device) for c in waves]
+        codes = tok.encode([(c, rate) for c in waves])
         code_tensors = [torch.from_numpy(c)[None].to(device) for c in codes]
         if kind == "encodec":
             code_tensors = [c[None] for c in code_tensors]  # (chunks=1, B, n_q, F)
@@ -131,13 +145,47 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
                 return decode(torch.cat(code_tensors, dim=-3 if kind != "encodec" else 1)).cpu()
 
         audio_s = samples / rate * batch
-        times = {"ours_encode": timed(lambda: tok.encode([(c, rate) for c in clips]), args.repeats, device),
+        times = {"ours_encode": timed(lambda: tok.encode([(c, rate) for c in waves]), args.repeats, device),
                  "peer_encode": timed(peer_encode, args.repeats, device),
                  "ours_decode": timed(lambda: tok.decode(codes), args.repeats, device),
                  "peer_decode": timed(peer_decode, args.repeats, device)}
         row[f"batch{batch}"] = {**{f"{k}_rtf": v / audio_s for k, v in times.items()},
                                 "encode_ratio": times["peer_encode"] / times["ours_encode"],
                                 "decode_ratio": times["peer_decode"] / times["ours_decode"]}
+    return row
+
+
+def bf16(kind: str, batch: int, seconds: float, tiny: bool, device: torch.device, repeats: int = 1) -> dict:
+    """What bf16 autocast would give a codec on a batch of ``batch`` clips, against float32 (what ``AudioTokenizer``
+    runs in everywhere): encode and decode real-time factors, the share of codes that change per codebook (the
+    quantizer's distances in bf16 may pick a neighbouring code; residual codebooks quantize what is left, so later
+    ones change more), and the decoded audio's SNR against float32's from the same codes. Random weights: the shares
+    show how often bf16 crosses a boundary, not what a trained codec would hear."""
+    tok = tokenizer(kind, tiny, device)
+    tok.batch_size = batch
+    items = [(w, tok.sample_rate) for w in clips(tok, seconds, batch)]
+    audio_s = seconds * batch
+
+    def low(fn, *a):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*a)
+
+    full, half = tok.encode(items), low(tok.encode, items)
+    wave_full, wave_half = np.stack(tok.decode(full)), np.stack(low(tok.decode, full))
+    differ = np.mean([(a != b).mean(axis=1) for a, b in zip(full, half)], axis=0)  # per codebook
+    times = {"encode_fp32": timed(lambda: tok.encode(items), repeats, device),
+             "encode_bf16": timed(lambda: low(tok.encode, items), repeats, device),
+             "decode_fp32": timed(lambda: tok.decode(full), repeats, device),
+             "decode_bf16": timed(lambda: low(tok.decode, full), repeats, device)}
+    snr = 10 * np.log10(np.sum(wave_full ** 2) / max(np.sum((wave_half - wave_full) ** 2), 1e-30))
+    row = {"batch": batch, "seconds": seconds, **{f"{k}_rtf": v / audio_s for k, v in times.items()},
+           "encode_speedup": times["encode_fp32"] / times["encode_bf16"],
+           "decode_speedup": times["decode_fp32"] / times["decode_bf16"],
+           "codes_differ": float(differ.mean()), "codes_differ_per_codebook": [round(float(d), 5) for d in differ],
+           "decode_snr_db": float(snr)}
+    print(f"  {kind} bf16 autocast vs float32, batch {batch} of {seconds:g} s: encode {row['encode_speedup']:.2f}x, "
+          f"decode {row['decode_speedup']:.2f}x as fast; codes that change {row['codes_differ']:.2%} (per codebook "
+          f"{', '.join(f'{d:.1%}' for d in differ)}); decoded audio {snr:.1f} dB SNR against float32's")
     return row
 
 
@@ -155,6 +203,8 @@ def run(args: argparse.Namespace) -> dict:
             for op in ("encode", "decode"):
                 print(f"    batch {batch} {op}: RTF omnitok {r[f'ours_{op}_rtf']:.4f}, class "
                       f"{r[f'peer_{op}_rtf']:.4f}, ratio {r[f'{op}_ratio']:.3f}")
+        if args.bf16_batch:
+            row["bf16"] = bf16(kind, args.bf16_batch, args.seconds, args.tiny, device, args.repeats)
     return report
 
 
@@ -164,6 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bf16-batch", type=int, default=0, metavar="N",
+                        help="also each codec under bf16 autocast against float32 on a batch of N clips")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny sizes instead of the published ones")
     parser.add_argument("--device", default=default_device())
     return run(parser.parse_args(argv))

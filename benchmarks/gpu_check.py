@@ -18,7 +18,8 @@ sampler part took 5 minutes with an image part it has since handed over, and exa
   change when the photos are encoded one at a time instead (``benchmarks.image``);
 - every audio codec (EnCodec 24 kHz 6 kbps, Mimi 8 codebooks, DAC 44.1 kHz, WavTokenizer 40 Hz, X-Codec 4 kbps,
   X-Codec2; published sizes, 5 s clips) encode / decode real-time factor at batch 1 and 8 against the transformers
-  class called directly (``benchmarks.audio``);
+  class called directly, and EnCodec at batch 64 under bf16 autocast against float32 (what the tokenizer runs in):
+  speed, the codes that change per codebook, the decoded audio's SNR (``benchmarks.audio``);
 - whether a seed samples the same alone as in a batch of 4 on the GPU, in float32 and in bfloat16 (the ~1B random
   model, 8x8 image spans plain, guided and with SJD, audio spans, a mixed batch), and whether greedy SJD equals greedy
   decoding there (``benchmarks.exactness``: the CPU's float32 keeps both nearly always; the GPU's kernels and bf16's
@@ -114,9 +115,15 @@ def run(args: argparse.Namespace) -> dict:
     batch = 2 if small else 64
     part("vqgan", lambda _: image.run(Namespace(arch="tiny" if small else "janus", size=64 if small else 256,
                                               batch=batch, repeats=1, device=args.device)))
-    part("audio", lambda _: audio.run(Namespace(codecs=list(audio.PUBLISHED), seconds=0.5 if small else 5.0,
-                                              batches=[1, 2 if small else 8], repeats=1, tiny=small,
-                                              device=args.device)))
+
+    def audio_part(partial: dict) -> dict:
+        seconds = 0.5 if small else 5.0
+        partial.update(audio.run(Namespace(codecs=list(audio.PUBLISHED), seconds=seconds, repeats=1, tiny=small,
+                                           batches=[1, 2 if small else 8], bf16_batch=0, device=args.device)))
+        partial["encodec"]["bf16"] = audio.bf16("encodec", 4 if small else 64, seconds, small, device)
+        return partial
+
+    part("audio", audio_part)
     # 4 seeds on the GPU: each setting is 5 samplings a dtype there (about 1 s each for the ~1B model)
     part("exact", lambda _: exactness.run(Namespace(model=None, size=size, grid=4 if small else 8,
                                                   seeds=8 if small else 4, device=args.device)))

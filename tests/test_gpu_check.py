@@ -38,6 +38,9 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     drift = report["sampler"]["compiled_drift"]  # float32 on the CPU: rounding far below the logits' spread
     assert drift["steps"] == 16 and drift["max_drift"] < 1e-4 and drift["flips"] == 0
     assert sorted(report["audio"]) == ["dac", "encodec", "mimi", "wavtokenizer", "xcodec", "xcodec2"]
+    bf16 = report["audio"]["encodec"]["bf16"]  # the issue's EnCodec batch in bf16, against float32
+    assert bf16["batch"] == 4 and len(bf16["codes_differ_per_codebook"]) == report["audio"]["encodec"]["codebooks"]
+    assert 0 <= bf16["codes_differ"] < 0.5 and bf16["decode_snr_db"] > 20  # rounding, not another codec
     assert report["tokenize_ray"]["images_per_s"] > 0 and report["tokenize_ray"]["gpu_busy"] is None  # no nvidia-smi
     exact = report["exact"]
     assert list(exact) == ["float32"]  # bfloat16 too on a GPU
@@ -54,8 +57,9 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     from benchmarks import gpu_check
 
     for module, name in ((gpu_check.sample, "run"), (gpu_check.sjd, "random_model"), (gpu_check.pretrain, "run"),
-                         (gpu_check.audio, "run"), (gpu_check.tokenize_ray, "gpu_busy"), (gpu_check.exactness, "run")):
+                         (gpu_check.audio, "bf16"), (gpu_check.tokenize_ray, "gpu_busy"), (gpu_check.exactness, "run")):
         monkeypatch.setattr(module, name, lambda *args, **kw: {"value": 1.0})
+    monkeypatch.setattr(gpu_check.audio, "run", lambda args: {"encodec": {"value": 1.0}})
     monkeypatch.setattr(gpu_check, "pretrain_mfu", lambda result, *args: result)
 
     def broken(args):
@@ -65,7 +69,8 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     out = tmp_path / "report.json"
     report = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu"])
     assert report["failed"] == ["vqgan"] and report["vqgan"] == {"error": "RuntimeError: no kernel image is available"}
-    assert report["audio"] == report["tokenize_ray"] == report["exact"] == {"value": 1.0}  # the others ran
+    assert report["tokenize_ray"] == report["exact"] == {"value": 1.0}  # the others ran
+    assert report["audio"] == {"encodec": {"value": 1.0, "bf16": {"value": 1.0}}}
     assert json.loads(out.read_text())["failed"] == ["vqgan"]
     some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "audio", "sampler"])
     assert [k for k in gpu_check.PARTS if k in some] == ["sampler", "audio"] and some["failed"] == []
