@@ -5,8 +5,9 @@ sampler part took 5 minutes with an image part it has since handed over, and exa
 - sampling with a ~1B random-weight Llama (``benchmarks.sample``): text tokens/s at batch 1 and 8 against
   transformers' ``generate``, the compiled decoder (CUDA graphs) against eager (same greedy tokens, or how far its
   logits drift from eager's where bf16 rounding picks other tokens), batch-1 decode as a fraction of the
-  memory-bandwidth bound (weight bytes / measured copy bandwidth), eager and compiled, and a compiled batch-1 pass
-  split into its CUDA graph's replay and the work around it;
+  memory-bandwidth bound (weight bytes / measured copy bandwidth), eager and compiled, and compiled one-token passes
+  split into their CUDA graph's replay and the work around it, at 1 row over 33 cached positions, 8 over 161 and 16
+  over 1060 (a guided batch-8 32x32 image's late in its span);
 - 32x32 image spans on the same model, compiled, at batch 1 and 8 (``benchmarks.sjd``): guided (scale 3) with and
   without speculative Jacobi decoding, and unguided: forward passes, seconds per image, codes/s, the sampler's own
   share of a pass, what guidance costs, and ``window_cost``, what a window pass costs against a one-token step (the

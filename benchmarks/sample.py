@@ -47,23 +47,20 @@ def compiled_drift(model, prompt: list[int], tokens: list[int], device: torch.de
             "widest_flip_margin": max(margins, default=None)}
 
 
-def pass_split(model, prompt: list[int], device: torch.device, steps: int = 32) -> dict:
-    """A batch-1 one-token pass of the compiled decoder on a GPU, split: its CUDA graph replayed alone (the layers)
-    against the whole pass (the embedding, RoPE tables, mask and input copies around the replay, and the output
-    layer), each the mean over ``steps``; with the sampler's tokens/s it says where a decoded token's time goes
-    outside the layers. Empty off a GPU (no graphs)."""
+def pass_split(model, device: torch.device, shapes=((1, 33), (8, 161), (16, 1060)), steps: int = 32) -> dict:
+    """One-token passes of the compiled decoder on a GPU, per shape (rows, cached positions), split: its CUDA graph
+    replayed alone (the layers) against the whole pass (the embedding, RoPE tables, mask and input copies around the
+    replay, and the output layer), each the mean over ``steps``. The shapes are the GPU check's: a batch-1 text step,
+    a batch-8 one, and a guided batch-8 32x32 image's late in its span (16 rows over ~1060 positions; on an H200 such
+    a pass took 32 ms where the batch-8 text one took 6.4): whether a long cache or many rows cost inside the layers
+    or around them. Empty off a GPU (no graphs)."""
     from omnitok.model.decoder import Decoder
 
     dec = Decoder(model, compiled=True)
     if dec.graphs is None:
         return {}
-    n = len(prompt)
-    cache = dec.new_cache(1, capacity=n + steps + 2)  # room for every pass: the cache never grows, the graph stays
-    ids = torch.tensor([prompt], device=device)
-    valid = torch.ones(1, 1, dtype=torch.bool, device=device)
-
-    def step():
-        dec.forward(cache, ids[:, -1:], valid, torch.full((1, 1), cache.length, device=device))
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
 
     def mean_ms(fn) -> float:
         torch.cuda.synchronize(device)
@@ -73,13 +70,25 @@ def pass_split(model, prompt: list[int], device: torch.device, steps: int = 32) 
         torch.cuda.synchronize(device)
         return 1e3 * (time.perf_counter() - start) / steps
 
-    with torch.inference_mode():
-        dec.forward(cache, ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(n, device=device)[None])
-        step()  # captures the step's graph
-        (_, replay, _), = dec.graphs.graphs.values()
-        graph_ms = mean_ms(replay)  # rewrites the last step's keys and values with the same ones
-        pass_ms = mean_ms(step)
-    return {"graph_ms": graph_ms, "pass_ms": pass_ms, "outside_graph_ms": pass_ms - graph_ms}
+    out = {}
+    for rows, n in shapes:
+        cache = dec.new_cache(rows, capacity=n + steps + 2)  # room for every pass: the cache never grows
+        ids = torch.randint(vocab, (rows, n), generator=generator).to(device)
+        valid = torch.ones(rows, 1, dtype=torch.bool, device=device)
+
+        def step():
+            dec.forward(cache, ids[:, -1:], valid, torch.full((rows, 1), cache.length, device=device))
+
+        with torch.inference_mode():
+            dec.forward(cache, ids, torch.ones_like(ids, dtype=torch.bool),
+                        torch.arange(n, device=device)[None].expand(rows, -1))
+            step()  # captures the step's graph (a new cache: the only one)
+            (_, replay, _), = dec.graphs.graphs.values()
+            graph_ms = mean_ms(replay)  # rewrites the last step's keys and values with the same ones
+            pass_ms = mean_ms(step)
+        out[f"rows{rows}_cached{n}"] = {"graph_ms": graph_ms, "pass_ms": pass_ms,
+                                        "outside_graph_ms": pass_ms - graph_ms}
+    return out
 
 
 def run(args: argparse.Namespace, out: dict | None = None) -> dict:
@@ -173,11 +182,12 @@ def run(args: argparse.Namespace, out: dict | None = None) -> dict:
               f"steps of eager's tokens; top tokens differ at {drift['flips']}{flips or ''}")
         out["bandwidth"]["fraction_compiled"] = bound * out["compiled_batch1"]["compiled"]
         print(f"  compiled, batch 1 decode is {out['bandwidth']['fraction_compiled']:.1%} of the memory bound")
-        split = out["compiled_pass"] = pass_split(model, prompt, device)
-        if split:
-            print(f"  compiled batch-1 pass {split['pass_ms']:.2f} ms: its CUDA graph (the layers) "
-                  f"{split['graph_ms']:.2f} ms, around it {split['outside_graph_ms']:.2f} ms; a decoded token "
-                  f"{1e3 / out['compiled_batch1']['compiled']:.2f} ms, the bound {bound * 1e3:.2f} ms")
+        out["compiled_pass"] = pass_split(model, device)
+        for shape, split in out["compiled_pass"].items():
+            print(f"  compiled pass, {shape}: {split['pass_ms']:.2f} ms, its CUDA graph (the layers) "
+                  f"{split['graph_ms']:.2f} ms, around it {split['outside_graph_ms']:.2f} ms")
+        print(f"  a decoded token at batch 1 {1e3 / out['compiled_batch1']['compiled']:.2f} ms, the bound "
+              f"{bound * 1e3:.2f} ms")
     return out
 
 
