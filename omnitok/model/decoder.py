@@ -6,20 +6,21 @@ over a ``KVCache`` that is preallocated and grows by doubling. Rows of the cache
 steps, which is what classifier-free guidance needs: an unconditional row joins while its sample is inside a media
 span and leaves when the span closes.
 
-With ``compiled``, one decoder layer runs under ``torch.compile`` with dynamic shapes (every layer calls the same
-compiled function with its own weights, so compiling costs one layer's graph whatever the depth: with all the layers
-as one graph, a 22-layer model's first compiled runs had not finished after about 5 minutes on an H200), in a static
-form: new keys and values are written at columns given as a tensor (``index_copy_``) and attention reads the cache's
-whole capacity under an explicit mask, so nothing in a pass depends on where in the cache it writes. On a GPU the
-decoding passes (one-token steps, and windows padded to the widest the settings allow, ``window_width``) then run as
-CUDA graphs (``CudaGraphs``): captured at a pass's first shape over the cache's current tensors and replayed after
-it, so a 1B model's step is no longer paid in kernel launches (eager, it is launch-bound: ~16 ms a step on an H200
-where its weights take ~0.6 ms to read). Shapes and addresses change only when rows join or leave or the cache
-grows, and then the graphs are captured again. On a CPU the same static form runs without graphs. (Slicing the cache
-at a symbolic ``start`` / ``end`` instead, as the eager path does, let a graph compiled where the cache happened to
-be exactly full be reused for a larger cache: a size assertion failed inside the graph once the server's cache
-grew.) The tokens are the same as eager (tested greedy, ``generate`` and the server's engine; the graphs' plumbing
-with an emulated capture on the CPU).
+With ``compiled``, decoding passes (one-token steps and SJD windows; prefills stay eager, one compute-bound pass
+each) run one decoder layer under ``torch.compile`` with dynamic shapes (every layer calls the same compiled
+function with its own weights, so compiling costs one layer's graph whatever the depth: with all the layers as one
+graph, a 22-layer model's first compiled runs had not finished after about 5 minutes on an H200), in a static form:
+new keys and values are written at columns given as a tensor (``index_copy_``) and attention reads the cache's whole
+capacity under an explicit mask, so nothing in a pass depends on where in the cache it writes. On a GPU the decoding
+passes (one-token steps, and windows padded to the widest the settings allow, ``window_width``) then run as CUDA
+graphs (``CudaGraphs``): captured at a pass's first shape over the cache's current tensors and replayed after it, so
+a 1B model's step is no longer paid in kernel launches (eager, it is launch-bound: ~16 ms a step on an H200 where
+its weights take ~0.6 ms to read). Shapes and addresses change only when rows join or leave or the cache grows, and
+then the graphs are captured again. On a CPU the same static form runs without graphs. (Slicing the cache at a
+symbolic ``start`` / ``end`` instead, as the eager path does, let a graph compiled where the cache happened to be
+exactly full be reused for a larger cache: a size assertion failed inside the graph once the server's cache grew.)
+The tokens are the same as eager (tested greedy, ``generate`` and the server's engine; the graphs' plumbing with an
+emulated capture on the CPU).
 
 Supported: ``llama``, ``mistral`` and ``qwen2`` without sliding windows, ``qwen3`` (QK-norm), i.e. every model that
 ``omnitok pretrain`` builds or continues from those families. Parity with Hugging Face is tested (logits with left
@@ -222,8 +223,10 @@ class Decoder:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         # torch.compile over one layer (dynamic shapes: the rows, the tokens fed and the cache length vary from step
-        # to step without recompiling); embedding, RoPE tables, masks and cache bookkeeping stay in Python
-        self.static = compiled  # the static form (``_blocks`` with ``index``), what compiled passes and graphs run
+        # to step without recompiling); embedding, RoPE tables, masks and cache bookkeeping stay in Python. Prefills
+        # run eagerly: one pass each, compute-bound, and compiling them cost a graph for one row and one for more at
+        # first use (on the CPU here a text sample's first compiled run took 11.8 s at batch 1, 25.7 at batch 8)
+        self.static = compiled  # decoding passes in the static form (``_blocks`` with ``index``): compiled, graphs
         self.compiled = compiled
         self.layer = torch.compile(self._layer, dynamic=True) if compiled else self._layer
         self.graphs = CudaGraphs(self._static) if compiled and self.device.type == "cuda" else None
@@ -280,10 +283,10 @@ class Decoder:
         cache.valid[:, start:end] = valid
         x = self.body.embed_tokens(ids)
         cos, sin = self.body.rotary_emb(x, positions)
-        if self.static:
+        if self.static and decode:
             mask, _ = self._mask(cache, start, end, full=True)
             inputs = (x, cos[:, None], sin[:, None], mask, torch.arange(start, end, device=ids.device))
-            x = (self.graphs if decode and self.graphs else self._static)(cache.keys, cache.values, *inputs)
+            x = (self.graphs or self._static)(cache.keys, cache.values, *inputs)
         else:
             mask, causal = self._mask(cache, start, end)
             x = self._blocks(x, cos[:, None], sin[:, None], mask, causal, cache.keys, cache.values, start)
@@ -293,20 +296,22 @@ class Decoder:
     def _blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 causal: bool, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor],
                 start: int, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Every decoder layer (``layer``, compiled or not) and the final norm over embedded tokens ``x`` (rows, t,
-        hidden), their keys and values written into the cache's tensors at ``start``. With ``index`` (the columns
-        ``start ...`` as a tensor) the static form: keys and values are written at ``index`` and attention reads the
-        cache's whole capacity (``mask`` covers it), so neither shapes nor addresses depend on ``start`` (what a CUDA
-        graph replays)."""
-        # compiled, one code object serves every model in the process, about 4 graphs each (one row or more, one
-        # token or more): dynamo's default limit of 8 had the third model run eagerly, silently
+        """Every decoder layer and the final norm over embedded tokens ``x`` (rows, t, hidden), their keys and values
+        written into the cache's tensors at ``start``. With ``index`` (the columns ``start ...`` as a tensor) the
+        static form: keys and values are written at ``index`` and attention reads the cache's whole capacity
+        (``mask`` covers it), so neither shapes nor addresses depend on ``start`` (what a CUDA graph replays); its
+        layers are ``layer`` (compiled or not). Without, the sliced form, always eager: prefills (one pass each,
+        compute-bound) and an uncompiled decoder's passes."""
         group = self.heads // self.kv_heads
         if group > 1 and mask is not None:  # a row per grouped query (``_layer``), made once for every layer
             rows, _, t, width = mask.shape
             mask = mask[:, :, None].expand(-1, -1, group, -1, -1).reshape(rows, 1, group * t, width)
+        layer = self._layer if index is None else self.layer
+        # compiled, one code object serves every model in the process, a graph for each of one row or more, one
+        # token or more: dynamo's default limit of 8 had the third model run eagerly, silently
         with torch._dynamo.config.patch(recompile_limit=64) if self.compiled else contextlib.nullcontext():
             for w, keys, values in zip(self.weights, cache_keys, cache_values):
-                x = self.layer(x, cos, sin, mask, causal, w, keys, values, start, index)
+                x = layer(x, cos, sin, mask, causal, w, keys, values, start, index)
         return _norm(self.body.norm.weight, self.eps, x)
 
     def _static(self, cache_keys: list[torch.Tensor], cache_values: list[torch.Tensor], x: torch.Tensor,
