@@ -129,28 +129,38 @@ def quiet_stderr() -> Iterator[None]:
         sys.stderr = stderr
 
 
-def plain_loop_tokens_per_s(model: torch.nn.Module, batches: list, optim, tokens_per_batch: int) -> float:
+def plain_loop_tokens_per_s(model: torch.nn.Module, batches: list, optim, tokens_per_batch: int,
+                            device: torch.device = torch.device("cpu"), bf16: bool = False) -> float:
     """Tokens/s of a plain PyTorch loop (cross-entropy over the batch's labels, torch AdamW on the trainable
-    parameters, gradient clipping) over ``batches`` already in memory: the first half warms up, the second is timed,
-    as the measured window of an omnitok run."""
+    parameters, gradient clipping) over ``batches`` already in memory, on ``device`` (``bf16``: under bf16 autocast,
+    PyTorch's mixed precision, where omnitok trains with DeepSpeed's bf16): the first half warms up, the second is
+    timed, as the measured window of an omnitok run."""
     import torch.nn.functional as F
 
+    model.to(device)
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
 
     def step(batch) -> None:  # the same inputs (packed position ids when documents are isolated) and labels
-        logits = model(**batch.model_inputs(torch.device("cpu"))).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.reshape(-1),
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**batch.model_inputs(device)).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch.labels.to(device).reshape(-1),
                                ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, optim.grad_clip)
         opt.step()
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     measured = len(batches) // 2
     for batch in batches[:measured]:
         step(batch)
+    sync()
     start = time.perf_counter()
     for batch in batches[measured:]:
         step(batch)
+    sync()
     return (len(batches) - measured) * tokens_per_batch / (time.perf_counter() - start)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import plain_loop_tokens_per_s, quiet_stderr
+from benchmarks.common import default_device, plain_loop_tokens_per_s, quiet_stderr
 from benchmarks.synthetic import write_shards
 from omnitok.tokenizers.layout import TokenLayout
 
@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> dict:
         model = wrap_lora(build_model(cfg.model, CHAT), cfg, CHAT)
         stream = PackedStream(cfg.data, CHAT, cfg.micro_batch_size)
         batches = [stream.next_batch() for _ in range(args.steps)]
-        plain = plain_loop_tokens_per_s(model, batches, cfg.optim, cfg.micro_batch_size * cfg.data.seq_len)
+        device = torch.device(default_device())  # where omnitok finetune trained
+        plain = plain_loop_tokens_per_s(model, batches, cfg.optim, cfg.micro_batch_size * cfg.data.seq_len, device,
+                                        bf16=cfg.bf16 and device.type == "cuda")
     lora, full = memory["lora"], memory["full"]
     print(f"fine-tuning with LoRA r={cfg.lora.r}, {full['total'] / 1e6:.1f}M-parameter model, {cfg.micro_batch_size} x "
           f"{cfg.data.seq_len} tokens per step, ZeRO {cfg.zero_stage}, {torch.get_num_threads()} threads; last "

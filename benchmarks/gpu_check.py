@@ -13,8 +13,9 @@ sampler part took 5 minutes with an image part it has since handed over, and exa
   share of a pass, what guidance costs, and ``window_cost``, what a window pass costs against a one-token step (the
   random model accepts next to no drafts, so SJD's gain on a GPU is a trained model's passes ratio, measured on the
   CPU, times this);
-- ``omnitok pretrain`` tokens/s and MFU for the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps,
-  against a plain loop (``benchmarks.pretrain``);
+- ``omnitok pretrain`` tokens/s and MFU (the run's own: 6 N + 12 L d s FLOPs a token over the GPU's bf16 peak) for
+  the ~150M config (``configs/pretrain-150m-gpu.yaml``) over 100 steps, against a plain PyTorch loop on the same GPU
+  under bf16 autocast (``benchmarks.pretrain``);
 - VQ-GAN (Janus VQ-16 architecture, 256 px) encode / decode throughput at batch 64, and the share of codes that
   change when the photos are encoded one at a time instead (``benchmarks.image``);
 - every audio codec (EnCodec 24 kHz 6 kbps, Mimi 8 codebooks, DAC 44.1 kHz, WavTokenizer 40 Hz, X-Codec 4 kbps,
@@ -51,31 +52,6 @@ from benchmarks import audio, exactness, image, pretrain, sample, sjd, tokenize_
 from benchmarks.common import default_device
 
 PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "exact", "tokenize_ray")  # the order they run
-# dense bf16 peak FLOP/s by device name (vendor data sheets), for MFU
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def pretrain_mfu(result: dict, config: str, overrides: list[str], device: torch.device) -> dict:
-    """Model FLOPs utilisation of the measured tokens/s: (6 N + 12 L d s) FLOPs per token (weights, and attention
-    over a sequence of s; PaLM's appendix B) over the device's peak."""
-    from omnitok.model.build import build_model
-    from omnitok.train.pretrain import load_pretrain_config
-
-    cfg = load_pretrain_config(config, ["tokenizer=x", "out=x", "data.shards=[x]", *overrides])
-    n = sum(p.numel() for p in build_model(cfg.model, pretrain.LAYOUT).parameters())
-    per_token = 6 * n + 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.data.seq_len
-    peak = peak_flops(device)
-    return {**result, "params": n, "flops_per_token": per_token,
-            "mfu": None if peak is None else result["ours"] * per_token / peak}
-
-
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     small = args.reduced
@@ -111,8 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     config = "configs/pretrain-tiny-cpu.yaml" if small else "configs/pretrain-150m-gpu.yaml"
     steps = 4 if small else 100
     overrides = [] if small else ["grad_accum=1", "eval_every=100000"]
-    part("pretrain", lambda _: pretrain_mfu(pretrain.run(Namespace(config=config, steps=steps, overrides=overrides)),
-                                          config, overrides, device))
+    part("pretrain", lambda _: pretrain.run(Namespace(config=config, steps=steps, overrides=overrides)))
     batch = 2 if small else 64
     part("vqgan", lambda _: image.run(Namespace(arch="tiny" if small else "janus", size=64 if small else 256,
                                               batch=batch, repeats=1, device=args.device)))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import plain_loop_tokens_per_s, quiet_stderr
+from benchmarks.common import default_device, plain_loop_tokens_per_s, quiet_stderr
 from benchmarks.synthetic import write_shards
 from omnitok.tokenizers.layout import TokenLayout
 
@@ -26,7 +26,8 @@ def synthetic_run_dir(root: Path) -> None:
 
 
 def measure(root: Path, name: str, config: str | None, steps: int, overrides: list[str]):
-    """Pretrain ``steps`` steps into ``root/name``; the config and the tokens/s and data wait of the second half."""
+    """Pretrain ``steps`` steps into ``root/name``; the config and the last train record (the second half's tokens/s,
+    data wait and, on a GPU with a known peak, MFU)."""
     from omnitok.train.pretrain import load_pretrain_config, pretrain
 
     cfg = load_pretrain_config(config, [
@@ -34,8 +35,7 @@ def measure(root: Path, name: str, config: str | None, steps: int, overrides: li
         f"log_every={steps // 2}", f"checkpoint_every={steps * 10}", *overrides])
     with quiet_stderr():
         pretrain(cfg)
-    last = [json.loads(line) for line in (root / name / "train.jsonl").read_text().splitlines()][-1]
-    return cfg, last["tokens_per_s"], last["data_wait"]
+    return cfg, [json.loads(line) for line in (root / name / "train.jsonl").read_text().splitlines()][-1]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -46,20 +46,24 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         synthetic_run_dir(root)
-        cfg, ours, wait = measure(root, "run", args.config, args.steps, args.overrides)
+        cfg, last = measure(root, "run", args.config, args.steps, args.overrides)
+        ours, wait = last["tokens_per_s"], last["data_wait"]
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, LAYOUT)
+        params = sum(p.numel() for p in model.parameters())
         stream = PackedStream(cfg.data, LAYOUT, cfg.micro_batch_size)
         batches = [stream.next_batch() for _ in range(args.steps)]
-        plain = plain_loop_tokens_per_s(model, batches, cfg.optim, cfg.micro_batch_size * cfg.data.seq_len)
-    params = sum(p.numel() for p in model.parameters())
+        device = torch.device(default_device())  # where omnitok pretrain trained (``distributed.join``)
+        plain = plain_loop_tokens_per_s(model, batches, cfg.optim, cfg.micro_batch_size * cfg.data.seq_len, device,
+                                        bf16=cfg.bf16 and device.type == "cuda")
     print(f"pretraining, {params / 1e6:.1f}M-parameter {cfg.model.arch}, {cfg.micro_batch_size} x {cfg.data.seq_len} "
           f"tokens per step, ZeRO {cfg.zero_stage}, {torch.get_num_threads()} threads; last {args.steps - measured} of "
           f"{args.steps} steps")
-    print(f"  omnitok pretrain {ours:.0f} tokens/s, plain loop {plain:.0f} tokens/s, ratio {ours / plain:.3f}; "
-          f"data wait {wait:.2%} of step time")
-    return {"ours": ours, "plain": plain, "data_wait": wait}
+    mfu = last.get("mfu")
+    print(f"  omnitok pretrain {ours:.0f} tokens/s, plain loop {plain:.0f} tokens/s ({device.type}), ratio "
+          f"{ours / plain:.3f}; data wait {wait:.2%} of step time" + (f"; MFU {mfu:.1%}" if mfu is not None else ""))
+    return {"ours": ours, "plain": plain, "data_wait": wait, "params": params, "mfu": mfu}
 
 
 def arguments(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -60,7 +60,6 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
                          (gpu_check.audio, "bf16"), (gpu_check.tokenize_ray, "gpu_busy"), (gpu_check.exactness, "run")):
         monkeypatch.setattr(module, name, lambda *args, **kw: {"value": 1.0})
     monkeypatch.setattr(gpu_check.audio, "run", lambda args: {"encodec": {"value": 1.0}})
-    monkeypatch.setattr(gpu_check, "pretrain_mfu", lambda result, *args: result)
 
     def broken(args):
         raise RuntimeError("no kernel image is available")
