@@ -42,7 +42,7 @@ def model_passes() -> Iterator[dict]:
         return run
 
     with mock.patch.object(Decoder, "forward", timed_pass(Decoder.forward)), \
-            mock.patch.object(Decoder, "forward_window", timed_pass(Decoder.forward_window)):
+            mock.patch.object(Decoder, "decode", timed_pass(Decoder.decode)):
         yield seen
 
 

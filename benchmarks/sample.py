@@ -41,7 +41,7 @@ def compiled_drift(model, prompt: list[int], tokens: list[int], device: torch.de
             pick = int(compiled.argmax())
             if pick != int(eager.argmax()):
                 margins.append(float(eager.max() - eager[0, pick]) / spread)
-            logits = [d.forward(c, ids[:, i:i + 1], ones[:, :1], positions[:, i:i + 1])
+            logits = [d.decode(c, ids[:, i:i + 1], ones[:, :1], positions[:, i:i + 1])[:, 0]
                       for d, c in zip(decoders, caches)]
     return {"steps": len(tokens), "max_drift": drift, "flips": len(margins),
             "widest_flip_margin": max(margins, default=None)}
@@ -77,7 +77,7 @@ def pass_split(model, device: torch.device, shapes=((1, 33), (8, 161), (16, 1060
         valid = torch.ones(rows, 1, dtype=torch.bool, device=device)
 
         def step():
-            dec.forward(cache, ids[:, -1:], valid, torch.full((rows, 1), cache.length, device=device))
+            dec.decode(cache, ids[:, -1:], valid, torch.full((rows, 1), cache.length, device=device))
 
         with torch.inference_mode():
             dec.forward(cache, ids, torch.ones_like(ids, dtype=torch.bool),

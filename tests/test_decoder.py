@@ -63,7 +63,7 @@ def test_logits_match_hugging_face_with_padding_steps_and_spliced_rows(arch, for
     nxt = pos[:, -1] + 1
     for token in (11, 60, 4):  # decode steps
         seqs = [s + [token] for s in seqs]
-        ours = dec.forward(cache, torch.full((3, 1), token), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
+        ours = dec.decode(cache, torch.full((3, 1), token), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])[:, 0]
         nxt = nxt + 1
         torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
     # drop row 1, splice in a new shorter row, step all: every row still equals its sequence alone
@@ -75,12 +75,16 @@ def test_logits_match_hugging_face_with_padding_steps_and_spliced_rows(arch, for
     cache.extend(extra)
     seqs.append([1, 44, 45])
     nxt = torch.cat([nxt, pos[:, -1] + 1])
-    ours = dec.forward(cache, torch.full((3, 1), 8), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
+    ours = dec.decode(cache, torch.full((3, 1), 8), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])[:, 0]
     torch.testing.assert_close(ours, hf_last_logits(model, [s + [8] for s in seqs]), atol=1e-5, rtol=1e-5)
 
 
 @torch.inference_mode()
-def test_graphs_are_replayed_while_the_cache_stays_and_captured_again_when_it_is_replaced():
+def test_graphs_serve_every_batch_of_their_size_and_are_captured_again_when_the_cache_grows():
+    """A graph is captured per number of rows and replayed whenever the batch has that many again, after rows left
+    and joined (they move inside the cache's buffers); a cache that grows replaces its buffers and the graphs with
+    them. Each step's logits are Hugging Face's: a graph replayed over rows that moved, or over the old buffers,
+    would give other ones."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2),
                         LAYOUT).eval()
@@ -92,17 +96,37 @@ def test_graphs_are_replayed_while_the_cache_stays_and_captured_again_when_it_is
     dec.forward(cache, ids, valid, pos)  # a prefill: no graph
     before = CudaGraphs.captured
     nxt = pos[:, -1] + 1
-    for token in range(20, 26):
+
+    def step(token):
+        nonlocal seqs, nxt
         seqs = [s + [token] for s in seqs]
-        ours = dec.forward(cache, torch.full((2, 1), token), torch.ones(2, 1, dtype=torch.bool), nxt[:, None])
+        rows = len(seqs)
+        ours = dec.decode(cache, torch.full((rows, 1), token), torch.ones(rows, 1, dtype=torch.bool),
+                          nxt[:, None])[:, 0]
         torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
         nxt = nxt + 1
+
+    for token in range(20, 26):
+        step(token)
     assert (CudaGraphs.captured - before, record.replays) == (1, 6)  # one shape, one cache: one graph
-    cache.select(torch.tensor([1]))  # new tensors: the graph over the old ones must not be replayed
-    seqs = [seqs[1] + [30]]
-    ours = dec.forward(cache, torch.full((1, 1), 30), torch.ones(1, 1, dtype=torch.bool), nxt[1:, None])
-    torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
-    assert CudaGraphs.captured - before == 2 and len(dec.graphs.graphs) == 1
+    cache.select(torch.tensor([1]))  # row 0 leaves: row 1 moves to the front of the buffers
+    seqs, nxt = [seqs[1]], nxt[1:]
+    step(30)
+    assert CudaGraphs.captured - before == 2 and len(dec.graphs.graphs) == 2  # a 1-row graph beside the 2-row one
+    extra = dec.new_cache(1)
+    ids, valid, pos = _left_padded([[1, 44, 45, 46]], LAYOUT.pad_id, dec.device)
+    dec.forward(extra, ids, valid, pos)
+    cache.extend(extra)  # a row joins: two rows again
+    seqs, nxt = seqs + [[1, 44, 45, 46]], torch.cat([nxt, pos[:, -1] + 1])
+    for token in (31, 32):
+        step(token)
+    assert CudaGraphs.captured - before == 2  # the 2-row graph, replayed over the rows now there
+    cache.trim()  # nothing to drop (row 1 started at the first column): the buffers stay
+    while cache.length < cache.capacity:
+        step(33)
+    buffers = cache.buffers
+    step(34)  # the cache grows: new buffers, the graphs over the old ones dropped
+    assert cache.buffers is not buffers and CudaGraphs.captured - before == 3 and len(dec.graphs.graphs) == 1
 
 
 def test_unsupported_models_are_refused_by_name():
@@ -129,7 +153,7 @@ def test_a_window_of_drafts_then_rewound_rows_match_hugging_face(form):
     dec.forward(cache, ids, valid, pos)
     window = torch.tensor([[40, 41, 42, 43], [20, 21, 22, 23]])
     positions = (pos[:, -1] + 1)[:, None] + torch.arange(4)
-    logits = dec.forward_window(cache, window, torch.ones(2, 4, dtype=torch.bool), positions)
+    logits = dec.decode(cache, window, torch.ones(2, 4, dtype=torch.bool), positions)
     for r in range(2):
         full = model(torch.tensor([seqs[r] + window[r].tolist()])).logits[0, -4:]
         torch.testing.assert_close(logits[r], full, atol=1e-5, rtol=1e-5)
@@ -143,7 +167,7 @@ def test_a_window_of_drafts_then_rewound_rows_match_hugging_face(form):
     nxt = torch.cat([positions[:, 0] + kept[:2], pos[:, -1] + 1])
     for token in (11, 60):
         seqs = [s + [token] for s in seqs]
-        ours = dec.forward(cache, torch.full((3, 1), token), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])
+        ours = dec.decode(cache, torch.full((3, 1), token), torch.ones(3, 1, dtype=torch.bool), nxt[:, None])[:, 0]
         nxt = nxt + 1
         torch.testing.assert_close(ours, hf_last_logits(model, seqs), atol=1e-5, rtol=1e-5)
 
@@ -161,14 +185,14 @@ def test_the_compiled_decoder_gives_the_same_greedy_tokens(model_dir):
     cfg = SamplingConfig(greedy=True, output="image", grid=(2, 3), max_new_tokens=40,
                          image=ModalitySampling(guidance=2.0, sjd_window=4))
     widths = []
-    window = Decoder.forward_window
+    decode = Decoder.decode
 
     def recorded(self, cache, ids, *args):
         widths.append(ids.shape[1])
-        return window(self, cache, ids, *args)
+        return decode(self, cache, ids, *args)
 
-    with mock.patch.object(Decoder, "forward_window", recorded):
+    with mock.patch.object(Decoder, "decode", recorded):
         compiled = generate(model, tok.layout, prompts, tok.text.eos_id, cfg, compiled=True)
     assert compiled == generate(model, tok.layout, prompts, tok.text.eos_id, cfg)
-    assert set(widths) == {5}  # every window padded to 1 + sjd_window: one shape, one CUDA graph on a GPU
+    assert set(widths) == {1, 5}  # steps, and every window padded to 1 + sjd_window: one shape, one CUDA graph
 

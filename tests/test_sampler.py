@@ -311,16 +311,11 @@ def test_inside_spans_only_the_spans_logits_are_computed_and_the_samples_do_not_
 
     prompts = [[1, 5 + i, 6][: 2 + i % 2] for i in range(6)]
     ranges = []  # the columns of every decoding pass (one-token steps and windows; not the prompts' prefills)
-    forward, window = Decoder.forward, Decoder.forward_window
+    decode = Decoder.decode
 
-    def step(self, cache, ids, valid, positions, columns=None):
-        if ids.shape[1] == 1:
-            ranges.append(columns)
-        return forward(self, cache, ids, valid, positions, columns)
-
-    def windowed(self, cache, ids, valid, positions, columns=None):
+    def recorded(self, cache, ids, valid, positions, columns=None):
         ranges.append(columns)
-        return window(self, cache, ids, valid, positions, columns)
+        return decode(self, cache, ids, valid, positions, columns)
 
     for cfg in (SamplingConfig(output="image", grid=(3, 4), max_new_tokens=40,
                                image=ModalitySampling(top_k=8, guidance=2.0, sjd_window=3)),
@@ -328,7 +323,7 @@ def test_inside_spans_only_the_spans_logits_are_computed_and_the_samples_do_not_
                                audio=ModalitySampling(top_p=0.9, guidance=1.5)),
                 SamplingConfig(max_new_tokens=40, image=ModalitySampling(sjd_window=4))):
         ranges.clear()
-        with mock.patch.object(Decoder, "forward", step), mock.patch.object(Decoder, "forward_window", windowed):
+        with mock.patch.object(Decoder, "decode", recorded):
             ours = generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(6)))
         with mock.patch.object(sampler, "head_columns", lambda ranges, vocab_size: None):
             assert ours == generate(model, LAYOUT, prompts, EOS, cfg, seeds=list(range(6)))

@@ -85,6 +85,28 @@ def test_every_request_gets_exactly_samples_output_whatever_joins_it(served):
     assert engine.stats["passes"] >= max(len(job.output) for job in jobs) and engine.stats["drafts"] == 0
 
 
+def test_cuda_graphs_serve_a_batch_whose_jobs_keep_joining_and_leaving(served):
+    """The engine's decoding passes through ``CudaGraphs`` (capture emulated on the CPU: a replay recomputes over
+    the cache tensors of its capture): jobs joining and leaving move rows inside the cache's buffers, so a graph
+    captured at a number of rows is replayed whenever the batch has that many again, over whichever rows are there
+    then, and every job still gets exactly ``generate``'s output. When a join or leave replaced the cache's tensors,
+    these 48 jobs captured a graph on 167 of the 224 passes."""
+    from test_decoder import Rerun
+
+    from omnitok.model.decoder import CudaGraphs
+
+    model, tok = served
+    engine = Engine(model, tok, max_rows=8, max_queue=64)
+    engine.decoder.static = True  # the compiled decoder's form, eagerly
+    engine.decoder.graphs = CudaGraphs(engine.decoder._static, record=Rerun())
+    before = CudaGraphs.captured
+    jobs = plain_jobs(tok, 48)
+    run(engine, jobs)
+    check_exact(model, tok, jobs)
+    captured, passes = CudaGraphs.captured - before, engine.stats["passes"]
+    assert passes > 150 and captured < passes / 5, (captured, passes)  # one per row count and cache size
+
+
 def test_speculative_jacobi_requests_are_exact_beside_plain_ones_joining_and_leaving(served):
     """Jobs with ``sjd_window`` verify windows in the batch's pass while the others take one token; each gets
     exactly ``generate``'s output with the same settings, alone. A sharpened copy of the model makes drafts both

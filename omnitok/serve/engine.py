@@ -304,8 +304,12 @@ class Engine:
                 r.uncond = Logits(logits[i:i + 1])
             else:
                 r.logits = Logits(logits[i:i + 1])
-        if self.cache is None or not self.rows:
-            self.cache, self.fed = cache, 1
+        if self.cache is None:  # rows for every job and its unconditional row: rows joining never grow the buffers
+            self.cache = self.decoder.new_cache(2 * self.max_rows, capacity=cache.length)
+        if not self.rows:  # an empty batch's cache: its buffers (and the CUDA graphs over them) serve again
+            self.cache.clear()
+            self.cache.extend(cache)
+            self.fed = 1
         else:  # after a window, they end where its first column is: the window's other columns are padding to them
             self.cache.extend(cache, end=self.cache.length - self.fed + 1)
         self.rows += [(r, uncond) for r, uncond, _ in seqs]
