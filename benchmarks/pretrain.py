@@ -1,6 +1,7 @@
 """``omnitok pretrain`` training tokens/s (DeepSpeed, the packed shard stream, per-modality loss and metrics,
 logging) against a plain loop over the same Hugging Face model with the same batches already in memory, torch AdamW
-and the same dtype, in one run; plus the fraction of step time spent waiting for data:
+and the same precision (bf16 autocast where omnitok trains in bf16), on the same device, in one run; plus the
+fraction of step time spent waiting for data and, on a GPU, omnitok's MFU:
 ``python -m benchmarks.pretrain [--config configs/pretrain-tiny-cpu.yaml] [--steps 40] [KEY=VALUE ...]``."""
 
 from __future__ import annotations
