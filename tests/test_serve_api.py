@@ -197,6 +197,7 @@ def test_models_health_metrics_and_the_page(client):
     assert 0 <= values["omnitok_sjd_accepted_total"] <= values["omnitok_sjd_drafts_total"]
     assert values["omnitok_sjd_drafts_total"] >= 8 and values["omnitok_forward_passes_total"] > 0
     assert values["omnitok_time_to_first_token_seconds_count"] >= 1 and "omnitok_queue_depth" in values
+    assert values["omnitok_cuda_graphs_captured_total"] == 0  # no CUDA graphs on a CPU
     page = client.get("/")
     assert page.status_code == 200 and "/v1/chat/completions" in page.text and "<script>" in page.text
     assert "http" not in page.text.replace("http-equiv", "")  # nothing from outside: no CDN

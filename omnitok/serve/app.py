@@ -38,6 +38,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from omnitok.document import Audio, Conversation, Document, Image, Segment, Text, Turn
 from omnitok.errors import OmnitokError
 from omnitok.jsonfile import parse_json
+from omnitok.model.decoder import CudaGraphs
 from omnitok.model.sample import Prompt, prompt_tokens, sampling_config
 from omnitok.model.sampler import SamplingConfig
 from omnitok.serve.engine import Engine, Job, QueueFull
@@ -444,6 +445,10 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
                  "# TYPE omnitok_forward_passes_total counter", f"omnitok_forward_passes_total {s['passes']}",
                  "# TYPE omnitok_sjd_drafts_total counter", f"omnitok_sjd_drafts_total {s['drafts']}",
                  "# TYPE omnitok_sjd_accepted_total counter", f"omnitok_sjd_accepted_total {s['accepted']}",
+                 # --compile on a GPU: graphs captured (one per batch size and cache size; rising with every
+                 # request would mean captures on the decoding path)
+                 "# TYPE omnitok_cuda_graphs_captured_total counter",
+                 f"omnitok_cuda_graphs_captured_total {CudaGraphs.captured}",
                  "# TYPE omnitok_tokens_per_second gauge",
                  f"omnitok_tokens_per_second {metrics.tokens_per_s(s['tokens']):.3f}",
                  "# TYPE omnitok_time_to_first_token_seconds summary",
