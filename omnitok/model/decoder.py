@@ -48,7 +48,7 @@ class KVCache:
     that leave (``select``), rows that join (``extend``) and columns dropped (``trim``) move data inside them, and
     they are replaced only to grow (more rows or columns than they hold). A CUDA graph captured over them stays
     valid while a server's batch changes (``CudaGraphs``); replacing the tensors at every join and leave had an
-    engine serving 48 short requests at 8 rows capture a graph on 167 of its 224 passes (now 26)."""
+    engine serving 48 short requests at 8 rows capture a graph on 167 of its 224 passes."""
 
     def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, capacity: int = 64):

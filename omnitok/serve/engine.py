@@ -304,9 +304,9 @@ class Engine:
                 r.uncond = Logits(logits[i:i + 1])
             else:
                 r.logits = Logits(logits[i:i + 1])
-        if self.cache is None:  # rows for every job and its unconditional row: rows joining never grow the buffers
-            self.cache = self.decoder.new_cache(2 * self.max_rows, capacity=cache.length)
-        if not self.rows:  # an empty batch's cache: its buffers (and the CUDA graphs over them) serve again
+        if self.cache is None:
+            self.cache, self.fed = cache, 1
+        elif not self.rows:  # an empty batch's cache: its buffers (and the CUDA graphs over them) serve again
             self.cache.clear()
             self.cache.extend(cache)
             self.fed = 1
