@@ -255,7 +255,7 @@ class Decoder:
         # torch.compile over one layer (dynamic shapes: the rows, the tokens fed and the cache length vary from step
         # to step without recompiling); embedding, RoPE tables, masks and cache bookkeeping stay in Python. Prefills
         # run eagerly: one pass each, compute-bound, and compiling them cost a graph for one row and one for more at
-        # first use (on the CPU here a text sample's first compiled run took 11.8 s at batch 1, 25.7 at batch 8)
+        # first use (CPU, `benchmarks.sample --compiled`: first runs 7.8 -> 5.8 s at batch 1, 8.7 -> 6.0 s at 8)
         self.static = compiled  # decoding passes in the static form (``_blocks`` with ``index``): compiled, graphs
         self.compiled = compiled
         self.layer = torch.compile(self._layer, dynamic=True) if compiled else self._layer
