@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
         seconds = 0.5 if small else 5.0
         partial.update(audio.run(Namespace(codecs=list(audio.PUBLISHED), seconds=seconds, repeats=1, tiny=small,
                                            batches=[1, 2 if small else 8], bf16_batch=0, device=args.device)))
-        # bf16 for EnCodec alone, at the issue's batch (every codec at 64 would triple the part's time)
+        # bf16 for EnCodec alone, at the batch the issue names (the other codecs stay float32 measurements)
         partial["encodec"]["bf16"] = audio.bf16("encodec", 4 if small else 64, seconds, small, device)
         return partial
 
