@@ -129,6 +129,94 @@ def test_graphs_serve_every_batch_of_their_size_and_are_captured_again_when_the_
     assert cache.buffers is not buffers and CudaGraphs.captured - before == 3 and len(dec.graphs.graphs) == 1
 
 
+class CopyingCache:
+    """The cache's row and column moves as plain copies (every operation builds new tensors, as the first version
+    of ``KVCache`` did): one layer's keys (rows, 1, columns, 2) and the valid mask, the reference for the in-place
+    moves."""
+
+    def __init__(self, keys: torch.Tensor, valid: torch.Tensor, length: int):
+        self.keys, self.valid, self.length = keys.clone(), valid.clone(), length
+
+    def select(self, rows):
+        self.keys, self.valid = self.keys[rows], self.valid[rows]
+
+    def extend(self, other, end):
+        if other.length > end:
+            shift = other.length - end
+            self.keys = torch.cat([self.keys.new_zeros((*self.keys.shape[:2], shift, 2)), self.keys], dim=2)
+            self.valid = torch.cat([self.valid.new_zeros((len(self.valid), shift)), self.valid], dim=1)
+            self.length, end = self.length + shift, end + shift
+        keys = self.keys.new_zeros((other.rows, 1, self.keys.shape[2], 2))
+        valid = self.valid.new_zeros((other.rows, self.valid.shape[1]))
+        keys[:, :, end - other.length:end] = other.keys[0][:, :, :other.length]
+        valid[:, end - other.length:end] = other.valid[:, :other.length]
+        self.keys, self.valid = torch.cat([self.keys, keys]), torch.cat([self.valid, valid])
+
+    def trim(self):
+        used = self.valid[:, :self.length].any(0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.length
+        self.keys, self.valid, self.length = self.keys[:, :, first:], self.valid[:, first:], self.length - first
+
+
+def test_the_caches_moves_in_place_keep_every_row_as_copies_would():
+    """Random passes (columns written), rows leaving, rows joining (before or after a window, longer or shorter
+    than the cache), rewinds, trims and growth: the rows and columns in use hold what plain copies would hold. The
+    in-place moves overlap their own data (padding on the left, trimming), which a copy never does."""
+    from omnitok.model.decoder import KVCache
+
+    g = torch.Generator().manual_seed(0)
+
+    def new(rows, length):
+        cache = KVCache(1, rows, 1, 2, torch.float32, torch.device("cpu"), capacity=max(1, length))
+        cache.keys[0][:, :, :length] = torch.randn((rows, 1, length, 2), generator=g)
+        cache.valid[:, :length] = torch.rand((rows, length), generator=g) < 0.8
+        cache.length = length
+        return cache
+
+    cache = new(2, 3)
+    ref = CopyingCache(cache.keys[0], cache.valid, 3)
+    fed, buffers = 1, {id(cache.buffers)}
+    for _ in range(300):
+        op = int(torch.randint(5, (1,), generator=g))
+        if op == 0:  # a pass writes t columns, as Decoder._hidden does
+            fed = int(torch.randint(1, 5, (1,), generator=g))
+            cache.reserve(fed)
+            keys = torch.randn((cache.rows, 1, fed, 2), generator=g)
+            valid = torch.rand((cache.rows, fed), generator=g) < 0.9
+            cache.keys[0][:, :, cache.length:cache.length + fed] = keys
+            cache.valid[:, cache.length:cache.length + fed] = valid
+            width = ref.length + fed - ref.keys.shape[2]
+            if width > 0:
+                ref.keys = torch.cat([ref.keys, ref.keys.new_zeros((*ref.keys.shape[:2], width, 2))], dim=2)
+                ref.valid = torch.cat([ref.valid, ref.valid.new_zeros((len(ref.valid), width))], dim=1)
+            ref.keys[:, :, ref.length:ref.length + fed], ref.valid[:, ref.length:ref.length + fed] = keys, valid
+            cache.length = ref.length = cache.length + fed
+        elif op == 1 and cache.rows > 1:  # rows leave (some of them, in another order)
+            rows = torch.randperm(cache.rows, generator=g)[:int(torch.randint(1, cache.rows, (1,), generator=g))]
+            cache.select(rows)
+            ref.select(rows)
+        elif op == 2 and cache.rows < 12:  # rows join: at the end, or where the last window began
+            other = new(int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 14, (1,), generator=g)))
+            end = cache.length - (fed - 1 if torch.rand((1,), generator=g) < 0.5 else 0)
+            ref.extend(other, end)
+            cache.extend(other, end)
+        elif op == 3 and cache.length >= fed:  # the last window's drafts fall, row by row
+            kept = torch.randint(1, fed + 1, (cache.rows,), generator=g)
+            cache.rewind(kept, fed)
+            ref.valid[:, ref.length - fed:ref.length] &= torch.arange(fed)[None] < kept[:, None]
+            ref.length = ref.length - fed + int(kept.max())
+            fed = 1
+        elif op == 4:
+            cache.trim()
+            ref.trim()
+        buffers.add(id(cache.buffers))
+        assert cache.length == ref.length and cache.rows == len(ref.valid)
+        torch.testing.assert_close(cache.keys[0][:, :, :cache.length], ref.keys[:, :, :ref.length], rtol=0, atol=0)
+        assert torch.equal(cache.valid[:, :cache.length], ref.valid[:, :ref.length])
+        assert not cache.valid[:, cache.length:].any()  # beyond the length nothing counts as a token
+    assert 2 < len(buffers) < 20  # grown now and then, not replaced at every move
+
+
 def test_unsupported_models_are_refused_by_name():
     from transformers import GPT2Config, GPT2LMHeadModel
 
