@@ -158,9 +158,9 @@ def measure(kind: str, args: argparse.Namespace) -> dict:
 def bf16(kind: str, batch: int, seconds: float, tiny: bool, device: torch.device, repeats: int = 1) -> dict:
     """What bf16 autocast would give a codec on a batch of ``batch`` clips, against float32 (what ``AudioTokenizer``
     runs in everywhere): encode and decode real-time factors, the share of codes that change per codebook (the
-    quantizer's distances in bf16 may pick a neighbouring code; residual codebooks quantize what is left, so later
-    ones change more), and the decoded audio's SNR against float32's from the same codes. Random weights: the shares
-    show how often bf16 crosses a boundary, not what a trained codec would hear."""
+    quantizer's distances in bf16 may pick a neighbouring code, and a frame whose first code changes quantizes another
+    residual in every later codebook), and the decoded audio's SNR against float32's from the same codes. Random
+    weights: the shares show how often bf16 crosses a boundary, not what a trained codec would hear."""
     tok = tokenizer(kind, tiny, device)
     tok.batch_size = batch
     items = [(w, tok.sample_rate) for w in clips(tok, seconds, batch)]
