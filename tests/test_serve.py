@@ -262,7 +262,18 @@ def test_the_compiled_engine_gives_the_same_greedy_tokens(served):
         job.cfg = copy.deepcopy(job.cfg)
         job.cfg.greedy = True
         job.cfg.image.sjd_window = 4 * (i % 2)
+    torch._dynamo.reset()  # the decoder tests compiled this architecture's graphs already: warm-up must make them
     engine = Engine(model, tok, max_rows=3, compiled=True)
+    engine.warm_up()  # one row, then several: the one-token passes compile here, not in the first requests
+    assert engine.stats["passes"] == engine.stats["tokens"] == 0 and not engine.running
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    first = plain_jobs(tok, 3)  # no windows of drafts: nothing left to compile for them
+    for batch in (first[:1], first[1:]):  # a request alone, then two together
+        for job in batch:
+            engine.submit(job)
+        while engine.running or engine.waiting:
+            engine.step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     run(engine, jobs, every=2)
-    for job in jobs:
+    for job in jobs + first:
         assert job.output == reference(model, tok, job)
