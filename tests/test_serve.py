@@ -251,6 +251,20 @@ def test_a_job_that_fails_to_start_ends_alone_and_none_is_lost(served, monkeypat
         engine.close()
 
 
+def test_the_warm_up_fits_a_queue_and_a_batch_of_one(served):
+    """``--compile --max-queue 1 --max-rows 1``: the warm-up's jobs go one at a time (two at once would be refused
+    by the queue and stop the server's start); its counts do not reach the metrics. (The decoder is eager here, the
+    flag alone set: what is checked is the warm-up's own bookkeeping, not the compiler.)"""
+    model, tok = served
+    engine = Engine(model, tok, max_rows=1, max_queue=1)
+    engine.decoder.compiled = True
+    engine.warm_up()
+    assert set(engine.stats.values()) == {0} and not engine.running and not engine.waiting
+    job = plain_jobs(tok, 1)[0]
+    run(engine, [job])
+    assert job.output == reference(model, tok, job) and engine.stats["requests"] == 1
+
+
 @pytest.mark.slow
 def test_the_compiled_engine_gives_the_same_greedy_tokens(served):
     """``omnitok serve --compile``: the batch's cache is trimmed, grown and spliced as jobs come and go, windows of

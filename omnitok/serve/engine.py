@@ -199,15 +199,16 @@ class Engine:
         return job
 
     def warm_up(self) -> None:
-        """With ``compiled``: compile (on a GPU also capture) the one-token decoding passes of a batch of one row and
-        of several, a graph each, before the first request, which would otherwise wait for them (seconds on a CPU,
-        more on a GPU). Two text jobs of three greedy tokens, the end id forbidden so that both decode; windows of
-        drafts still compile at their first use. The counts start afresh after."""
+        """With ``compiled``: compile the one-token decoding passes of a batch of one row and of several, a graph
+        each, before the first request, which would otherwise wait for them (seconds on a CPU, more on a GPU; there
+        the CUDA graphs are captured again once the first requests grow the cache). Text jobs of three greedy tokens,
+        the end id forbidden so that each decodes, one alone and then two together (as many as the queue and the
+        batch take); windows of drafts still compile at their first use. The counts start afresh after."""
         if not self.decoder.compiled:
             return
         text = self.tok.text
         cfg = SamplingConfig(output="text", max_new_tokens=3, greedy=True)
-        for rows in (1, 2):
+        for rows in sorted({1, min(2, self.max_rows, self.max_queue)}):
             for _ in range(rows):
                 self.submit(Job([text.bos_id], cfg, seed=0, end_id=text.eos_id, forbidden=(text.eos_id,)))
             while self.waiting or self.running:
