@@ -21,18 +21,13 @@ import argparse
 import torch
 
 from benchmarks.common import default_device, first_difference
-from benchmarks.sample import SAMPLE_SIZES
+from benchmarks.sample import SAMPLE_SIZES, random_llama
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 
 
 def _random_model(args: argparse.Namespace, device: torch.device):
-    from omnitok.model.build import ModelConfig, build_model
-    from omnitok.tokenizers.layout import TokenLayout
-
-    layout = TokenLayout(text_vocab_size=1000 if args.size == "tiny" else 32000, image_codebook_size=16384,
-                         max_grid_side=args.grid, audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**SAMPLE_SIZES[args.size]), layout).eval().to(device)
+    model, layout = random_llama(args.size, 1000 if args.size == "tiny" else 32000, args.grid, device,
+                                 torch.float32)
     return model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, f"{args.size} random model"
 
 

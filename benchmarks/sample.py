@@ -18,6 +18,21 @@ SAMPLE_SIZES = {"tiny": dict(hidden_size=256, intermediate_size=688, num_layers=
                 "1b": dict(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4)}
 
 
+def random_llama(size: str, text_vocab: int, grid: int, device: torch.device, dtype: torch.dtype):
+    """A seeded random Llama of ``SAMPLE_SIZES[size]`` and its layout (``text_vocab`` text ids, 16384 image codes on
+    grids up to ``grid`` x ``grid``, 4 x 1024 audio codes at 75 Hz), built on ``device`` in ``dtype``. Built there
+    rather than on the CPU and moved: the 1B model's random initialisation alone takes 14 s on two CPU cores."""
+    from omnitok.model.build import ModelConfig, build_model
+    from omnitok.tokenizers.layout import TokenLayout
+
+    layout = TokenLayout(text_vocab_size=text_vocab, image_codebook_size=16384, max_grid_side=grid,
+                         audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
+    torch.manual_seed(0)
+    with device:
+        model = build_model(ModelConfig(**SAMPLE_SIZES[size]), layout)
+    return model.eval().to(dtype=dtype), layout
+
+
 def compiled_drift(model, prompt: list[int], tokens: list[int], device: torch.device) -> dict:
     """``tokens`` (eager greedy decoding's) fed one at a time after ``prompt`` to an eager and a compiled decoder
     (the compiled one's steps CUDA graphs on a GPU): the largest difference of their logits over the logits' spread
@@ -97,17 +112,11 @@ def run(args: argparse.Namespace, out: dict | None = None) -> dict:
     per step / measured copy bandwidth); then (``compiled``) the compiled decoder's against eager, with the same
     greedy tokens or, where they differ, how far its logits drift (``compiled_drift``). Results go into ``out`` as
     they are measured (what the GPU check keeps of a run that fails half-way)."""
-    from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig, generate
-    from omnitok.tokenizers.layout import TokenLayout
 
     device = torch.device(args.device)
-    layout = TokenLayout(text_vocab_size=args.text_vocab, image_codebook_size=16384, max_grid_side=32,
-                         audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**SAMPLE_SIZES[args.size]), layout).eval()
     dtype = model_dtype(device)
-    model = model.to(device=device, dtype=dtype)
+    model, layout = random_llama(args.size, args.text_vocab, 32, device, dtype)
     eos = EOS
     with torch.no_grad():
         model.lm_head.weight[eos] = 0  # so both sides generate the full length

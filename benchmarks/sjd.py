@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from benchmarks.common import default_device, model_passes
-from benchmarks.sample import SAMPLE_SIZES
+from benchmarks.sample import random_llama
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 from omnitok.device import model_dtype
 
@@ -114,15 +114,10 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
     """A random model of ``benchmarks.sample`` (``size``) with ``grid`` x ``grid`` image spans (near-uniform
     predictions, which guidance's plausibility floor sharpens); ``compiled``: the decoder under ``torch.compile``
     (CUDA graphs for one-token steps on a GPU)."""
-    from omnitok.model.build import ModelConfig, build_model
     from omnitok.model.sampler import ModalitySampling, SamplingConfig
-    from omnitok.tokenizers.layout import TokenLayout, image_span_length
+    from omnitok.tokenizers.layout import image_span_length
 
-    layout = TokenLayout(text_vocab_size=32000, image_codebook_size=16384, max_grid_side=grid,
-                         audio_codebook_sizes=(1024,) * 4, audio_frame_rate=75.0)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(**SAMPLE_SIZES[size]), layout).eval()
-    model = model.to(device=device, dtype=model_dtype(device))
+    model, layout = random_llama(size, 32000, grid, device, model_dtype(device))
     cfg = SamplingConfig(output="image", grid=(grid, grid), max_new_tokens=image_span_length(grid, grid),
                          image=ModalitySampling(top_k=1000, guidance=guidance))
     print(f"{size} random model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid}x{grid} images, "
