@@ -251,14 +251,25 @@ def test_a_job_that_fails_to_start_ends_alone_and_none_is_lost(served, monkeypat
         engine.close()
 
 
-def test_the_warm_up_fits_a_queue_and_a_batch_of_one(served):
+@pytest.mark.parametrize("modality", ["image", "audio", None])
+def test_the_warm_up_fits_a_queue_and_a_batch_of_one(served, modality):
     """``--compile --max-queue 1 --max-rows 1``: the warm-up's jobs go one at a time (two at once would be refused
-    by the queue and stop the server's start); its counts do not reach the metrics. (The decoder is eager here, the
-    flag alone set: what is checked is the warm-up's own bookkeeping, not the compiler.)"""
+    by the queue and stop the server's start), with windows of drafts in the spans the server's defaults draft in;
+    its counts do not reach the metrics. (The decoder is eager here, the flag alone set: what is checked is the
+    warm-up's own bookkeeping, not the compiler.)"""
     model, tok = served
     engine = Engine(model, tok, max_rows=1, max_queue=1)
     engine.decoder.compiled = True
-    engine.warm_up()
+    defaults = SamplingConfig(**({modality: ModalitySampling(sjd_window=4)} if modality else {}))
+    seen, drafts = [], [0]
+    submit, step = engine.submit, engine.step
+    engine.submit = lambda job: seen.append(job) or submit(job)
+    engine.step = lambda: step() or drafts.append(engine.stats["drafts"])
+    engine.warm_up(defaults)
+    assert [job.cfg.output for job in seen] == ["text"] + [modality] * bool(modality)
+    ends = {"image": tok.layout.eoi_id, "audio": tok.layout.eoa_id}
+    assert all(ends[job.cfg.output] in job.output for job in seen[1:])  # whole spans, with windows of drafts
+    assert (max(drafts) > 0) == bool(modality)
     assert set(engine.stats.values()) == {0} and not engine.running and not engine.waiting
     job = plain_jobs(tok, 1)[0]
     run(engine, [job])
@@ -278,16 +289,22 @@ def test_the_compiled_engine_gives_the_same_greedy_tokens(served):
         job.cfg.image.sjd_window = 4 * (i % 2)
     torch._dynamo.reset()  # the decoder tests compiled this architecture's graphs already: warm-up must make them
     engine = Engine(model, tok, max_rows=3, compiled=True)
-    engine.warm_up()  # one row, then several: the one-token passes compile here, not in the first requests
+    # one row, then several, one token a pass and (the server's defaults draft in image spans) windows: what the
+    # first requests would otherwise compile
+    engine.warm_up(SamplingConfig(image=ModalitySampling(sjd_window=4)))
     assert engine.stats["passes"] == engine.stats["tokens"] == 0 and not engine.running
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    first = plain_jobs(tok, 3)  # no windows of drafts: nothing left to compile for them
-    for batch in (first[:1], first[1:]):  # a request alone, then two together
+    first = plain_jobs(tok, 3)  # one token a pass
+    windowed = [Job(first[0].prompt, SamplingConfig(output="image", max_new_tokens=80, greedy=True,
+                                                    image=ModalitySampling(guidance=g, sjd_window=4)),
+                    seed=0, end_id=tok.text.eos_id) for g in (1.0, 3.0)]  # one row; two (the guidance row)
+    for batch in (first[:1], first[1:], windowed[:1], windowed):  # a request alone, then together
         for job in batch:
             engine.submit(job)
         while engine.running or engine.waiting:
             engine.step()
+    assert engine.stats["drafts"] > 0
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     run(engine, jobs, every=2)
-    for job in jobs + first:
+    for job in jobs + first + windowed:
         assert job.output == reference(model, tok, job)

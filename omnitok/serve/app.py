@@ -332,7 +332,7 @@ def create_app(model, tok, cfg: ServeConfig | None = None):
 
     @asynccontextmanager
     async def lifespan(app):
-        engine.warm_up()  # --compile: before the first request, not in it
+        engine.warm_up(cfg.sampling)  # --compile: before the first request, not in it
         engine.start()
         yield
         engine.close()

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from omnitok.model.sampler import (
     unconditional,
 )
 from omnitok.tokenizers.chat import Request
+from omnitok.tokenizers.layout import image_span_length
 from omnitok.tokenizers.multimodal import MultimodalTokenizer
 
 
@@ -198,21 +199,34 @@ class Engine:
             self.wake.notify()
         return job
 
-    def warm_up(self) -> None:
-        """With ``compiled``: compile the one-token decoding passes of a batch of one row and of several, a graph
-        each, before the first request, which would otherwise wait for them (seconds on a CPU, more on a GPU; there
-        the CUDA graphs are captured again once the first requests grow the cache). Text jobs of three greedy tokens,
-        the end id forbidden so that each decodes, one alone and then two together (as many as the queue and the
-        batch take); windows of drafts still compile at their first use. The counts start afresh after."""
+    def warm_up(self, defaults: SamplingConfig) -> None:
+        """With ``compiled``: compile the decoding passes of a batch of one row and of several, a graph each, before
+        the first request, which would otherwise wait for them (seconds on a CPU, more on a GPU; there the CUDA
+        graphs are captured again once the first requests grow the cache). Text jobs of three greedy tokens, the end
+        id forbidden so that each decodes, one alone and then two together (as many as the queue and the batch
+        take); and where the server's ``defaults`` draft windows in spans (speculative Jacobi decoding), unguided
+        greedy jobs with a small span, alone and together, which verify windows (the width is a dynamic shape: one
+        compile serves every window). A request that turns windows on itself compiles them at its first. The
+        counts start afresh after."""
         if not self.decoder.compiled:
             return
         text = self.tok.text
-        cfg = SamplingConfig(output="text", max_new_tokens=3, greedy=True)
-        for rows in sorted({1, min(2, self.max_rows, self.max_queue)}):
-            for _ in range(rows):
-                self.submit(Job([text.bos_id], cfg, seed=0, end_id=text.eos_id, forbidden=(text.eos_id,)))
-            while self.waiting or self.running:
-                self.step()
+        settings = [SamplingConfig(output="text", max_new_tokens=3, greedy=True)]
+        # where the defaults draft windows in a modality's spans: a small span of it (drafts after its first code);
+        # one modality serves: every window of these settings is as wide as their widest (``window_width``)
+        if self.layout.has_image and defaults.image.sjd_window:
+            cols = min(4, self.layout.max_grid_side)
+            settings.append(replace(defaults, output="image", grid=(1, cols), max_new_tokens=image_span_length(1, cols),
+                                    greedy=True, image=replace(defaults.image, guidance=1.0)))
+        elif self.layout.has_audio and self.layout.audio_frame_rate and defaults.audio.sjd_window:
+            settings.append(replace(defaults, output="audio", max_audio_s=2 / self.layout.audio_frame_rate,
+                                    max_new_tokens=64, greedy=True, audio=replace(defaults.audio, guidance=1.0)))
+        for cfg in settings:
+            for rows in sorted({1, min(2, self.max_rows, self.max_queue)}):
+                for _ in range(rows):
+                    self.submit(Job([text.bos_id], cfg, seed=0, end_id=text.eos_id, forbidden=(text.eos_id,)))
+                while self.waiting or self.running:
+                    self.step()
         self.stats = dict.fromkeys(self.stats, 0)
 
     def start(self) -> Engine:
