@@ -16,10 +16,10 @@ def numbers(tree) -> list[float]:
 
 @pytest.mark.slow
 def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
-    from benchmarks.gpu_check import main
+    from benchmarks.gpu_check import PARTS, main
 
     out = tmp_path / "report.json"
-    report = main(["--reduced", "--out", str(out), "--device", "cpu"])
+    report = main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", *PARTS])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["failed"] == [], {name: report[name] for name in report["failed"]}
     for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray", "exact"):
@@ -66,13 +66,15 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
 
     monkeypatch.setattr(gpu_check.image, "run", broken)
     out = tmp_path / "report.json"
-    report = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu"])
+    report = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", *gpu_check.PARTS])
     assert report["failed"] == ["vqgan"] and report["vqgan"] == {"error": "RuntimeError: no kernel image is available"}
     assert report["tokenize_ray"] == report["exact"] == {"value": 1.0}  # the others ran
     assert report["audio"] == {"encodec": {"value": 1.0, "bf16": {"value": 1.0}}}
     assert json.loads(out.read_text())["failed"] == ["vqgan"]
     some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "audio", "sampler"])
     assert [k for k in gpu_check.PARTS if k in some] == ["sampler", "audio"] and some["failed"] == []
+    default = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu"])  # the five measurements
+    assert [k for k in gpu_check.PARTS if k in default] == ["sampler", "image_spans", "pretrain", "vqgan", "audio"]
 
     def half_way(args, out):  # the eager numbers measured, then the compiled decoder fails
         out["batch1"] = {"ours": 62.0}
