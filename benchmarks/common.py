@@ -61,6 +61,16 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
     return best
 
 
+def weights_bound(model: torch.nn.Module, device: torch.device, repeats: int = 3) -> tuple[float, float]:
+    """The memory-bandwidth bound of a decoding pass, which reads every weight once: (the device's copy bandwidth in
+    bytes/s, a 256 MiB copy's read plus write, best of ``repeats``; the seconds reading ``model``'s weights takes at
+    that bandwidth)."""
+    big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # far beyond any cache
+    dst = torch.empty_like(big)
+    bandwidth = 2 * big.numel() * 4 / timed(lambda: dst.copy_(big), repeats, device)
+    return bandwidth, sum(p.numel() * p.element_size() for p in model.parameters()) / bandwidth
+
+
 def photos(n: int, size: int) -> list[np.ndarray]:
     """``n`` of scikit-image's sample photos, resized to ``size`` x ``size`` RGB."""
     import skimage.data

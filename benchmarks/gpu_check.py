@@ -10,7 +10,8 @@ part took 5 minutes with an image part it has since handed over), and two more w
   over 1060 (a guided batch-8 32x32 image's late in its span);
 - 32x32 image spans on the same model, compiled, at batch 1 and 8 (``benchmarks.sjd``): guided (scale 3) with and
   without speculative Jacobi decoding, and unguided: forward passes, seconds per image, codes/s, the sampler's own
-  share of a pass, what guidance costs, and ``window_cost``, what a window pass costs against a one-token step (the
+  share of a pass, a pass against the memory-bandwidth bound (``bound_fraction``: reading the weights once over the
+  pass's time), what guidance costs, and ``window_cost``, what a window pass costs against a one-token step (the
   random model accepts next to no drafts, so SJD's gain on a GPU is a trained model's passes ratio, measured on the
   CPU, times this);
 - ``omnitok pretrain`` tokens/s and MFU (the run's own: 6 N + 12 L d s FLOPs a token over the GPU's bf16 peak) for

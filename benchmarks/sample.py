@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from benchmarks.common import default_device, first_difference, timed
+from benchmarks.common import default_device, first_difference, timed, weights_bound
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 from omnitok.device import model_dtype
 
@@ -147,12 +147,8 @@ def run(args: argparse.Namespace, out: dict | None = None) -> dict:
         out[f"batch{batch}"] = {"ours": r_ours, "peer": r_peer, "ratio": r_ours / r_peer}
         print(f"  text, batch {batch}: omnitok {r_ours:.0f} tokens/s, transformers generate {r_peer:.0f} tokens/s, "
               f"ratio {r_ours / r_peer:.2f}")
-    big = torch.ones(256 * 2 ** 20 // 4, dtype=torch.float32, device=device)  # 256 MiB, far beyond any cache
-    dst = torch.empty_like(big)
-    copy_s = timed(lambda: dst.copy_(big), args.repeats + 2, device)
-    bandwidth = 2 * big.numel() * 4 / copy_s  # read + write
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bound = weight_bytes / bandwidth
+    bandwidth, bound = weights_bound(model, device, args.repeats + 2)
+    weight_bytes = bound * bandwidth
     out["bandwidth"] = {"copy_GBps": bandwidth / 1e9, "bound_s": bound, "fraction": bound * out["batch1"]["ours"]}
     print(f"  memory bound: {weight_bytes / 1e6:.0f} MB of weights at {bandwidth / 1e9:.1f} GB/s copy bandwidth = "
           f"{bound * 1e3:.2f} ms/token; batch 1 decode takes {1e3 / out['batch1']['ours']:.2f} ms/token: "

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.common import default_device, model_passes
+from benchmarks.common import default_device, model_passes, weights_bound
 from benchmarks.sample import random_llama
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 from omnitok.device import model_dtype
@@ -124,9 +124,16 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
           f"guidance {guidance:g}{', compiled' if compiled else ''}")
     out = compare(f"random {size}", model, layout, [BOS] + list(range(FIRST_TEXT, FIRST_TEXT + 16)), EOS, cfg,
                   args.window, args.repeats, args.images, device, compiled)
-    for row in out.values():  # image codes per second of the whole batch
-        for label in ("plain", "sjd"):
+    _, bound = weights_bound(model, device)
+    for row in out.values():
+        for label in ("plain", "sjd"):  # image codes per second of the whole batch
             row[label]["codes_per_s"] = grid * grid / row[label]["s_per_image"]
+        for setting in row.values():  # a pass at the memory-bandwidth bound reads the weights once, whatever its rows
+            if isinstance(setting, dict):
+                setting["bound_fraction"] = bound * 1e3 / setting["ms_per_pass"]
+    print(f"  guided passes at batch 1 and 8 run at {out['batch1']['plain']['bound_fraction']:.1%} and "
+          f"{out['batch8']['plain']['bound_fraction']:.1%} of the memory-bandwidth bound (the weights read once a "
+          f"pass: {bound * 1e3:.2f} ms)")
     return out
 
 

@@ -30,6 +30,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
         assert row["sjd"]["passes"] < row["plain"]["passes"]  # drafts stood on the random model
         assert row["unguided"]["passes"] == row["plain"]["passes"]  # guidance runs its rows in the same passes
         assert all(0 < row[k]["sampler_share"] < 1 for k in ("unguided", "plain", "sjd"))
+        assert all(row[k]["bound_fraction"] > 0 for k in ("unguided", "plain", "sjd"))
     assert report["pretrain"]["ours"] > 0 and report["pretrain"]["mfu"] is None  # no peak FLOP/s for a CPU
     assert report["vqgan"]["codes_differ_alone_vs_batch"] == 0  # float32 on the CPU: the batch changes no code
     for batch in ("compiled_batch1", "compiled_batch8"):  # compiled: the same tokens; CUDA graphs on a GPU only
