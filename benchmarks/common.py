@@ -71,6 +71,26 @@ def weights_bound(model: torch.nn.Module, device: torch.device, repeats: int = 3
     return bandwidth, sum(p.numel() * p.element_size() for p in model.parameters()) / bandwidth
 
 
+def top_kernels(fn: Callable[[], object], device: torch.device, steps: int = 8, top: int = 10) -> list[dict]:
+    """Where ``fn``'s time goes on ``device``, by ``torch.profiler`` over ``steps`` calls: the ``top`` GPU kernels
+    (on a CPU, operators) by their own time, each with its microseconds and its calls per call of ``fn`` (on a GPU
+    the kernels a CUDA graph replays count too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    def own(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=own, reverse=True)[:top]
+    return [{"name": e.key[:120], "us": own(e) / steps, "calls": e.count / steps} for e in events if own(e) > 0]
+
+
 def photos(n: int, size: int) -> list[np.ndarray]:
     """``n`` of scikit-image's sample photos, resized to ``size`` x ``size`` RGB."""
     import skimage.data

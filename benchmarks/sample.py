@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from benchmarks.common import default_device, first_difference, timed, weights_bound
+from benchmarks.common import default_device, first_difference, timed, top_kernels, weights_bound
 from benchmarks.synthetic import BOS, EOS, FIRST_TEXT
 from omnitok.device import model_dtype
 
@@ -68,7 +68,7 @@ def pass_split(model, device: torch.device, shapes=((1, 33), (8, 161), (16, 1060
     replay, and the output layer), each the mean over ``steps``. The shapes are the GPU check's: a batch-1 text step,
     a batch-8 one, and a guided batch-8 32x32 image's late in its span (16 rows over ~1060 positions; on an H200 such
     a pass took 32 ms where the batch-8 text one took 6.4): whether a long cache or many rows cost inside the layers
-    or around them. Empty off a GPU (no graphs)."""
+    or around them; and the pass's ten costliest kernels (``top_kernels``). Empty off a GPU (no graphs)."""
     from omnitok.model.decoder import Decoder
 
     dec = Decoder(model, compiled=True)
@@ -101,8 +101,12 @@ def pass_split(model, device: torch.device, shapes=((1, 33), (8, 161), (16, 1060
             (_, replay, _), = dec.graphs.graphs.values()
             graph_ms = mean_ms(replay)  # rewrites the last step's keys and values with the same ones
             pass_ms = mean_ms(step)
-        out[f"rows{rows}_cached{n}"] = {"graph_ms": graph_ms, "pass_ms": pass_ms,
-                                        "outside_graph_ms": pass_ms - graph_ms}
+            split = out[f"rows{rows}_cached{n}"] = {"graph_ms": graph_ms, "pass_ms": pass_ms,
+                                                    "outside_graph_ms": pass_ms - graph_ms}
+            try:  # which kernels a pass's time goes to: a diagnosis only, never the measurement's failure
+                split["top_kernels"] = top_kernels(step, device)
+            except Exception as e:
+                split["top_kernels"] = {"error": f"{type(e).__name__}: {e}"}
     return out
 
 
@@ -191,6 +195,8 @@ def run(args: argparse.Namespace, out: dict | None = None) -> dict:
         for shape, split in out["compiled_pass"].items():
             print(f"  compiled pass, {shape}: {split['pass_ms']:.2f} ms, its CUDA graph (the layers) "
                   f"{split['graph_ms']:.2f} ms, around it {split['outside_graph_ms']:.2f} ms")
+            for k in split["top_kernels"] if isinstance(split["top_kernels"], list) else [split["top_kernels"]]:
+                print(f"    {k}")
         print(f"  a decoded token at batch 1 {1e3 / out['compiled_batch1']['compiled']:.2f} ms, the bound "
               f"{bound * 1e3:.2f} ms")
     return out

@@ -94,3 +94,14 @@ def test_the_full_check_needs_a_gpu(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--out", "/dev/null"])
     assert stop.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_the_profile_names_where_a_passs_time_goes():
+    """The GPU check's kernel list (``compiled_pass``'s ``top_kernels``), here over CPU operators: the costliest first,
+    with its calls per call."""
+    from benchmarks.common import top_kernels
+
+    a = torch.randn(384, 384)
+    rows = top_kernels(lambda: torch.mm(a, a).relu_(), torch.device("cpu"), steps=4)
+    assert rows[0]["name"] == "aten::mm" and rows[0]["calls"] == 1 and rows[0]["us"] > 0
+    assert [r["us"] for r in rows] == sorted((r["us"] for r in rows), reverse=True)
