@@ -29,7 +29,10 @@ part took 5 minutes with an image part it has since handed over), and two more w
   keeps both nearly always; the GPU's kernels and bf16's rounding may not);
 - (``tokenize_ray``, named only; it needs Ray) ``omnitok tokenize --engine ray`` on 2048 JPEG photos with a Janus
   VQ-GAN encoder actor per GPU: img/s and how busy the GPU was while encoding (``nvidia-smi``'s utilization; the
-  goal is > 0.8) (``benchmarks.tokenize_ray``).
+  goal is > 0.8) (``benchmarks.tokenize_ray``);
+- (``kernels``, named only; run last) the compiled decoder's one-token passes at the sampler part's three shapes,
+  each with its ten costliest GPU kernels (``torch.profiler``): what the layers' graph and the work around it are
+  made of.
 
 ``--reduced`` runs the same code with tiny sizes on any device (CI runs it on the CPU so that the script does not rot;
 its numbers mean nothing). The compiled decoder's decoding passes run as CUDA graphs on a GPU
@@ -52,11 +55,14 @@ import torch
 
 from benchmarks import audio, exactness, image, pretrain, sample, sjd, tokenize_ray
 from benchmarks.common import default_device
+from omnitok.device import model_dtype
 
-PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "exact", "tokenize_ray")  # the order they run
+# the order they run; ``kernels`` last of all, since a profiler that misbehaves with CUDA graphs could leave the GPU
+# unusable for what came after it
+PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "exact", "tokenize_ray", "kernels")
 # what runs unless --parts says otherwise: the issue's measurements (its 8-minute goal); ``exact`` (2.3 minutes on an
 # H200, run once: whether the GPU's kernels keep a seed's samples in a batch) when the decoder's kernels change,
-# ``tokenize_ray`` where Ray is installed
+# ``tokenize_ray`` where Ray is installed, ``kernels`` to see what a compiled pass's time is made of
 DEFAULT_PARTS = PARTS[:5]
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
@@ -112,6 +118,22 @@ def run(args: argparse.Namespace) -> dict:
                                                   seeds=8 if small else 4, device=args.device)))
     part("tokenize_ray", lambda _: tokenize_ray.gpu_busy("tiny" if small else "janus", 8 if small else 2048,
                                                        4 if small else 64))
+
+    def kernels(_) -> dict:
+        if device.type == "cuda":  # the profiler's first use, before the graphs it will watch are captured (PyTorch's
+            # workaround: a graph captured before CUPTI first attaches may fail to replay under the profiler)
+            from torch.profiler._utils import _init_for_cuda_graphs
+
+            _init_for_cuda_graphs()
+        model, _ = sample.random_llama(size, 1000 if small else 32000, grid, device, model_dtype(device))
+        shapes = ((1, 9), (2, 17)) if small else ((1, 33), (8, 161), (16, 1060))
+        out = sample.pass_split(model, device, shapes, steps=4 if small else 32, profile=True)
+        for shape, split in out.items():
+            print(f"  compiled pass, {shape}: {split['pass_ms']:.2f} ms; costliest kernels (us a pass, calls): "
+                  + "; ".join(f"{k['name'][:60]} {k['us']:.0f} x{k['calls']:g}" for k in split["top_kernels"][:5]))
+        return out
+
+    part("kernels", kernels)
     print(f"report: {args.out} ({sum(report['seconds'].values()):.0f} s)"
           + (f"; FAILED: {', '.join(report['failed'])}" if report["failed"] else ""))
     return report

@@ -22,7 +22,7 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     report = main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", *PARTS])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert report["failed"] == [], {name: report[name] for name in report["failed"]}
-    for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray", "exact"):
+    for part in ("sampler", "image_spans", "pretrain", "vqgan", "audio", "tokenize_ray", "exact", "kernels"):
         values = numbers(report[part])
         assert values and all(math.isfinite(v) and v >= 0 for v in values), part
     for batch in ("batch1", "batch8"):
@@ -43,6 +43,9 @@ def test_the_reduced_check_writes_every_part_of_the_report(tmp_path, capsys):
     assert bf16["batch"] == 4 and len(bf16["codes_differ_per_codebook"]) == report["audio"]["encodec"]["codebooks"]
     assert 0 <= bf16["codes_differ"] < 0.5 and bf16["decode_snr_db"] > 20  # rounding, not another codec
     assert report["tokenize_ray"]["images_per_s"] > 0 and report["tokenize_ray"]["gpu_busy"] is None  # no nvidia-smi
+    for shape in ("rows1_cached9", "rows2_cached17"):  # no CUDA graph to split off on a CPU: the operators instead
+        split = report["kernels"][shape]
+        assert split["pass_ms"] > 0 and "graph_ms" not in split and split["top_kernels"][0]["us"] > 0
     exact = report["exact"]
     assert list(exact) == ["float32"]  # bfloat16 too on a GPU
     settings = ["image", "image_guided", "image_guided_sjd", "audio_sjd", "mixed_sjd"]
@@ -57,8 +60,9 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     """A GPU session is short: one broken measurement costs its own part of the report, not the rest."""
     from benchmarks import gpu_check
 
-    for module, name in ((gpu_check.sample, "run"), (gpu_check.sjd, "random_model"), (gpu_check.pretrain, "run"),
-                         (gpu_check.audio, "bf16"), (gpu_check.tokenize_ray, "gpu_busy"), (gpu_check.exactness, "run")):
+    for module, name in ((gpu_check.sample, "run"), (gpu_check.sample, "pass_split"), (gpu_check.sjd, "random_model"),
+                         (gpu_check.pretrain, "run"), (gpu_check.audio, "bf16"), (gpu_check.tokenize_ray, "gpu_busy"),
+                         (gpu_check.exactness, "run")):
         monkeypatch.setattr(module, name, lambda *args, **kw: {"value": 1.0})
     monkeypatch.setattr(gpu_check.audio, "run", lambda args: {"encodec": {"value": 1.0}})
 
