@@ -60,10 +60,10 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     """A GPU session is short: one broken measurement costs its own part of the report, not the rest."""
     from benchmarks import gpu_check
 
-    for module, name in ((gpu_check.sample, "run"), (gpu_check.sample, "pass_split"), (gpu_check.sjd, "random_model"),
-                         (gpu_check.pretrain, "run"), (gpu_check.audio, "bf16"), (gpu_check.tokenize_ray, "gpu_busy"),
-                         (gpu_check.exactness, "run")):
+    for module, name in ((gpu_check.sample, "run"), (gpu_check.sjd, "random_model"), (gpu_check.pretrain, "run"),
+                         (gpu_check.audio, "bf16"), (gpu_check.tokenize_ray, "gpu_busy"), (gpu_check.exactness, "run")):
         monkeypatch.setattr(module, name, lambda *args, **kw: {"value": 1.0})
+    monkeypatch.setattr(gpu_check.sample, "pass_split", lambda *a, **kw: {"rows1": {"pass_ms": 1.0, "top_kernels": []}})
     monkeypatch.setattr(gpu_check.audio, "run", lambda args: {"encodec": {"value": 1.0}})
 
     def broken(args):
@@ -74,6 +74,7 @@ def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     report = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", *gpu_check.PARTS])
     assert report["failed"] == ["vqgan"] and report["vqgan"] == {"error": "RuntimeError: no kernel image is available"}
     assert report["tokenize_ray"] == report["exact"] == {"value": 1.0}  # the others ran
+    assert report["kernels"] == {"rows1": {"pass_ms": 1.0, "top_kernels": []}}
     assert report["audio"] == {"encodec": {"value": 1.0, "bf16": {"value": 1.0}}}
     assert json.loads(out.read_text())["failed"] == ["vqgan"]
     some = gpu_check.main(["--reduced", "--out", str(out), "--device", "cpu", "--parts", "audio", "sampler"])
