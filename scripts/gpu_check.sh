@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run THERE, on the lent GPU machine, as the one prepared device call (README: The GPU check):
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600)
-# (arguments go to benchmarks.gpu_check: `--parts pretrain vqgan audio`, then `--parts sampler image_spans`, split it
-# over two calls; `bash scripts/gpu_check.sh --reduced --device cpu` is the smoke test here)
+# (arguments go to benchmarks.gpu_check: `--parts pretrain vqgan audio`, then `--parts sampler image_spans kernels`,
+# split it over two calls). The wheels are CPython 3.12's, so this script runs on a 3.12 machine only; here the same
+# check's smoke test is `python -m benchmarks.gpu_check --reduced --device cpu` (CI runs it).
 # Installs the carried wheels (scripts/gpu_kit.sh made them) beside the image's packages, prints the versions, and
 # runs the GPU check; the report and the log come back in $OUT.
 set -uo pipefail
