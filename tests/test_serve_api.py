@@ -295,6 +295,22 @@ def test_the_api_key_guards_every_route_but_health(chat_model_dir):
         assert r.status_code == 200
 
 
+def test_the_server_warms_its_engine_up_with_its_own_sampling_defaults(chat_model_dir, monkeypatch):
+    """``omnitok serve --compile image.sjd_window=16``: the engine's warm-up (before the first request) gets the
+    server's defaults, so it also compiles the windows they draft (``test_serve``: what the warm-up does with them)."""
+    from fastapi.testclient import TestClient
+
+    from omnitok.serve.engine import Engine
+
+    seen = []
+    monkeypatch.setattr(Engine, "warm_up", lambda self, defaults: seen.append(defaults))
+    model, tok = load_model(chat_model_dir)
+    cfg = ServeConfig(compiled=True, sampling=SamplingConfig(image=ModalitySampling(sjd_window=16)))
+    with TestClient(create_app(model, tok, cfg)) as c:
+        assert c.get("/health").status_code == 200
+    assert seen == [cfg.sampling]
+
+
 def test_a_base_model_is_served_as_continuation(model_dir):
     from fastapi.testclient import TestClient
 
