@@ -284,3 +284,26 @@ def test_the_compiled_decoder_gives_the_same_greedy_tokens(model_dir):
     assert compiled == generate(model, tok.layout, prompts, tok.text.eos_id, cfg)
     assert set(widths) == {1, 5}  # steps, and every window padded to 1 + sjd_window: one shape, one CUDA graph
 
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 1), (8, 1), (2, 17), (64, 1), (65, 1), (4, 40)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_few_rows_multiply_transposed_on_the_cpu_with_the_same_values(shape, bias):
+    """``_linear``: 2 to 64 tokens against a weight of 2^19 elements or more go as ``(w @ x.T).T`` (MKL's product
+    of a few rows is several times slower here), equal to ``F.linear`` up to float rounding; one token, more than
+    64 and small weights take ``F.linear`` itself."""
+    import torch.nn.functional as F
+
+    from omnitok.model import decoder
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, 512, generator=g)
+    for out in (1024, 256):  # 2^19 elements, and a quarter of that
+        w = torch.randn(out, 512, generator=g) / 512 ** 0.5
+        b = torch.randn(out, generator=g) if bias else None
+        with mock.patch.object(decoder.F, "linear", wraps=F.linear) as plain:
+            y = decoder._linear(x, w, b)
+        transposed = 2 <= shape[0] * shape[1] <= 64 and out == 1024
+        assert plain.called != transposed
+        assert y.shape == (*shape, out) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
