@@ -215,15 +215,19 @@ def _norm(w: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Tensor:
     return w * F.rms_norm(x.float(), w.shape, None, eps).to(x.dtype)
 
 
+_MKL = torch.backends.mkl.is_available()
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, w, b)``. On a CPU, a decoding pass's few tokens (2 to 64) against a large weight are computed as
     ``(w @ x.T).T``: MKL's product of a few rows with many outputs runs 2-6x slower there than the transposed one
     (two rows against a 2048 x 2048 weight 0.79 vs 0.44 ms, against an image span's 16k output columns 1.14 vs 0.52
     ms; at 128 rows or under 2^19 weights the plain product is as fast or faster), which made a guided image's two
-    rows cost more than twice one. One token, prefills and GPUs take ``F.linear``. Both round a batched row
-    otherwise than the same row alone (MKL picks its kernels by the rows), so batches keep the same promise."""
+    rows cost more than twice one. One token, prefills, GPUs and CPU builds without MKL (measured only with it) take
+    ``F.linear``. Both round a batched row otherwise than the same row alone (MKL picks its kernels by the rows), so
+    batches keep the same promise."""
     tokens = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or not 2 <= tokens <= 64 or w.numel() < 1 << 19:
+    if x.device.type != "cpu" or not _MKL or not 2 <= tokens <= 64 or w.numel() < 1 << 19:
         return F.linear(x, w, b)
     xt = x.reshape(tokens, x.shape[-1]).t()
     y = w @ xt if b is None else torch.addmm(b[:, None], w, xt)
