@@ -1,6 +1,6 @@
 """One GPU check, one JSON report: ``python -m benchmarks.gpu_check [--out gpu_report.json]`` on a CUDA machine runs
 the GPU measurements the issue asks for, on one H100 / H200 (its goal is 8 minutes in all; on an H200 the sampler
-part took 5 minutes with an image part it has since handed over), and two more where ``--parts`` names them:
+part took 5 minutes with an image part it has since handed over), and three more where ``--parts`` names them:
 
 - sampling with a ~1B random-weight Llama (``benchmarks.sample``): text tokens/s at batch 1 and 8 against
   transformers' ``generate``, the compiled decoder (CUDA graphs) against eager (same greedy tokens, or how far its
@@ -64,6 +64,8 @@ PARTS = ("sampler", "image_spans", "pretrain", "vqgan", "audio", "exact", "token
 # H200, run once: whether the GPU's kernels keep a seed's samples in a batch) when the decoder's kernels change,
 # ``tokenize_ray`` where Ray is installed, ``kernels`` to see what a compiled pass's time is made of
 DEFAULT_PARTS = PARTS[:5]
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     small = args.reduced
