@@ -285,7 +285,6 @@ def test_the_compiled_decoder_gives_the_same_greedy_tokens(model_dir):
     assert set(widths) == {1, 5}  # steps, and every window padded to 1 + sjd_window: one shape, one CUDA graph
 
 
-
 @pytest.mark.parametrize("shape", [(1, 1), (2, 1), (8, 1), (2, 17), (64, 1), (65, 1), (4, 40)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_a_few_rows_multiply_transposed_on_the_cpu_with_the_same_values(shape, bias):

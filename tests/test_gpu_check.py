@@ -102,8 +102,8 @@ def test_the_full_check_needs_a_gpu(capsys):
 
 
 def test_the_profile_names_where_a_passs_time_goes():
-    """The GPU check's kernel list (``compiled_pass``'s ``top_kernels``), here over CPU operators: the costliest first,
-    with its calls per call."""
+    """The GPU check's kernel lists (its ``kernels`` part), here over CPU operators: the costliest first, with its
+    calls per call."""
     from benchmarks.common import top_kernels
 
     a = torch.randn(384, 384)
