@@ -226,12 +226,11 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.T
     rows cost more than twice one. One token, prefills, GPUs and CPU builds without MKL (measured only with it) take
     ``F.linear``. Both round a batched row otherwise than the same row alone (MKL picks its kernels by the rows), so
     batches keep the same promise."""
-    tokens = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or not _MKL or not 2 <= tokens <= 64 or w.numel() < 1 << 19:
-        return F.linear(x, w, b)
-    xt = x.reshape(tokens, x.shape[-1]).t()
-    y = w @ xt if b is None else torch.addmm(b[:, None], w, xt)
-    return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+    if x.device.type == "cpu" and _MKL and w.numel() >= 1 << 19 and 2 <= x.numel() // x.shape[-1] <= 64:
+        xt = x.reshape(-1, x.shape[-1]).t()
+        y = w @ xt if b is None else torch.addmm(b[:, None], w, xt)
+        return y.t().contiguous().view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w, b)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
