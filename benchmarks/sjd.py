@@ -128,9 +128,9 @@ def random_model(args: argparse.Namespace, device: torch.device, size: str = "ti
     for row in out.values():
         for label in ("plain", "sjd"):  # image codes per second of the whole batch
             row[label]["codes_per_s"] = grid * grid / row[label]["s_per_image"]
-        for setting in row.values():  # a pass at the memory-bandwidth bound reads the weights once, whatever its rows
-            if isinstance(setting, dict):
-                setting["bound_fraction"] = bound * 1e3 / setting["ms_per_pass"]
+        for label in ("unguided", "plain", "sjd"):  # a pass at the memory-bandwidth bound reads the weights once
+            if label in row:  # (unguided: only where the settings guide)
+                row[label]["bound_fraction"] = bound * 1e3 / row[label]["ms_per_pass"]
     print(f"  guided passes at batch 1 and 8 run at {out['batch1']['plain']['bound_fraction']:.1%} and "
           f"{out['batch8']['plain']['bound_fraction']:.1%} of the memory-bandwidth bound (the weights read once a "
           f"pass: {bound * 1e3:.2f} ms)")
